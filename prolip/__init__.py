@@ -1,0 +1,38 @@
+"""prolip: few-shot adaptation of open_clip models by fine-tuning only the vision projector (ProLIP).
+
+Public surface::
+
+    from prolip import ProLIPAdapter
+    adapter = ProLIPAdapter("ViT-B-32", "openai").fit(images, labels)
+    adapter.predict(new_images)
+"""
+
+from prolip._version import __version__
+from prolip.adapter import ProLIPAdapter
+from prolip.errors import (
+    DeltaFileError,
+    FingerprintMismatchError,
+    ImageLoadError,
+    InputError,
+    InputTypeError,
+    ModelLoadError,
+    NotFittedError,
+    ProLIPError,
+    TrainingDivergedError,
+    UnsupportedModelError,
+)
+
+__all__ = [
+    "DeltaFileError",
+    "FingerprintMismatchError",
+    "ImageLoadError",
+    "InputError",
+    "InputTypeError",
+    "ModelLoadError",
+    "NotFittedError",
+    "ProLIPAdapter",
+    "ProLIPError",
+    "TrainingDivergedError",
+    "UnsupportedModelError",
+    "__version__",
+]

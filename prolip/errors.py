@@ -1,0 +1,43 @@
+"""The exception hierarchy of prolip: every user-facing failure derives from ProLIPError."""
+
+from __future__ import annotations
+
+
+class ProLIPError(Exception):
+    """Base class of every error prolip raises on purpose."""
+
+
+class InputError(ProLIPError, ValueError):
+    """An argument has the wrong value: empty data, mismatched lengths, bad features, ..."""
+
+
+class InputTypeError(ProLIPError, TypeError):
+    """An argument has the wrong type: an unsupported image object, unhashable labels, ..."""
+
+
+class NotFittedError(ProLIPError, ValueError, AttributeError):
+    """The adapter is used before ``fit``, ``fit_features`` or ``ProLIPAdapter.load``."""
+
+
+class ImageLoadError(InputError):
+    """An image could not be read or decoded; the message names the path or index."""
+
+
+class UnsupportedModelError(ProLIPError, TypeError):
+    """The model's vision tower has no projector prolip knows how to train."""
+
+
+class ModelLoadError(ProLIPError, ValueError):
+    """A model name, pretrained tag or checkpoint could not be turned into an open_clip model."""
+
+
+class DeltaFileError(ProLIPError, ValueError):
+    """A delta file is unreadable, malformed or of an unknown format version."""
+
+
+class FingerprintMismatchError(DeltaFileError):
+    """A delta file was made for a different base model than the one it is loaded onto."""
+
+
+class TrainingDivergedError(ProLIPError, FloatingPointError):
+    """The loss became NaN or infinite during training."""

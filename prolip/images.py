@@ -1,0 +1,147 @@
+"""Turning user images (paths, PIL images, arrays, tensors) into RGB uint8 tensors."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from prolip.errors import ImageLoadError, InputError, InputTypeError
+
+ImageLike = str | os.PathLike | Image.Image | torch.Tensor | np.ndarray
+"""Anything prolip accepts as one image: a file path, a PIL image, an HWC/HW numpy array, or a
+CHW/HW tensor (uint8 in 0..255, or floating point in 0..1)."""
+
+
+def _describe(item: object, index: int) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return f"image {index} ({os.fspath(item)!r})"
+    return f"image {index} ({type(item).__name__})"
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB: transparency over white, 16-bit and float scaled to 8 bits."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = arr.max(initial=0.0)
+        # 16-bit data is rescaled; data that already fits in 8 bits is kept as is.
+        arr = arr * (255.0 / 65535.0) if top > 255 else arr
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def _shrink(img: Image.Image, max_short_side: int | None) -> Image.Image:
+    if max_short_side is None or min(img.size) <= max_short_side:
+        return img
+    scale = max_short_side / min(img.size)
+    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+    return img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def _open_path(path: str, index: int, max_short_side: int | None) -> Image.Image:
+    what = f"image {index} ({path!r})"
+    if not os.path.exists(path):
+        raise ImageLoadError(f"{what} does not exist; check the path.")
+    if os.path.isdir(path):
+        raise ImageLoadError(f"{what} is a directory, not an image file; list the files inside it.")
+    if os.path.getsize(path) == 0:
+        raise ImageLoadError(f"{what} is an empty (zero-byte) file; re-copy or remove it.")
+    try:
+        with warnings.catch_warnings():
+            # Large photos are fine: they are shrunk right after decoding.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if max_short_side is not None:
+                    # JPEG can decode at 1/2, 1/4 or 1/8 scale: huge photos never fully expand.
+                    img.draft("RGB", (max_short_side, max_short_side))
+                img = ImageOps.exif_transpose(img)
+                img.load()
+                return _shrink(img, max_short_side)
+    except UnidentifiedImageError as exc:
+        raise ImageLoadError(f"{what} is not an image PIL can read; remove it or convert it.") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageLoadError(f"{what} could not be decoded ({exc}); the file may be truncated or corrupt.") from exc
+
+
+def _from_array(arr: np.ndarray | torch.Tensor, index: int, channels_first: bool) -> torch.Tensor:
+    what = _describe(arr, index)
+    t = torch.as_tensor(arr).detach().cpu()
+    if t.ndim == 2:
+        t = t.unsqueeze(0) if channels_first else t.unsqueeze(-1)
+    if t.ndim != 3:
+        raise InputError(f"{what} has shape {tuple(t.shape)}; expected {'CHW' if channels_first else 'HWC'} or HW.")
+    if not channels_first:
+        t = t.permute(2, 0, 1)
+    if t.shape[0] not in (1, 3, 4) or t.shape[1] == 0 or t.shape[2] == 0:
+        raise InputError(f"{what} has shape {tuple(t.shape)}; expected 1, 3 or 4 channels and a non-empty size.")
+    if t.dtype == torch.uint8:
+        pass
+    elif t.is_floating_point():
+        if not torch.isfinite(t).all():
+            raise InputError(f"{what} contains NaN or Inf values.")
+        if t.min() < 0 or t.max() > 1:
+            raise InputError(f"{what} is floating point with values outside [0, 1]; scale it to [0, 1] or pass uint8.")
+        t = (t.float() * 255).round().to(torch.uint8)
+    else:
+        raise InputTypeError(f"{what} has dtype {t.dtype}; pass uint8 (0..255) or floating point (0..1).")
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    elif t.shape[0] == 4:
+        alpha = t[3:].float() / 255
+        t = (t[:3].float() * alpha + 255 * (1 - alpha)).round().to(torch.uint8)
+    return t.contiguous()
+
+
+def load_image(item: ImageLike, index: int = 0, max_short_side: int | None = None) -> torch.Tensor:
+    """Load one image as an RGB ``uint8`` tensor ``[3, H, W]``.
+
+    Args:
+        item: a path, a PIL image, an HWC/HW numpy array or a CHW/HW tensor.
+        index: position of the item in the caller's list, used in error messages.
+        max_short_side: if given, decoded files whose shorter side exceeds it are shrunk to it
+            (JPEGs are decoded at reduced scale), which bounds memory on very large photos.
+
+    Raises:
+        ImageLoadError: the file is missing, empty, truncated or not an image.
+        InputError / InputTypeError: an in-memory image has an unusable shape, dtype or range.
+    """
+    if isinstance(item, (str, os.PathLike)):
+        img = _open_path(os.fspath(item), index, max_short_side)
+    elif isinstance(item, Image.Image):
+        try:
+            img = ImageOps.exif_transpose(item)
+            img.load()
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageLoadError(f"{_describe(item, index)} could not be decoded ({exc}).") from exc
+    elif isinstance(item, torch.Tensor):
+        return _from_array(item, index, channels_first=True)
+    elif isinstance(item, np.ndarray):
+        return _from_array(item, index, channels_first=False)
+    else:
+        raise InputTypeError(
+            f"{_describe(item, index)} is not a supported image; pass a file path, a PIL image, "
+            "a numpy HWC array or a CHW tensor."
+        )
+    arr = np.asarray(_to_rgb(img))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def load_images(items: Sequence[ImageLike], max_short_side: int | None = None) -> list[torch.Tensor]:
+    """Load every image of ``items`` with :func:`load_image`; raises on the first bad one."""
+    if isinstance(items, (str, os.PathLike, Image.Image)) or (
+        isinstance(items, (torch.Tensor, np.ndarray)) and items.ndim < 3
+    ):
+        raise InputTypeError(
+            "images must be a sequence of images (a list of paths, PIL images or tensors), not a single image."
+        )
+    return [load_image(item, i, max_short_side) for i, item in enumerate(items)]

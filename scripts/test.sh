@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Run prolip's test suite (sets up .venv and data first; no network access is used by the tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1
+.venv/bin/ruff check .
+.venv/bin/python -m pytest -q "$@"

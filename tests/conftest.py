@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny open_clip configs with random weights, and small synthetic image sets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+import numpy as np
+import pytest
+import torch
+
+CONFIGS = Path(__file__).parent / "configs"
+TINY_MODELS = {"vit": "test-vit-tiny", "modified_resnet": "test-rn-tiny", "timm": "test-timm-tiny"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import open_clip
+
+    open_clip.add_model_config(CONFIGS)
+
+
+def colour_images(n_per_class: int, seed: int = 0, size: int = 40) -> tuple[list[torch.Tensor], list[str]]:
+    """Images whose classes differ visibly: mostly-red, mostly-green and mostly-blue noise."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for k, name in enumerate(["red", "green", "blue"]):
+        for _ in range(n_per_class):
+            img = rng.integers(0, 90, size=(3, size, size))
+            img[k] += 150
+            images.append(torch.from_numpy(img.astype(np.uint8)))
+            labels.append(name)
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A fixed random-weight checkpoint per tiny model family, so base models can be rebuilt."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("checkpoints")
+    paths = {}
+    for family, name in TINY_MODELS.items():
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = open_clip.create_model(name)
+        paths[family] = str(folder / f"{name}.safetensors")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, paths[family])
+    return paths
+
+
+@pytest.fixture
+def colours() -> tuple[list[torch.Tensor], list[str]]:
+    """Four images per class of three colour classes."""
+    return colour_images(4)
+
+
+def tiny_adapter(checkpoint: str | None, family: str = "vit", **kwargs):
+    """A ProLIPAdapter on a tiny random-weight model, with few views and steps."""
+    from prolip import ProLIPAdapter
+
+    params = dict(pretrained=checkpoint, views=3, epochs=20, lr=1e-2, device="cpu", verbose=False)
+    params.update(kwargs)
+    return ProLIPAdapter(TINY_MODELS[family], **params)
