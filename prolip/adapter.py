@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import secrets
+import sys
 import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
@@ -21,15 +22,17 @@ from prolip.delta_file import read_delta, write_delta
 from prolip.errors import (
     DeltaFileError,
     FingerprintMismatchError,
+    ImageLoadError,
     InputError,
     InputTypeError,
     NotFittedError,
+    SkippedImagesWarning,
 )
 from prolip.features import extract_features, select_device
-from prolip.images import ImageLike, load_images
+from prolip.images import ON_ERROR, ImageLike, SkippedImage, load_images_skipping
 from prolip.models import Backbone, build_backbone, dtype_of, fingerprint
 from prolip.projector import Projector, find_projector
-from prolip.training import logits, train_projector
+from prolip.training import TrainResult, logits, train_projector
 from prolip.zeroshot import DEFAULT_TEMPLATES, check_templates, zero_shot_classifier
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,14 @@ def _class_array(classes: list[Hashable]) -> np.ndarray:
         arr = np.empty(len(classes), dtype=object)
         arr[:] = classes
     return arr
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside prolip."""
+    frame, level = sys._getframe(2), 2  # 1 would be the function that calls warnings.warn
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("prolip."):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _plain_label(label: Any) -> Any:
@@ -67,7 +78,7 @@ class ProLIPAdapter:
         templates: prompt templates with one "{}" each; None means ["a photo of a {}."].
         lr: Adam learning rate.
         reg_lambda: λ; "auto" means 1/N with N the number of training images per class.
-        epochs: number of full-batch training steps.
+        epochs: number of full-batch training steps; 0 gives the zero-shot classifier (delta = 0).
         views: augmented views extracted per training image (step t uses view t mod views).
         batch_size: images per forward pass during feature extraction.
         device: "cuda", "mps", "cpu", ...; None picks CUDA, then MPS, then CPU.
@@ -78,6 +89,13 @@ class ProLIPAdapter:
         preprocess: for a model object, optional test-time transform (PIL image → tensor);
             None uses prolip's tensor port of open_clip's resize + centre crop + normalise.
         tokenizer: for a model object, optional tokenizer; None uses open_clip's default.
+        on_error: what fit, predict, predict_proba, score and extract_features do with an image
+            that cannot be read or used: "raise" (default) raises ImageLoadError naming it;
+            "skip" leaves it out, warns (SkippedImagesWarning) and records it in ``skipped_``.
+            With "skip", fit drops the labels of skipped images; predict, predict_proba and
+            extract_features return results for the kept images only, in order (``skipped_``
+            says which inputs are missing); score is the accuracy on the kept images. If every
+            image is unreadable, ImageLoadError is raised either way.
 
     Attributes (after fit):
         classes_: labels, in the column order of ``predict_proba``.
@@ -89,6 +107,10 @@ class ProLIPAdapter:
         logit_scale_: the s actually used.
         loss_history_: training loss per step.
         base_fingerprint_: SHA-256 of W0 (see :func:`prolip.models.fingerprint`).
+
+    Attributes (after any call that loads images):
+        skipped_: ``(index, path or type, reason)`` of each image the last such call left out
+            (:class:`prolip.images.SkippedImage`); empty when none was.
     """
 
     def __init__(
@@ -109,6 +131,7 @@ class ProLIPAdapter:
         verbose: bool = True,
         preprocess: Callable[[Any], torch.Tensor] | None = None,
         tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+        on_error: str = "raise",
     ) -> None:
         self.model = model
         self.pretrained = pretrained
@@ -125,6 +148,7 @@ class ProLIPAdapter:
         self.verbose = verbose
         self.preprocess = preprocess
         self.tokenizer = tokenizer
+        self.on_error = on_error
 
     # ------------------------------------------------------------------ scikit-learn contract
     @classmethod
@@ -165,12 +189,14 @@ class ProLIPAdapter:
             raise InputError(f"reg_lambda={self.reg_lambda!r} must be 'auto' or a number >= 0.")
         for name in ("epochs", "views", "batch_size"):
             value = getattr(self, name)
-            low = 0 if name == "views" else 1
+            low = 1 if name == "batch_size" else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise InputError(f"{name}={value!r} must be an integer >= {low}.")
         if self.logit_scale is not None and not (isinstance(self.logit_scale, (int, float)) and self.logit_scale > 0):
             raise InputError(f"logit_scale={self.logit_scale!r} must be None or a positive number.")
         dtype_of(self.precision)
+        if not (isinstance(self.on_error, str) and self.on_error in ON_ERROR):
+            raise InputError(f"on_error={self.on_error!r} must be one of {list(ON_ERROR)}.")
 
     def _get_backbone(self) -> Backbone:
         """Build the open_clip model once and reuse it while the parameters that define it stay."""
@@ -214,7 +240,8 @@ class ProLIPAdapter:
 
         ``views=None`` uses ``self.views``; ``views=0`` gives one plain test-time view,
         ``[1, n, d_in]``. The same ``random_state`` gives the same views. Features can be
-        passed to :meth:`fit_features` any number of times.
+        passed to :meth:`fit_features` any number of times. With ``on_error="skip"``, ``n``
+        counts the readable images only and ``skipped_`` lists the others.
         """
         self._validate_params()
         views = self.views if views is None else views
@@ -222,9 +249,7 @@ class ProLIPAdapter:
             raise InputError(f"views={views!r} must be an integer >= 0.")
         backbone = self._get_backbone()
         cfg = backbone.view_config
-        loaded = load_images(images, max_short_side=2 * cfg.size)
-        if not loaded:
-            raise InputError("images is empty; pass at least one image.")
+        loaded = self._load_images(images, max_short_side=2 * cfg.size)
         return extract_features(
             self._projector,
             loaded,
@@ -238,6 +263,34 @@ class ProLIPAdapter:
             preprocess=self.preprocess,
         )
 
+    def _load_images(self, images: Sequence[ImageLike], max_short_side: int) -> list[torch.Tensor]:
+        """Load images under ``on_error``, recording and reporting the skipped ones in ``skipped_``."""
+        self.skipped_: list[SkippedImage] = []
+        result = load_images_skipping(images, max_short_side, on_error=self.on_error)
+        self.skipped_ = result.skipped
+        if result.skipped:
+            shown = "; ".join(f"image {s.index} ({s.item!r})" for s in result.skipped[:10])
+            more = f" and {len(result.skipped) - 10} more" if len(result.skipped) > 10 else ""
+            if not result.images:
+                raise ImageLoadError(
+                    f"all {len(result.skipped)} images were unreadable: {shown}{more}. "
+                    f"First reason: {result.skipped[0].reason} See skipped_ for every reason."
+                )
+            warnings.warn(
+                f"skipped {len(result.skipped)} of {len(result.skipped) + len(result.images)} unreadable images "
+                f"(on_error='skip'): {shown}{more}; see skipped_ for the reasons.",
+                SkippedImagesWarning,
+                stacklevel=_caller_stacklevel(),
+            )
+        if not result.images:
+            raise InputError("images is empty; pass at least one image.")
+        return result.images
+
+    def _kept(self, labels: Sequence[Hashable]) -> list[Hashable]:
+        """``labels`` without those of the images the last load skipped."""
+        dropped = {s.index for s in getattr(self, "skipped_", [])}
+        return [lab for i, lab in enumerate(labels) if i not in dropped] if dropped else list(labels)
+
     def _check_features(self, features: torch.Tensor, what: str = "features") -> torch.Tensor:
         if not isinstance(features, torch.Tensor):
             raise InputTypeError(
@@ -246,7 +299,7 @@ class ProLIPAdapter:
         if features.ndim == 2:
             features = features.unsqueeze(0)
         d_in = self._projector.in_features
-        if features.ndim != 3 or features.shape[-1] != d_in or features.shape[1] == 0:
+        if features.ndim != 3 or features.shape[-1] != d_in or features.shape[0] == 0 or features.shape[1] == 0:
             raise InputError(
                 f"{what} has shape {tuple(features.shape)}; this model needs [V, n, {d_in}] (or [n, {d_in}]) "
                 "pre-projection features, as returned by extract_features."
@@ -254,8 +307,11 @@ class ProLIPAdapter:
         if not features.is_floating_point():
             raise InputTypeError(f"{what} has dtype {features.dtype}; expected floating point.")
         if not torch.isfinite(features).all():
-            bad = (~torch.isfinite(features)).nonzero()[0].tolist()
-            raise InputError(f"{what} contains NaN or Inf (first at index {bad}); re-extract them.")
+            view, image, column = (~torch.isfinite(features)).nonzero()[0].tolist()
+            raise InputError(
+                f"{what} contains NaN or Inf (first at view {view}, image {image}, column {column}); "
+                "re-extract them with extract_features, or drop that image."
+            )
         return features
 
     # ------------------------------------------------------------------ fitting
@@ -274,14 +330,33 @@ class ProLIPAdapter:
                 sequence indexed by integer labels. Default: the labels themselves.
         """
         self._check_lengths(images, labels)
-        return self.fit_features(self.extract_features(images), labels, class_names)
+        self._encode_labels(self._label_list(labels))  # bad labels fail before the slow feature extraction
+        features = self.extract_features(images)
+        return self.fit_features(features, self._kept(self._label_list(labels)), class_names)
+
+    @staticmethod
+    def _label_list(labels: Sequence[Hashable]) -> list[Hashable]:
+        """``labels`` as a list, refusing a bare string or a non-sequence."""
+        if isinstance(labels, torch.Tensor):
+            labels = labels.tolist()  # tensor elements hash by identity, which would make every label unique
+        # Any sized iterable (list, array, pandas Series) works; strings, mappings and sets do not.
+        if isinstance(labels, (str, bytes, Mapping, set, frozenset)) or not (
+            hasattr(labels, "__len__") and hasattr(labels, "__iter__")
+        ):
+            raise InputTypeError(
+                f"labels must be a sequence with one label per image (a list, array or tensor), "
+                f"not {type(labels).__name__}."
+            )
+        return list(labels)
 
     @staticmethod
     def _check_lengths(images: Sequence[Any], labels: Sequence[Any]) -> None:
-        try:
-            n_images, n_labels = len(images), len(labels)
-        except TypeError as exc:
-            raise InputTypeError(f"images and labels must be sequences with a length ({exc}).") from None
+        if isinstance(images, (str, bytes, os.PathLike)) or not hasattr(images, "__len__"):
+            raise InputTypeError(
+                f"images must be a sequence of images (a list of paths, PIL images or tensors), "
+                f"not {type(images).__name__}."
+            )
+        n_images, n_labels = len(images), len(ProLIPAdapter._label_list(labels))
         if n_images == 0:
             raise InputError("images is empty; pass at least one image per class.")
         if n_images != n_labels:
@@ -341,6 +416,7 @@ class ProLIPAdapter:
             self.__dict__.pop(name, None)  # a failed fit leaves the adapter unfitted
         self._weight_cache = None
         features = self._check_features(features)
+        labels = self._label_list(labels)
         if features.shape[1] != len(labels):
             raise InputError(f"features hold {features.shape[1]} images but {len(labels)} labels were given.")
         classes, y = self._encode_labels(labels)
@@ -352,19 +428,22 @@ class ProLIPAdapter:
         reg_lambda = 1.0 / n_shots if self.reg_lambda == "auto" else float(self.reg_lambda)
         logit_scale = float(self.logit_scale) if self.logit_scale is not None else self._model_logit_scale()
         w0 = projector.to_in_out(projector.parameter)
-        result = train_projector(
-            features,
-            y,
-            classifier,
-            w0,
-            projector.bias,
-            logit_scale=logit_scale,
-            lr=float(self.lr),
-            reg_lambda=reg_lambda,
-            epochs=self.epochs,
-            device=self._device,
-            verbose=self.verbose,
-        )
+        if self.epochs:
+            result = train_projector(
+                features,
+                y,
+                classifier,
+                w0,
+                projector.bias,
+                logit_scale=logit_scale,
+                lr=float(self.lr),
+                reg_lambda=reg_lambda,
+                epochs=self.epochs,
+                device=self._device,
+                verbose=self.verbose,
+            )
+        else:  # zero-shot: W stays W0
+            result = TrainResult(weight=w0.detach().float().cpu(), losses=torch.empty(0))
         self.classes_ = _class_array(classes)
         self.class_names_ = names
         self.classifier_ = classifier
@@ -376,11 +455,7 @@ class ProLIPAdapter:
         self.base_fingerprint_ = fingerprint(projector.parameter)
         self.n_features_in_ = projector.in_features
         logger.info(
-            "fitted %d classes, N=%.3g, lambda=%.3g, final loss %.4f",
-            len(classes),
-            n_shots,
-            reg_lambda,
-            float(result.losses[-1]),
+            "fitted %d classes, N=%.3g, lambda=%.3g, %d steps", len(classes), n_shots, reg_lambda, self.epochs
         )
         return self
 
@@ -421,22 +496,47 @@ class ProLIPAdapter:
             )
         return out.cpu()
 
+    def predict_features(self, features: torch.Tensor) -> np.ndarray:
+        """Predicted labels from test-time features (``extract_features(images, views=0)``)."""
+        self._check_fitted()
+        return self.classes_[self.logits_from_features(features).argmax(dim=1).numpy()]
+
+    def score_features(self, features: torch.Tensor, labels: Sequence[Hashable]) -> float:
+        """Accuracy of :meth:`predict_features` against ``labels``."""
+        labels = self._label_list(labels)
+        predicted = self.predict_features(features)
+        if len(predicted) != len(labels):
+            raise InputError(f"features hold {len(predicted)} images but {len(labels)} labels were given.")
+        return float(np.mean([_plain_label(p) == _plain_label(t) for p, t in zip(predicted, labels, strict=True)]))
+
     def predict_proba(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """Class probabilities ``(n, K)``; columns follow ``classes_``."""
+        """Class probabilities ``(n, K)``; columns follow ``classes_``.
+
+        With ``on_error="skip"``, rows are for the readable images only, in input order, and
+        ``skipped_`` lists the images left out.
+        """
         self._check_fitted()
         return torch.softmax(self.logits_from_features(self.extract_features(images, views=0)), dim=-1).numpy()
 
     def predict(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """Predicted label of each image, as a numpy array of values from ``classes_``."""
+        """Predicted label of each image, as a numpy array of values from ``classes_``.
+
+        With ``on_error="skip"``, labels are for the readable images only, in input order, and
+        ``skipped_`` lists the images left out.
+        """
         self._check_fitted()
-        return self.classes_[self.predict_proba(images).argmax(axis=1)]
+        return self.predict_features(self.extract_features(images, views=0))
 
     def score(self, images: Sequence[ImageLike], labels: Sequence[Hashable]) -> float:
-        """Accuracy of :meth:`predict` on ``images`` against ``labels``."""
+        """Accuracy of :meth:`predict` on ``images`` against ``labels``.
+
+        With ``on_error="skip"``, the accuracy on the readable images (see ``skipped_``).
+        """
         self._check_fitted()
         self._check_lengths(images, labels)
-        predicted = self.predict(images)
-        return float(np.mean([_plain_label(p) == _plain_label(t) for p, t in zip(predicted, labels, strict=True)]))
+        labels = self._label_list(labels)
+        features = self.extract_features(images, views=0)
+        return self.score_features(features, self._kept(labels))
 
     # ------------------------------------------------------------------ the adapted model
     def merged_model(self) -> nn.Module:
@@ -505,7 +605,19 @@ class ProLIPAdapter:
         unknown = set(overrides) - set(cls._param_names())
         if unknown:
             raise InputError(f"unknown parameter(s) {sorted(unknown)} for ProLIPAdapter; valid: {cls._param_names()}.")
-        params = {k: v for k, v in meta["hyperparameters"].items() if k in cls._param_names()}
+        # Only what save() writes is restored: a file never chooses the device, callables or the model.
+        params = {k: v for k, v in meta["hyperparameters"].items() if k in (*_SAVED_PARAMS, "precision")}
+        try:
+            stored = cls(**params)
+            stored._validate_params()
+            if stored.random_state is not None:
+                stored._seed()
+            if stored.templates is not None:
+                check_templates(stored.templates)
+        except InputError as exc:
+            raise DeltaFileError(
+                f"{os.fspath(path)!r} holds invalid hyperparameters ({exc}); the file is damaged or was edited."
+            ) from None
         params.update(overrides)
         if model is None:
             if not meta["model_name"]:
@@ -548,3 +660,31 @@ class ProLIPAdapter:
         adapter.base_fingerprint_ = meta["base_fingerprint"]
         adapter.n_features_in_ = projector.in_features
         return adapter
+
+    # ------------------------------------------------------------------ sharing
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool = False,
+        token: str | None = None,
+        metrics: dict[str, float] | None = None,
+    ) -> str:
+        """Upload the delta and a generated model card to a Hugging Face Hub repository; returns its URL.
+
+        Needs ``huggingface_hub`` (imported only here). ``metrics`` (e.g. ``{"accuracy": 0.91}``)
+        are added to the model card.
+        """
+        from prolip import hub
+
+        self._check_fitted()
+        return hub.push_to_hub(self, repo_id, private=private, token=token, metrics=metrics)
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, **kwargs: Any) -> ProLIPAdapter:
+        """Load from ``"hf-hub:user/repo"``, a folder holding ``prolip_delta.safetensors``, or a delta file.
+
+        Keyword arguments go to :meth:`load` (``model``, ``pretrained``, ``strict``, overrides).
+        """
+        from prolip import hub
+
+        return cls.load(hub.resolve(source), **kwargs)

@@ -1,4 +1,8 @@
-"""The exception hierarchy of prolip: every user-facing failure derives from ProLIPError."""
+"""The exception hierarchy of prolip: every user-facing failure derives from ProLIPError.
+
+Errors about a wrong value also subclass ValueError and errors about a wrong type TypeError, so
+code that catches the built-in exceptions keeps working.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ class ModelLoadError(ProLIPError, ValueError):
 
 
 class DeltaFileError(ProLIPError, ValueError):
-    """A delta file is unreadable, malformed or of an unknown format version."""
+    """A delta file is unreadable, malformed, of an unknown format version, or cannot be written."""
 
 
 class FingerprintMismatchError(DeltaFileError):
@@ -41,3 +45,11 @@ class FingerprintMismatchError(DeltaFileError):
 
 class TrainingDivergedError(ProLIPError, FloatingPointError):
     """The loss became NaN or infinite during training."""
+
+
+class ProLIPWarning(UserWarning):
+    """Base class of the warnings prolip issues on purpose."""
+
+
+class SkippedImagesWarning(ProLIPWarning):
+    """Some images were unreadable and left out (``on_error="skip"``); see the adapter's ``skipped_``."""

@@ -4,17 +4,36 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from prolip.errors import ImageLoadError, InputError, InputTypeError
+from prolip.errors import ImageLoadError, InputError, InputTypeError, ProLIPError
 
 ImageLike = str | os.PathLike | Image.Image | torch.Tensor | np.ndarray
 """Anything prolip accepts as one image: a file path, a PIL image, an HWC/HW numpy array, or a
 CHW/HW tensor (uint8 in 0..255, or floating point in 0..1)."""
+
+ON_ERROR = ("raise", "skip")
+
+
+class SkippedImage(NamedTuple):
+    """An image left out under ``on_error="skip"``: its position, what it was, and why."""
+
+    index: int
+    item: str
+    reason: str
+
+
+class LoadedImages(NamedTuple):
+    """What :func:`load_images_skipping` returns."""
+
+    images: list[torch.Tensor]
+    kept: list[int]
+    skipped: list[SkippedImage]
 
 
 def _describe(item: object, index: int) -> str:
@@ -26,7 +45,7 @@ def _describe(item: object, index: int) -> str:
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB: transparency over white, 16-bit and float scaled to 8 bits."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img, dtype=np.float32)  # float32 holds 16-bit values exactly, at half float64's memory
         top = arr.max(initial=0.0)
         # 16-bit data is rescaled; data that already fits in 8 bits is kept as is.
         arr = arr * (255.0 / 65535.0) if top > 255 else arr
@@ -48,6 +67,15 @@ def _shrink(img: Image.Image, max_short_side: int | None) -> Image.Image:
     return img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
+def _exif_transpose(img: Image.Image, what: str) -> Image.Image:
+    """Apply the EXIF orientation; a corrupt EXIF block is ignored rather than losing the image."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception as exc:  # PIL's EXIF parser raises many types on malformed tags
+        warnings.warn(f"{what} has unreadable EXIF data ({exc}); its orientation is not applied.", stacklevel=4)
+        return img
+
+
 def _open_path(path: str, index: int, max_short_side: int | None) -> Image.Image:
     what = f"image {index} ({path!r})"
     if not os.path.exists(path):
@@ -64,13 +92,21 @@ def _open_path(path: str, index: int, max_short_side: int | None) -> Image.Image
                 if max_short_side is not None:
                     # JPEG can decode at 1/2, 1/4 or 1/8 scale: huge photos never fully expand.
                     img.draft("RGB", (max_short_side, max_short_side))
-                img = ImageOps.exif_transpose(img)
-                img.load()
-                return _shrink(img, max_short_side)
+                img.load()  # decode first, so that decoding errors are not mistaken for EXIF ones
+                return _shrink(_exif_transpose(img, what), max_short_side)
+    except PermissionError as exc:
+        raise ImageLoadError(f"{what} cannot be read ({exc.strerror}); check the file's permissions.") from exc
     except UnidentifiedImageError as exc:
         raise ImageLoadError(f"{what} is not an image PIL can read; remove it or convert it.") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageLoadError(f"{what} could not be decoded ({exc}); the file may be truncated or corrupt.") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"{what} is too large to decode safely ({exc}); downscale it first.") from exc
+    except MemoryError as exc:
+        raise ImageLoadError(f"{what} needs more memory to decode than is available; downscale it first.") from exc
+    except Exception as exc:  # a decoder fed a damaged file can raise almost any type (struct.error, zlib.error, ...)
+        raise ImageLoadError(
+            f"{what} could not be decoded ({type(exc).__name__}: {exc}); the file may be truncated or corrupt. "
+            "Re-copy or remove it, or pass on_error='skip'."
+        ) from exc
 
 
 def _from_array(arr: np.ndarray | torch.Tensor, index: int, channels_first: bool) -> torch.Tensor:
@@ -119,10 +155,13 @@ def load_image(item: ImageLike, index: int = 0, max_short_side: int | None = Non
         img = _open_path(os.fspath(item), index, max_short_side)
     elif isinstance(item, Image.Image):
         try:
-            img = ImageOps.exif_transpose(item)
-            img.load()
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageLoadError(f"{_describe(item, index)} could not be decoded ({exc}).") from exc
+            item.load()
+            img = _exif_transpose(item, _describe(item, index))
+        except Exception as exc:  # a lazily-opened PIL image decodes here; see _open_path
+            raise ImageLoadError(
+                f"{_describe(item, index)} could not be decoded ({type(exc).__name__}: {exc}); "
+                "the file it was opened from may be truncated or corrupt."
+            ) from exc
     elif isinstance(item, torch.Tensor):
         return _from_array(item, index, channels_first=True)
     elif isinstance(item, np.ndarray):
@@ -136,12 +175,49 @@ def load_image(item: ImageLike, index: int = 0, max_short_side: int | None = Non
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
-def load_images(items: Sequence[ImageLike], max_short_side: int | None = None) -> list[torch.Tensor]:
-    """Load every image of ``items`` with :func:`load_image`; raises on the first bad one."""
-    if isinstance(items, (str, os.PathLike, Image.Image)) or (
+def _check_sequence(items: object) -> list:
+    if isinstance(items, (str, bytes, os.PathLike, Image.Image)) or (
         isinstance(items, (torch.Tensor, np.ndarray)) and items.ndim < 3
     ):
         raise InputTypeError(
             "images must be a sequence of images (a list of paths, PIL images or tensors), not a single image."
         )
-    return [load_image(item, i, max_short_side) for i, item in enumerate(items)]
+    if not isinstance(items, Iterable):
+        raise InputTypeError(
+            f"images must be a sequence of images (a list of paths, PIL images or tensors), not {type(items).__name__}."
+        )
+    return list(items)
+
+
+def load_images(items: Sequence[ImageLike], max_short_side: int | None = None) -> list[torch.Tensor]:
+    """Load every image of ``items`` with :func:`load_image`; raises on the first bad one."""
+    return [load_image(item, i, max_short_side) for i, item in enumerate(_check_sequence(items))]
+
+
+def load_images_skipping(
+    items: Sequence[ImageLike], max_short_side: int | None = None, on_error: str = "skip"
+) -> LoadedImages:
+    """Load ``items``, leaving out (``on_error="skip"``) or raising on (``"raise"``) unusable ones.
+
+    Any per-image :class:`~prolip.errors.ProLIPError` (unreadable file, unusable array) counts as
+    unusable; a wrong argument type for ``items`` itself always raises.
+
+    Returns:
+        the loaded images, the indices in ``items`` they came from, and one
+        :class:`SkippedImage` per image left out.
+    """
+    if on_error not in ON_ERROR:
+        raise InputError(f"on_error={on_error!r} must be one of {list(ON_ERROR)}.")
+    items = _check_sequence(items)
+    if on_error == "raise":
+        return LoadedImages(load_images(items, max_short_side), list(range(len(items))), [])
+    images, kept, skipped = [], [], []
+    for i, item in enumerate(items):
+        try:
+            images.append(load_image(item, i, max_short_side))
+        except ProLIPError as exc:
+            desc = os.fspath(item) if isinstance(item, (str, os.PathLike)) else type(item).__name__
+            skipped.append(SkippedImage(i, desc, str(exc)))
+        else:
+            kept.append(i)
+    return LoadedImages(images, kept, skipped)

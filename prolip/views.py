@@ -127,9 +127,11 @@ def plain_views(images: Sequence[torch.Tensor], config: ViewConfig) -> torch.Ten
     out = []
     for image in images:
         h, w = image.shape[-2:]
-        scale = config.size / min(h, w)
-        new_h, new_w = max(config.size, round(h * scale)), max(config.size, round(w * scale))
+        # Same rounding as torchvision's Resize(int) and CenterCrop.
+        short, long = (h, w) if h <= w else (w, h)
+        new_long = int(config.size * long / short)
+        new_h, new_w = (config.size, new_long) if h <= w else (new_long, config.size)
         resized = _resize(image, (new_h, new_w))
-        top, left = (new_h - config.size) // 2, (new_w - config.size) // 2
+        top, left = round((new_h - config.size) / 2), round((new_w - config.size) / 2)
         out.append(resized[..., top : top + config.size, left : left + config.size])
     return _normalize(torch.cat(out), config)

@@ -1,0 +1,237 @@
+"""The ``prolip`` command line: fit, predict, eval, info and merge."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+
+from prolip.errors import ProLIPError
+
+_EXAMPLES = {
+    "fit": "example:\n  prolip fit photos/ --model ViT-B-32 --pretrained openai --shots 16 --out pets.safetensors",
+    "predict": "example:\n  prolip predict pets.safetensors cat1.jpg dog2.png --json",
+    "eval": "example:\n  prolip eval pets.safetensors photos_test/",
+    "info": "example:\n  prolip info pets.safetensors",
+    "merge": "example:\n  prolip merge pets.safetensors --out ViT-B-32-pets.safetensors\n"
+    "  python -c \"import open_clip; open_clip.create_model('ViT-B-32', pretrained='ViT-B-32-pets.safetensors')\"",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prolip",
+        description="Few-shot adaptation of open_clip models by fine-tuning only the vision projector (ProLIP).",
+    )
+    parser.add_argument("--version", action="store_true", help="print the prolip version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=_EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log messages")
+        p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+        return p
+
+    fit = command("fit", "Fit a ProLIP delta on a labelled image folder or path,label CSV.")
+    fit.add_argument("data", help="folder with one sub-folder per class, or a CSV file of path,label rows")
+    fit.add_argument("--out", required=True, help="where to write the delta (.safetensors)")
+    fit.add_argument("--model", default="ViT-B-32", help="open_clip model name (default: %(default)s)")
+    fit.add_argument("--pretrained", default="openai", help="open_clip tag or local checkpoint (default: %(default)s)")
+    fit.add_argument("--shots", type=int, default=None, help="images drawn per class (default: all)")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the shot draw and the views (default: 0)")
+    fit.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)")
+    fit.add_argument("--reg-lambda", default="auto", help="λ, or 'auto' for 1/N (default: %(default)s)")
+    fit.add_argument("--epochs", type=int, default=300, help="training steps (default: %(default)s)")
+    fit.add_argument("--views", type=int, default=300, help="augmented views per image (default: %(default)s)")
+    fit.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
+    fit.add_argument("--template", action="append", dest="templates", help="prompt template with {} (repeatable)")
+
+    predict = command("predict", "Predict the class of images with a saved delta.")
+    predict.add_argument("delta", help="delta file written by 'prolip fit' or ProLIPAdapter.save")
+    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument("--json", action="store_true", help="print JSON with per-class probabilities")
+    predict.add_argument("--pretrained", default=None, help="base checkpoint, if not the one recorded in the delta")
+
+    evaluate = command("eval", "Accuracy, per-class accuracy and confusion matrix on labelled images.")
+    evaluate.add_argument("delta", help="delta file")
+    evaluate.add_argument("data", help="folder with one sub-folder per class, or a path,label CSV")
+    evaluate.add_argument("--pretrained", default=None, help="base checkpoint, if not the one recorded in the delta")
+
+    info = command("info", "Show a delta file's base model, classes, hyperparameters and fingerprint.")
+    info.add_argument("delta", help="delta file")
+
+    merge = command("merge", "Write a full open_clip state dict whose projector is W0 + delta.")
+    merge.add_argument("delta", help="delta file")
+    merge.add_argument("--out", required=True, help="output .safetensors, loadable with open_clip pretrained=PATH")
+    merge.add_argument("--pretrained", default=None, help="base checkpoint, if not the one recorded in the delta")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from prolip.adapter import ProLIPAdapter
+
+    return ProLIPAdapter.load(args.delta, pretrained=args.pretrained, device=args.device, verbose=not args.quiet)
+
+
+def _fit(args: argparse.Namespace) -> None:
+    from prolip.adapter import ProLIPAdapter
+    from prolip.folders import read_labelled, sample_shots
+
+    paths, labels = read_labelled(args.data)
+    if args.shots is not None:
+        paths, labels = sample_shots(paths, labels, args.shots, seed=args.seed)
+    reg = args.reg_lambda if args.reg_lambda == "auto" else float(args.reg_lambda)
+    adapter = ProLIPAdapter(
+        args.model,
+        args.pretrained,
+        templates=args.templates,
+        lr=args.lr,
+        reg_lambda=reg,
+        epochs=args.epochs,
+        views=args.views,
+        batch_size=args.batch_size,
+        device=args.device,
+        random_state=args.seed,
+        verbose=not args.quiet,
+    )
+    adapter.fit(paths, labels)
+    adapter.save(args.out)
+    if not args.quiet:
+        print(f"saved {args.out}: {len(adapter.classes_)} classes, {len(paths)} images (N={adapter.n_shots_:g})")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    adapter = _load(args)
+    proba = adapter.predict_proba(args.images)
+    classes = adapter.classes_.tolist()
+    if args.json:
+        rows = [
+            {
+                "image": path,
+                "label": classes[p.argmax()],
+                "probabilities": dict(zip(map(str, classes), p.tolist(), strict=True)),
+            }
+            for path, p in zip(args.images, proba, strict=True)
+        ]
+        print(json.dumps(rows, indent=2))
+    else:
+        for path, p in zip(args.images, proba, strict=True):
+            print(f"{path}\t{classes[p.argmax()]}\t{p.max():.3f}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from prolip.folders import read_labelled
+
+    adapter = _load(args)
+    paths, labels = read_labelled(args.data)
+    classes = [str(c) for c in adapter.classes_.tolist()]
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise ProLIPError(f"{args.data!r} has labels the delta does not know: {unknown}; its classes are {classes}.")
+    predicted = [str(p) for p in adapter.predict(paths)]
+    index = {c: k for k, c in enumerate(classes)}
+    confusion = [[0] * len(classes) for _ in classes]
+    for truth, guess in zip(labels, predicted, strict=True):
+        confusion[index[truth]][index[guess]] += 1
+    correct = sum(confusion[k][k] for k in range(len(classes)))
+    print(f"accuracy: {correct / len(labels):.4f} ({correct}/{len(labels)})")
+    print("per-class accuracy:")
+    width = max(len(c) for c in classes)
+    for k, c in enumerate(classes):
+        total = sum(confusion[k])
+        print(
+            f"  {c:<{width}}  {confusion[k][k] / total:.4f} ({confusion[k][k]}/{total})"
+            if total
+            else f"  {c:<{width}}  -"
+        )
+    print("confusion matrix (rows: true, columns: predicted):")
+    cell = max(5, *(len(str(v)) for row in confusion for v in row)) + 1
+    print(" " * (width + 2) + "".join(f"{k:>{cell}}" for k in range(len(classes))))
+    for k, c in enumerate(classes):
+        print(f"  {c:<{width}}" + "".join(f"{v:>{cell}}" for v in confusion[k]) + f"   [{k}]")
+
+
+def _info(args: argparse.Namespace) -> None:
+    from prolip.delta_file import read_delta
+
+    contents = read_delta(args.delta)
+    meta = contents.metadata
+    print(f"file:              {args.delta}")
+    print(f"format:            {meta['format']} v{meta['format_version']} (prolip {meta['prolip_version']})")
+    print(f"base model:        {meta['model_name'] or '(a model object)'}  pretrained={meta['pretrained'] or '-'}")
+    print(f"projector:         {meta['projector_key']} {tuple(contents.delta.shape)} ({meta['projector_family']})")
+    print(f"base fingerprint:  {meta['base_fingerprint']}")
+    print(
+        f"classes ({len(meta['classes'])}):       "
+        + ", ".join(
+            f"{c!s}" + (f" ({n})" if str(c) != n else "")
+            for c, n in zip(meta["classes"], meta["class_names"], strict=True)
+        )
+    )
+    print(f"templates:         {meta['templates']}")
+    print(f"shots per class:   {meta['n_shots']:g}")
+    print(f"logit scale:       {meta['logit_scale']:g}")
+    print(f"hyperparameters:   {json.dumps(meta['hyperparameters'])}")
+    print(f"delta norm:        {float(contents.delta.norm()):.6g}")
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from safetensors.torch import save_file
+
+    merged = _load(args).merged_model()
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in merged.state_dict().items()}
+    folder = os.path.dirname(os.path.abspath(args.out))
+    fd, tmp = tempfile.mkstemp(prefix=".prolip-", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(state, tmp)
+        os.replace(tmp, args.out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    if not args.quiet:
+        print(f"wrote {args.out}: the full model with its projector adapted; load it with open_clip pretrained=PATH")
+
+
+_COMMANDS = {"fit": _fit, "predict": _predict, "eval": _eval, "info": _info, "merge": _merge}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``prolip`` command; returns the process exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from prolip._version import __version__
+
+        print(f"prolip {__version__}")
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        _COMMANDS[args.command](args)
+    except ProLIPError as exc:
+        print(f"prolip {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        print(f"prolip {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"prolip {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

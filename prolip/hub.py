@@ -1,0 +1,127 @@
+"""Sharing deltas: a Hugging Face Hub repository or a local folder holding one delta and a model card.
+
+huggingface_hub is optional and imported only when the Hub is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from prolip.errors import InputError, ProLIPError
+
+if TYPE_CHECKING:
+    from prolip.adapter import ProLIPAdapter
+
+DELTA_FILENAME = "prolip_delta.safetensors"
+HUB_PREFIX = "hf-hub:"
+
+
+def _hub() -> Any:
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ProLIPError(
+            "sharing on the Hugging Face Hub needs the huggingface_hub package: pip install huggingface_hub"
+        ) from None
+    return huggingface_hub
+
+
+def model_card(adapter: ProLIPAdapter, metrics: dict[str, float] | None = None) -> str:
+    """A README.md (with Hub front matter) describing a fitted adapter."""
+    from prolip._version import __version__
+
+    backbone = adapter._get_backbone()
+    base = backbone.name or "an open_clip model"
+    front = {
+        "library_name": "prolip",
+        "base_model": f"open_clip:{base}" + (f" ({adapter.pretrained})" if adapter.pretrained else ""),
+        "tags": ["prolip", "open_clip", "clip", "few-shot", "image-classification"],
+        "pipeline_tag": "image-classification",
+    }
+    classes = ", ".join(
+        f"`{c}`" + (f" ({n})" if str(c) != n else "")
+        for c, n in zip(adapter.classes_.tolist(), adapter.class_names_, strict=True)
+    )
+    hyper = {k: getattr(adapter, k) for k in ("lr", "reg_lambda", "epochs", "views", "random_state")}
+    lines = ["---", *(f"{k}: {json.dumps(v)}" for k, v in front.items()), "---", ""]
+    lines += [
+        f"# ProLIP delta for {base}",
+        "",
+        f"A [prolip](https://pypi.org/project/prolip/) {__version__} projector delta: the base model's vision "
+        "projector W0 plus this delta, with the stored zero-shot classifier, gives a few-shot image classifier.",
+        "",
+        "```python",
+        "from prolip import ProLIPAdapter",
+        'adapter = ProLIPAdapter.from_pretrained("hf-hub:<this repo>")',
+        'adapter.predict(["image.jpg"])',
+        "```",
+        "",
+        f"- base model: `{base}`, pretrained `{adapter.pretrained}`",
+        f"- base W0 fingerprint (SHA-256): `{adapter.base_fingerprint_}`",
+        f"- classes ({len(adapter.classes_)}): {classes}",
+        f"- shots per class: {adapter.n_shots_:g}; λ used: {adapter.reg_lambda_:.4g}",
+        f"- hyperparameters: `{json.dumps(hyper)}`",
+    ]
+    if metrics:
+        lines += ["", "## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
+    return "\n".join(lines) + "\n"
+
+
+def save_folder(adapter: ProLIPAdapter, folder: str | os.PathLike, metrics: dict[str, float] | None = None) -> Path:
+    """Write ``prolip_delta.safetensors`` and a model card README.md into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    adapter.save(folder / DELTA_FILENAME)
+    (folder / "README.md").write_text(model_card(adapter, metrics), encoding="utf-8")
+    return folder
+
+
+def push_to_hub(
+    adapter: ProLIPAdapter,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    metrics: dict[str, float] | None = None,
+    commit_message: str = "Upload ProLIP delta",
+) -> str:
+    """Upload a fitted adapter's delta and model card to a Hub model repository; returns its URL."""
+    hub = _hub()
+    api = hub.HfApi(token=token)
+    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+    with tempfile.TemporaryDirectory() as tmp:
+        save_folder(adapter, tmp, metrics)
+        api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, repo_type="model")
+    return f"https://huggingface.co/{repo_id}"
+
+
+def resolve(source: str | os.PathLike, *, revision: str | None = None, token: str | None = None) -> str:
+    """The local path of the delta file named by ``source``.
+
+    ``source`` is ``"hf-hub:user/repo"`` (downloaded, or taken from the local Hub cache when
+    offline), a local folder written by :func:`save_folder`, or a ``.safetensors`` file.
+    """
+    text = os.fspath(source)
+    if text.startswith(HUB_PREFIX):
+        hub = _hub()
+        repo_id = text[len(HUB_PREFIX) :]
+        try:
+            return hub.hf_hub_download(repo_id=repo_id, filename=DELTA_FILENAME, revision=revision, token=token)
+        except Exception as exc:  # network, auth and missing-file errors all mean "cannot get it"
+            raise ProLIPError(
+                f"could not fetch {DELTA_FILENAME} from Hub repository {repo_id!r}: {exc}. "
+                "Check the name and your connection, or download it and pass the local path."
+            ) from exc
+    path = Path(text)
+    if path.is_dir():
+        path = path / DELTA_FILENAME
+        if not path.is_file():
+            raise InputError(f"folder {text!r} has no {DELTA_FILENAME}; pass the delta file itself or its folder.")
+    elif not path.is_file():
+        raise InputError(f"{text!r} is neither an 'hf-hub:user/repo' name, a folder, nor a delta file.")
+    return str(path)

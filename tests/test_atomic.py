@@ -1,0 +1,143 @@
+"""Atomic delta writes: a writer killed at any moment leaves the old file or the complete new one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import select
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from prolip import DeltaFileError
+from prolip.delta_file import STALE_TEMP_SECONDS, TEMP_PREFIX, read_delta, write_delta
+
+SHAPE = (1024, 2048)  # 8 MB per write: long enough for kills to land mid-write
+
+
+def _metadata(version: int) -> dict:
+    return {
+        "prolip_version": "test",
+        "model_name": "m",
+        "pretrained": "",
+        "projector_family": "vit",
+        "projector_key": "visual.proj",
+        "base_fingerprint": "0" * 64,
+        "classes": ["a", "b", "c"],
+        "class_names": ["a", "b", "c"],
+        "templates": ["a photo of a {}."],
+        "hyperparameters": {},
+        "n_shots": str(version + 1),  # the version is recorded twice: in metadata and in every value
+        "logit_scale": "100",
+    }
+
+
+def _version(path: Path) -> int:
+    """The version a delta file holds, after checking it is complete and self-consistent."""
+    contents = read_delta(path)
+    version = int(contents.metadata["n_shots"]) - 1
+    assert contents.delta.shape == SHAPE
+    assert bool((contents.delta == version).all()) and bool((contents.classifier == version).all())
+    return version
+
+
+def _writer(target: Path, first: int, delta: torch.Tensor, classifier: torch.Tensor, report: int) -> None:
+    """Child process: save versions first, first+1, ... forever, reporting each completed one."""
+    try:
+        version = first
+        while True:
+            # numpy, not torch, fills the tensors: torch's thread pool is not safe to use after fork.
+            delta.numpy().fill(version)
+            classifier.numpy().fill(version)
+            write_delta(target, delta, classifier, _metadata(version))
+            os.write(report, f"{version}\n".encode())
+            version += 1
+    finally:
+        os._exit(1)
+
+
+def _completed(report: int) -> list[int]:
+    data = b""
+    while select.select([report], [], [], 0)[0]:
+        chunk = os.read(report, 65536)
+        if not chunk:
+            break
+        data += chunk
+    return [int(line) for line in data.split()]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork to kill a writer mid-save")
+def test_sigkill_during_save_leaves_old_or_new_file(tmp_path):
+    target = tmp_path / "delta.safetensors"
+    delta, classifier = torch.zeros(SHAPE), torch.zeros(3, SHAPE[1])
+    write_delta(target, delta, classifier, _metadata(0))
+    current, rng = 0, random.Random(0)
+    for kill in range(8):
+        first = (kill + 1) * 1000
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child never returns
+            os.close(read_end)
+            _writer(target, first, delta, classifier, write_end)
+        os.close(write_end)
+        try:
+            # Let at least one save finish, then kill at a random moment of a later one.
+            assert select.select([read_end], [], [], 60)[0], "writer made no progress"
+            time.sleep(rng.uniform(0.0, 0.08))
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            done = _completed(read_end)
+        finally:
+            os.close(read_end)
+        assert done and done == list(range(first, first + len(done)))
+        found = _version(target)
+        # The last reported save, or the one in flight if the kill came after its rename.
+        assert found in (done[-1], done[-1] + 1), (found, done[-1])
+        assert found != current
+        current = found
+
+    # Temp files of killed writers are never taken for the delta, and hold nothing half-written.
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["delta.safetensors"]
+    temps = list(tmp_path.glob(f"{TEMP_PREFIX}*"))
+    for temp in temps:
+        assert temp.name.startswith(f"{TEMP_PREFIX}delta.safetensors.") and temp.name.endswith(".tmp")
+        # Killed after writing everything but before the rename: complete, and never used. Otherwise partial: refused.
+        with contextlib.suppress(DeltaFileError):
+            _version(temp)
+    # The next save removes stale ones (old enough that no live writer can own them).
+    for temp in temps:
+        os.utime(temp, (time.time() - STALE_TEMP_SECONDS - 60,) * 2)
+    fresh = tmp_path / f"{TEMP_PREFIX}delta.safetensors.0123456789abcdef.tmp"
+    fresh.write_bytes(b"a concurrent writer's file in progress")
+    delta.numpy().fill(7)
+    classifier.numpy().fill(7)
+    write_delta(target, delta, classifier, _metadata(7))
+    assert _version(target) == 7
+    assert list(tmp_path.glob(f"{TEMP_PREFIX}*")) == [fresh]
+
+
+def test_a_failed_save_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "delta.safetensors"
+    delta, classifier = torch.full(SHAPE, 1.0), torch.full((3, SHAPE[1]), 1.0)
+    write_delta(target, delta, classifier, _metadata(1))
+    before = target.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(DeltaFileError, match=r"cannot write delta file .*delta\.safetensors.*No space left"):
+        write_delta(target, delta * 2, classifier * 2, _metadata(2))
+    assert target.read_bytes() == before and os.listdir(tmp_path) == ["delta.safetensors"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_delta(target, delta * 2, classifier * 2, _metadata(2))
+    assert target.read_bytes() == before and os.listdir(tmp_path) == ["delta.safetensors"]

@@ -1,0 +1,142 @@
+"""The prolip command line, driven through subprocesses on a tiny image folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prolip import ProLIPAdapter, standin
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def prolip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python -m prolip ARGS`` and return the finished process."""
+    done = subprocess.run([sys.executable, "-m", "prolip", *args], capture_output=True, text=True, env=ENV, timeout=300)
+    if check and done.returncode != 0:
+        raise AssertionError(f"prolip {args} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Class folders of 28x28 images: bright blobs at the top vs at the bottom."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for name, rows in (("top", slice(2, 12)), ("bottom", slice(16, 26))):
+        (root / name).mkdir()
+        for i in range(6):
+            img = rng.integers(0, 40, size=(28, 28), dtype=np.uint8)
+            img[rows, 6:22] = 230
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    (root / "notes.txt").write_text("not an image folder")  # stray files are ignored
+    return root
+
+
+@pytest.fixture(scope="module")
+def delta(folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "blobs.safetensors"
+    done = prolip(
+        "fit",
+        str(folder),
+        "--model",
+        standin.MODEL_NAME,
+        "--pretrained",
+        standin.PRETRAINED_TAG,
+        "--shots",
+        "4",
+        "--views",
+        "4",
+        "--epochs",
+        "30",
+        "--lr",
+        "1e-2",
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    assert done.stdout == "" and out.is_file()
+    return out
+
+
+def test_fit_info_predict_eval(folder, delta):
+    info = prolip("info", str(delta)).stdout
+    assert standin.MODEL_NAME in info and "bottom, top" in info and "shots per class:   4" in info
+    assert ProLIPAdapter.load(delta, verbose=False).base_fingerprint_ in info
+
+    images = [str(folder / "top" / "5.png"), str(folder / "bottom" / "5.png")]
+    rows = json.loads(prolip("predict", str(delta), *images, "--json", "--quiet").stdout)
+    assert [r["image"] for r in rows] == images
+    for row in rows:
+        assert row["label"] in ("top", "bottom")
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    adapter = ProLIPAdapter.load(delta, verbose=False)
+    assert [r["label"] for r in rows] == adapter.predict(images).tolist()
+    plain = prolip("predict", str(delta), *images, "--quiet").stdout.splitlines()
+    assert [line.split("\t")[1] for line in plain] == [r["label"] for r in rows]
+
+    report = prolip("eval", str(delta), str(folder), "--quiet").stdout
+    expected = adapter.score(
+        [str(p) for p in sorted(folder.rglob("*.png"))], [p.parent.name for p in sorted(folder.rglob("*.png"))]
+    )
+    assert f"accuracy: {expected:.4f} (" in report
+    assert "per-class accuracy:" in report and "confusion matrix" in report
+
+
+def test_merge_gives_an_open_clip_checkpoint(delta, tmp_path):
+    import open_clip
+
+    out = tmp_path / "merged.safetensors"
+    prolip("merge", str(delta), "--out", str(out), "--quiet")
+    standin.register()
+    merged = open_clip.create_model(standin.MODEL_NAME, pretrained=str(out))
+    adapter = ProLIPAdapter.load(delta, verbose=False)
+    expected = adapter.merged_model()
+    for (name, a), (_, b) in zip(merged.state_dict().items(), expected.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert not torch.equal(merged.visual.proj, adapter._projector.parameter)
+
+
+def test_csv_input_and_user_errors(folder, tmp_path):
+    csv = tmp_path / "data.csv"
+    csv.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted(folder.rglob("*.png"))))
+    out = tmp_path / "csv.safetensors"
+    prolip(
+        "fit",
+        str(csv),
+        "--model",
+        standin.MODEL_NAME,
+        "--pretrained",
+        standin.PRETRAINED_TAG,
+        "--views",
+        "2",
+        "--epochs",
+        "3",
+        "--out",
+        str(out),
+        "--quiet",
+    )
+    assert out.is_file()
+
+    for args, needle in (
+        (("fit", str(tmp_path / "missing"), "--out", str(tmp_path / "x.safetensors")), "does not exist"),
+        (("info", str(csv)), "not a valid safetensors file"),
+        (("predict", str(out), str(tmp_path / "nope.png"), "--quiet"), "nope.png"),
+    ):
+        done = prolip(*args, check=False)
+        assert done.returncode == 1, done
+        assert needle in done.stderr and "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["fit", "predict", "eval", "info", "merge"])
+def test_every_subcommand_has_help_with_an_example(command):
+    text = prolip(command, "--help").stdout
+    assert "example:" in text and f"prolip {command}" in text

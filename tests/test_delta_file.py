@@ -1,0 +1,289 @@
+"""Untrusted delta files: each kind of damage is a DeltaFileError naming the file; nothing is executed."""
+
+from __future__ import annotations
+
+import ast
+import os
+import pickle
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import colour_images, tiny_adapter
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import prolip
+from prolip import DeltaFileError, FingerprintMismatchError, ProLIPAdapter
+from prolip.delta_file import CLASSIFIER_KEY, MAX_HEADER_BYTES, read_delta, write_delta
+
+
+@pytest.fixture(scope="module")
+def fitted(checkpoints) -> ProLIPAdapter:
+    images, labels = colour_images(2)
+    return tiny_adapter(checkpoints["vit"], epochs=2).fit(images, labels)
+
+
+@pytest.fixture(scope="module")
+def valid(fitted, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("delta") / "valid.safetensors"
+    fitted.save(path)
+    return path
+
+
+def _contents(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+
+
+def _rewrite(
+    valid: Path,
+    out: Path,
+    meta: Callable[[dict[str, str]], None] | None = None,
+    tensors: Callable[[dict[str, torch.Tensor]], None] | None = None,
+) -> Path:
+    """A copy of ``valid`` with its metadata and/or tensors edited in place by the callbacks."""
+    m, t = _contents(valid)
+    if meta:
+        meta(m)
+    if tensors:
+        tensors(t)
+    save_file(t, str(out), metadata=m)
+    return out
+
+
+def _expect(path: Path, match: str, error: type[Exception] = DeltaFileError, **load_kw) -> None:
+    """Both the reader and ProLIPAdapter.load refuse ``path`` with a message naming it."""
+    with pytest.raises(error, match=match) as info:
+        read_delta(path)
+    assert repr(str(path)) in str(info.value)
+    with pytest.raises(error, match=match):
+        ProLIPAdapter.load(path, **load_kw)
+
+
+def test_the_valid_file_loads(valid, fitted):
+    contents = read_delta(valid)
+    assert torch.equal(contents.delta, fitted.delta_)
+    assert contents.metadata["classes"] == ["blue", "green", "red"]
+    assert ProLIPAdapter.load(valid, verbose=False).base_fingerprint_ == fitted.base_fingerprint_
+
+
+@pytest.mark.parametrize("keep", [0, 5, 8, 100, "header", "-1"])
+def test_truncated(valid, tmp_path, keep):
+    data = valid.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    size = {"header": 8 + n, "-1": len(data) - 1}.get(keep, keep)
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(data[:size])
+    _expect(path, "too short|truncated|corrupt")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda h: h.replace(b'"__metadata__"', b'"__metadata__'),  # broken JSON
+        lambda h: h.replace(b"{", b"[", 1),
+        lambda h: b"\xff\xfe" + h[2:],  # not UTF-8
+        lambda h: h.replace(b'"F32"', b'"Q99"', 1),  # unknown dtype
+        lambda h: h.replace(b'"data_offsets":[0,', b'"data_offsets":[9,', 1),  # overlapping data
+    ],
+)
+def test_corrupted_header(valid, tmp_path, damage):
+    data = valid.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = damage(data[8 : 8 + n])
+    header = header + b" " * (n - len(header)) if len(header) < n else header[:n]
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(data[:8] + header + data[8 + n :])
+    _expect(path, "could not be read as a safetensors delta file|inconsistent contents")
+
+
+def test_huge_declared_header(tmp_path):
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(struct.pack("<Q", 2**62) + b"{}" + b"\0" * 64)
+    _expect(path, r"declared header of 4611686018427387904 bytes.*truncated, corrupted, or another format")
+    # Even a file that really is that long is refused before the header is read.
+    with open(path, "r+b") as f:
+        f.truncate(MAX_HEADER_BYTES + 1024)
+        f.seek(0)
+        f.write(struct.pack("<Q", MAX_HEADER_BYTES + 1))
+    _expect(path, f"declared header of {MAX_HEADER_BYTES + 1} bytes")
+
+
+@pytest.mark.parametrize("kind", ["pickle", "torch.save"])
+def test_pickle_renamed_to_safetensors(tmp_path, kind):
+    path = tmp_path / "model.safetensors"
+    payload = {"visual.proj": torch.zeros(48, 24)}
+    if kind == "pickle":
+        path.write_bytes(pickle.dumps(payload, protocol=4))
+    else:
+        torch.save(payload, path)
+    _expect(path, "another format such as a pickle")
+
+
+def test_wrong_tensor_shapes(valid, tmp_path, fitted):
+    key = fitted._projector.key
+    cases = {
+        "1-D delta": lambda t: t.update({key: t[key].flatten()}),
+        "classifier rows": lambda t: t.update({CLASSIFIER_KEY: t[CLASSIFIER_KEY][:2]}),
+        "empty": lambda t: t.update({key: torch.zeros(0, 24)}),
+        "float16": lambda t: t.update({key: t[key].half()}),
+        "extra tensor": lambda t: t.update({"payload": torch.zeros(3)}),
+        "missing tensor": lambda t: t.pop(CLASSIFIER_KEY),
+    }
+    for name, change in cases.items():
+        path = _rewrite(valid, tmp_path / f"{name}.safetensors", tensors=change)
+        _expect(path, "inconsistent contents|holds tensors")
+    # Well-formed on its own, but not the shape of this model's projector: only load can tell.
+    path = _rewrite(valid, tmp_path / "t.safetensors", tensors=lambda t: t.update({key: t[key].t().contiguous()}))
+    read_delta(path)
+    with pytest.raises(DeltaFileError, match=r"delta for visual\.proj of shape \(24, 48\).*\(48, 24\)"):
+        ProLIPAdapter.load(path)
+    path = _rewrite(valid, tmp_path / "w.safetensors", tensors=lambda t: t.update({CLASSIFIER_KEY: torch.ones(3, 7)}))
+    with pytest.raises(DeltaFileError, match="classifier of width 7"):
+        ProLIPAdapter.load(path)
+
+
+def test_nan_values(valid, tmp_path, fitted):
+    key = fitted._projector.key
+    path = _rewrite(valid, tmp_path / "n.safetensors", tensors=lambda t: t[key].view(-1).__setitem__(3, float("nan")))
+    _expect(path, "NaN or Inf")
+
+
+@pytest.mark.parametrize("missing", ["base_fingerprint", "classes", "format", "format_version", "projector_key"])
+def test_missing_metadata_keys(valid, tmp_path, missing):
+    path = _rewrite(valid, tmp_path / "m.safetensors", meta=lambda m: m.pop(missing))
+    _expect(path, rf"lacks prolip metadata \['{missing}'\].*Re-save")
+
+
+def test_no_metadata_at_all(valid, tmp_path):
+    path = tmp_path / "bare.safetensors"
+    save_file(_contents(valid)[1], str(path))
+    _expect(path, "lacks prolip metadata")
+
+
+def test_unknown_future_format_version(valid, tmp_path):
+    path = _rewrite(valid, tmp_path / "v2.safetensors", meta=lambda m: m.update(format_version="2"))
+    _expect(path, r"format version 2, newer than this prolip understands \(1\); upgrade prolip")
+    for bad in ("0", "-1", "one", "9" * 5000):
+        path = _rewrite(valid, tmp_path / "vx.safetensors", meta=lambda m, bad=bad: m.update(format_version=bad))
+        _expect(path, "format_version")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("format", "other-delta", "has format 'other-delta'"),
+        ("classes", "[not json", "malformed metadata 'classes'"),
+        ("classes", "[" * 100_000 + "]" * 100_000, "malformed metadata 'classes'"),  # parser recursion
+        ("classes", '{"a": 1}', "'classes': expected a non-empty JSON list"),
+        ("classes", '["red", "red", "blue"]', "distinct labels"),
+        ("classes", '[["a"], "b", "c"]', "'classes'"),
+        ("class_names", '["a", "b"]', "'class_names': expected a JSON list of 3 strings"),
+        ("class_names", "[1, 2, 3]", "'class_names'"),
+        ("templates", '"a photo of a {}."', "'templates'"),
+        ("hyperparameters", "[1, 2]", "'hyperparameters': expected a JSON object"),
+        ("n_shots", "nan", "'n_shots': expected a finite positive number"),
+        ("logit_scale", "-100", "'logit_scale'"),
+        ("logit_scale", "lots", "'logit_scale': expected a number"),
+        ("projector_key", CLASSIFIER_KEY, "'projector_key'"),
+    ],
+)
+def test_malformed_metadata(valid, tmp_path, key, value, match):
+    path = _rewrite(valid, tmp_path / "bad.safetensors", meta=lambda m: m.update({key: value}))
+    _expect(path, match)
+
+
+def test_delta_for_a_different_base_model(valid, tmp_path, fitted):
+    path = _rewrite(valid, tmp_path / "other.safetensors", meta=lambda m: m.update(base_fingerprint="0" * 64))
+    read_delta(path)  # the file itself is fine; it does not fit this base model
+    with pytest.raises(FingerprintMismatchError, match=r"trained on a different base model.*strict=False") as info:
+        ProLIPAdapter.load(path)
+    assert repr(str(path)) in str(info.value) and fitted.base_fingerprint_ in str(info.value)
+    with pytest.warns(UserWarning, match="different base model"):
+        assert ProLIPAdapter.load(path, strict=False, verbose=False).predict(colour_images(1)[0]).shape == (3,)
+
+
+def test_missing_file_or_directory(tmp_path):
+    _expect(tmp_path / "nothing.safetensors", "does not exist")
+    _expect(tmp_path, "does not exist")
+
+
+def test_write_errors_name_the_path(fitted, tmp_path):
+    with pytest.raises(
+        DeltaFileError, match=r"cannot write delta file '.*no/such/folder/d\.safetensors'.*folder exists"
+    ):
+        fitted.save(tmp_path / "no" / "such" / "folder" / "d.safetensors")
+    with pytest.raises(DeltaFileError, match="is a directory"):
+        fitted.save(tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_saved_file_permissions_follow_the_umask(fitted, tmp_path):
+    old = os.umask(0o022)
+    try:
+        fitted.save(tmp_path / "d.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "d.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_write_delta_round_trips_metadata(tmp_path, valid):
+    contents = read_delta(valid)
+    meta = {k: v for k, v in contents.metadata.items() if k not in ("format", "format_version")}
+    write_delta(tmp_path / "copy.safetensors", contents.delta, contents.classifier, meta)
+    copy = read_delta(tmp_path / "copy.safetensors")
+    assert copy.metadata == contents.metadata and torch.equal(copy.classifier, contents.classifier)
+
+
+# ---------------------------------------------------------------------------- nothing executes
+_FORBIDDEN_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}
+_FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__"}
+
+
+def _violations(source: str, filename: str) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(source, filename)):
+        where = f"{filename}:{getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Import):
+            found += [f"{where} imports {a.name}" for a in node.names if a.name.split(".")[0] in _FORBIDDEN_MODULES]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in _FORBIDDEN_MODULES:
+            found.append(f"{where} imports from {node.module}")
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            kwargs = {k.arg: k.value for k in node.keywords}
+            if isinstance(func, ast.Name) and name in _FORBIDDEN_CALLS:
+                found.append(f"{where} calls {name}()")
+            elif name == "load" and ast.unparse(func) in ("torch.load", "load"):
+                safe = kwargs.get("weights_only")
+                if not (isinstance(safe, ast.Constant) and safe.value is True):
+                    found.append(f"{where} calls torch.load without weights_only=True")
+            elif name in ("load", "loads") and "allow_pickle" in kwargs:
+                value = kwargs["allow_pickle"]
+                if not (isinstance(value, ast.Constant) and value.value is False):
+                    found.append(f"{where} calls {ast.unparse(func)} with allow_pickle")
+            elif name in ("load", "loads") and ast.unparse(func).split(".")[0] in _FORBIDDEN_MODULES:
+                found.append(f"{where} calls {ast.unparse(func)}")
+            elif name == "load" and ast.unparse(func) == "torch.jit.load":
+                found.append(f"{where} calls torch.jit.load")
+    return found
+
+
+def test_scanner_catches_what_it_should():
+    bad = (
+        "import pickle\nfrom joblib import load\nimport torch\ntorch.load(f)\ntorch.load(f, weights_only=False)\n"
+        "eval('1')\nexec('x')\nnp.load(f, allow_pickle=True)\ntorch.jit.load(f)\n"
+    )
+    assert [int(v.split(":")[1].split()[0]) for v in _violations(bad, "bad.py")] == [1, 2, 4, 5, 6, 7, 8, 9]
+    assert _violations("import torch\ntorch.load(f, weights_only=True)\nnp.load(f)\nmodel.eval()\n", "ok.py") == []
+
+
+def test_package_never_unpickles_or_evaluates():
+    root = Path(prolip.__file__).parent
+    sources = sorted(root.rglob("*.py"))
+    assert len(sources) > 5
+    found = [v for path in sources for v in _violations(path.read_text(encoding="utf-8"), str(path.relative_to(root)))]
+    assert found == []
