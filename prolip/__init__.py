@@ -18,6 +18,7 @@ from prolip.errors import (
     ModelLoadError,
     NotFittedError,
     ProLIPError,
+    SkippedImagesWarning,
     TrainingDivergedError,
     UnsupportedModelError,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "NotFittedError",
     "ProLIPAdapter",
     "ProLIPError",
+    "SkippedImagesWarning",
     "TrainingDivergedError",
     "UnsupportedModelError",
     "__version__",

@@ -49,7 +49,8 @@ def extract_features(
         config: crop, flip and normalisation settings.
         seed: seed of the crop/flip generator; the same seed gives the same views.
         batch_size: images per forward pass.
-        device, dtype: where and in which precision the tower runs.
+        device: where the tower runs.
+        dtype: the tower's precision; images are cast to it.
         verbose: show a progress bar.
         preprocess: optional test-time transform (PIL image -> CHW tensor) used instead of the
             built-in plain view when ``views`` is 0, e.g. the transform open_clip returned.

@@ -216,3 +216,17 @@ def test_defaults_follow_the_paper():
         "auto",
         0,
     )
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_low_precision_backbone_trains_in_fp32(precision, checkpoints, colours):
+    images, labels = colours
+    full = tiny_adapter(checkpoints["vit"], random_state=3).fit(images, labels)
+    half = tiny_adapter(checkpoints["vit"], random_state=3, precision=precision).fit(images, labels)
+    assert half._projector.parameter.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    assert half.delta_.dtype == torch.float32
+    assert half.base_fingerprint_ == full.base_fingerprint_ or precision == "bf16"  # fp16 cast is lossless
+    # The same training on slightly rounded features ends close to the fp32 result.
+    assert (half.delta_ - full.delta_).norm() < 0.2 * full.delta_.norm()
+    merged = half.merged_model()
+    assert dict(merged.named_parameters())[half._projector.key].dtype == half._projector.parameter.dtype
