@@ -167,8 +167,9 @@ def plot(results: dict, shots: list[int], path: Path) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title("in-domain" if shift == "none" else f"shifted: {shift}")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=110)
 
 
@@ -187,9 +188,16 @@ def main() -> None:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--download", action="store_true")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--from-json", type=Path, default=None, help="re-render from an earlier results.json")
     args = parser.parse_args()
     started = time.perf_counter()
-    results = run(args)
+    if args.from_json:  # re-render the table and plot of an earlier run
+        results = {
+            shift: {row: {int(n): accs for n, accs in cols.items()} for row, cols in table.items()}
+            for shift, table in json.loads(args.from_json.read_text()).items()
+        }
+    else:
+        results = run(args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
     table = markdown(results, args.shots)

@@ -100,23 +100,66 @@ def _normalize(batch: torch.Tensor, config: ViewConfig) -> torch.Tensor:
 
 
 def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic, antialiased resize of one uint8 ``[3, h, w]`` image to float ``[1, 3, *size]``."""
-    out = F.interpolate(image[None].float(), size=size, mode="bicubic", antialias=True, align_corners=False)
+    """Bicubic, antialiased resize of uint8 ``[3, h, w]`` (or ``[b, 3, h, w]``) to float ``[b, 3, *size]``."""
+    batch = image if image.ndim == 4 else image[None]
+    out = F.interpolate(batch.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
     return out.clamp_(0, 255)
+
+
+def shrink(image: torch.Tensor, max_short_side: int) -> torch.Tensor:
+    """``image`` (uint8 ``[3, H, W]``) shrunk, antialiased, so its shorter side is at most ``max_short_side``.
+
+    Crops then never need more than about a 2x downscale, which the view sampler antialiases.
+    """
+    h, w = image.shape[-2:]
+    if min(h, w) <= max_short_side:
+        return image
+    size = (max(1, round(h * max_short_side / min(h, w))), max(1, round(w * max_short_side / min(h, w))))
+    return _resize(image, size).round_().to(torch.uint8)[0]
+
+
+def _group_by_size(images: Sequence[torch.Tensor], which: Sequence[int]) -> dict[tuple[int, int], list[int]]:
+    """Positions in ``which`` grouped by the (H, W) of the image they name, so each group stacks."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for pos, i in enumerate(which):
+        groups.setdefault(tuple(images[i].shape[-2:]), []).append(pos)
+    return groups
 
 
 def augmented_views(
     images: Sequence[torch.Tensor], pairs: Sequence[tuple[int, int]], crops: CropParams, config: ViewConfig
 ) -> torch.Tensor:
-    """Render the augmented views ``(view, image)`` in ``pairs`` as a normalised float batch."""
-    out = []
-    side = (config.size, config.size)
-    for v, i in pairs:
-        t, lft = int(crops.top[v, i]), int(crops.left[v, i])
-        h, w = int(crops.height[v, i]), int(crops.width[v, i])
-        view = _resize(images[i][:, t : t + h, lft : lft + w], side)
-        out.append(view.flip(-1) if bool(crops.flip[v, i]) else view)
-    return _normalize(torch.cat(out), config)
+    """Render the augmented views ``(view, image)`` in ``pairs`` as a normalised float batch.
+
+    All views of same-sized images are cut, resized and flipped by one batched bicubic
+    ``grid_sample`` on the images' device (the flip is a negated x-scale of the sampling grid).
+    Where a crop is larger than the output, the grid is sampled at twice the output resolution
+    and 2x2-averaged, which stands in for the antialiasing of a PIL/torchvision resize.
+    """
+    side = config.size
+    device = images[pairs[0][1]].device
+    v_idx = torch.tensor([v for v, _ in pairs])
+    i_idx = torch.tensor([i for _, i in pairs])
+    top, left = crops.top[v_idx, i_idx].double(), crops.left[v_idx, i_idx].double()
+    height, width = crops.height[v_idx, i_idx].double(), crops.width[v_idx, i_idx].double()
+    flip = crops.flip[v_idx, i_idx]
+    out = torch.empty(len(pairs), 3, side, side, device=device)
+    for (img_h, img_w), positions in _group_by_size(images, i_idx.tolist()).items():
+        pos = torch.tensor(positions)
+        # Affine map from output coordinates in [-1, 1] to the crop box, align_corners=False convention.
+        theta = torch.zeros(len(positions), 2, 3, dtype=torch.float64)
+        theta[:, 0, 0] = torch.where(flip[pos], -1.0, 1.0) * width[pos] / img_w
+        theta[:, 0, 2] = (2 * left[pos] + width[pos]) / img_w - 1
+        theta[:, 1, 1] = height[pos] / img_h
+        theta[:, 1, 2] = (2 * top[pos] + height[pos]) / img_h - 1
+        factor = 2 if bool((height[pos] > side).any() or (width[pos] > side).any()) else 1
+        grid = F.affine_grid(
+            theta.float().to(device), [len(positions), 3, side * factor, side * factor], align_corners=False
+        )
+        source = torch.stack([images[int(i_idx[p])] for p in positions]).float()
+        views = F.grid_sample(source, grid, mode="bicubic", padding_mode="border", align_corners=False)
+        out[pos.to(device)] = F.avg_pool2d(views, factor) if factor > 1 else views
+    return _normalize(out.clamp_(0, 255), config)
 
 
 def plain_views(images: Sequence[torch.Tensor], config: ViewConfig) -> torch.Tensor:
@@ -124,14 +167,13 @@ def plain_views(images: Sequence[torch.Tensor], config: ViewConfig) -> torch.Ten
 
     This mirrors open_clip's default preprocessing (Resize(size, bicubic) + CenterCrop(size)).
     """
-    out = []
-    for image in images:
-        h, w = image.shape[-2:]
+    out = torch.empty(len(images), 3, config.size, config.size, device=images[0].device)
+    for (h, w), positions in _group_by_size(images, range(len(images))).items():
         # Same rounding as torchvision's Resize(int) and CenterCrop.
         short, long = (h, w) if h <= w else (w, h)
         new_long = int(config.size * long / short)
         new_h, new_w = (config.size, new_long) if h <= w else (new_long, config.size)
-        resized = _resize(image, (new_h, new_w))
+        resized = _resize(torch.stack([images[p] for p in positions]), (new_h, new_w))
         top, left = round((new_h - config.size) / 2), round((new_w - config.size) / 2)
-        out.append(resized[..., top : top + config.size, left : left + config.size])
-    return _normalize(torch.cat(out), config)
+        out[positions] = resized[..., top : top + config.size, left : left + config.size]
+    return _normalize(out, config)

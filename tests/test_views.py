@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from prolip.views import ViewConfig, augmented_views, plain_views, sample_crops
@@ -93,3 +95,23 @@ def test_plain_view_matches_open_clip_preprocessing():
     assert ours.shape == expected.shape == (3, 32, 32)
     # PIL's and torch's bicubic kernels differ slightly; the images must agree closely.
     assert (ours - expected).abs().mean() < 0.05 * (expected.std())
+
+
+@pytest.mark.parametrize(("image_size", "tolerance"), [((28, 28), 0.025), ((60, 80), 0.025)])
+def test_batched_views_match_crop_then_resize(image_size, tolerance):
+    """The batched grid_sample views equal cutting each box and resizing it (antialiased bicubic)."""
+    yy, xx = np.mgrid[0 : image_size[0], 0 : image_size[1]]
+    image = torch.from_numpy(
+        np.stack([127.5 + 120 * np.sin(xx / 4.0 + c) * np.cos(yy / 3.0 - c) for c in range(3)]).astype(np.uint8)
+    )
+    crops = sample_crops([image_size], views=40, config=CONFIG, seed=1)
+    pairs = [(v, 0) for v in range(40)]
+    batched = augmented_views([image], pairs, crops, CONFIG)
+    for v in range(40):
+        t, lft, h, w = (int(getattr(crops, f)[v, 0]) for f in ("top", "left", "height", "width"))
+        box = image[:, t : t + h, lft : lft + w][None].float()
+        ref = F.interpolate(box, size=(32, 32), mode="bicubic", antialias=True, align_corners=False).clamp(0, 255)
+        ref = ref.flip(-1) if crops.flip[v, 0] else ref
+        ref = (ref / 255 - 0.5) / 0.25
+        # Relative to the image's spread: the kernels differ a little at the borders and in antialiasing.
+        assert (batched[v] - ref[0]).abs().mean() < tolerance * ref.std(), v
