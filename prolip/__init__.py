@@ -22,6 +22,7 @@ from prolip.errors import (
     TrainingDivergedError,
     UnsupportedModelError,
 )
+from prolip.multitask import MultiTaskClassifier
 
 __all__ = [
     "DeltaFileError",
@@ -30,6 +31,7 @@ __all__ = [
     "InputError",
     "InputTypeError",
     "ModelLoadError",
+    "MultiTaskClassifier",
     "NotFittedError",
     "ProLIPAdapter",
     "ProLIPError",

@@ -1,0 +1,110 @@
+"""Training cost at the matmul floor: fit time ÷ the time of the fit's own matrix products.
+
+For K classes at 16 shots (n = 16K images), d_in=768, d_out=512 (ViT-B's projector), times
+in one run, interleaved, best of ``--repeats``:
+
+* floor: the four products of a step — x·W, u·Tᵀ, dlogits·T and xᵀ·dz — alone, for every step;
+* prolip: :func:`prolip.training.train_projector` (hand-written gradient, fused in-place Adam);
+* autograd: the plain autograd + ``torch.optim.Adam`` + ``CosineAnnealingLR`` loop that the
+  tests use as the reference (``tests/reference_training.py``).
+
+A step costs the same whichever view it uses, so 4 views stand in for the paper's 300. K=1000
+runs 5 steps by default (a step there is ~60 GFLOP; 300 would take minutes per method); the
+ratio is per step, so it does not depend on the step count.
+
+Run: ``.venv/bin/python benchmarks/bench_training.py [--threads 1]`` (2–4 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from prolip.training import train_projector
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from reference_training import reference_train  # the reference loop the tests use too
+
+D_IN, D_OUT, SHOTS, VIEWS = 768, 512, 16, 4
+
+
+def matmul_floor(features: torch.Tensor, classifier: torch.Tensor, w0: torch.Tensor, steps: int) -> None:
+    """The matrix products of ``steps`` training steps, into preallocated outputs."""
+    n, k = features.shape[1], classifier.shape[0]
+    z = torch.empty(n, D_OUT, device=w0.device)
+    scores = torch.empty(n, k, device=w0.device)
+    grad = torch.empty_like(w0)
+    for step in range(steps):
+        x = features[step % features.shape[0]]
+        torch.mm(x, w0, out=z)
+        torch.mm(z, classifier.t(), out=scores)
+        torch.mm(scores, classifier, out=z)
+        torch.mm(x.t(), z, out=grad)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench(k: int, steps: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """Best-of-``repeats`` seconds of each method for K=k classes."""
+    gen = torch.Generator().manual_seed(k)
+    n = SHOTS * k
+    features = torch.randn(VIEWS, n, D_IN, generator=gen).to(device)
+    labels = (torch.arange(n) % k).to(device)
+    classifier = F.normalize(torch.randn(k, D_OUT, generator=gen), dim=-1).to(device)
+    w0 = (torch.randn(D_IN, D_OUT, generator=gen) / math.sqrt(D_IN)).to(device)
+    train = {"logit_scale": 100.0, "lr": 1e-3, "reg_lambda": 1 / SHOTS, "epochs": steps}
+    methods = {
+        "floor": lambda: matmul_floor(features, classifier, w0, steps),
+        "prolip": lambda: train_projector(
+            features, labels, classifier, w0, None, device=device, verbose=False, **train
+        ),
+        "autograd": lambda: reference_train(features, labels, classifier, w0, None, **train),
+    }
+    best = dict.fromkeys(methods, math.inf)
+    for _ in range(repeats):  # interleaved, so load from other processes hits every method alike
+        for name, fn in methods.items():
+            best[name] = min(best[name], timed(fn, device))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--steps", type=int, nargs="+", default=[300, 300, 5], help="steps per size")
+    parser.add_argument("--repeats", type=int, nargs="+", default=[5, 3, 3], help="repetitions per size")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
+    print(
+        f"{'K':>5} {'n':>6} {'steps':>5} {'floor s':>8} {'prolip s':>9} {'autograd s':>10} {'prolip/floor':>12} {'autograd/floor':>14}"
+    )
+    for k, steps, repeats in zip(args.classes, args.steps, args.repeats, strict=True):
+        t = bench(k, steps, repeats, device)
+        print(
+            f"{k:>5} {SHOTS * k:>6} {steps:>5} {t['floor']:>8.3f} {t['prolip']:>9.3f} {t['autograd']:>10.3f} "
+            f"{t['prolip'] / t['floor']:>12.2f} {t['autograd'] / t['floor']:>14.2f}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""The ProLIP loss written out for autograd and minimised by torch.optim: the reference the fast
+training loop is tested (tests/test_training.py) and benchmarked (benchmarks/bench_training.py)
+against. Plain module, no test dependencies."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from prolip.training import TrainResult, logits
+
+
+def reference_train(features, labels, classifier, w0, bias, *, logit_scale, lr, reg_lambda, epochs) -> TrainResult:
+    """The loss written out for autograd, minimised by torch.optim.Adam with CosineAnnealingLR."""
+    w0, bias = w0.detach().float(), None if bias is None else bias.detach().float()
+    weight = w0.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([weight], lr=lr, betas=(0.9, 0.999), eps=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    losses = torch.empty(epochs)
+    for step in range(epochs):
+        x = features[step % features.shape[0]]
+        loss = F.cross_entropy(logits(x, weight, bias, classifier, logit_scale), labels)
+        if reg_lambda:
+            loss = loss + reg_lambda * (weight - w0).pow(2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses[step] = loss.detach()
+    return TrainResult(weight=weight.detach(), losses=losses)
