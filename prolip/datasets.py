@@ -32,6 +32,7 @@ __all__ = [
     "SPLITS",
     "apply_shift",
     "default_data_root",
+    "export_image_folder",
     "load_fashion_mnist",
 ]
 
@@ -190,3 +191,32 @@ def apply_shift(images: torch.Tensor, shift: str) -> torch.Tensor:
     except KeyError:
         raise ValueError(f"shift must be one of {list(SHIFTS)}, got {shift!r}") from None
     return fn(images)
+
+
+def export_image_folder(
+    root: str | os.PathLike,
+    split: str = "test",
+    per_class: int = 20,
+    *,
+    shift: str = "none",
+    seed: int = 0,
+    data_root: str | os.PathLike | None = None,
+) -> Path:
+    """Write ``per_class`` random Fashion-MNIST images per class as PNGs in ``root/<class name>/``.
+
+    Gives the examples a real image folder (the layout ``prolip fit`` and
+    :func:`prolip.folders.read_labelled` take) without any download. Returns ``root``.
+    """
+    from PIL import Image
+
+    images, labels = load_fashion_mnist(split, root=data_root)
+    images = apply_shift(images, shift)
+    gen = torch.Generator().manual_seed(seed)
+    root = Path(root)
+    for k, name in enumerate(FASHION_MNIST_CLASSES):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        members = torch.nonzero(labels == k).flatten()
+        for i in members[torch.randperm(len(members), generator=gen)[:per_class]].tolist():
+            Image.fromarray(images[i].numpy()).save(folder / f"{split}-{i:05d}.png")
+    return root
