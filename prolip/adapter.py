@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from prolip._version import __version__
+from prolip.cache import CachedFeatures, CacheKey, FeatureCache, check_storage, tower_fingerprint
 from prolip.delta_file import read_delta, write_delta
 from prolip.errors import (
     DeltaFileError,
@@ -28,7 +29,7 @@ from prolip.errors import (
     NotFittedError,
     SkippedImagesWarning,
 )
-from prolip.features import extract_features, select_device
+from prolip.features import extract_features, fill_cache, image_hash, select_device
 from prolip.images import ON_ERROR, ImageLike, SkippedImage, load_images_skipping
 from prolip.models import Backbone, build_backbone, dtype_of, fingerprint
 from prolip.projector import Projector, find_projector
@@ -96,6 +97,14 @@ class ProLIPAdapter:
             extract_features return results for the kept images only, in order (``skipped_``
             says which inputs are missing); score is the accuracy on the kept images. If every
             image is unreadable, ImageLoadError is raised either way.
+        cache_dir: folder of an on-disk feature cache (see :mod:`prolip.cache`), or None. When
+            set, extract_features (views > 0) stores each image's views there, reuses what is
+            already stored (across runs, processes and machines sharing the folder, keyed by the
+            vision tower's weights, precision, view settings, ``random_state`` and ``views``),
+            and returns lazy :class:`prolip.cache.CachedFeatures`; fit then streams one view at
+            a time from disk, so its memory grows with n·d_in, not views·n·d_in. Reuse needs a
+            fixed ``random_state``. Test-time features (views=0) are never cached.
+        cache_dtype: "fp16" (default; half the disk, features rounded to fp16) or "fp32".
 
     Attributes (after fit):
         classes_: labels, in the column order of ``predict_proba``.
@@ -132,6 +141,8 @@ class ProLIPAdapter:
         preprocess: Callable[[Any], torch.Tensor] | None = None,
         tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
         on_error: str = "raise",
+        cache_dir: str | os.PathLike | None = None,
+        cache_dtype: str = "fp16",
     ) -> None:
         self.model = model
         self.pretrained = pretrained
@@ -149,6 +160,8 @@ class ProLIPAdapter:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.on_error = on_error
+        self.cache_dir = cache_dir
+        self.cache_dtype = cache_dtype
 
     # ------------------------------------------------------------------ scikit-learn contract
     @classmethod
@@ -179,6 +192,23 @@ class ProLIPAdapter:
         ]
         return f"ProLIPAdapter({', '.join(shown)})"
 
+    _estimator_type = "classifier"  # what scikit-learn < 1.6 reads
+
+    def __sklearn_tags__(self) -> Any:
+        """scikit-learn's estimator tags: a classifier whose inputs are images, validated by prolip.
+
+        Only called by scikit-learn (e.g. ``cross_val_score``), so importing it here adds no dependency.
+        """
+        from sklearn.utils import ClassifierTags, InputTags, Tags, TargetTags
+
+        return Tags(
+            estimator_type="classifier",
+            target_tags=TargetTags(required=True),
+            classifier_tags=ClassifierTags(),
+            input_tags=InputTags(one_d_array=True, two_d_array=False),
+            no_validation=True,
+        )
+
     # ------------------------------------------------------------------ backbone
     def _validate_params(self) -> None:
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
@@ -195,6 +225,9 @@ class ProLIPAdapter:
         if self.logit_scale is not None and not (isinstance(self.logit_scale, (int, float)) and self.logit_scale > 0):
             raise InputError(f"logit_scale={self.logit_scale!r} must be None or a positive number.")
         dtype_of(self.precision)
+        if self.cache_dir is not None and not isinstance(self.cache_dir, (str, os.PathLike)):
+            raise InputError(f"cache_dir={self.cache_dir!r} must be None or a folder path.")
+        check_storage(self.cache_dtype)
         if not (isinstance(self.on_error, str) and self.on_error in ON_ERROR):
             raise InputError(f"on_error={self.on_error!r} must be one of {list(ON_ERROR)}.")
 
@@ -235,18 +268,23 @@ class ProLIPAdapter:
         return int(self.random_state)
 
     # ------------------------------------------------------------------ features
-    def extract_features(self, images: Sequence[ImageLike], views: int | None = None) -> torch.Tensor:
+    def extract_features(self, images: Sequence[ImageLike], views: int | None = None) -> torch.Tensor | CachedFeatures:
         """Pre-projection features of augmented views of ``images``: float32 ``[V, n, d_in]``.
 
         ``views=None`` uses ``self.views``; ``views=0`` gives one plain test-time view,
         ``[1, n, d_in]``. The same ``random_state`` gives the same views. Features can be
         passed to :meth:`fit_features` any number of times. With ``on_error="skip"``, ``n``
-        counts the readable images only and ``skipped_`` lists the others.
+        counts the readable images only and ``skipped_`` lists the others. With ``cache_dir``
+        set and ``views > 0``, the result is a lazy :class:`prolip.cache.CachedFeatures` over
+        the on-disk cache, and only images not cached yet are computed.
         """
         self._validate_params()
         views = self.views if views is None else views
         if not isinstance(views, int) or views < 0:
             raise InputError(f"views={views!r} must be an integer >= 0.")
+        if self.cache_dir is not None and views > 0:
+            cache, hashes, _ = self._fill_cache(images, views)
+            return cache.features(hashes)
         backbone = self._get_backbone()
         cfg = backbone.view_config
         loaded = self._load_images(images, max_short_side=2 * cfg.size)
@@ -262,6 +300,47 @@ class ProLIPAdapter:
             verbose=self.verbose,
             preprocess=self.preprocess,
         )
+
+    def _feature_cache(self, views: int, seed: int) -> FeatureCache:
+        """The on-disk cache for this model, precision, view settings, seed and number of views."""
+        projector = self._projector
+        key = CacheKey(
+            model=tower_fingerprint(projector.visual),
+            precision=self.precision,
+            config=self._get_backbone().view_config,
+            seed=seed,
+            views=views,
+            storage=self.cache_dtype,
+        )
+        return FeatureCache(self.cache_dir, key, projector.in_features)
+
+    def _fill_cache(
+        self, images: Sequence[ImageLike], views: int, rank: int = 0, world_size: int = 1
+    ) -> tuple[FeatureCache, list[str], list[str]]:
+        """Load ``images`` and store the features of those the cache lacks (this rank's share).
+
+        Returns the cache, the hashes of the loaded images, and the hashes this call computed.
+        """
+        if self.random_state is None:
+            logger.warning("random_state=None draws a new seed per call, so cached features are never reused")
+        cfg = self._get_backbone().view_config
+        loaded = self._load_images(images, max_short_side=2 * cfg.size)
+        cache = self._feature_cache(views, self._seed())
+        hashes = [image_hash(im) for im in loaded]
+        computed = fill_cache(
+            self._projector,
+            loaded,
+            cache,
+            cfg,
+            batch_size=self.batch_size,
+            device=self._device,
+            dtype=dtype_of(self.precision),
+            verbose=self.verbose,
+            hashes=hashes,
+            rank=rank,
+            world_size=world_size,
+        )
+        return cache, hashes, computed
 
     def _load_images(self, images: Sequence[ImageLike], max_short_side: int) -> list[torch.Tensor]:
         """Load images under ``on_error``, recording and reporting the skipped ones in ``skipped_``."""
@@ -291,7 +370,17 @@ class ProLIPAdapter:
         dropped = {s.index for s in getattr(self, "skipped_", [])}
         return [lab for i, lab in enumerate(labels) if i not in dropped] if dropped else list(labels)
 
-    def _check_features(self, features: torch.Tensor, what: str = "features") -> torch.Tensor:
+    def _check_features(
+        self, features: torch.Tensor | CachedFeatures, what: str = "features"
+    ) -> torch.Tensor | CachedFeatures:
+        if isinstance(features, CachedFeatures):
+            d_in = self._projector.in_features
+            if features.shape[-1] != d_in:
+                raise InputError(
+                    f"{what} has shape {tuple(features.shape)}; this model needs [V, n, {d_in}] "
+                    "pre-projection features, as returned by extract_features."
+                )
+            return features  # NaN/Inf are checked view by view as training reads them
         if not isinstance(features, torch.Tensor):
             raise InputTypeError(
                 f"{what} must be a torch.Tensor [V, n, d_in] from extract_features, not {type(features).__name__}."
@@ -306,8 +395,11 @@ class ProLIPAdapter:
             )
         if not features.is_floating_point():
             raise InputTypeError(f"{what} has dtype {features.dtype}; expected floating point.")
-        if not torch.isfinite(features).all():
-            view, image, column = (~torch.isfinite(features)).nonzero()[0].tolist()
+        # View by view: isfinite's temporaries over all of [V, n, d] would cost more than the features.
+        for view in range(features.shape[0]):
+            if torch.isfinite(features[view]).all():
+                continue
+            image, column = (~torch.isfinite(features[view])).nonzero()[0].tolist()
             raise InputError(
                 f"{what} contains NaN or Inf (first at view {view}, image {image}, column {column}); "
                 "re-extract them with extract_features, or drop that image."
@@ -406,11 +498,15 @@ class ProLIPAdapter:
 
     def fit_features(
         self,
-        features: torch.Tensor,
+        features: torch.Tensor | CachedFeatures,
         labels: Sequence[Hashable],
         class_names: Mapping[Hashable, str] | Sequence[str] | None = None,
     ) -> ProLIPAdapter:
-        """Fit on features from :meth:`extract_features` (``[V, n, d_in]``); returns self."""
+        """Fit on features from :meth:`extract_features` (``[V, n, d_in]``); returns self.
+
+        ``features`` may be an in-memory tensor or lazy :class:`prolip.cache.CachedFeatures`,
+        which training reads one view at a time.
+        """
         self._validate_params()
         for name in (*_FITTED, "loss_history_", "base_fingerprint_", "n_features_in_"):
             self.__dict__.pop(name, None)  # a failed fit leaves the adapter unfitted
@@ -454,9 +550,7 @@ class ProLIPAdapter:
         self.loss_history_ = result.losses.numpy()
         self.base_fingerprint_ = fingerprint(projector.parameter)
         self.n_features_in_ = projector.in_features
-        logger.info(
-            "fitted %d classes, N=%.3g, lambda=%.3g, %d steps", len(classes), n_shots, reg_lambda, self.epochs
-        )
+        logger.info("fitted %d classes, N=%.3g, lambda=%.3g, %d steps", len(classes), n_shots, reg_lambda, self.epochs)
         return self
 
     def _model_logit_scale(self) -> float:

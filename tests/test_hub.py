@@ -57,8 +57,8 @@ def test_push_and_pull_round_trip(fake_hub, checkpoints, colours):
 
     card = (fake_hub.root / "someone/colours/README.md").read_text()
     front = card.split("---")[1]
-    assert "library_name: \"prolip\"" in front and "pipeline_tag: \"image-classification\"" in front
-    assert "base_model: \"open_clip:test-vit-tiny" in front and "tags:" in front
+    assert 'library_name: "prolip"' in front and 'pipeline_tag: "image-classification"' in front
+    assert 'base_model: "open_clip:test-vit-tiny' in front and "tags:" in front
     assert "`blue`" in card and "| accuracy | 0.7500 |" in card and adapter.base_fingerprint_ in card
 
     pulled = ProLIPAdapter.from_pretrained("hf-hub:someone/colours", verbose=False)

@@ -1,0 +1,328 @@
+"""The on-disk feature cache: hits, reuse, keys, resuming after crashes, concurrency, streaming fits."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONFIGS, colour_images, tiny_adapter
+from safetensors import safe_open
+
+from prolip import InputError, ProLIPAdapter
+from prolip import cache as cache_module
+from prolip.cache import CachedFeatures, CacheKey, FeatureCache, FeatureCacheError, tower_fingerprint
+from prolip.delta_file import TEMP_PREFIX
+from prolip.features import image_hash
+from prolip.views import ViewConfig
+
+VIEWS = 3
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """``counted(adapter)``: make its tower record the batch size of every forward pass it runs."""
+
+    def count(adapter: ProLIPAdapter) -> list[int]:
+        projector = adapter._projector
+        seen: list[int] = []
+        original = projector.features
+
+        def features(pixels: torch.Tensor) -> torch.Tensor:
+            seen.append(len(pixels))
+            return original(pixels)
+
+        monkeypatch.setattr(projector, "features", features)  # an instance attribute shadows the method
+        return seen
+
+    return count
+
+
+@pytest.fixture(scope="module")
+def make(checkpoints):
+    """``make(**params)``: a tiny ViT adapter with VIEWS views, sharing one already-built backbone."""
+    built = tiny_adapter(checkpoints["vit"])
+    built._get_backbone()
+
+    def make(**params) -> ProLIPAdapter:
+        adapter = tiny_adapter(checkpoints["vit"], **{"views": VIEWS, **params})
+        adapter._backbone, adapter._backbone_key = built._backbone, built._backbone_key
+        adapter._projector_cache = built._projector_cache
+        return adapter
+
+    return make
+
+
+def entries(root: Path) -> list[Path]:
+    return sorted(root.glob("v1/*/entries/*/*.safetensors"))
+
+
+def temps(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.startswith(TEMP_PREFIX)]
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[list[torch.Tensor], list[str]]:
+    return colour_images(3, seed=5)  # 9 distinct images, 3 classes
+
+
+@pytest.fixture(scope="module")
+def reference(make, data) -> torch.Tensor:
+    """In-memory features of ``data`` (no cache), float32 [VIEWS, 9, 48]."""
+    return make().extract_features(data[0])
+
+
+def test_cache_hit_is_identical_and_runs_no_model(make, counted, data, reference, tmp_path):
+    images, _ = data
+    first = make(cache_dir=tmp_path)
+    calls = counted(first)
+    features = first.extract_features(images)
+    assert isinstance(features, CachedFeatures) and tuple(features.shape) == (VIEWS, 9, 48)
+    assert sum(calls) == VIEWS * len(images)
+    # The same crops as without the cache; stored as fp16, so equal to the fp16-rounded features.
+    assert torch.equal(features.to_tensor(), reference.half().float())
+    assert len(entries(tmp_path)) == len(images) and not temps(tmp_path)
+
+    again = make(cache_dir=tmp_path)  # a new run
+    calls = counted(again)
+    assert torch.equal(again.extract_features(images).to_tensor(), reference.half().float())
+    assert calls == []
+    # Test-time features are never cached.
+    assert isinstance(again.extract_features(images, views=0), torch.Tensor) and sum(calls) == len(images)
+
+    exact = make(cache_dir=tmp_path, cache_dtype="fp32")
+    assert torch.equal(exact.extract_features(images).to_tensor(), reference)
+
+
+def test_images_are_reused_across_lists_and_positions(make, counted, data, reference, tmp_path):
+    images, _ = data
+    adapter = make(cache_dir=tmp_path)
+    adapter.extract_features(images[:5])
+    calls = counted(adapter)
+    subset = [images[4], images[2], *images[6:]]  # two cached, three new, in another order
+    features = adapter.extract_features(subset).to_tensor()
+    assert sum(calls) == 3 * VIEWS
+    assert torch.equal(features, reference[:, [4, 2, 6, 7, 8]].half().float())
+
+
+def test_resumes_after_an_exception_midway(make, counted, data, reference, tmp_path, monkeypatch):
+    images, _ = data
+    original, written = FeatureCache.write, []
+
+    def failing(self, image_hash, features):
+        if len(written) == 4:
+            raise RuntimeError("simulated crash")
+        original(self, image_hash, features)
+        written.append(image_hash)
+
+    monkeypatch.setattr(FeatureCache, "write", failing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        make(cache_dir=tmp_path, batch_size=2).extract_features(images)
+    monkeypatch.undo()
+    assert len(entries(tmp_path)) == 4
+
+    rerun = make(cache_dir=tmp_path, batch_size=2)
+    calls = counted(rerun)
+    features = rerun.extract_features(images)
+    assert sum(calls) == (len(images) - 4) * VIEWS  # the finished images are not recomputed
+    assert torch.equal(features.to_tensor(), reference.half().float())
+
+
+def _script(tmp_path: Path, body: str) -> Path:
+    """A Python script that sets up the tiny test models, then runs ``body``."""
+    path = tmp_path / "job.py"
+    header = f"""
+        import os, sys
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import open_clip
+        open_clip.add_model_config({str(CONFIGS)!r})
+        from conftest import colour_images, tiny_adapter
+        images, _ = colour_images(3, seed=5)
+    """
+    path.write_text(textwrap.dedent(header) + textwrap.dedent(body))
+    return path
+
+
+def _run(*scripts: Path, args: tuple[str, ...] = ()) -> list[subprocess.CompletedProcess]:
+    """Run the scripts at the same time; return their results in order."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    procs = [
+        subprocess.Popen([sys.executable, str(s), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for s in scripts
+    ]
+    return [subprocess.CompletedProcess(p.args, p.wait(timeout=120), *p.communicate()) for p in procs]
+
+
+def test_hard_crash_leaves_no_torn_entry_and_resumes(make, counted, checkpoints, data, reference, tmp_path):
+    images, _ = data
+    # The process dies after writing a temporary file, before the third entry is moved into place.
+    body = """
+        import prolip.cache as cache
+        original, entries = cache._publish, []
+        def publish(tmp, path, overwrite=False):
+            entries.extend([path] if path.suffix == ".safetensors" else [])
+            if len(entries) == 3:
+                os._exit(3)
+            return original(tmp, path, overwrite)
+        cache._publish = publish
+        tiny_adapter(sys.argv[1], views=3, cache_dir=sys.argv[2], batch_size=2).extract_features(images)
+    """
+    (crashed,) = _run(_script(tmp_path, body), args=(checkpoints["vit"], str(tmp_path / "cache")))
+    assert crashed.returncode == 3, crashed.stderr.decode()[-2000:]
+    root = tmp_path / "cache"
+    assert len(entries(root)) == 2 and len(temps(root)) == 1  # the torn write is only a temp file
+
+    rerun = make(cache_dir=root, batch_size=2)
+    calls = counted(rerun)
+    assert torch.equal(rerun.extract_features(images).to_tensor(), reference.half().float())
+    assert sum(calls) == (len(images) - 2) * VIEWS
+
+
+def test_two_processes_filling_one_cache_leave_it_consistent(make, counted, checkpoints, data, reference, tmp_path):
+    images, _ = data
+    body = """
+        more, _ = colour_images(4, seed=9)  # enough work for the two processes to overlap
+        adapter = tiny_adapter(sys.argv[1], views=3, cache_dir=sys.argv[2], batch_size=4)
+        features = adapter.extract_features(images + more)
+        print(float(features.to_tensor().sum()))
+    """
+    script = _script(tmp_path, body)
+    root = tmp_path / "cache"
+    results = _run(script, script, args=(checkpoints["vit"], str(root)))
+    assert [r.returncode for r in results] == [0, 0], results[0].stderr.decode()[-2000:]
+    assert len(entries(root)) == 9 + 12 and not temps(root)
+    adapter = make(cache_dir=root)
+    cache = adapter._feature_cache(VIEWS, 0)
+    assert all(cache.has(image_hash(im)) for im in images)
+    calls = counted(adapter)
+    assert torch.equal(adapter.extract_features(images).to_tensor(), reference.half().float())
+    assert calls == []
+    # Both processes read the same pack of the same image list.
+    assert len(list(root.glob("v1/*/packs/*.safetensors"))) == 2  # theirs, and the one just read
+
+
+def test_keys_differ_by_seed_model_augmentation_views_precision_and_dtype(make, counted, checkpoints, data, tmp_path):
+    config = ViewConfig(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    base = CacheKey(model="m", precision="fp32", config=config, seed=0, views=3, storage="fp16")
+    variants = [
+        dataclasses.replace(base, seed=1),
+        dataclasses.replace(base, model="other"),
+        dataclasses.replace(base, config=dataclasses.replace(config, scale=(0.3, 1.0))),
+        dataclasses.replace(base, config=dataclasses.replace(config, flip_p=0.0)),
+        dataclasses.replace(base, config=dataclasses.replace(config, size=64)),
+        dataclasses.replace(base, views=4),
+        dataclasses.replace(base, precision="fp16"),
+        dataclasses.replace(base, storage="fp32"),
+    ]
+    digests = {base.digest(), *(v.digest() for v in variants)}
+    assert len(digests) == 1 + len(variants)
+    assert CacheKey(**dataclasses.asdict(base) | {"config": config}).digest() == base.digest()
+
+    # The model key covers the whole tower, not only W0.
+    model = tiny_adapter(checkpoints["vit"])._get_backbone().model
+    before = tower_fingerprint(model.visual)
+    with torch.no_grad():
+        model.visual.transformer.resblocks[0].mlp.c_fc.weight[0, 0] += 1
+    assert tower_fingerprint(model.visual) != before
+
+    images, _ = data
+    make(cache_dir=tmp_path).extract_features(images[:2])
+    other_seed = make(cache_dir=tmp_path, random_state=1)
+    calls = counted(other_seed)
+    other_seed.extract_features(images[:2])
+    assert sum(calls) == 2 * VIEWS and len(list(tmp_path.glob("v1/*"))) == 2
+
+
+@pytest.mark.parametrize("storage", ["fp16", "fp32"])
+def test_fit_on_cached_features_equals_fit_in_memory(make, data, reference, tmp_path, storage):
+    images, labels = data
+    cached = make(cache_dir=tmp_path, cache_dtype=storage)
+    cached.fit(images, labels)
+    in_memory = make()
+    in_memory.fit_features(reference.half().float() if storage == "fp16" else reference, labels)
+    assert torch.equal(cached.delta_, in_memory.delta_)
+    assert cached.get_params()["cache_dir"] == tmp_path and cached.get_params()["cache_dtype"] == storage
+
+
+def test_training_holds_one_view_at_a_time(make, data, tmp_path, monkeypatch):
+    images, labels = data
+    adapter = make(cache_dir=tmp_path, epochs=7)
+    features = adapter.extract_features(images)
+    alive: list[weakref.ref] = []
+    live_at_read: list[int] = []
+    original = CachedFeatures.__getitem__
+
+    def tracked(self, view):
+        live_at_read.append(sum(r() is not None for r in alive))
+        out = original(self, view)
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(CachedFeatures, "__getitem__", tracked)
+    monkeypatch.setattr(CachedFeatures, "to_tensor", lambda self: pytest.fail("training materialised all views"))
+    adapter.fit_features(features, labels)
+    assert len(live_at_read) == 7  # one read per step
+    assert max(live_at_read) <= 1  # only the previous step's view is still referenced while the next loads
+
+
+def test_pack_is_built_in_bounded_blocks_and_files_are_safetensors(make, data, reference, tmp_path, monkeypatch):
+    images, _ = data
+    adapter = make(cache_dir=tmp_path)
+    monkeypatch.setattr(cache_module, "PACK_BUFFER_BYTES", 2 * VIEWS * 48 * 2)  # two images per block
+    features = adapter.extract_features(images)
+    assert torch.equal(features[2], reference[2].half().float())
+    with safe_open(str(features.pack_path), framework="pt") as f:
+        assert torch.equal(f.get_tensor("features").float(), reference.half().float())
+    with safe_open(str(entries(tmp_path)[0]), framework="pt") as f:
+        assert f.get_tensor("features").shape == (VIEWS, 48) and f.metadata()["image"] == entries(tmp_path)[0].stem
+    assert torch.equal(features[-1], features[VIEWS - 1])
+    with pytest.raises(IndexError, match="out of range"):
+        features[VIEWS]
+
+
+def test_damaged_entry_is_recomputed(make, counted, data, reference, tmp_path):
+    images, _ = data
+    adapter = make(cache_dir=tmp_path)
+    adapter.extract_features(images)
+    damaged = adapter._feature_cache(VIEWS, 0).entry_path(image_hash(images[3]))
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    for pack in tmp_path.glob("v1/*/packs/*"):
+        pack.unlink()
+    calls = counted(adapter)
+    assert torch.equal(adapter.extract_features(images).to_tensor(), reference.half().float())
+    assert sum(calls) == VIEWS
+
+
+def test_bad_values_and_settings_are_reported(make, checkpoints, data, tmp_path):
+    images, labels = data
+    adapter = make(cache_dir=tmp_path)
+    cache = adapter._feature_cache(VIEWS, 0)
+    hashes = [image_hash(im) for im in images]
+    for k, h in enumerate(hashes):
+        values = torch.zeros(VIEWS, 48)
+        if k == 4:
+            values[1, 7] = float("nan")
+        cache.write(h, values)
+    with pytest.raises(InputError, match=r"NaN or Inf \(first at view 1, image 4, column 7"):
+        adapter.fit_features(cache.features(hashes), labels)
+    assert not hasattr(adapter, "delta_")
+    with pytest.raises(FeatureCacheError, match=r"exceed the fp16 range.*cache_dtype='fp32'"):
+        cache.write("ab" * 32, torch.full((VIEWS, 48), 1e6))
+    with pytest.raises(FeatureCacheError, match="1 of the images have no cached features"):
+        cache.features([*hashes, "cd" * 32])
+    with pytest.raises(InputError, match="cache_dtype='bf16'"):
+        make(cache_dir=tmp_path, cache_dtype="bf16").extract_features(images)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    with pytest.raises(FeatureCacheError, match="a-file"):
+        make(cache_dir=blocked).extract_features(images)
+    other_width = tiny_adapter(checkpoints["modified_resnet"], "modified_resnet")
+    with pytest.raises(InputError, match=r"shape \(3, 4, 48\)"):
+        other_width.fit_features(cache.features(hashes[:4]), labels[:4])
