@@ -9,8 +9,10 @@ Public surface::
 
 from prolip._version import __version__
 from prolip.adapter import ProLIPAdapter
+from prolip.cache import CachedFeatures
 from prolip.errors import (
     DeltaFileError,
+    FeatureCacheError,
     FingerprintMismatchError,
     ImageLoadError,
     InputError,
@@ -25,7 +27,9 @@ from prolip.errors import (
 from prolip.multitask import MultiTaskClassifier
 
 __all__ = [
+    "CachedFeatures",
     "DeltaFileError",
+    "FeatureCacheError",
     "FingerprintMismatchError",
     "ImageLoadError",
     "InputError",

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from prolip.delta_file import STALE_TEMP_SECONDS, TEMP_PREFIX, TEMP_SUFFIX
-from prolip.errors import InputError, InputTypeError, ProLIPError
+from prolip.errors import FeatureCacheError, InputError, InputTypeError
 from prolip.views import ViewConfig
 
 logger = logging.getLogger(__name__)
@@ -59,10 +59,6 @@ _NP_DTYPE = {"fp16": np.float16, "fp32": np.float32}
 _TENSOR = "features"
 _MAX_HEADER_BYTES = 1 << 20  # our headers are a few hundred bytes
 PACK_BUFFER_BYTES = 64 << 20  # memory used while building a pack, whatever its size
-
-
-class FeatureCacheError(ProLIPError, ValueError):
-    """A feature cache file or folder cannot be written, or holds something it should not."""
 
 
 def tower_fingerprint(visual: nn.Module) -> str:

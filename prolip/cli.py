@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--views", type=int, default=300, help="augmented views per image (default: %(default)s)")
     fit.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
     fit.add_argument("--template", action="append", dest="templates", help="prompt template with {} (repeatable)")
+    fit.add_argument("--cache-dir", default=None, help="reuse and store training-view features in this folder")
 
     predict = command("predict", "Predict the class of images with a saved delta.")
     predict.add_argument("delta", help="delta file written by 'prolip fit' or ProLIPAdapter.save")
@@ -103,6 +104,7 @@ def _fit(args: argparse.Namespace) -> None:
         device=args.device,
         random_state=args.seed,
         verbose=not args.quiet,
+        cache_dir=args.cache_dir,
     )
     adapter.fit(paths, labels)
     adapter.save(args.out)

@@ -53,3 +53,7 @@ class ProLIPWarning(UserWarning):
 
 class SkippedImagesWarning(ProLIPWarning):
     """Some images were unreadable and left out (``on_error="skip"``); see the adapter's ``skipped_``."""
+
+
+class FeatureCacheError(ProLIPError, ValueError):
+    """A feature cache file or folder cannot be written, or holds something it should not."""

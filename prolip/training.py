@@ -112,14 +112,13 @@ def train_projector(
     scaled = classifier.detach().to(device, torch.float32) * logit_scale
     classes = _Classifier(forward=scaled.t(), backward=scaled / n)
     state = _State(n, k, weight)
-    losses = []
+    history = torch.empty(epochs, device=device)  # preallocated: no per-step allocations
     n_views = features.shape[0]
     with torch.no_grad():
         for step in tqdm(range(epochs), desc="training", unit="step", disable=not verbose, leave=False):
             x = features[step % n_views].to(device, torch.float32, non_blocking=True)
-            losses.append(_loss_and_gradient(x, weight, w0, b, classes, y, reg_lambda, state))
+            history[step] = _loss_and_gradient(x, weight, w0, b, classes, y, reg_lambda, state)
             _adam_step(weight, state, lr * (1 + math.cos(math.pi * step / epochs)) / 2)
-    history = torch.stack(losses) if losses else torch.empty(0, device=device)
     # One check at the end keeps the loop free of device synchronisations.
     finite = torch.isfinite(history)
     if not (finite.all() and torch.isfinite(weight).all()):

@@ -17,8 +17,9 @@ from safetensors import safe_open
 
 from prolip import InputError, ProLIPAdapter
 from prolip import cache as cache_module
-from prolip.cache import CachedFeatures, CacheKey, FeatureCache, FeatureCacheError, tower_fingerprint
+from prolip.cache import CachedFeatures, CacheKey, FeatureCache, tower_fingerprint
 from prolip.delta_file import TEMP_PREFIX
+from prolip.errors import FeatureCacheError
 from prolip.features import image_hash
 from prolip.views import ViewConfig
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from prolip import ProLIPAdapter, standin
+from prolip.delta_file import read_delta
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -107,23 +108,15 @@ def test_merge_gives_an_open_clip_checkpoint(delta, tmp_path):
 def test_csv_input_and_user_errors(folder, tmp_path):
     csv = tmp_path / "data.csv"
     csv.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted(folder.rglob("*.png"))))
-    out = tmp_path / "csv.safetensors"
-    prolip(
-        "fit",
-        str(csv),
-        "--model",
-        standin.MODEL_NAME,
-        "--pretrained",
-        standin.PRETRAINED_TAG,
-        "--views",
-        "2",
-        "--epochs",
-        "3",
-        "--out",
-        str(out),
-        "--quiet",
-    )
-    assert out.is_file()
+    out, again, cache = tmp_path / "csv.safetensors", tmp_path / "again.safetensors", tmp_path / "cache"
+    common = ("--model", standin.MODEL_NAME, "--pretrained", standin.PRETRAINED_TAG, "--views", "2", "--epochs", "3")
+    prolip("fit", str(csv), *common, "--cache-dir", str(cache), "--out", str(out), "--quiet")
+    entries = sorted(p for p in cache.rglob("*") if p.is_file())
+    assert entries  # the training views went into the cache
+    stamps = [p.stat().st_mtime_ns for p in entries]
+    prolip("fit", str(csv), *common, "--cache-dir", str(cache), "--out", str(again), "--quiet")
+    assert [p.stat().st_mtime_ns for p in entries] == stamps  # reused, not rewritten
+    assert torch.equal(read_delta(out).delta, read_delta(again).delta)
 
     for args, needle in (
         (("fit", str(tmp_path / "missing"), "--out", str(tmp_path / "x.safetensors")), "does not exist"),
