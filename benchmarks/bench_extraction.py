@@ -12,26 +12,16 @@ Run: ``.venv/bin/python benchmarks/bench_extraction.py`` (about 1–2 minutes on
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import open_clip
 import torch
+from timing import timed
 
 from prolip.features import extract_features
 from prolip.models import PRECISIONS, view_config_of
 from prolip.projector import find_projector
 from prolip.views import plain_views
-
-
-def images_per_second(fn: Callable[[], object], count: int, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return count / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -76,7 +66,7 @@ def main() -> None:
     best = dict.fromkeys(runs, 0.0)
     for _ in range(args.repeats):
         for name, (fn, count) in runs.items():
-            best[name] = max(best[name], images_per_second(fn, count, device))
+            best[name] = max(best[name], count / timed(fn, device))
     print(
         f"{args.model} {args.precision} on {device} ({torch.get_num_threads()} threads), "
         f"{args.images} images of 256x320, batch {args.batch_size}"

@@ -21,22 +21,15 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import open_clip
 import torch
+from timing import timed
 
 from prolip import ProLIPAdapter
 from prolip.multitask import MultiTaskClassifier
 from prolip.projector import find_projector
-
-
-def seconds(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -74,11 +67,11 @@ def main() -> None:
     features = adapter.extract_features(images, views=0)
     trunk, end_to_end = float("inf"), dict.fromkeys(args.tasks, float("inf"))
     for _ in range(args.repeats):
-        trunk = min(trunk, seconds(lambda: adapter.extract_features(images, views=0)))
+        trunk = min(trunk, timed(lambda: adapter.extract_features(images, views=0)))
         for t, clf in classifiers.items():
-            end_to_end[t] = min(end_to_end[t], seconds(lambda clf=clf: clf.predict(images)))
+            end_to_end[t] = min(end_to_end[t], timed(lambda clf=clf: clf.predict(images)))
     head = {
-        t: min(seconds(lambda t=t: [h.logits_from_features(features) for h in heads[:t]]) for _ in range(20))
+        t: min(timed(lambda t=t: [h.logits_from_features(features) for h in heads[:t]]) for _ in range(20))
         for t in args.tasks
     }
     one = min(args.tasks)

@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timing import timed
 
 from prolip.training import train_projector
 
@@ -47,16 +46,6 @@ def matmul_floor(features: torch.Tensor, classifier: torch.Tensor, w0: torch.Ten
         torch.mm(z, classifier.t(), out=scores)
         torch.mm(scores, classifier, out=z)
         torch.mm(x.t(), z, out=grad)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def bench(k: int, steps: int, repeats: int, device: torch.device) -> dict[str, float]:

@@ -28,15 +28,8 @@ import torch
 import torch.distributed as dist
 
 from prolip import ProLIPAdapter, standin
-from prolip.datasets import FASHION_MNIST_CLASSES, apply_shift, load_fashion_mnist
+from prolip.datasets import FASHION_MNIST_CLASSES, apply_shift, few_shot_indices, load_fashion_mnist
 from prolip.distributed import extract_distributed, init_distributed, rank_and_world_size
-
-
-def few_shot(labels: torch.Tensor, shots: int, seed: int) -> torch.Tensor:
-    """``shots`` random indices per class, drawn with a local generator."""
-    gen = torch.Generator().manual_seed(seed)
-    picks = [torch.nonzero(labels == k).flatten() for k in labels.unique().tolist()]
-    return torch.cat([idx[torch.randperm(len(idx), generator=gen)[:shots]] for idx in picks])
 
 
 def synthetic(n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +65,7 @@ def main() -> None:
     else:
         train_x, train_y = load_fashion_mnist("train", root=args.data_root)
         test_x, test_y = load_fashion_mnist("test", root=args.data_root)
-        pick = few_shot(train_y, args.shots, args.seed)
+        pick = few_shot_indices(train_y, args.shots, args.seed)
         shots_x, shots_y = apply_shift(train_x[pick], "upside_down"), train_y[pick]
         test_x, test_y = apply_shift(test_x[: args.test_size], "upside_down"), test_y[: args.test_size]
 

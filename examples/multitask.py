@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from prolip import ProLIPAdapter, standin
-from prolip.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
+from prolip.datasets import FASHION_MNIST_CLASSES, few_shot_indices, load_fashion_mnist
 from prolip.multitask import MultiTaskClassifier
 
 # Each task relabels the ten Fashion-MNIST classes (index = Fashion-MNIST label).
@@ -33,13 +33,6 @@ WORN_ON = [
     "feet", "upper body", "feet", "hand", "feet",
 ]  # fmt: skip
 TASKS = {"item": FASHION_MNIST_CLASSES, "kind": KIND, "worn_on": WORN_ON}
-
-
-def few_shot_indices(labels: torch.Tensor, shots: int, seed: int) -> torch.Tensor:
-    """``shots`` random indices per class, drawn with a local generator."""
-    gen = torch.Generator().manual_seed(seed)
-    picks = [torch.nonzero(labels == k).flatten() for k in labels.unique().tolist()]
-    return torch.cat([idx[torch.randperm(len(idx), generator=gen)[:shots]] for idx in picks])
 
 
 def main() -> None:

@@ -22,16 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from prolip import ProLIPAdapter, standin
-from prolip.datasets import FASHION_MNIST_CLASSES, apply_shift, load_fashion_mnist
+from prolip.datasets import FASHION_MNIST_CLASSES, apply_shift, few_shot_indices, load_fashion_mnist
 
 LRS = (1e-5, 1e-4, 1e-3, 1e-2)
-
-
-def nested_draw(labels: torch.Tensor, shots: int, seed: int) -> torch.Tensor:
-    """Per class, a random order of its indices cut at ``shots``: the first N form the N-shot set."""
-    gen = torch.Generator().manual_seed(seed)
-    per_class = [torch.nonzero(labels == k).flatten() for k in labels.unique().tolist()]
-    return torch.stack([idx[torch.randperm(len(idx), generator=gen)[:shots]] for idx in per_class])  # [K, shots]
 
 
 def fit_and_score(
@@ -108,7 +101,7 @@ def run(args: argparse.Namespace) -> dict:
         test_labels = test_y.tolist()
         for draw in range(args.draws):
             started = time.perf_counter()
-            order = nested_draw(train_y, max(args.shots), seed=1000 + draw)
+            order = few_shot_indices(train_y, max(args.shots), seed=1000 + draw).view(len(FASHION_MNIST_CLASSES), -1)  # [K, S], nested
             flat = order.flatten()
             adapter.set_params(random_state=draw, verbose=True)
             features = adapter.extract_features(list(apply_shift(train_x[flat], shift)))  # [V, K*S, d]

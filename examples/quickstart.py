@@ -19,17 +19,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from prolip import ProLIPAdapter, standin
-from prolip.datasets import FASHION_MNIST_CLASSES, apply_shift, load_fashion_mnist
-
-
-def few_shot_indices(labels: torch.Tensor, shots: int, seed: int) -> torch.Tensor:
-    """``shots`` random indices per class, drawn with a local generator."""
-    gen = torch.Generator().manual_seed(seed)
-    picks = [torch.nonzero(labels == k).flatten() for k in labels.unique().tolist()]
-    return torch.cat([idx[torch.randperm(len(idx), generator=gen)[:shots]] for idx in picks])
+from prolip.datasets import FASHION_MNIST_CLASSES, apply_shift, few_shot_indices, load_fashion_mnist
 
 
 def main() -> None:

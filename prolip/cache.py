@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prolip.delta_file import STALE_TEMP_SECONDS, TEMP_PREFIX, TEMP_SUFFIX
+from prolip.delta_file import STALE_TEMP_SECONDS, TEMP_PREFIX, TEMP_SUFFIX, read_header
 from prolip.errors import FeatureCacheError, InputError, InputTypeError
 from prolip.views import ViewConfig
 
@@ -185,28 +185,9 @@ def _header_bytes(shape: Sequence[int], storage: str, metadata: dict[str, str]) 
     return struct.pack("<Q", len(text)) + text
 
 
-def _read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The parsed header of a one-tensor safetensors file and where its data starts."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise FeatureCacheError(f"cache file {str(path)!r} is truncated ({size} bytes).")
-        (length,) = struct.unpack("<Q", head)
-        if length > _MAX_HEADER_BYTES or 8 + length > size:
-            raise FeatureCacheError(f"cache file {str(path)!r} has a malformed header; delete it to recompute.")
-        try:
-            header = json.loads(f.read(length))
-        except ValueError:
-            raise FeatureCacheError(
-                f"cache file {str(path)!r} has a malformed header; delete it to recompute."
-            ) from None
-    return header, 8 + length
-
-
 def _check_file(path: Path, shape: Sequence[int], storage: str, metadata: dict[str, str]) -> int:
     """Verify a cache file's header against what it should hold; return where its data starts."""
-    header, start = _read_header(path)
+    header, start = read_header(path, FeatureCacheError, _MAX_HEADER_BYTES, "feature cache file")
     info = header.get(_TENSOR, {})
     nbytes = int(np.prod(shape)) * np.dtype(_NP_DTYPE[storage]).itemsize
     meta = header.get("__metadata__") or {}

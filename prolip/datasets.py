@@ -33,6 +33,7 @@ __all__ = [
     "apply_shift",
     "default_data_root",
     "export_image_folder",
+    "few_shot_indices",
     "load_fashion_mnist",
 ]
 
@@ -193,6 +194,17 @@ def apply_shift(images: torch.Tensor, shift: str) -> torch.Tensor:
     return fn(images)
 
 
+def few_shot_indices(labels: torch.Tensor, shots: int, seed: int = 0) -> torch.Tensor:
+    """``shots`` random indices of each class (in label order), drawn with a local generator.
+
+    Class-major: the result viewed as ``[K, shots]`` holds one class per row, and its first N
+    columns are an N-shot draw nested in the ``shots``-shot one.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    per_class = [torch.nonzero(labels == k).flatten() for k in labels.unique().tolist()]
+    return torch.cat([idx[torch.randperm(len(idx), generator=gen)[:shots]] for idx in per_class])
+
+
 def export_image_folder(
     root: str | os.PathLike,
     split: str = "test",
@@ -211,12 +223,9 @@ def export_image_folder(
 
     images, labels = load_fashion_mnist(split, root=data_root)
     images = apply_shift(images, shift)
-    gen = torch.Generator().manual_seed(seed)
     root = Path(root)
-    for k, name in enumerate(FASHION_MNIST_CLASSES):
-        folder = root / name
+    for i in few_shot_indices(labels, per_class, seed).tolist():
+        folder = root / FASHION_MNIST_CLASSES[int(labels[i])]
         folder.mkdir(parents=True, exist_ok=True)
-        members = torch.nonzero(labels == k).flatten()
-        for i in members[torch.randperm(len(members), generator=gen)[:per_class]].tolist():
-            Image.fromarray(images[i].numpy()).save(folder / f"{split}-{i:05d}.png")
+        Image.fromarray(images[i].numpy()).save(folder / f"{split}-{i:05d}.png")
     return root

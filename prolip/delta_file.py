@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from prolip.errors import DeltaFileError
+from prolip.errors import DeltaFileError, ProLIPError
 
 FORMAT_NAME = "prolip-delta"
 FORMAT_VERSION = 1
@@ -155,18 +155,37 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def _check_header(path: str) -> None:
+def read_header(
+    path: str | os.PathLike,
+    error: type[ProLIPError] = DeltaFileError,
+    max_bytes: int = MAX_HEADER_BYTES,
+    what: str = "delta file",
+) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the offset where its tensor data starts.
+
+    The declared header size is checked against ``max_bytes`` and the file size before anything
+    is parsed, so a pickle or a hostile length is refused without reading it. Raises ``error``,
+    with a message naming the file and calling it a ``what``.
+    """
+    path = os.fspath(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
-    if len(head) < 8:
-        raise DeltaFileError(f"{path!r} is too short ({size} bytes) to be a prolip delta file.")
-    (n,) = struct.unpack("<Q", head)
-    if n > MAX_HEADER_BYTES or 8 + n > size:
-        raise DeltaFileError(
-            f"{path!r} is not a valid safetensors file (declared header of {n} bytes, file of {size} bytes); "
-            "it may be truncated, corrupted, or another format such as a pickle."
-        )
+        if len(head) < 8:
+            raise error(f"{path!r} is too short ({size} bytes) to be a safetensors {what}; it is truncated or corrupt.")
+        (n,) = struct.unpack("<Q", head)
+        if n > max_bytes or 8 + n > size:
+            raise error(
+                f"{path!r} is not a valid safetensors file (declared header of {n} bytes, file of {size} bytes); "
+                "it may be truncated, corrupted, or another format such as a pickle."
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError):
+            header = None
+    if not isinstance(header, dict):
+        raise error(f"{path!r} could not be read as a safetensors {what} (malformed header); the file is corrupt.")
+    return header, 8 + n
 
 
 def _load_json(path: str, key: str, text: str) -> Any:
@@ -248,7 +267,7 @@ def read_delta(path: str | os.PathLike) -> DeltaFile:
     if not os.path.isfile(path):
         raise DeltaFileError(f"delta file {path!r} does not exist (or is not a file); check the path.")
     try:
-        _check_header(path)
+        read_header(path)
         with safe_open(path, framework="pt") as f:
             raw = dict(f.metadata() or {})
             meta = _parse_metadata(path, raw)

@@ -11,17 +11,9 @@ import numpy as np
 import torch
 
 from prolip import ProLIPAdapter, standin
-from prolip.datasets import FASHION_MNIST_CLASSES, apply_shift, load_fashion_mnist
+from prolip.datasets import FASHION_MNIST_CLASSES, apply_shift, few_shot_indices, load_fashion_mnist
 
 VIEWS, TEST_SIZE = 30, 2000
-
-
-def draw(labels: torch.Tensor, shots: int, seed: int) -> torch.Tensor:
-    """``shots`` random indices per class."""
-    gen = torch.Generator().manual_seed(seed)
-    return torch.cat(
-        [torch.nonzero(labels == k).flatten()[torch.randperm(6000, generator=gen)[:shots]] for k in range(10)]
-    )
 
 
 def main(draws: int) -> None:
@@ -42,11 +34,11 @@ def main(draws: int) -> None:
     rows: dict[str, list[float]] = {}
     for seed in range(draws):
         adapter.set_params(random_state=seed)
-        pick = draw(train_y, 16, seed)
+        pick = few_shot_indices(train_y, 16, seed)
         x, y = adapter.extract_features(list(apply_shift(train_x[pick], "upside_down"))), train_y[pick].tolist()
         shifted_zs = score(x, y, test_shifted, epochs=0)
         shifted_16 = score(x, y, test_shifted, epochs=300, lr=1e-3, reg_lambda="auto")
-        pick = draw(train_y, 1, seed)
+        pick = few_shot_indices(train_y, 1, seed)
         x, y = adapter.extract_features(list(train_x[pick])), train_y[pick].tolist()
         plain_zs = score(x, y, test_plain, epochs=0)
         reg = score(x, y, test_plain, epochs=300, lr=1e-2, reg_lambda="auto")

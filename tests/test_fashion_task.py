@@ -12,10 +12,9 @@ six draws (seeds 0-5; scripts/measure_test_margins.py 6):
 from __future__ import annotations
 
 import pytest
-import torch
 
 from prolip import ProLIPAdapter, standin
-from prolip.datasets import FASHION_MNIST_CLASSES, apply_shift, load_fashion_mnist
+from prolip.datasets import FASHION_MNIST_CLASSES, apply_shift, few_shot_indices, load_fashion_mnist
 
 VIEWS, TEST_SIZE, SEED = 30, 2000, 0
 
@@ -42,13 +41,6 @@ def adapter():
     )
 
 
-def draw(labels: torch.Tensor, shots: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(SEED)
-    return torch.cat(
-        [torch.nonzero(labels == k).flatten()[torch.randperm(6000, generator=gen)[:shots]] for k in range(10)]
-    )
-
-
 def accuracy(adapter, features, labels, test_features, test_labels, **params) -> float:
     adapter.set_params(**params).fit_features(features, labels, class_names=FASHION_MNIST_CLASSES)
     return adapter.score_features(test_features, test_labels)
@@ -56,7 +48,7 @@ def accuracy(adapter, features, labels, test_features, test_labels, **params) ->
 
 def test_shifted_task_16_shots_beats_zero_shot(adapter, data):
     (train_x, train_y), (test_x, test_y) = data
-    pick = draw(train_y, 16)
+    pick = few_shot_indices(train_y, 16, SEED)
     features = adapter.extract_features(list(apply_shift(train_x[pick], "upside_down")))
     test_features = adapter.extract_features(list(apply_shift(test_x, "upside_down")), views=0)
     args = (adapter, features, train_y[pick].tolist(), test_features, test_y)
@@ -68,7 +60,7 @@ def test_shifted_task_16_shots_beats_zero_shot(adapter, data):
 
 def test_one_shot_high_lr_regularisation_keeps_zero_shot_accuracy(adapter, data):
     (train_x, train_y), (test_x, test_y) = data
-    pick = draw(train_y, 1)
+    pick = few_shot_indices(train_y, 1, SEED)
     features = adapter.extract_features(list(train_x[pick]))
     test_features = adapter.extract_features(list(test_x), views=0)
     args = (adapter, features, train_y[pick].tolist(), test_features, test_y)
