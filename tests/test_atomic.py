@@ -70,6 +70,13 @@ def _completed(report: int) -> list[int]:
     return [int(line) for line in data.split()]
 
 
+def _kill(pid: int) -> None:
+    """SIGKILL a forked writer and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork to kill a writer mid-save")
 def test_sigkill_during_save_leaves_old_or_new_file(tmp_path):
     target = tmp_path / "delta.safetensors"
@@ -88,10 +95,9 @@ def test_sigkill_during_save_leaves_old_or_new_file(tmp_path):
             # Let at least one save finish, then kill at a random moment of a later one.
             assert select.select([read_end], [], [], 60)[0], "writer made no progress"
             time.sleep(rng.uniform(0.0, 0.08))
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            done = _completed(read_end)
         finally:
+            _kill(pid)  # also when the assertion failed: a stuck child must not outlive the test
+            done = _completed(read_end)
             os.close(read_end)
         assert done and done == list(range(first, first + len(done)))
         found = _version(target)
@@ -141,3 +147,65 @@ def test_a_failed_save_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_delta(target, delta * 2, classifier * 2, _metadata(2))
     assert target.read_bytes() == before and os.listdir(tmp_path) == ["delta.safetensors"]
+
+
+def _cache_writer(root: Path, first: int, report: int) -> None:
+    """Child process: write cache entries of version first, first+1, ... forever, reporting each.
+
+    fp32 storage keeps the child free of torch's parallel kernels, which can deadlock after fork.
+    """
+    from prolip.cache import CacheKey, FeatureCache
+    from prolip.views import ViewConfig
+
+    try:
+        config = ViewConfig(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+        cache = FeatureCache(
+            root, CacheKey(model="m", precision="fp32", config=config, seed=0, views=64, storage="fp32"), 4096
+        )
+        features = torch.empty(64, 4096)
+        version = first
+        while True:
+            features.numpy().fill(version)  # numpy: torch's thread pool is not safe after fork
+            cache.write(f"{version:064x}", features)
+            os.write(report, f"{version}\n".encode())
+            version += 1
+    finally:
+        os._exit(1)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork to kill a writer mid-write")
+def test_sigkill_during_cache_writes_leaves_only_complete_entries(tmp_path):
+    from prolip.cache import CacheKey, FeatureCache
+    from prolip.views import ViewConfig
+
+    root, rng, written = tmp_path / "cache", random.Random(1), []
+    for kill in range(6):
+        first = (kill + 1) * 1000
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child never returns
+            os.close(read_end)
+            _cache_writer(root, first, write_end)
+        os.close(write_end)
+        try:
+            assert select.select([read_end], [], [], 60)[0], "writer made no progress"
+            time.sleep(rng.uniform(0.0, 0.05))
+        finally:
+            _kill(pid)
+            done = _completed(read_end)
+            os.close(read_end)
+        assert done
+        written += done
+
+    config = ViewConfig(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    cache = FeatureCache(
+        root, CacheKey(model="m", precision="fp32", config=config, seed=0, views=64, storage="fp32"), 4096
+    )
+    published = sorted(p for p in root.rglob("*.safetensors"))
+    # Every reported write is there; at most one more per kill (killed after its rename).
+    assert len(written) <= len(published) <= len(written) + 6
+    for path in published:
+        version = int(path.stem, 16)
+        assert cache.has(path.stem), path
+        assert bool((cache.read(path.stem).float() == version).all()), path  # complete, never torn
+    assert all(cache.has(f"{v:064x}") for v in written)
