@@ -301,11 +301,18 @@ class ProLIPAdapter:
             preprocess=self.preprocess,
         )
 
+    def _tower_fingerprint(self) -> str:
+        """:func:`prolip.cache.tower_fingerprint` of the frozen tower, hashed once per backbone."""
+        backbone = self._get_backbone()
+        if backbone.tower_fingerprint is None:
+            backbone.tower_fingerprint = tower_fingerprint(self._projector.visual)
+        return backbone.tower_fingerprint
+
     def _feature_cache(self, views: int, seed: int) -> FeatureCache:
         """The on-disk cache for this model, precision, view settings, seed and number of views."""
         projector = self._projector
         key = CacheKey(
-            model=tower_fingerprint(projector.visual),
+            model=self._tower_fingerprint(),
             precision=self.precision,
             config=self._get_backbone().view_config,
             seed=seed,

@@ -28,6 +28,7 @@ class Backbone:
     view_config: ViewConfig
     name: str | None
     pretrained: str | None
+    tower_fingerprint: str | None = None  # the feature cache's key for this tower, once computed
 
 
 def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:

@@ -77,6 +77,25 @@ def _kill(pid: int) -> None:
     os.waitpid(pid, 0)
 
 
+def _run_and_kill(child, rng: random.Random, longest: float) -> list[int]:
+    """Fork ``child(write_end)``, let it finish at least one write, SIGKILL it at a random moment
+    within ``longest`` seconds, and return the versions it reported complete."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child never returns
+        os.close(read_end)
+        child(write_end)
+    os.close(write_end)
+    try:
+        assert select.select([read_end], [], [], 60)[0], "writer made no progress"
+        time.sleep(rng.uniform(0.0, longest))
+    finally:
+        _kill(pid)  # also when the assertion failed: a stuck child must not outlive the test
+        done = _completed(read_end)
+        os.close(read_end)
+    return done
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork to kill a writer mid-save")
 def test_sigkill_during_save_leaves_old_or_new_file(tmp_path):
     target = tmp_path / "delta.safetensors"
@@ -85,20 +104,8 @@ def test_sigkill_during_save_leaves_old_or_new_file(tmp_path):
     current, rng = 0, random.Random(0)
     for kill in range(8):
         first = (kill + 1) * 1000
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child never returns
-            os.close(read_end)
-            _writer(target, first, delta, classifier, write_end)
-        os.close(write_end)
-        try:
-            # Let at least one save finish, then kill at a random moment of a later one.
-            assert select.select([read_end], [], [], 60)[0], "writer made no progress"
-            time.sleep(rng.uniform(0.0, 0.08))
-        finally:
-            _kill(pid)  # also when the assertion failed: a stuck child must not outlive the test
-            done = _completed(read_end)
-            os.close(read_end)
+        # Let at least one save finish, then kill at a random moment of a later one.
+        done = _run_and_kill(lambda report, first=first: _writer(target, first, delta, classifier, report), rng, 0.08)
         assert done and done == list(range(first, first + len(done)))
         found = _version(target)
         # The last reported save, or the one in flight if the kill came after its rename.
@@ -181,19 +188,7 @@ def test_sigkill_during_cache_writes_leaves_only_complete_entries(tmp_path):
     root, rng, written = tmp_path / "cache", random.Random(1), []
     for kill in range(6):
         first = (kill + 1) * 1000
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child never returns
-            os.close(read_end)
-            _cache_writer(root, first, write_end)
-        os.close(write_end)
-        try:
-            assert select.select([read_end], [], [], 60)[0], "writer made no progress"
-            time.sleep(rng.uniform(0.0, 0.05))
-        finally:
-            _kill(pid)
-            done = _completed(read_end)
-            os.close(read_end)
+        done = _run_and_kill(lambda report, first=first: _cache_writer(root, first, report), rng, 0.05)
         assert done
         written += done
 
