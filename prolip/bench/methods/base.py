@@ -1,0 +1,75 @@
+"""The method interface of ``prolip bench`` and its registry.
+
+A method is one small module in :mod:`prolip.bench.methods` holding a :class:`Method` subclass
+decorated with :func:`register`. Its ``fit`` gets a :class:`~prolip.bench.problem.Problem` (the
+features the bench extracted once, the frozen heads, the classes) and returns a
+:class:`FittedMethod`, whose ``logits`` the bench calls on each test set with that set's classes.
+The bench times ``fit`` and reports it beside the accuracy.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from prolip.bench.problem import Classes, FeatureSet, Problem
+from prolip.errors import InputError
+
+
+class FittedMethod(ABC):
+    """A trained method: class scores for test features, given the classes to score."""
+
+    info: dict[str, Any]
+    """What the method chose or learned that a reader of the results wants (e.g. a selected lr)."""
+
+    def __init__(self) -> None:
+        self.info = {}
+
+    @abstractmethod
+    def logits(self, test: FeatureSet, classes: Classes) -> torch.Tensor:
+        """Scores ``[n, K]`` of the test images for ``classes`` (higher is more likely).
+
+        ``test.x`` is ``[1, n, d_in]`` (the plain view), or ``[1 + test_views, n, d_in]`` with
+        view 0 the plain view for methods with ``test_views > 0``. ``classes`` are the training
+        classes, or other classes (base-to-new, cross-dataset) for methods with ``transfers``.
+        """
+
+
+class Method(ABC):
+    """A few-shot method the bench can run (see the module docstring)."""
+
+    name: ClassVar[str]
+    """The name used on the command line (``--methods NAME``)."""
+
+    transfers: ClassVar[bool] = True
+    """Whether the fitted method can score classes it was not trained on from their text
+    (needed for base-to-new's new classes and for cross-dataset and domain-generalisation targets)."""
+
+    test_views: ClassVar[int] = 0
+    """Augmented views of each test image the method needs besides the plain one (test-time methods)."""
+
+    @abstractmethod
+    def fit(self, problem: Problem) -> FittedMethod:
+        """Train on ``problem`` (selecting hyperparameters on ``problem.val`` only, never on test data)."""
+
+
+METHODS: dict[str, type[Method]] = {}
+"""Every registered method class, by name."""
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available to the bench under ``cls.name``."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise InputError(f"two bench methods are named {cls.name!r}: {METHODS[cls.name].__name__} and {cls.__name__}.")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> Method:
+    """A new instance of the method registered as ``name``."""
+    try:
+        return METHODS[name]()
+    except KeyError:
+        raise InputError(f"unknown bench method {name!r}; available: {sorted(METHODS)}.") from None
