@@ -18,9 +18,9 @@ import open_clip
 import torch
 from timing import timed
 
+from prolip.backbone import build_backbone
 from prolip.features import extract_features
-from prolip.models import PRECISIONS, view_config_of
-from prolip.projector import find_projector
+from prolip.params import PRECISIONS
 from prolip.views import plain_views
 
 
@@ -40,8 +40,8 @@ def main() -> None:
     device, dtype = torch.device(args.device), PRECISIONS[args.precision]
 
     torch.manual_seed(0)
-    model = open_clip.create_model(args.model).to(device, dtype).eval()
-    projector, config = find_projector(model), view_config_of(model)
+    backbone = build_backbone(open_clip.create_model(args.model), None, precision=args.precision, device=device)
+    model, config = backbone.model, backbone.view_config
     gen = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, 256, 320), dtype=torch.uint8, generator=gen) for _ in range(args.images)]
     pixels = plain_views([im.to(device) for im in images], config).to(dtype)  # ready-made, not timed
@@ -52,10 +52,7 @@ def main() -> None:
                 model.encode_image(pixels[start : start + args.batch_size])
 
     def extract(views: int) -> Callable[[], object]:
-        return lambda: extract_features(
-            projector, images, views, config, seed=0, batch_size=args.batch_size,
-            device=device, dtype=dtype, verbose=False,
-        )  # fmt: skip
+        return lambda: extract_features(backbone, images, views, seed=0, batch_size=args.batch_size, verbose=False)
 
     runs = {
         "encode_image": (encode, len(images)),

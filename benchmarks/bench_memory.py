@@ -54,14 +54,16 @@ def adapter(args: argparse.Namespace, cache_dir: str | None = None):
         model = ProLIPAdapter(
             args.model, None, epochs=args.epochs, device="cpu", verbose=False, random_state=0, cache_dir=cache_dir
         )
-        model._get_backbone()
+        model.backbone  # build it now, outside any measurement  # noqa: B018
     return model
 
 
 def cached_features(args: argparse.Namespace, views: int, cache_dir: str, build: bool):
     """Synthetic features of ``args.images`` images in the cache (written if ``build``), as CachedFeatures."""
+    from prolip.features import feature_cache
+
     model = adapter(args, cache_dir)
-    cache = model._feature_cache(views, 0)
+    cache = feature_cache(model.backbone, cache_dir, views=views, seed=0)
     hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(args.images)]  # as if image hashes
     if build:
         gen = torch.Generator().manual_seed(views)
@@ -84,7 +86,7 @@ def child(args: argparse.Namespace) -> None:
     else:
         model = adapter(args)
         baseline = peak_rss_mb()
-        d = model._projector.in_features
+        d = model.backbone.projector.in_features
         features = torch.randn(args.views, args.images, d, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     model.fit_features(features, labels)

@@ -60,7 +60,7 @@ def main() -> None:
         # Same images, model and seed for every task, so the training views are extracted once.
         features = new_adapter(args).extract_features(shots_x)
         paths = [fit_and_save(task, names, features, shots_y, Path(tmp), args) for task, names in TASKS.items()]
-        clf = MultiTaskClassifier(paths, device=args.device)
+        clf = MultiTaskClassifier(paths, model=args.model, pretrained=args.pretrained, device=args.device)
         start = time.perf_counter()
         predicted = clf.predict(test_x)
         together = time.perf_counter() - start
@@ -69,7 +69,10 @@ def main() -> None:
             print(f"{task:>8}: accuracy {np.mean(predicted[task] == truth):.2%} on {len(test_y)} test images")
 
         # The same predictions, one adapter at a time: the vision tower runs once per task.
-        alone = {path.stem: ProLIPAdapter.load(path, device=args.device, verbose=False) for path in paths}
+        alone = {
+            path.stem: ProLIPAdapter.load(path, args.model, args.pretrained, device=args.device, verbose=False)
+            for path in paths
+        }
         start = time.perf_counter()
         for task, adapter in alone.items():
             assert np.array_equal(adapter.predict(test_x), predicted[task]), f"{task}: the two ways disagree"

@@ -42,7 +42,7 @@ def main() -> None:
         adapter.save(delta)
         reloaded = ProLIPAdapter.load(delta, pretrained=args.pretrained)
         print(f"base weights: {args.pretrained}")
-        print(f"W0 fingerprint: {reloaded.base_fingerprint_}")
+        print(f"base model fingerprint: {reloaded.base_fingerprint_.summary()}")
         print(f"reloaded predictions match: {(reloaded.predict(paths) == adapter.predict(paths)).all()}")
 
 

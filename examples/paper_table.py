@@ -49,7 +49,7 @@ def linear_probe_accuracy(
     weight_decay: float = 1e-3,
 ) -> float:
     """Logistic regression (L-BFGS, L2 penalty) on L2-normalised frozen image embeddings of all views."""
-    p = adapter._projector
+    p = adapter.backbone.projector
     w0 = p.to_in_out(p.parameter).detach().float()
     bias = 0 if p.bias is None else p.bias.detach().float()
 

@@ -79,7 +79,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.out or Path(tmp) / "quickstart-delta.safetensors"
         adapter.save(path)
-        reloaded = ProLIPAdapter.load(path, device=args.device)
+        # The base model is named explicitly: a delta file alone may only choose open_clip's own models.
+        reloaded = ProLIPAdapter.load(path, args.model, args.pretrained, device=args.device)
         same = np.array_equal(reloaded.predict_features(test_features), adapter.predict_features(test_features))
         sample = list(test_x[:64])
         same &= np.array_equal(reloaded.predict_proba(sample), adapter.predict_proba(sample))

@@ -38,7 +38,7 @@ def main() -> None:
         accuracy = adapter.score(test_paths, test_labels)
 
         # The shareable unit: prolip_delta.safetensors plus a model card.
-        shared = save_folder(adapter, Path(tmp) / "shared", metrics={"accuracy": accuracy})
+        shared = save_folder(adapter.fitted_, Path(tmp) / "shared", metrics={"accuracy": accuracy})
         print(f"shared folder: {sorted(p.name for p in shared.iterdir())}")
         print((shared / "README.md").read_text().split("---")[1].strip())
 

@@ -19,9 +19,12 @@ from prolip.errors import (
     InputTypeError,
     ModelLoadError,
     NotFittedError,
+    PrecisionWarning,
     ProLIPError,
+    ProLIPWarning,
     SkippedImagesWarning,
     TrainingDivergedError,
+    TrainingWarning,
     UnsupportedModelError,
 )
 from prolip.multitask import MultiTaskClassifier
@@ -37,10 +40,13 @@ __all__ = [
     "ModelLoadError",
     "MultiTaskClassifier",
     "NotFittedError",
+    "PrecisionWarning",
     "ProLIPAdapter",
     "ProLIPError",
+    "ProLIPWarning",
     "SkippedImagesWarning",
     "TrainingDivergedError",
+    "TrainingWarning",
     "UnsupportedModelError",
     "__version__",
 ]

@@ -10,22 +10,21 @@ Layout under the cache root (format version 1)::
         one file per ordered image list: tensor "features" [V, n, d_in], view-major
 
 The *settings digest* covers everything the features depend on besides the image: the vision
-tower's weights (:func:`tower_fingerprint`), the backbone precision, the view settings
-(:class:`~prolip.views.ViewConfig`), the seed, the number of views and the storage dtype. Each
+tower's weights (:attr:`prolip.backbone.Backbone.tower_hash`), the backbone precision, the view
+settings (:class:`~prolip.views.ViewConfig`), the seed, the number of views, the storage dtype and
+the version of prolip's view rendering (:data:`prolip.views.VIEWS_VERSION`). Each
 entry holds all views of one image, so extraction resumes image by image and an image is
 computed once whatever image lists it appears in. Packs are derived from entries (safe to delete)
 and make reading one view of all ``n`` images a single contiguous read, so training holds one
 ``[n, d_in]`` view at a time (:class:`CachedFeatures`).
 
-Every file is written under a temporary name in its folder, flushed, then moved into place with
-``os.link`` (first writer wins; a file, once in place, never changes) or ``os.replace`` where
-hard links are unsupported. Readers therefore see complete files or none, and any number of
+Every file is written with :func:`prolip.files.atomic_write` in first-writer-wins mode: a file,
+once in place, never changes. Readers therefore see complete files or none, and any number of
 processes can fill one cache at once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,9 +32,7 @@ import logging
 import math
 import mmap
 import os
-import secrets
 import struct
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,11 +40,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from prolip.delta_file import STALE_TEMP_SECONDS, TEMP_PREFIX, TEMP_SUFFIX, read_header
 from prolip.errors import FeatureCacheError, InputError, InputTypeError
-from prolip.views import ViewConfig
+from prolip.files import atomic_write, read_safetensors_header, remove_stale_temps
+from prolip.views import VIEWS_VERSION, ViewConfig
 
 logger = logging.getLogger(__name__)
 
@@ -61,33 +57,19 @@ _MAX_HEADER_BYTES = 1 << 20  # our headers are a few hundred bytes
 PACK_BUFFER_BYTES = 64 << 20  # memory used while building a pack, whatever its size
 
 
-def tower_fingerprint(visual: nn.Module) -> str:
-    """SHA-256 of a vision tower's state (every parameter and buffer, by name, cast to fp16).
-
-    Pre-projection features depend on the whole tower, not only on W0, so the cache is keyed
-    by this rather than by :func:`prolip.models.fingerprint`. fp16 makes the key independent of
-    the precision the tower was loaded in (which is keyed separately).
-    """
-    digest = hashlib.sha256()
-    for name, tensor in sorted(visual.state_dict().items()):
-        value = tensor.detach()
-        value = value.to("cpu", torch.float16) if value.is_floating_point() else value.cpu()
-        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
-        digest.update(value.contiguous().view(torch.uint8).numpy().data)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class CacheKey:
     """What features depend on besides the image itself; its :meth:`digest` names a cache folder.
 
     Attributes:
-        model: :func:`tower_fingerprint` of the vision tower.
+        model: SHA-256 of the vision tower's state (:attr:`prolip.backbone.Backbone.tower_hash`).
         precision: backbone precision ("fp32", "fp16", "bf16").
         config: crop, flip and normalisation settings.
         seed: the augmentation seed (``random_state``).
         views: views per image.
         storage: dtype of the stored features, "fp16" or "fp32".
+        renderer: the version of prolip's view rendering (:data:`prolip.views.VIEWS_VERSION`):
+            features rendered by another version are never reused.
     """
 
     model: str
@@ -96,6 +78,7 @@ class CacheKey:
     seed: int
     views: int
     storage: str = "fp16"
+    renderer: int = VIEWS_VERSION
 
     def as_dict(self) -> dict[str, Any]:
         """The key as plain JSON-able values."""
@@ -115,63 +98,6 @@ def check_storage(storage: str) -> torch.dtype:
     return STORAGE_DTYPES[storage]
 
 
-# ---------------------------------------------------------------------------- atomic files
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f"{TEMP_PREFIX}{path.name[:100]}.{secrets.token_hex(8)}{TEMP_SUFFIX}")
-
-
-def _publish(tmp: Path, path: Path, overwrite: bool = False) -> bool:
-    """Move the finished ``tmp`` to ``path`` unless a complete file is already there; True if ours won."""
-    if overwrite:
-        os.replace(tmp, path)
-        return True
-    try:
-        os.link(tmp, path)  # fails if path exists: a published file is never replaced under a reader
-        won = True
-    except FileExistsError:
-        won = False
-    except OSError:  # no hard links on this filesystem: a rename is atomic too, the last writer wins
-        os.replace(tmp, path)
-        return True
-    os.unlink(tmp)
-    return won
-
-
-def _write_atomic(
-    path: Path, chunks: Sequence[Any] | None = None, *, writer: Any = None, overwrite: bool = False
-) -> bool:
-    """Write ``path`` atomically from byte ``chunks`` (or by calling ``writer(file)``); True if ours won.
-
-    An existing ``path`` is kept unless ``overwrite`` (used to replace a damaged file).
-    """
-    tmp = _temp_name(path)
-    try:
-        with open(tmp, "xb") as f:  # x: never write through someone else's file
-            if writer is not None:
-                writer(f)
-            for chunk in chunks or ():
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before its name is; a crash leaves no torn file
-        return _publish(tmp, path, overwrite)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _remove_stale_temps(folder: Path) -> None:
-    """Delete temporary files that writers killed mid-write left under ``folder``."""
-    now = time.time()
-    for dirpath, _, names in os.walk(folder):
-        for name in names:
-            if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX):
-                stale = os.path.join(dirpath, name)
-                with contextlib.suppress(OSError):  # gone already, or another process's: harmless
-                    if now - os.stat(stale).st_mtime > STALE_TEMP_SECONDS:
-                        os.unlink(stale)
-
-
 # ---------------------------------------------------------------------------- safetensors header
 def _header_bytes(shape: Sequence[int], storage: str, metadata: dict[str, str]) -> bytes:
     """A safetensors header for one tensor named "features", padded to 8 bytes as safetensors does."""
@@ -187,7 +113,7 @@ def _header_bytes(shape: Sequence[int], storage: str, metadata: dict[str, str]) 
 
 def _check_file(path: Path, shape: Sequence[int], storage: str, metadata: dict[str, str]) -> int:
     """Verify a cache file's header against what it should hold; return where its data starts."""
-    header, start = read_header(path, FeatureCacheError, _MAX_HEADER_BYTES, "feature cache file")
+    header, start = read_safetensors_header(path, FeatureCacheError, _MAX_HEADER_BYTES, "feature cache file")
     info = header.get(_TENSOR, {})
     nbytes = int(np.prod(shape)) * np.dtype(_NP_DTYPE[storage]).itemsize
     meta = header.get("__metadata__") or {}
@@ -254,8 +180,8 @@ class FeatureCache:
             (self.folder / "packs").mkdir(exist_ok=True)
             if not settings.exists():
                 text = json.dumps({**self.key.as_dict(), "width": self.width}, indent=2, sort_keys=True)
-                _write_atomic(settings, [text.encode()])
-            _remove_stale_temps(self.folder)
+                atomic_write(settings, [text.encode()], exclusive=True)
+            remove_stale_temps(self.folder, recursive=True)
         except OSError as exc:
             raise FeatureCacheError(
                 f"cannot use feature cache {str(self.root)!r} ({exc.strerror or exc}); check that it is a "
@@ -303,7 +229,7 @@ class FeatureCache:
         try:
             path.parent.mkdir(exist_ok=True)
             damaged = path.exists() and not self.has(image_hash)
-            _write_atomic(path, [header, stored.numpy().data], overwrite=damaged)
+            atomic_write(path, [header, stored.numpy().data], exclusive=not damaged)
         except OSError as exc:
             raise FeatureCacheError(f"cannot write cache entry {str(path)!r} ({exc.strerror or exc}).") from exc
 
@@ -406,7 +332,7 @@ class CachedFeatures:
                     f.write(buf[v].data)
 
         try:
-            _write_atomic(self.pack_path, writer=write, overwrite=overwrite)
+            atomic_write(self.pack_path, writer=write, exclusive=not overwrite)
         except OSError as exc:
             raise FeatureCacheError(
                 f"cannot write feature pack {str(self.pack_path)!r} ({exc.strerror or exc})."

@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 
 from prolip.errors import ProLIPError
@@ -22,8 +20,28 @@ _EXAMPLES = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit status 1, like every other prolip error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(1, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _reg_lambda(text: str) -> str | float:
+    """``--reg-lambda``: 'auto' or a number >= 0."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'auto' or a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be 'auto' or a finite number >= 0")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="prolip",
         description="Few-shot adaptation of open_clip models by fine-tuning only the vision projector (ProLIP).",
     )
@@ -39,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log messages")
+        p.add_argument("-v", "--verbose", action="store_true", help="also show open_clip's own log messages")
         p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
         return p
 
@@ -50,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--shots", type=int, default=None, help="images drawn per class (default: all)")
     fit.add_argument("--seed", type=int, default=0, help="seed of the shot draw and the views (default: 0)")
     fit.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)")
-    fit.add_argument("--reg-lambda", default="auto", help="λ, or 'auto' for 1/N (default: %(default)s)")
+    fit.add_argument("--reg-lambda", default="auto", type=_reg_lambda, help="λ, or 'auto' for 1/N (default: %(default)s)")
     fit.add_argument("--epochs", type=int, default=300, help="training steps (default: %(default)s)")
     fit.add_argument("--views", type=int, default=300, help="augmented views per image (default: %(default)s)")
     fit.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
@@ -61,12 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("delta", help="delta file written by 'prolip fit' or ProLIPAdapter.save")
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--json", action="store_true", help="print JSON with per-class probabilities")
-    predict.add_argument("--pretrained", default=None, help="base checkpoint, if not the one recorded in the delta")
+    _base_options(predict)
 
     evaluate = command("eval", "Accuracy, per-class accuracy and confusion matrix on labelled images.")
     evaluate.add_argument("delta", help="delta file")
     evaluate.add_argument("data", help="folder with one sub-folder per class, or a path,label CSV")
-    evaluate.add_argument("--pretrained", default=None, help="base checkpoint, if not the one recorded in the delta")
+    _base_options(evaluate)
 
     info = command("info", "Show a delta file's base model, classes, hyperparameters and fingerprint.")
     info.add_argument("delta", help="delta file")
@@ -74,14 +93,35 @@ def _parser() -> argparse.ArgumentParser:
     merge = command("merge", "Write a full open_clip state dict whose projector is W0 + delta.")
     merge.add_argument("delta", help="delta file")
     merge.add_argument("--out", required=True, help="output .safetensors, loadable with open_clip pretrained=PATH")
-    merge.add_argument("--pretrained", default=None, help="base checkpoint, if not the one recorded in the delta")
+    merge.add_argument(
+        "--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="of the written model (default: %(default)s)"
+    )
+    _base_options(merge)
     return parser
+
+
+def _base_options(p: argparse.ArgumentParser) -> None:
+    """Options choosing the base model a delta is loaded onto."""
+    p.add_argument("--model", default=None, help="base model name, if not the one recorded in the delta")
+    p.add_argument("--pretrained", default=None, help="base tag or checkpoint, if not the one recorded in the delta")
+    p.add_argument(
+        "--trust-file-model",
+        action="store_true",
+        help="let the delta choose a base model that is not an open_clip model and tag (see docs/security.md)",
+    )
 
 
 def _load(args: argparse.Namespace):
     from prolip.adapter import ProLIPAdapter
 
-    return ProLIPAdapter.load(args.delta, pretrained=args.pretrained, device=args.device, verbose=not args.quiet)
+    return ProLIPAdapter.load(
+        args.delta,
+        model=args.model,
+        pretrained=args.pretrained,
+        trust_file_model=args.trust_file_model,
+        device=args.device,
+        verbose=not args.quiet,
+    )
 
 
 def _fit(args: argparse.Namespace) -> None:
@@ -91,13 +131,12 @@ def _fit(args: argparse.Namespace) -> None:
     paths, labels = read_labelled(args.data)
     if args.shots is not None:
         paths, labels = sample_shots(paths, labels, args.shots, seed=args.seed)
-    reg = args.reg_lambda if args.reg_lambda == "auto" else float(args.reg_lambda)
     adapter = ProLIPAdapter(
         args.model,
         args.pretrained,
         templates=args.templates,
         lr=args.lr,
-        reg_lambda=reg,
+        reg_lambda=args.reg_lambda,
         epochs=args.epochs,
         views=args.views,
         batch_size=args.batch_size,
@@ -164,48 +203,47 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from prolip.delta_file import read_delta
+    from prolip.delta_file import read_delta, read_metadata
 
-    contents = read_delta(args.delta)
-    meta = contents.metadata
+    state, meta = read_delta(args.delta), read_metadata(args.delta)
+    base = state.fingerprint.summary() if state.fingerprint is not None else f"SHA-256 {state.legacy_hash} (format 1)"
     print(f"file:              {args.delta}")
     print(f"format:            {meta['format']} v{meta['format_version']} (prolip {meta['prolip_version']})")
-    print(f"base model:        {meta['model_name'] or '(a model object)'}  pretrained={meta['pretrained'] or '-'}")
-    print(f"projector:         {meta['projector_key']} {tuple(contents.delta.shape)} ({meta['projector_family']})")
-    print(f"base fingerprint:  {meta['base_fingerprint']}")
+    print(f"base model:        {state.model_name or '(a model object)'}  pretrained={state.pretrained or '-'}")
+    print(f"projector:         {state.projector_key} {tuple(state.delta.shape)} ({state.projector_family})")
+    print(f"base fingerprint:  {base}")
     print(
-        f"classes ({len(meta['classes'])}):       "
-        + ", ".join(
-            f"{c!s}" + (f" ({n})" if str(c) != n else "")
-            for c, n in zip(meta["classes"], meta["class_names"], strict=True)
-        )
+        f"classes ({len(state.classes)}):       "
+        + ", ".join(f"{c!s}" + (f" ({n})" if str(c) != n else "") for c, n in zip(state.classes, state.class_names, strict=True))
     )
-    print(f"templates:         {meta['templates']}")
-    print(f"shots per class:   {meta['n_shots']:g}")
-    print(f"logit scale:       {meta['logit_scale']:g}")
-    print(f"hyperparameters:   {json.dumps(meta['hyperparameters'])}")
-    print(f"delta norm:        {float(contents.delta.norm()):.6g}")
+    print(f"templates:         {list(state.templates)}")
+    print(f"shots per class:   {state.n_shots:g}")
+    print(f"lambda used:       {state.reg_lambda:g}")
+    print(f"logit scale:       {state.logit_scale:g}")
+    print(f"hyperparameters:   {json.dumps(dict(state.hyperparameters))}")
+    print(f"delta norm:        {float(state.delta.norm()):.6g}")
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    merged = _load(args).merged_model()
+    from prolip.files import atomic_write
+
+    merged = _load(args).merged_model(precision=args.precision)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in merged.state_dict().items()}
-    folder = os.path.dirname(os.path.abspath(args.out))
-    fd, tmp = tempfile.mkstemp(prefix=".prolip-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.replace(tmp, args.out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(args.out, [save(state)])
     if not args.quiet:
         print(f"wrote {args.out}: the full model with its projector adapted; load it with open_clip pretrained=PATH")
 
 
 _COMMANDS = {"fit": _fit, "predict": _predict, "eval": _eval, "info": _info, "merge": _merge}
+
+
+def _configure_logging(*, quiet: bool, verbose: bool) -> None:
+    """prolip's own messages at INFO (WARNING with --quiet); other libraries' (open_clip's) only with --verbose."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("prolip").setLevel(logging.WARNING if quiet else logging.INFO)
+    logging.captureWarnings(True)  # warnings as one log line each, not Python's two-line format
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -220,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    _configure_logging(quiet=args.quiet, verbose=args.verbose)
     try:
         _COMMANDS[args.command](args)
     except ProLIPError as exc:

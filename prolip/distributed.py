@@ -32,7 +32,9 @@ import torch.distributed as dist
 
 from prolip.cache import CachedFeatures
 from prolip.errors import InputError
-from prolip.images import ImageLike
+from prolip.features import feature_cache, fill_cache, image_hash
+from prolip.images import ImageLike, load_for_model, report_skipped
+from prolip.params import check_params
 
 if TYPE_CHECKING:
     from prolip.adapter import ProLIPAdapter
@@ -108,12 +110,20 @@ def extract_distributed(
         raise InputError("extract_distributed needs a feature cache: pass cache_dir, a folder every process can reach.")
     if adapter.random_state is None:
         raise InputError("random_state=None would give each process different views; set random_state to an int.")
-    adapter._validate_params()
-    views = adapter.views if views is None else views
-    if not isinstance(views, int) or isinstance(views, bool) or views < 1:
-        raise InputError(f"views={views!r} must be an integer >= 1 for distributed extraction.")
+    params = adapter.get_params()
+    views = params["views"] if views is None else views
+    check_params({**params, "views": views})
+    backbone = adapter.backbone
+    cache = feature_cache(backbone, params["cache_dir"], views=views, seed=params["random_state"], storage=params["cache_dtype"])
+    loaded = load_for_model(images, on_error=params["on_error"], draft_size=backbone.draft_size)
+    adapter.skipped_ = loaded.skipped  # as extract_features records them, so labels can be aligned
+    report_skipped(loaded)
+    images = loaded.images
+    hashes = [image_hash(im) for im in images]
     rank, world = rank_and_world_size()
-    cache, hashes, computed = adapter._fill_cache(images, views, rank=rank, world_size=world)
+    computed = fill_cache(
+        backbone, images, cache, batch_size=params["batch_size"], verbose=params["verbose"], hashes=hashes, rank=rank, world_size=world
+    )
     logger.info("rank %d of %d computed %d of %d images", rank, world, len(computed), len(hashes))
     barrier()  # every shard is in the cache past this point
     return cache.features(hashes)

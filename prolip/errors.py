@@ -57,3 +57,22 @@ class SkippedImagesWarning(ProLIPWarning):
 
 class FeatureCacheError(ProLIPError, ValueError):
     """A feature cache file or folder cannot be written, or holds something it should not."""
+
+
+class TrainingWarning(ProLIPWarning):
+    """Training finished but looks wrong (e.g. the loss ended far above where it started)."""
+
+
+class PrecisionWarning(ProLIPWarning):
+    """A result was rounded to a low precision and lost part of what was trained."""
+
+
+def warn(message: str, category: type[Warning] = ProLIPWarning) -> None:
+    """Issue a warning attributed to the first caller outside prolip, where the user can see the line."""
+    import sys
+    import warnings
+
+    frame, level = sys._getframe(1), 2  # stacklevel 2 is warn's caller
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("prolip."):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

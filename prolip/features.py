@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -17,23 +18,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from prolip.cache import FeatureCache
-from prolip.errors import InputError
-from prolip.projector import Projector
-from prolip.views import CropParams, ViewConfig, augmented_views, plain_views, sample_crops, shrink
+from prolip.backbone import Backbone
+from prolip.cache import CachedFeatures, CacheKey, FeatureCache
+from prolip.errors import InputError, InputTypeError
+from prolip.views import CropParams, augmented_views, plain_views, sample_crops, shrink
 
 logger = logging.getLogger(__name__)
-
-
-def select_device(device: str | torch.device | None = None) -> torch.device:
-    """The device to use: the one given, else CUDA, then Apple MPS, then the CPU."""
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def image_hash(image: torch.Tensor) -> str:
@@ -58,23 +48,19 @@ def _concat_crops(parts: Sequence[CropParams]) -> CropParams:
 
 
 def _iter_features(
-    projector: Projector,
+    backbone: Backbone,
     images: Sequence[torch.Tensor],
     views: int,
-    config: ViewConfig,
     *,
     seeds: Sequence[int] | None,
     batch_size: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    preprocess: Callable[[Image.Image], Any] | None,
     bar: tqdm,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(i, float32 CPU [max(views, 1), d_in])`` per image, in order, once all its views are done.
 
     Only the images of the current batch are held on the device, so memory does not grow with n.
     """
-    n, n_views = len(images), max(views, 1)
+    n, n_views, config = len(images), max(views, 1), backbone.view_config
     prepared: dict[int, tuple[torch.Tensor, CropParams | None]] = {}
     rows: dict[int, torch.Tensor] = {}
     for start in range(0, n * n_views, batch_size):
@@ -83,7 +69,9 @@ def _iter_features(
         with torch.inference_mode():
             for _, i in chunk:
                 if i not in prepared:
-                    on_device = shrink(images[i].to(device), 2 * config.size)
+                    on_device = images[i].to(backbone.device)
+                    if views:  # crops need at most a 2x downscale, which the view sampler antialiases
+                        on_device = shrink(on_device, 2 * config.size)
                     crops = sample_crops([tuple(on_device.shape[-2:])], views, config, seeds[i]) if views else None
                     prepared[i] = (on_device, crops)
             if views:
@@ -92,12 +80,9 @@ def _iter_features(
                 crops = _concat_crops([prepared[i][1] for i in local])
                 pairs = [(v, position[i]) for v, i in chunk]
                 pixels = augmented_views([prepared[i][0] for i in local], pairs, crops, config)
-            elif preprocess is not None:
-                pil = [Image.fromarray(images[i].permute(1, 2, 0).cpu().numpy()) for _, i in chunk]
-                pixels = torch.stack([preprocess(im) for im in pil]).to(device)
-            else:
+            else:  # the plain view from the full image, as open_clip's own transform sees it
                 pixels = plain_views([prepared[i][0] for _, i in chunk], config)
-            feats = projector.features(pixels.to(dtype)).float().cpu()
+            feats = backbone.projector.features(pixels.to(backbone.dtype)).float().cpu()
         # Rows are allocated outside inference mode so that training can use them with autograd.
         for k, (v, i) in enumerate(chunk):
             row = rows.get(i)
@@ -110,74 +95,92 @@ def _iter_features(
         bar.update(len(chunk))
 
 
+def _iter_preprocessed(
+    backbone: Backbone, images: Sequence[Image.Image], preprocess: Callable[[Image.Image], Any], batch_size: int, bar: tqdm
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(i, [1, d_in])`` per image for a user's own test-time transform of full-resolution PIL images."""
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        pixels = torch.stack([preprocess(im) for im in batch]).to(backbone.device, backbone.dtype)
+        with torch.inference_mode():
+            feats = backbone.projector.features(pixels).float().cpu()
+        for k in range(len(batch)):
+            yield start + k, feats[k : k + 1].clone()
+        bar.update(len(batch))
+
+
 def extract_features(
-    projector: Projector,
-    images: Sequence[torch.Tensor],
+    backbone: Backbone,
+    images: Sequence[torch.Tensor] | Sequence[Image.Image],
     views: int,
-    config: ViewConfig,
     *,
     seed: int,
     batch_size: int = 64,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
     verbose: bool = True,
     preprocess: Callable[[Image.Image], Any] | None = None,
-    hashes: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Pre-projection features of ``views`` augmented views of every image, in memory.
 
     Args:
-        projector: the model's projector (its tower must already be on ``device`` in ``dtype``).
-        images: RGB uint8 tensors ``[3, H, W]`` (see :func:`prolip.images.load_image`).
+        backbone: the model (its tower runs on ``backbone.device`` in ``backbone.dtype``).
+        images: RGB uint8 tensors ``[3, H, W]`` (see :func:`prolip.images.load_image`), or with
+            ``preprocess``, full-resolution PIL images (:func:`prolip.images.load_pil_image`).
         views: number of augmented views per image; 0 means one plain test-time view.
-        config: crop, flip and normalisation settings.
         seed: seed of the crop/flip generators (see :func:`image_seed`); the same seed gives the
             same views.
         batch_size: images per forward pass.
-        device: where the tower runs.
-        dtype: the tower's precision; images are cast to it.
         verbose: show a progress bar.
-        preprocess: optional test-time transform (PIL image -> CHW tensor) used instead of the
-            built-in plain view when ``views`` is 0, e.g. the transform open_clip returned.
-        hashes: the images' :func:`image_hash` values, if already known.
+        preprocess: a user's test-time transform (PIL image -> CHW tensor), used instead of the
+            built-in plain view; only with ``views == 0``.
 
     Returns:
         float32 CPU tensor ``[max(views, 1), n, d_in]``; ``[v, i]`` is view ``v`` of image ``i``.
     """
+    if preprocess is not None and views:
+        raise InputError("a preprocess transform gives the plain test-time view only; use it with views=0.")
     n = len(images)
-    seeds = None
-    if views:
-        hashes = hashes if hashes is not None else [image_hash(im) for im in images]
-        seeds = [image_seed(seed, h) for h in hashes]
-    out = torch.empty(max(views, 1), n, projector.in_features, dtype=torch.float32)
+    seeds = [image_seed(seed, image_hash(im)) for im in images] if views else None
+    out = torch.empty(max(views, 1), n, backbone.projector.in_features, dtype=torch.float32)
     what = f"{views} views" if views else "test view"
     with tqdm(total=n * max(views, 1), desc=f"features ({what})", unit="img", disable=not verbose, leave=False) as bar:
-        for i, row in _iter_features(
-            projector,
-            images,
-            views,
-            config,
-            seeds=seeds,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            preprocess=preprocess,
-            bar=bar,
-        ):
+        rows = (
+            _iter_preprocessed(backbone, images, preprocess, batch_size, bar)
+            if preprocess is not None
+            else _iter_features(backbone, images, views, seeds=seeds, batch_size=batch_size, bar=bar)
+        )
+        for i, row in rows:
             out[:, i] = row
-    logger.debug("extracted %s features of %d images on %s", what, n, device)
+    logger.debug("extracted %s features of %d images on %s", what, n, backbone.device)
     return out
 
 
+def feature_cache(
+    backbone: Backbone, root: str | os.PathLike, *, views: int, seed: int, storage: str = "fp16"
+) -> FeatureCache:
+    """The on-disk cache of ``backbone``'s features for one view setting (see :mod:`prolip.cache`).
+
+    Raises:
+        InputError: ``views`` is 0 (only augmented views are cached).
+    """
+    if views < 1:
+        raise InputError(f"views={views} cannot be cached; only augmented views (views >= 1) are.")
+    key = CacheKey(
+        model=backbone.tower_hash,
+        precision=backbone.precision,
+        config=backbone.view_config,
+        seed=seed,
+        views=views,
+        storage=storage,
+    )
+    return FeatureCache(root, key, backbone.projector.in_features)
+
+
 def fill_cache(
-    projector: Projector,
+    backbone: Backbone,
     images: Sequence[torch.Tensor],
     cache: FeatureCache,
-    config: ViewConfig,
     *,
     batch_size: int = 64,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
     verbose: bool = True,
     hashes: Sequence[str] | None = None,
     rank: int = 0,
@@ -194,8 +197,6 @@ def fill_cache(
     cover every image, and an image another process already stored is not recomputed.
     """
     views, seed = cache.key.views, cache.key.seed
-    if views < 1:
-        raise InputError(f"views={views} cannot be cached; only augmented views (views >= 1) are.")
     if not 0 <= rank < world_size:
         raise InputError(f"rank={rank} must be in [0, world_size={world_size}).")
     cache.open()
@@ -215,17 +216,47 @@ def fill_cache(
         seeds = [image_seed(seed, h) for h in todo]
         desc = f"features ({views} views, cached)"
         with tqdm(total=len(todo) * views, desc=desc, unit="img", disable=not verbose, leave=False) as bar:
-            for k, row in _iter_features(
-                projector,
-                subset,
-                views,
-                config,
-                seeds=seeds,
-                batch_size=batch_size,
-                device=device,
-                dtype=dtype,
-                preprocess=None,
-                bar=bar,
-            ):
+            for k, row in _iter_features(backbone, subset, views, seeds=seeds, batch_size=batch_size, bar=bar):
                 cache.write(todo[k], row)
     return todo
+
+
+def check_features(
+    features: torch.Tensor | CachedFeatures, width: int, what: str = "features"
+) -> torch.Tensor | CachedFeatures:
+    """``features`` as ``[V, n, width]`` (a 2-D ``[n, width]`` gains V = 1), after checking shape, dtype and values.
+
+    Raises:
+        InputTypeError: not a tensor (or CachedFeatures), or not floating point.
+        InputError: wrong shape, empty, or NaN/Inf (naming the first bad view, image and column).
+    """
+    if isinstance(features, CachedFeatures):
+        if features.shape[-1] != width:
+            raise InputError(
+                f"{what} has shape {tuple(features.shape)}; this model needs [V, n, {width}] "
+                "pre-projection features, as returned by extract_features."
+            )
+        return features  # NaN/Inf are checked view by view as training reads them
+    if not isinstance(features, torch.Tensor):
+        raise InputTypeError(
+            f"{what} must be a torch.Tensor [V, n, d_in] from extract_features, not {type(features).__name__}."
+        )
+    if features.ndim == 2:
+        features = features.unsqueeze(0)
+    if features.ndim != 3 or features.shape[-1] != width or features.shape[0] == 0 or features.shape[1] == 0:
+        raise InputError(
+            f"{what} has shape {tuple(features.shape)}; this model needs [V, n, {width}] (or [n, {width}]) "
+            "pre-projection features, as returned by extract_features."
+        )
+    if not features.is_floating_point():
+        raise InputTypeError(f"{what} has dtype {features.dtype}; expected floating point.")
+    # View by view: isfinite's temporaries over all of [V, n, d] would cost more than the features.
+    for view in range(features.shape[0]):
+        if torch.isfinite(features[view]).all():
+            continue
+        image, column = (~torch.isfinite(features[view])).nonzero()[0].tolist()
+        raise InputError(
+            f"{what} contains NaN or Inf (first at view {view}, image {image}, column {column}); "
+            "re-extract them with extract_features, or drop that image."
+        )
+    return features

@@ -1,5 +1,7 @@
 """Sharing deltas: a Hugging Face Hub repository or a local folder holding one delta and a model card.
 
+Works on a :class:`~prolip.fitted.FittedState` (what an adapter learned) or a delta file, never on
+an estimator, so imports run one way: the adapter uses this module, not the reverse.
 huggingface_hub is optional and imported only when the Hub is used.
 """
 
@@ -9,12 +11,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from prolip.delta_file import write_delta
 from prolip.errors import InputError, ProLIPError
-
-if TYPE_CHECKING:
-    from prolip.adapter import ProLIPAdapter
+from prolip.fitted import FittedState
 
 DELTA_FILENAME = "prolip_delta.safetensors"
 HUB_PREFIX = "hf-hub:"
@@ -30,23 +31,22 @@ def _hub() -> Any:
     return huggingface_hub
 
 
-def model_card(adapter: ProLIPAdapter, metrics: dict[str, float] | None = None) -> str:
-    """A README.md (with Hub front matter) describing a fitted adapter."""
+def model_card(state: FittedState, metrics: dict[str, float] | None = None) -> str:
+    """A README.md (with Hub front matter) describing a fitted delta."""
     from prolip._version import __version__
 
-    backbone = adapter._get_backbone()
-    base = backbone.name or "an open_clip model"
+    base = state.model_name or "an open_clip model"
     front = {
         "library_name": "prolip",
-        "base_model": f"open_clip:{base}" + (f" ({adapter.pretrained})" if adapter.pretrained else ""),
+        "base_model": f"open_clip:{base}" + (f" ({state.pretrained})" if state.pretrained else ""),
         "tags": ["prolip", "open_clip", "clip", "few-shot", "image-classification"],
         "pipeline_tag": "image-classification",
     }
     classes = ", ".join(
-        f"`{c}`" + (f" ({n})" if str(c) != n else "")
-        for c, n in zip(adapter.classes_.tolist(), adapter.class_names_, strict=True)
+        f"`{c}`" + (f" ({n})" if str(c) != n else "") for c, n in zip(state.classes, state.class_names, strict=True)
     )
-    hyper = {k: getattr(adapter, k) for k in ("lr", "reg_lambda", "epochs", "views", "random_state")}
+    hyper = {k: state.hyperparameters.get(k) for k in ("lr", "reg_lambda", "epochs", "views", "random_state")}
+    base_line = state.fingerprint.summary() if state.fingerprint is not None else f"SHA-256 {state.legacy_hash}"
     lines = ["---", *(f"{k}: {json.dumps(v)}" for k, v in front.items()), "---", ""]
     lines += [
         f"# ProLIP delta for {base}",
@@ -56,14 +56,14 @@ def model_card(adapter: ProLIPAdapter, metrics: dict[str, float] | None = None) 
         "",
         "```python",
         "from prolip import ProLIPAdapter",
-        'adapter = ProLIPAdapter.from_pretrained("hf-hub:<this repo>")',
+        'adapter = ProLIPAdapter.from_pretrained("hf-hub:<this repo>", model="<base model>", pretrained="<tag>")',
         'adapter.predict(["image.jpg"])',
         "```",
         "",
-        f"- base model: `{base}`, pretrained `{adapter.pretrained}`",
-        f"- base W0 fingerprint (SHA-256): `{adapter.base_fingerprint_}`",
-        f"- classes ({len(adapter.classes_)}): {classes}",
-        f"- shots per class: {adapter.n_shots_:g}; λ used: {adapter.reg_lambda_:.4g}",
+        f"- base model: `{base}`, pretrained `{state.pretrained or '-'}`",
+        f"- base model fingerprint: {base_line}",
+        f"- classes ({len(state.classes)}): {classes}",
+        f"- shots per class: {state.n_shots:g}; λ used: {state.reg_lambda:.4g}",
         f"- hyperparameters: `{json.dumps(hyper)}`",
     ]
     if metrics:
@@ -72,17 +72,17 @@ def model_card(adapter: ProLIPAdapter, metrics: dict[str, float] | None = None) 
     return "\n".join(lines) + "\n"
 
 
-def save_folder(adapter: ProLIPAdapter, folder: str | os.PathLike, metrics: dict[str, float] | None = None) -> Path:
+def save_folder(state: FittedState, folder: str | os.PathLike, metrics: dict[str, float] | None = None) -> Path:
     """Write ``prolip_delta.safetensors`` and a model card README.md into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    adapter.save(folder / DELTA_FILENAME)
-    (folder / "README.md").write_text(model_card(adapter, metrics), encoding="utf-8")
+    write_delta(folder / DELTA_FILENAME, state)
+    (folder / "README.md").write_text(model_card(state, metrics), encoding="utf-8")
     return folder
 
 
 def push_to_hub(
-    adapter: ProLIPAdapter,
+    state: FittedState,
     repo_id: str,
     *,
     private: bool = False,
@@ -90,12 +90,12 @@ def push_to_hub(
     metrics: dict[str, float] | None = None,
     commit_message: str = "Upload ProLIP delta",
 ) -> str:
-    """Upload a fitted adapter's delta and model card to a Hub model repository; returns its URL."""
+    """Upload a delta and its model card to a Hub model repository; returns its URL."""
     hub = _hub()
     api = hub.HfApi(token=token)
     api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory() as tmp:
-        save_folder(adapter, tmp, metrics)
+        save_folder(state, tmp, metrics)
         api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message, repo_type="model")
     return f"https://huggingface.co/{repo_id}"
 

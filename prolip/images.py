@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
-from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from prolip.errors import ImageLoadError, InputError, InputTypeError, ProLIPError
+from prolip.errors import ImageLoadError, InputError, InputTypeError, ProLIPError, SkippedImagesWarning, warn
 
 ImageLike = str | os.PathLike | Image.Image | torch.Tensor | np.ndarray
 """Anything prolip accepts as one image: a file path, a PIL image, an HWC/HW numpy array, or a
@@ -59,24 +60,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _shrink(img: Image.Image, max_short_side: int | None) -> Image.Image:
-    if max_short_side is None or min(img.size) <= max_short_side:
-        return img
-    scale = max_short_side / min(img.size)
-    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    return img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-
-
 def _exif_transpose(img: Image.Image, what: str) -> Image.Image:
     """Apply the EXIF orientation; a corrupt EXIF block is ignored rather than losing the image."""
     try:
         return ImageOps.exif_transpose(img)
     except Exception as exc:  # PIL's EXIF parser raises many types on malformed tags
-        warnings.warn(f"{what} has unreadable EXIF data ({exc}); its orientation is not applied.", stacklevel=4)
+        warn(f"{what} has unreadable EXIF data ({exc}); its orientation is not applied.")
         return img
 
 
-def _open_path(path: str, index: int, max_short_side: int | None) -> Image.Image:
+def _open_path(path: str, index: int, draft_size: int | None) -> Image.Image:
     what = f"image {index} ({path!r})"
     if not os.path.exists(path):
         raise ImageLoadError(f"{what} does not exist; check the path.")
@@ -86,14 +79,17 @@ def _open_path(path: str, index: int, max_short_side: int | None) -> Image.Image
         raise ImageLoadError(f"{what} is an empty (zero-byte) file; re-copy or remove it.")
     try:
         with warnings.catch_warnings():
-            # Large photos are fine: they are shrunk right after decoding.
+            # Large photos are fine: JPEGs decode at reduced scale, and memory is the only limit.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
-                if max_short_side is not None:
-                    # JPEG can decode at 1/2, 1/4 or 1/8 scale: huge photos never fully expand.
-                    img.draft("RGB", (max_short_side, max_short_side))
+                if draft_size is not None:
+                    # JPEG decodes at 1/2 or 1/4 scale where the shorter side stays >= draft_size: huge
+                    # photos never fully expand, and the later antialiased resize hides the difference.
+                    # Never 1/8: that scale keeps only each block's mean, a box filter the resize cannot hide.
+                    floor = -(-min(img.size) // 4)
+                    img.draft("RGB", (max(draft_size, floor), max(draft_size, floor)))
                 img.load()  # decode first, so that decoding errors are not mistaken for EXIF ones
-                return _shrink(_exif_transpose(img, what), max_short_side)
+                return _exif_transpose(img, what)
     except PermissionError as exc:
         raise ImageLoadError(f"{what} cannot be read ({exc.strerror}); check the file's permissions.") from exc
     except UnidentifiedImageError as exc:
@@ -138,21 +134,10 @@ def _from_array(arr: np.ndarray | torch.Tensor, index: int, channels_first: bool
     return t.contiguous()
 
 
-def load_image(item: ImageLike, index: int = 0, max_short_side: int | None = None) -> torch.Tensor:
-    """Load one image as an RGB ``uint8`` tensor ``[3, H, W]``.
-
-    Args:
-        item: a path, a PIL image, an HWC/HW numpy array or a CHW/HW tensor.
-        index: position of the item in the caller's list, used in error messages.
-        max_short_side: if given, decoded files whose shorter side exceeds it are shrunk to it
-            (JPEGs are decoded at reduced scale), which bounds memory on very large photos.
-
-    Raises:
-        ImageLoadError: the file is missing, empty, truncated or not an image.
-        InputError / InputTypeError: an in-memory image has an unusable shape, dtype or range.
-    """
+def _pil_image(item: ImageLike, index: int, draft_size: int | None) -> Image.Image | None:
+    """A path or PIL image decoded (EXIF orientation applied), in RGB; None for arrays and tensors."""
     if isinstance(item, (str, os.PathLike)):
-        img = _open_path(os.fspath(item), index, max_short_side)
+        img = _open_path(os.fspath(item), index, draft_size)
     elif isinstance(item, Image.Image):
         try:
             item.load()
@@ -162,17 +147,41 @@ def load_image(item: ImageLike, index: int = 0, max_short_side: int | None = Non
                 f"{_describe(item, index)} could not be decoded ({type(exc).__name__}: {exc}); "
                 "the file it was opened from may be truncated or corrupt."
             ) from exc
-    elif isinstance(item, torch.Tensor):
-        return _from_array(item, index, channels_first=True)
-    elif isinstance(item, np.ndarray):
-        return _from_array(item, index, channels_first=False)
+    elif isinstance(item, (torch.Tensor, np.ndarray)):
+        return None
     else:
         raise InputTypeError(
             f"{_describe(item, index)} is not a supported image; pass a file path, a PIL image, "
             "a numpy HWC array or a CHW tensor."
         )
-    arr = np.asarray(_to_rgb(img))
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return _to_rgb(img)
+
+
+def load_image(item: ImageLike, index: int = 0, draft_size: int | None = None) -> torch.Tensor:
+    """Load one image as an RGB ``uint8`` tensor ``[3, H, W]``.
+
+    Args:
+        item: a path, a PIL image, an HWC/HW numpy array or a CHW/HW tensor.
+        index: position of the item in the caller's list, used in error messages.
+        draft_size: if given, JPEG files are decoded at the smallest of 1/1, 1/2 or 1/4 scale
+            whose shorter side is still at least this (cheap decoding of huge photos).
+
+    Raises:
+        ImageLoadError: the file is missing, empty, truncated or not an image.
+        InputError / InputTypeError: an in-memory image has an unusable shape, dtype or range.
+    """
+    img = _pil_image(item, index, draft_size)
+    if img is None:
+        return _from_array(item, index, channels_first=isinstance(item, torch.Tensor))
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+
+
+def load_pil_image(item: ImageLike, index: int = 0) -> Image.Image:
+    """Load one image as a full-resolution RGB PIL image (what a user ``preprocess`` transform takes)."""
+    img = _pil_image(item, index, None)
+    if img is None:
+        return Image.fromarray(_from_array(item, index, channels_first=isinstance(item, torch.Tensor)).permute(1, 2, 0).numpy())
+    return img
 
 
 def _check_sequence(items: object) -> list:
@@ -189,15 +198,20 @@ def _check_sequence(items: object) -> list:
     return list(items)
 
 
-def load_images(items: Sequence[ImageLike], max_short_side: int | None = None) -> list[torch.Tensor]:
+def load_images(items: Sequence[ImageLike], draft_size: int | None = None) -> list[torch.Tensor]:
     """Load every image of ``items`` with :func:`load_image`; raises on the first bad one."""
-    return [load_image(item, i, max_short_side) for i, item in enumerate(_check_sequence(items))]
+    return [load_image(item, i, draft_size) for i, item in enumerate(_check_sequence(items))]
 
 
 def load_images_skipping(
-    items: Sequence[ImageLike], max_short_side: int | None = None, on_error: str = "skip"
+    items: Sequence[ImageLike],
+    draft_size: int | None = None,
+    on_error: str = "skip",
+    loader: Callable[[ImageLike, int], Any] | None = None,
 ) -> LoadedImages:
     """Load ``items``, leaving out (``on_error="skip"``) or raising on (``"raise"``) unusable ones.
+
+    ``loader(item, index)`` loads one image; the default is :func:`load_image` with ``draft_size``.
 
     Any per-image :class:`~prolip.errors.ProLIPError` (unreadable file, unusable array) counts as
     unusable; a wrong argument type for ``items`` itself always raises.
@@ -209,15 +223,50 @@ def load_images_skipping(
     if on_error not in ON_ERROR:
         raise InputError(f"on_error={on_error!r} must be one of {list(ON_ERROR)}.")
     items = _check_sequence(items)
+    load_one = loader or functools.partial(load_image, draft_size=draft_size)
     if on_error == "raise":
-        return LoadedImages(load_images(items, max_short_side), list(range(len(items))), [])
+        return LoadedImages([load_one(item, i) for i, item in enumerate(items)], list(range(len(items))), [])
     images, kept, skipped = [], [], []
     for i, item in enumerate(items):
         try:
-            images.append(load_image(item, i, max_short_side))
+            images.append(load_one(item, i))
         except ProLIPError as exc:
             desc = os.fspath(item) if isinstance(item, (str, os.PathLike)) else type(item).__name__
             skipped.append(SkippedImage(i, desc, str(exc)))
         else:
             kept.append(i)
     return LoadedImages(images, kept, skipped)
+
+
+def load_for_model(
+    items: Sequence[ImageLike], *, on_error: str, draft_size: int | None = None, as_pil: bool = False
+) -> LoadedImages:
+    """Load a user's images for a model: tensors, or full-resolution PIL images with ``as_pil``.
+
+    Follow with :func:`report_skipped`, once the caller has recorded what was skipped.
+    """
+    return load_images_skipping(items, draft_size, on_error=on_error, loader=load_pil_image if as_pil else None)
+
+
+def report_skipped(result: LoadedImages) -> None:
+    """Warn about skipped images (one :class:`SkippedImagesWarning` naming the first ten), or fail if none is left.
+
+    Raises:
+        ImageLoadError: every image was unreadable.
+        InputError: there were no images at all.
+    """
+    if result.skipped:
+        shown = "; ".join(f"image {s.index} ({s.item!r})" for s in result.skipped[:10])
+        more = f" and {len(result.skipped) - 10} more" if len(result.skipped) > 10 else ""
+        if not result.images:
+            raise ImageLoadError(
+                f"all {len(result.skipped)} images were unreadable: {shown}{more}. "
+                f"First reason: {result.skipped[0].reason} See skipped_ for every reason."
+            )
+        warn(
+            f"skipped {len(result.skipped)} of {len(result.skipped) + len(result.images)} unreadable images "
+            f"(on_error='skip'): {shown}{more}; see skipped_ for the reasons.",
+            SkippedImagesWarning,
+        )
+    if not result.images:
+        raise InputError("images is empty; pass at least one image.")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from prolip.adapter import ProLIPAdapter
-from prolip.errors import FingerprintMismatchError, InputError, InputTypeError
+from prolip.errors import InputError, InputTypeError
 from prolip.images import ImageLike
 
 logger = logging.getLogger(__name__)
@@ -33,11 +33,14 @@ class MultiTaskClassifier:
         paths_or_adapters: delta files and/or fitted :class:`ProLIPAdapter` objects, as a
             sequence (tasks are named by file stem, or ``task<i>`` for an adapter) or as a
             mapping from task name to file or adapter.
-        model, pretrained: base model for the delta files, as in :meth:`ProLIPAdapter.load`;
-            None uses the model named in the first file. They must be None when the first task
-            is an adapter object: its model is then the base.
+        model: base model for the delta files, as in :meth:`ProLIPAdapter.load`; None uses the
+            model named in the first file. Must be None when the first task is an adapter
+            object: its model is then the base.
+        pretrained: the base model's weights, as in :meth:`ProLIPAdapter.load`; None as ``model``.
         device: device for the delta files' base model; None lets the first task choose.
         verbose: show progress bars while loading and extracting features.
+        trust_file_model: as in :meth:`ProLIPAdapter.load`: let the first file alone choose a
+            base model that is not one of open_clip's own models and tags.
 
     Features are extracted once per call with the first task's settings (batch size,
     precision, preprocessing); every delta file is loaded onto that task's model object, so
@@ -58,6 +61,7 @@ class MultiTaskClassifier:
         pretrained: str | None = None,
         device: str | torch.device | None = None,
         verbose: bool = False,
+        trust_file_model: bool = False,
     ) -> None:
         named = _named_sources(paths_or_adapters)
         if isinstance(named[0][1], ProLIPAdapter) and (model is not None or pretrained is not None):
@@ -69,29 +73,28 @@ class MultiTaskClassifier:
         base: ProLIPAdapter | None = None
         for name, source in named:
             if isinstance(source, ProLIPAdapter):
-                source._check_fitted()
+                state = source.fitted_  # NotFittedError if it is not fitted
+                if base is not None:
+                    state.check_base(base.backbone, source=f"task {name!r}")
                 adapter = source
             elif base is None:
                 overrides = {"verbose": verbose} if device is None else {"verbose": verbose, "device": device}
-                adapter = ProLIPAdapter.load(source, model=model, pretrained=pretrained, **overrides)
+                adapter = ProLIPAdapter.load(
+                    source, model=model, pretrained=pretrained, trust_file_model=trust_file_model, **overrides
+                )
             else:
                 # Onto the base's own model object, in its precision and on its device, so that
-                # loading never builds, casts or moves a second copy of the model.
+                # loading never builds, casts or moves a second copy of the model; load refuses a
+                # delta trained on another base model, naming its file.
                 adapter = ProLIPAdapter.load(
                     source,
-                    model=base._get_backbone().model,
-                    device=base._device,
+                    model=base.backbone.model,
+                    device=base.backbone.device,
                     precision=base.precision,
                     verbose=verbose,
                 )
             if base is None:
                 base = adapter
-            elif adapter.base_fingerprint_ != base.base_fingerprint_:
-                what = f"{os.fspath(source)!r}" if not isinstance(source, ProLIPAdapter) else f"task {name!r}"
-                raise FingerprintMismatchError(
-                    f"{what} was trained on a different base model than task {named[0][0]!r}: W0 fingerprints "
-                    f"{adapter.base_fingerprint_} and {base.base_fingerprint_}. All tasks must share one base model."
-                )
             self._adapters[name] = adapter
         self._base = base
         logger.info("multi-task classifier with %d tasks: %s", len(self._adapters), ", ".join(self._adapters))

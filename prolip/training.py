@@ -1,10 +1,11 @@
 """The ProLIP training loop: full-batch Adam on a copy of the projector, regularised toward W0.
 
-The loss has a closed-form gradient, so the loop does without autograd and ``torch.optim``: a
-step is four matrix products, a few passes over [n, d_out] and [n, K] arrays, and one fused Adam
-kernel (torch's own, CPU support since torch 2.4) on preallocated buffers. That keeps a fit close
-to the cost of its matrix products even when they are small (few shots, few classes), where
-per-op overhead and passes over the [d_in, d_out] matrix would otherwise dominate.
+The loss has a closed-form gradient, so the loop does without autograd: a step is four matrix
+products, a few passes over [n, d_out] and [n, K] arrays into preallocated buffers, and one
+``torch.optim.Adam(fused=True)`` step (a single pass over W, its gradient and both moments; CPU
+support since torch 2.4; ``foreach`` where a device lacks the fused kernel). That keeps a fit
+close to the cost of its matrix products even when they are small (few shots, few classes),
+where per-op overhead and passes over the [d_in, d_out] matrix would otherwise dominate.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from prolip.errors import TrainingDivergedError
+from prolip.errors import TrainingDivergedError, TrainingWarning, warn
 
 logger = logging.getLogger(__name__)
 
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-4  # the paper's value (torch's default is 1e-8)
 _NORM_EPS = 1e-12  # F.normalize's floor on the norm
+DIVERGENCE_RATIO = 2.0  # a final loss above this multiple of the first one means training went wrong
 
 
 @dataclass
@@ -70,9 +72,6 @@ class _State:
         self.scores = torch.empty(n, k, **opts)  # logits, log-probabilities, then n · dL/dlogits
         self.minus_one = torch.full((n, 1), -1.0, **opts)
         self.grad = torch.empty_like(weight)  # holds W − W0 first when regularised
-        self.exp_avg = torch.zeros_like(weight)
-        self.exp_avg_sq = torch.zeros_like(weight)
-        self.step = torch.zeros((), **opts)  # Adam's step count, where the fused kernel reads it
 
 
 def train_projector(
@@ -100,6 +99,10 @@ def train_projector(
 
     Raises:
         TrainingDivergedError: the loss or W became NaN/Inf.
+
+    Warns:
+        TrainingWarning: the final loss is more than :data:`DIVERGENCE_RATIO` times the first
+            (the learning rate was far too high).
     """
     # Contiguous, so that W, its gradient and Adam's moments share one layout (nn.Linear's W0 is
     # a transposed view); w0 may still be the model's own tensor, and is only read.
@@ -112,13 +115,17 @@ def train_projector(
     scaled = classifier.detach().to(device, torch.float32) * logit_scale
     classes = _Classifier(forward=scaled.t(), backward=scaled / n)
     state = _State(n, k, weight)
+    weight.grad = state.grad  # the loop writes the gradient there; Adam reads it
+    optimizer = _adam(weight, lr)
     history = torch.empty(epochs, device=device)  # preallocated: no per-step allocations
     n_views = features.shape[0]
     with torch.no_grad():
         for step in tqdm(range(epochs), desc="training", unit="step", disable=not verbose, leave=False):
             x = features[step % n_views].to(device, torch.float32, non_blocking=True)
             history[step] = _loss_and_gradient(x, weight, w0, b, classes, y, reg_lambda, state)
-            _adam_step(weight, state, lr * (1 + math.cos(math.pi * step / epochs)) / 2)
+            # torch's CosineAnnealingLR(T_max=epochs) in closed form, without its per-step bookkeeping.
+            optimizer.param_groups[0]["lr"] = lr * (1 + math.cos(math.pi * step / epochs)) / 2
+            optimizer.step()
     # One check at the end keeps the loop free of device synchronisations.
     finite = torch.isfinite(history)
     if not (finite.all() and torch.isfinite(weight).all()):
@@ -127,8 +134,16 @@ def train_projector(
             f"training diverged (loss became NaN/Inf at step {bad}) with lr={lr} and reg_lambda={reg_lambda}; "
             "lower the learning rate or check the features for extreme values."
         )
-    logger.debug("trained %d steps, final loss %.4f", epochs, float(history[-1]) if epochs else float("nan"))
-    return TrainResult(weight=weight.cpu(), losses=history.cpu())
+    losses = history.cpu()
+    if epochs > 1 and losses[-1] > DIVERGENCE_RATIO * losses[0]:
+        warn(
+            f"training ended with loss {float(losses[-1]):.4g}, {float(losses[-1] / losses[0]):.3g} times its start "
+            f"({float(losses[0]):.4g}), with lr={lr} and reg_lambda={reg_lambda}: the result is likely useless. "
+            "Lower the learning rate.",
+            TrainingWarning,
+        )
+    logger.debug("trained %d steps, final loss %.4f", epochs, float(losses[-1]) if epochs else float("nan"))
+    return TrainResult(weight=weight.detach().cpu(), losses=losses)
 
 
 def _loss_and_gradient(
@@ -168,26 +183,9 @@ def _loss_and_gradient(
     return loss
 
 
-def _adam_step(weight: torch.Tensor, state: _State, lr: float) -> None:
-    """One torch.optim.Adam step of ``weight`` from ``state.grad``, in place.
-
-    The fused kernel is the one ``torch.optim.Adam(fused=True)`` runs: one pass over W, its
-    gradient and both moments, where the same update written as separate ops makes six, and on a
-    small problem those passes cost as much as a third of the step's matrix products.
-    """
-    state.step += 1
-    torch._fused_adam_(
-        [weight],
-        [state.grad],
-        [state.exp_avg],
-        [state.exp_avg_sq],
-        [],
-        [state.step],
-        amsgrad=False,
-        lr=lr,
-        beta1=ADAM_BETAS[0],
-        beta2=ADAM_BETAS[1],
-        weight_decay=0.0,
-        eps=ADAM_EPS,
-        maximize=False,
-    )
+def _adam(weight: torch.Tensor, lr: float) -> torch.optim.Adam:
+    """Adam with the paper's settings, fused where the device has the kernel, else ``foreach``."""
+    try:
+        return torch.optim.Adam([weight], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
+    except RuntimeError:  # e.g. a device without the fused kernel
+        return torch.optim.Adam([weight], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=True)

@@ -2,7 +2,8 @@
 
 Crop parameters for every (view, image) pair are drawn up front from one seeded generator, so the
 views do not depend on batch size or device; the crops themselves are cut and resized on
-whatever device the images live on.
+whatever device the images live on. The plain view follows the model's own open_clip
+preprocessing configuration (resize mode, interpolation, fill colour, size, normalisation).
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ import torch.nn.functional as F
 
 _ATTEMPTS = 10  # same number of tries as torchvision's RandomResizedCrop
 
+VIEWS_VERSION = 2
+"""Version of the view rendering. Part of every feature-cache key: bump it whenever a change here
+changes the pixels of any view, so that features rendered the old way are never reused."""
+
+RESIZE_MODES = ("shortest", "longest", "squash")
+INTERPOLATIONS = ("bicubic", "bilinear")
+
 
 @dataclass(frozen=True)
 class ViewConfig:
@@ -24,6 +32,11 @@ class ViewConfig:
     Attributes:
         size: model input side (square).
         mean, std: per-channel normalisation of the model.
+        resize_mode: how the plain view fits an image to the input, as open_clip's inference
+            transform: "shortest" (shorter side to ``size``, centre crop), "longest" (longer side
+            to ``size``, centre pad with ``fill_color``) or "squash" (both sides to ``size``).
+        interpolation: "bicubic" or "bilinear" resampling of the plain view.
+        fill_color: pixel value (0-255) of the padding in "longest" mode.
         scale: range of the crop's area as a fraction of the image (ProLIP: 0.5 to 1).
         ratio: range of the crop's aspect ratio.
         flip_p: probability of a horizontal flip.
@@ -32,6 +45,9 @@ class ViewConfig:
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+    fill_color: int = 0
     scale: tuple[float, float] = (0.5, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
@@ -99,10 +115,15 @@ def _normalize(batch: torch.Tensor, config: ViewConfig) -> torch.Tensor:
     return (batch / 255.0 - mean) / std
 
 
-def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic, antialiased resize of uint8 ``[3, h, w]`` (or ``[b, 3, h, w]``) to float ``[b, 3, *size]``."""
+def _resize(image: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """Antialiased resize of uint8 ``[3, h, w]`` (or ``[b, 3, h, w]``) to float ``[b, 3, *size]``.
+
+    Antialiasing scales the filter with the downscale factor, as PIL's (and so open_clip's) resize does.
+    """
     batch = image if image.ndim == 4 else image[None]
-    out = F.interpolate(batch.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
+    if tuple(batch.shape[-2:]) == tuple(size):
+        return batch.float()
+    out = F.interpolate(batch.float(), size=size, mode=mode, antialias=True, align_corners=False)
     return out.clamp_(0, 255)
 
 
@@ -163,17 +184,41 @@ def augmented_views(
 
 
 def plain_views(images: Sequence[torch.Tensor], config: ViewConfig) -> torch.Tensor:
-    """The test-time view of each image: shorter side resized to ``size``, centre crop, normalise.
+    """The test-time view of each image, normalised: open_clip's inference transform as tensor ops.
 
-    This mirrors open_clip's default preprocessing (Resize(size, bicubic) + CenterCrop(size)).
+    Follows ``config.resize_mode`` and ``config.interpolation`` with torchvision's and open_clip's
+    rounding (``Resize`` + ``CenterCrop``, ``ResizeKeepRatio`` + ``CenterCropOrPad``, or a squash
+    ``Resize``). Resampling is torch's antialiased kernel where open_clip resizes PIL images with
+    PIL's, so values differ from open_clip's by float rounding and the two kernels' small
+    differences (tests/test_views.py measures it).
     """
     out = torch.empty(len(images), 3, config.size, config.size, device=images[0].device)
     for (h, w), positions in _group_by_size(images, range(len(images))).items():
-        # Same rounding as torchvision's Resize(int) and CenterCrop.
-        short, long = (h, w) if h <= w else (w, h)
-        new_long = int(config.size * long / short)
-        new_h, new_w = (config.size, new_long) if h <= w else (new_long, config.size)
-        resized = _resize(torch.stack([images[p] for p in positions]), (new_h, new_w))
-        top, left = round((new_h - config.size) / 2), round((new_w - config.size) / 2)
-        out[positions] = resized[..., top : top + config.size, left : left + config.size]
+        out[positions] = _plain_batch(torch.stack([images[p] for p in positions]), h, w, config)
     return _normalize(out, config)
+
+
+def _plain_batch(batch: torch.Tensor, h: int, w: int, config: ViewConfig) -> torch.Tensor:
+    """Resize and crop (or pad) same-sized uint8 images ``[b, 3, h, w]`` to float ``[b, 3, size, size]``."""
+    side, mode = config.size, config.interpolation
+    if config.resize_mode == "squash":
+        return _resize(batch, (side, side), mode)
+    if config.resize_mode == "longest":  # ResizeKeepRatio(longest=1): the longer side becomes `side`
+        ratio = max(h, w) / side
+        resized = _resize(batch, (round(h / ratio), round(w / ratio)), mode)
+    else:  # torchvision Resize(int): the shorter side becomes `side`, the longer one is truncated
+        short, long = (h, w) if h <= w else (w, h)
+        new_long = int(side * long / short)
+        resized = _resize(batch, (side, new_long) if h <= w else (new_long, side), mode)
+    return _center_crop_or_pad(resized, side, config.fill_color)
+
+
+def _center_crop_or_pad(batch: torch.Tensor, side: int, fill: int) -> torch.Tensor:
+    """torchvision's CenterCrop (open_clip's CenterCropOrPad): pad with ``fill`` where smaller, then crop."""
+    h, w = batch.shape[-2:]
+    if h < side or w < side:
+        pad_w, pad_h = max(side - w, 0), max(side - h, 0)
+        batch = F.pad(batch, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2), value=float(fill))
+        h, w = batch.shape[-2:]
+    top, left = round((h - side) / 2), round((w - side) / 2)  # Python's round, as torchvision's int(round())
+    return batch[..., top : top + side, left : left + side]

@@ -13,13 +13,25 @@ from prolip.errors import InputError
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
-def check_templates(templates: Sequence[str]) -> list[str]:
-    """Return ``templates`` as a list after checking each holds exactly one ``{}`` slot."""
-    if isinstance(templates, str) or not templates:
-        raise InputError("templates must be a non-empty list of strings such as ['a photo of a {}.'].")
-    for t in templates:
-        if not isinstance(t, str) or t.count("{}") != 1:
-            raise InputError(f"template {t!r} must be a string with exactly one '{{}}' for the class name.")
+def valid_templates(templates: object) -> bool:
+    """True for a non-empty sequence of strings that each hold exactly one ``{}`` slot."""
+    return (
+        isinstance(templates, Sequence)
+        and not isinstance(templates, str)
+        and len(templates) > 0
+        and all(isinstance(t, str) and t.count("{}") == 1 for t in templates)
+    )
+
+
+def check_templates(templates: Sequence[str] | None) -> list[str]:
+    """``templates`` as a list (None: :data:`DEFAULT_TEMPLATES`), after checking each has one ``{}`` slot."""
+    if templates is None:
+        return list(DEFAULT_TEMPLATES)
+    if not valid_templates(templates):
+        raise InputError(
+            f"templates={templates!r} must be a non-empty list of strings with exactly one '{{}}' each, "
+            "such as ['a photo of a {}.']."
+        )
     return list(templates)
 
 

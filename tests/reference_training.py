@@ -7,7 +7,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prolip.training import TrainResult, logits
+from prolip.training import TrainResult
+
+
+def reference_logits(x, weight, bias, classifier, logit_scale):
+    """s · (xW + b) / ‖xW + b‖ · Tᵀ, written out here rather than taken from the code under test."""
+    z = x @ weight
+    if bias is not None:
+        z = z + bias
+    return logit_scale * (z / z.norm(dim=-1, keepdim=True)) @ classifier.T
 
 
 def reference_train(features, labels, classifier, w0, bias, *, logit_scale, lr, reg_lambda, epochs) -> TrainResult:
@@ -19,7 +27,7 @@ def reference_train(features, labels, classifier, w0, bias, *, logit_scale, lr, 
     losses = torch.empty(epochs)
     for step in range(epochs):
         x = features[step % features.shape[0]]
-        loss = F.cross_entropy(logits(x, weight, bias, classifier, logit_scale), labels)
+        loss = F.cross_entropy(reference_logits(x, weight, bias, classifier, logit_scale), labels)
         if reg_lambda:
             loss = loss + reg_lambda * (weight - w0).pow(2).sum()
         optimizer.zero_grad()

@@ -24,18 +24,18 @@ def test_each_family_fits_predicts_and_round_trips(family, checkpoints, colours,
 
     adapter.fit_features(features, labels)
     predicted = adapter.predict(images)
-    assert predicted.shape == (len(images),)
-    assert set(predicted) <= {"red", "green", "blue"}
     proba = adapter.predict_proba(images)
     assert proba.shape == (len(images), 3)
     np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
     assert list(adapter.classes_) == ["blue", "green", "red"]
+    # predict is the most probable column, named by classes_.
+    assert predicted.tolist() == [["blue", "green", "red"][k] for k in proba.argmax(axis=1)]
     assert adapter.delta_.dtype == torch.float32
-    assert adapter.delta_.shape == adapter._projector.parameter.shape
+    assert adapter.delta_.shape == adapter.backbone.projector.parameter.shape
 
     path = tmp_path / "delta.safetensors"
     adapter.save(path)
-    loaded = ProLIPAdapter.load(path, verbose=False)
+    loaded = ProLIPAdapter.load(path, pretrained=checkpoints[family], verbose=False)
     np.testing.assert_array_equal(loaded.predict_proba(images), proba)
     assert torch.equal(loaded.delta_, adapter.delta_)
     assert list(loaded.classes_) == list(adapter.classes_)
@@ -47,11 +47,13 @@ def test_merged_model_agrees_with_adapter(family, checkpoints, colours):
     images, labels = colours
     adapter = tiny_adapter(checkpoints[family], family).fit(images, labels)
     merged = adapter.merged_model()
-    base_param = adapter._projector.parameter
-    merged_param = dict(merged.named_parameters())[adapter._projector.key]
-    assert merged_param.data_ptr() != base_param.data_ptr()
+    projector = adapter.backbone.projector
+    merged_param = merged.state_dict()[projector.key]
+    assert merged_param.data_ptr() != projector.parameter.data_ptr()
+    assert merged_param.dtype == torch.float32
+    assert torch.equal(merged_param, projector.parameter.detach().float() + adapter.delta_)
 
-    pixels = plain_views(load_images(images), adapter._get_backbone().view_config)
+    pixels = plain_views(load_images(images), adapter.backbone.view_config)
     with torch.no_grad():
         embedding = F.normalize(merged.encode_image(pixels).float(), dim=-1)
     merged_logits = adapter.logit_scale_ * embedding @ adapter.classifier_.t()
@@ -64,11 +66,11 @@ def test_merged_model_agrees_with_adapter(family, checkpoints, colours):
 def test_base_projector_is_bit_identical_after_fit(family, checkpoints, colours):
     images, labels = colours
     adapter = tiny_adapter(checkpoints[family], family, lr=0.1)
-    before = adapter._projector.parameter.detach().clone()
+    before = adapter.backbone.projector.parameter.detach().clone()
     adapter.fit(images, labels)
     adapter.merged_model()
     assert adapter.delta_.abs().max() > 1e-3  # it did train
-    assert torch.equal(adapter._projector.parameter.detach(), before)
+    assert torch.equal(adapter.backbone.projector.parameter.detach(), before)
 
 
 def test_regularisation_strength(checkpoints, colours):
@@ -115,13 +117,13 @@ def test_first_loss_is_the_paper_objective_at_w0(checkpoints, colours):
     adapter = tiny_adapter(checkpoints["modified_resnet"], "modified_resnet", reg_lambda=0.5)
     features = adapter.extract_features(images)
     adapter.fit_features(features, labels)
-    p = adapter._projector
+    p = adapter.backbone.projector
     y = torch.tensor([list(adapter.classes_).index(lab) for lab in labels])
     z = F.normalize(features[0] @ p.to_in_out(p.parameter).detach() + p.bias.detach(), dim=-1)
     expected = F.cross_entropy(adapter.logit_scale_ * z @ adapter.classifier_.t(), y)  # λ term is 0 at W0
     assert adapter.loss_history_[0] == pytest.approx(float(expected), rel=1e-5)
     assert adapter.logit_scale_ == pytest.approx(
-        float(adapter._get_backbone().model.logit_scale.detach().exp()), rel=1e-6
+        float(adapter.backbone.model.logit_scale.detach().exp()), rel=1e-6
     )
 
 
@@ -150,7 +152,7 @@ def test_loading_onto_a_different_base_model_is_refused(checkpoints, colours, tm
     save_file(other.state_dict(), other_ckpt)
     with pytest.raises(FingerprintMismatchError) as info:
         ProLIPAdapter.load(path, pretrained=str(other_ckpt), verbose=False)
-    assert adapter.base_fingerprint_ in str(info.value)
+    assert adapter.base_fingerprint_.summary() in str(info.value)
     with pytest.warns(UserWarning, match="different base model"):
         forced = ProLIPAdapter.load(path, pretrained=str(other_ckpt), strict=False, verbose=False)
     assert forced.predict(images).shape == (len(images),)
@@ -186,7 +188,8 @@ def test_estimator_contract(checkpoints, colours):
     with pytest.raises(ValueError, match="valid parameters"):
         adapter.set_params(learning_rate=1)
     assert adapter.fit(images, labels) is adapter
-    assert 0.0 <= adapter.score(images, labels) <= 1.0
+    predicted = adapter.predict(images)
+    assert adapter.score(images, labels) == np.mean([p == t for p, t in zip(predicted, labels, strict=True)])
     clone = ProLIPAdapter(**adapter.get_params())
     assert clone.get_params() == adapter.get_params()
     assert "lr=0.5" in repr(adapter)
@@ -223,10 +226,11 @@ def test_low_precision_backbone_trains_in_fp32(precision, checkpoints, colours):
     images, labels = colours
     full = tiny_adapter(checkpoints["vit"], random_state=3).fit(images, labels)
     half = tiny_adapter(checkpoints["vit"], random_state=3, precision=precision).fit(images, labels)
-    assert half._projector.parameter.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    assert half.backbone.projector.parameter.dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     assert half.delta_.dtype == torch.float32
-    assert half.base_fingerprint_ == full.base_fingerprint_ or precision == "bf16"  # fp16 cast is lossless
-    # The same training on slightly rounded features ends close to the fp32 result.
-    assert (half.delta_ - full.delta_).norm() < 0.2 * full.delta_.norm()
-    merged = half.merged_model()
-    assert dict(merged.named_parameters())[half._projector.key].dtype == half._projector.parameter.dtype
+    # The same base model in another precision has the same fingerprint.
+    assert half.base_fingerprint_.mismatch(full.base_fingerprint_) is None
+    # The same training on slightly rounded features ends close to the fp32 result (measured: 0.45%
+    # of the delta's norm in fp16, 3.4% in bf16, whose features carry 8 bits of mantissa).
+    tolerance = {"fp16": 0.02, "bf16": 0.1}[precision]
+    assert (half.delta_ - full.delta_).norm() < tolerance * full.delta_.norm()

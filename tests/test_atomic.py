@@ -14,32 +14,41 @@ import pytest
 import torch
 
 from prolip import DeltaFileError
-from prolip.delta_file import STALE_TEMP_SECONDS, TEMP_PREFIX, read_delta, write_delta
+from prolip.delta_file import read_delta, write_delta
+from prolip.files import STALE_TEMP_SECONDS, TEMP_PREFIX
+from prolip.fingerprint import Fingerprint
+from prolip.fitted import FittedState
 
 SHAPE = (1024, 2048)  # 8 MB per write: long enough for kills to land mid-write
 
 
-def _metadata(version: int) -> dict:
-    return {
-        "prolip_version": "test",
-        "model_name": "m",
-        "pretrained": "",
-        "projector_family": "vit",
-        "projector_key": "visual.proj",
-        "base_fingerprint": "0" * 64,
-        "classes": ["a", "b", "c"],
-        "class_names": ["a", "b", "c"],
-        "templates": ["a photo of a {}."],
-        "hyperparameters": {},
-        "n_shots": str(version + 1),  # the version is recorded twice: in metadata and in every value
-        "logit_scale": "100",
-    }
+_FINGERPRINT = Fingerprint.of("visual.proj", torch.zeros(2, 2), torch.nn.Linear(2, 2), "fp32")
+
+
+def _state(delta: torch.Tensor, classifier: torch.Tensor, version: int) -> FittedState:
+    """A delta file's contents whose every value, and N, record ``version``."""
+    return FittedState(
+        delta=delta,
+        classifier=classifier,
+        classes=("a", "b", "c"),
+        class_names=("a", "b", "c"),
+        templates=("a photo of a {}.",),
+        n_shots=version + 1,  # the version is recorded twice: in metadata and in every value
+        reg_lambda=0.5,
+        logit_scale=100.0,
+        projector_key="visual.proj",
+        projector_family="vit",
+        model_name="m",
+        pretrained="",
+        hyperparameters={},
+        fingerprint=_FINGERPRINT,
+    )
 
 
 def _version(path: Path) -> int:
     """The version a delta file holds, after checking it is complete and self-consistent."""
     contents = read_delta(path)
-    version = int(contents.metadata["n_shots"]) - 1
+    version = int(contents.n_shots) - 1
     assert contents.delta.shape == SHAPE
     assert bool((contents.delta == version).all()) and bool((contents.classifier == version).all())
     return version
@@ -53,7 +62,7 @@ def _writer(target: Path, first: int, delta: torch.Tensor, classifier: torch.Ten
             # numpy, not torch, fills the tensors: torch's thread pool is not safe to use after fork.
             delta.numpy().fill(version)
             classifier.numpy().fill(version)
-            write_delta(target, delta, classifier, _metadata(version))
+            write_delta(target, _state(delta, classifier, version))
             os.write(report, f"{version}\n".encode())
             version += 1
     finally:
@@ -100,7 +109,7 @@ def _run_and_kill(child, rng: random.Random, longest: float) -> list[int]:
 def test_sigkill_during_save_leaves_old_or_new_file(tmp_path):
     target = tmp_path / "delta.safetensors"
     delta, classifier = torch.zeros(SHAPE), torch.zeros(3, SHAPE[1])
-    write_delta(target, delta, classifier, _metadata(0))
+    write_delta(target, _state(delta, classifier, 0))
     current, rng = 0, random.Random(0)
     for kill in range(8):
         first = (kill + 1) * 1000
@@ -128,7 +137,7 @@ def test_sigkill_during_save_leaves_old_or_new_file(tmp_path):
     fresh.write_bytes(b"a concurrent writer's file in progress")
     delta.numpy().fill(7)
     classifier.numpy().fill(7)
-    write_delta(target, delta, classifier, _metadata(7))
+    write_delta(target, _state(delta, classifier, 7))
     assert _version(target) == 7
     assert list(tmp_path.glob(f"{TEMP_PREFIX}*")) == [fresh]
 
@@ -136,7 +145,7 @@ def test_sigkill_during_save_leaves_old_or_new_file(tmp_path):
 def test_a_failed_save_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
     target = tmp_path / "delta.safetensors"
     delta, classifier = torch.full(SHAPE, 1.0), torch.full((3, SHAPE[1]), 1.0)
-    write_delta(target, delta, classifier, _metadata(1))
+    write_delta(target, _state(delta, classifier, 1))
     before = target.read_bytes()
 
     def full_disk(*args, **kwargs):
@@ -144,7 +153,7 @@ def test_a_failed_save_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", full_disk)
     with pytest.raises(DeltaFileError, match=r"cannot write delta file .*delta\.safetensors.*No space left"):
-        write_delta(target, delta * 2, classifier * 2, _metadata(2))
+        write_delta(target, _state(delta * 2, classifier * 2, 2))
     assert target.read_bytes() == before and os.listdir(tmp_path) == ["delta.safetensors"]
 
     def interrupted(*args, **kwargs):
@@ -152,7 +161,7 @@ def test_a_failed_save_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        write_delta(target, delta * 2, classifier * 2, _metadata(2))
+        write_delta(target, _state(delta * 2, classifier * 2, 2))
     assert target.read_bytes() == before and os.listdir(tmp_path) == ["delta.safetensors"]
 
 

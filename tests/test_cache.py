@@ -17,10 +17,11 @@ from safetensors import safe_open
 
 from prolip import InputError, ProLIPAdapter
 from prolip import cache as cache_module
-from prolip.cache import CachedFeatures, CacheKey, FeatureCache, tower_fingerprint
-from prolip.delta_file import TEMP_PREFIX
+from prolip.backbone import build_backbone
+from prolip.cache import CachedFeatures, CacheKey, FeatureCache
 from prolip.errors import FeatureCacheError
-from prolip.features import image_hash
+from prolip.features import feature_cache, image_hash
+from prolip.files import TEMP_PREFIX
 from prolip.views import ViewConfig
 
 VIEWS = 3
@@ -31,7 +32,7 @@ def counted(monkeypatch):
     """``counted(adapter)``: make its tower record the batch size of every forward pass it runs."""
 
     def count(adapter: ProLIPAdapter) -> list[int]:
-        projector = adapter._projector
+        projector = adapter.backbone.projector
         seen: list[int] = []
         original = projector.features
 
@@ -48,14 +49,10 @@ def counted(monkeypatch):
 @pytest.fixture(scope="module")
 def make(checkpoints):
     """``make(**params)``: a tiny ViT adapter with VIEWS views, sharing one already-built backbone."""
-    built = tiny_adapter(checkpoints["vit"])
-    built._get_backbone()
+    built = tiny_adapter(checkpoints["vit"]).backbone
 
     def make(**params) -> ProLIPAdapter:
-        adapter = tiny_adapter(checkpoints["vit"], **{"views": VIEWS, **params})
-        adapter._backbone, adapter._backbone_key = built._backbone, built._backbone_key
-        adapter._projector_cache = built._projector_cache
-        return adapter
+        return tiny_adapter(checkpoints["vit"], **{"model": built.model, "views": VIEWS, **params})
 
     return make
 
@@ -165,14 +162,14 @@ def test_hard_crash_leaves_no_torn_entry_and_resumes(make, counted, checkpoints,
     images, _ = data
     # The process dies after writing a temporary file, before the third entry is moved into place.
     body = """
-        import prolip.cache as cache
-        original, entries = cache._publish, []
-        def publish(tmp, path, overwrite=False):
-            entries.extend([path] if path.suffix == ".safetensors" else [])
+        import prolip.files as files
+        original, entries = files._publish, []
+        def publish(tmp, path, exclusive):
+            entries.extend([path] if path.endswith(".safetensors") else [])
             if len(entries) == 3:
                 os._exit(3)
-            return original(tmp, path, overwrite)
-        cache._publish = publish
+            return original(tmp, path, exclusive)
+        files._publish = publish
         tiny_adapter(sys.argv[1], views=3, cache_dir=sys.argv[2], batch_size=2).extract_features(images)
     """
     (crashed,) = _run(_script(tmp_path, body), args=(checkpoints["vit"], str(tmp_path / "cache")))
@@ -200,7 +197,7 @@ def test_two_processes_filling_one_cache_leave_it_consistent(make, counted, chec
     assert [r.returncode for r in results] == [0, 0], results[0].stderr.decode()[-2000:]
     assert len(entries(root)) == 9 + 12 and not temps(root)
     adapter = make(cache_dir=root)
-    cache = adapter._feature_cache(VIEWS, 0)
+    cache = feature_cache(adapter.backbone, adapter.cache_dir, views=VIEWS, seed=0)
     assert all(cache.has(image_hash(im)) for im in images)
     calls = counted(adapter)
     assert torch.equal(adapter.extract_features(images).to_tensor(), reference.half().float())
@@ -227,11 +224,11 @@ def test_keys_differ_by_seed_model_augmentation_views_precision_and_dtype(make, 
     assert CacheKey(**dataclasses.asdict(base) | {"config": config}).digest() == base.digest()
 
     # The model key covers the whole tower, not only W0.
-    model = tiny_adapter(checkpoints["vit"])._get_backbone().model
-    before = tower_fingerprint(model.visual)
+    model = tiny_adapter(checkpoints["vit"]).backbone.model
+    before = build_backbone(model, None).tower_hash
     with torch.no_grad():
         model.visual.transformer.resblocks[0].mlp.c_fc.weight[0, 0] += 1
-    assert tower_fingerprint(model.visual) != before
+    assert build_backbone(model, None).tower_hash != before
 
     images, _ = data
     make(cache_dir=tmp_path).extract_features(images[:2])
@@ -292,7 +289,7 @@ def test_damaged_entry_is_recomputed(make, counted, data, reference, tmp_path):
     images, _ = data
     adapter = make(cache_dir=tmp_path)
     adapter.extract_features(images)
-    damaged = adapter._feature_cache(VIEWS, 0).entry_path(image_hash(images[3]))
+    damaged = feature_cache(adapter.backbone, adapter.cache_dir, views=VIEWS, seed=0).entry_path(image_hash(images[3]))
     damaged.write_bytes(damaged.read_bytes()[:-10])
     for pack in tmp_path.glob("v1/*/packs/*"):
         pack.unlink()
@@ -304,7 +301,7 @@ def test_damaged_entry_is_recomputed(make, counted, data, reference, tmp_path):
 def test_bad_values_and_settings_are_reported(make, checkpoints, data, tmp_path):
     images, labels = data
     adapter = make(cache_dir=tmp_path)
-    cache = adapter._feature_cache(VIEWS, 0)
+    cache = feature_cache(adapter.backbone, adapter.cache_dir, views=VIEWS, seed=0)
     hashes = [image_hash(im) for im in images]
     for k, h in enumerate(hashes):
         values = torch.zeros(VIEWS, 48)

@@ -70,7 +70,7 @@ def delta(folder, tmp_path_factory):
 def test_fit_info_predict_eval(folder, delta):
     info = prolip("info", str(delta)).stdout
     assert standin.MODEL_NAME in info and "bottom, top" in info and "shots per class:   4" in info
-    assert ProLIPAdapter.load(delta, verbose=False).base_fingerprint_ in info
+    assert ProLIPAdapter.load(delta, verbose=False).base_fingerprint_.summary() in info
 
     images = [str(folder / "top" / "5.png"), str(folder / "bottom" / "5.png")]
     rows = json.loads(prolip("predict", str(delta), *images, "--json", "--quiet").stdout)
@@ -79,7 +79,10 @@ def test_fit_info_predict_eval(folder, delta):
         assert row["label"] in ("top", "bottom")
         assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     adapter = ProLIPAdapter.load(delta, verbose=False)
+    proba = adapter.predict_proba(images)
     assert [r["label"] for r in rows] == adapter.predict(images).tolist()
+    for row, p in zip(rows, proba, strict=True):
+        assert [row["probabilities"][str(c)] for c in adapter.classes_] == pytest.approx(p.tolist(), abs=1e-6)
     plain = prolip("predict", str(delta), *images, "--quiet").stdout.splitlines()
     assert [line.split("\t")[1] for line in plain] == [r["label"] for r in rows]
 
@@ -98,11 +101,18 @@ def test_merge_gives_an_open_clip_checkpoint(delta, tmp_path):
     prolip("merge", str(delta), "--out", str(out), "--quiet")
     standin.register()
     merged = open_clip.create_model(standin.MODEL_NAME, pretrained=str(out))
-    adapter = ProLIPAdapter.load(delta, verbose=False)
-    expected = adapter.merged_model()
-    for (name, a), (_, b) in zip(merged.state_dict().items(), expected.state_dict().items(), strict=True):
-        assert torch.equal(a, b), name
-    assert not torch.equal(merged.visual.proj, adapter._projector.parameter)
+    base = open_clip.create_model(standin.MODEL_NAME, pretrained=str(standin.checkpoint_path()))
+    delta_file = read_delta(delta)
+    # The projector is exactly W0 + delta from the file, in fp32; everything else is the base model.
+    assert merged.visual.proj.dtype == torch.float32
+    assert torch.equal(merged.visual.proj, base.visual.proj.float() + delta_file.delta)
+    assert delta_file.delta.abs().max() > 0
+    for (name, a), (_, b) in zip(merged.state_dict().items(), base.state_dict().items(), strict=True):
+        assert name == "visual.proj" or torch.equal(a, b.to(a.dtype)), name
+    half = tmp_path / "half.safetensors"
+    done = prolip("merge", str(delta), "--out", str(half), "--precision", "fp16", "--quiet")
+    assert "PrecisionWarning" in done.stderr and "relative error is" in done.stderr
+    assert (out.stat().st_mode & 0o777) == (half.stat().st_mode & 0o777) == 0o666 & ~_umask()
 
 
 def test_csv_input_and_user_errors(folder, tmp_path):
@@ -127,6 +137,39 @@ def test_csv_input_and_user_errors(folder, tmp_path):
         assert done.returncode == 1, done
         assert needle in done.stderr and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("fit", ".", "--out", "x.safetensors", "--reg-lambda", "abc"), "--reg-lambda: 'abc' is not 'auto' or a number"),
+        (("fit", ".", "--out", "x.safetensors", "--reg-lambda", "-1"), "finite number >= 0"),
+        (("fit", ".", "--out", "x.safetensors", "--epochs", "many"), "--epochs: invalid int value"),
+        (("fit", "."), "required: --out"),
+        (("merge", "d.safetensors", "--out", "m.safetensors", "--precision", "fp8"), "invalid choice: 'fp8'"),
+        (("train",), "invalid choice: 'train'"),
+    ],
+)
+def test_argument_errors_are_one_line_and_status_1(args, needle):
+    done = prolip(*args, check=False)
+    assert done.returncode == 1 and done.stdout == ""
+    assert needle in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_open_clip_chatter_only_with_verbose(delta, folder):
+    image = str(folder / "top" / "5.png")
+    quiet = prolip("predict", str(delta), image)
+    loud = prolip("predict", str(delta), image, "--verbose")
+    assert quiet.stdout == loud.stdout
+    assert "Loaded" not in quiet.stderr and "open_clip" not in quiet.stderr.lower()
+    assert "Loaded" in loud.stderr or "model config" in loud.stderr.lower()
 
 
 @pytest.mark.parametrize("command", ["fit", "predict", "eval", "info", "merge"])

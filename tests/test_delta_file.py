@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
+import json
 import os
 import pickle
 import struct
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import colour_images, tiny_adapter
@@ -18,6 +21,8 @@ from safetensors.torch import save_file
 import prolip
 from prolip import DeltaFileError, FingerprintMismatchError, ProLIPAdapter
 from prolip.delta_file import CLASSIFIER_KEY, MAX_HEADER_BYTES, read_delta, write_delta
+from prolip.fingerprint import legacy_projector_hash
+from prolip.fitted import FittedState
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +65,15 @@ def _expect(path: Path, match: str, error: type[Exception] = DeltaFileError, **l
         read_delta(path)
     assert repr(str(path)) in str(info.value)
     with pytest.raises(error, match=match):
-        ProLIPAdapter.load(path, **load_kw)
+        ProLIPAdapter.load(path, trust_file_model=True, **load_kw)
 
 
 def test_the_valid_file_loads(valid, fitted):
     contents = read_delta(valid)
     assert torch.equal(contents.delta, fitted.delta_)
-    assert contents.metadata["classes"] == ["blue", "green", "red"]
-    assert ProLIPAdapter.load(valid, verbose=False).base_fingerprint_ == fitted.base_fingerprint_
+    assert contents.classes == ("blue", "green", "red") and contents.reg_lambda == fitted.reg_lambda_
+    loaded = ProLIPAdapter.load(valid, trust_file_model=True, verbose=False)
+    assert loaded.base_fingerprint_ == fitted.base_fingerprint_
 
 
 @pytest.mark.parametrize("keep", [0, 5, 8, 100, "header", "-1"])
@@ -124,7 +130,7 @@ def test_pickle_renamed_to_safetensors(tmp_path, kind):
 
 
 def test_wrong_tensor_shapes(valid, tmp_path, fitted):
-    key = fitted._projector.key
+    key = fitted.backbone.projector.key
     cases = {
         "1-D delta": lambda t: t.update({key: t[key].flatten()}),
         "classifier rows": lambda t: t.update({CLASSIFIER_KEY: t[CLASSIFIER_KEY][:2]}),
@@ -140,14 +146,14 @@ def test_wrong_tensor_shapes(valid, tmp_path, fitted):
     path = _rewrite(valid, tmp_path / "t.safetensors", tensors=lambda t: t.update({key: t[key].t().contiguous()}))
     read_delta(path)
     with pytest.raises(DeltaFileError, match=r"delta for visual\.proj of shape \(24, 48\).*\(48, 24\)"):
-        ProLIPAdapter.load(path)
+        ProLIPAdapter.load(path, trust_file_model=True)
     path = _rewrite(valid, tmp_path / "w.safetensors", tensors=lambda t: t.update({CLASSIFIER_KEY: torch.ones(3, 7)}))
     with pytest.raises(DeltaFileError, match="classifier of width 7"):
-        ProLIPAdapter.load(path)
+        ProLIPAdapter.load(path, trust_file_model=True)
 
 
 def test_nan_values(valid, tmp_path, fitted):
-    key = fitted._projector.key
+    key = fitted.backbone.projector.key
     path = _rewrite(valid, tmp_path / "n.safetensors", tensors=lambda t: t[key].view(-1).__setitem__(3, float("nan")))
     _expect(path, "NaN or Inf")
 
@@ -165,8 +171,8 @@ def test_no_metadata_at_all(valid, tmp_path):
 
 
 def test_unknown_future_format_version(valid, tmp_path):
-    path = _rewrite(valid, tmp_path / "v2.safetensors", meta=lambda m: m.update(format_version="2"))
-    _expect(path, r"format version 2, newer than this prolip understands \(1\); upgrade prolip")
+    path = _rewrite(valid, tmp_path / "v3.safetensors", meta=lambda m: m.update(format_version="3"))
+    _expect(path, r"format version 3, newer than this prolip understands \(2\); upgrade prolip")
     for bad in ("0", "-1", "one", "9" * 5000):
         path = _rewrite(valid, tmp_path / "vx.safetensors", meta=lambda m, bad=bad: m.update(format_version=bad))
         _expect(path, "format_version")
@@ -196,14 +202,42 @@ def test_malformed_metadata(valid, tmp_path, key, value, match):
     _expect(path, match)
 
 
-def test_delta_for_a_different_base_model(valid, tmp_path, fitted):
-    path = _rewrite(valid, tmp_path / "other.safetensors", meta=lambda m: m.update(base_fingerprint="0" * 64))
+def _other_base(meta: dict[str, str], part: str) -> None:
+    """Edit the recorded fingerprint as if another W0 (``part="projector"``) or trunk (``"tower"``) made it."""
+    fingerprint = json.loads(meta["base_fingerprint"])
+    fingerprint[part]["sums"][0] += 1.0
+    meta["base_fingerprint"] = json.dumps(fingerprint)
+
+
+@pytest.mark.parametrize(
+    ("part", "what"), [("projector", "projector W0 differs"), ("tower", "vision tower before it differs")]
+)
+def test_delta_for_a_different_base_model(valid, tmp_path, fitted, part, what):
+    path = _rewrite(valid, tmp_path / "other.safetensors", meta=lambda m: _other_base(m, part))
     read_delta(path)  # the file itself is fine; it does not fit this base model
-    with pytest.raises(FingerprintMismatchError, match=r"trained on a different base model.*strict=False") as info:
-        ProLIPAdapter.load(path)
-    assert repr(str(path)) in str(info.value) and fitted.base_fingerprint_ in str(info.value)
+    with pytest.raises(
+        FingerprintMismatchError, match=rf"trained on a different base model: its .*{what}.*strict=False"
+    ) as info:
+        ProLIPAdapter.load(path, trust_file_model=True)
+    assert repr(str(path)) in str(info.value) and fitted.base_fingerprint_.summary() in str(info.value)
     with pytest.warns(UserWarning, match="different base model"):
-        assert ProLIPAdapter.load(path, strict=False, verbose=False).predict(colour_images(1)[0]).shape == (3,)
+        loaded = ProLIPAdapter.load(path, strict=False, trust_file_model=True, verbose=False)
+    assert loaded.predict(colour_images(1)[0]).shape == (3,)
+
+
+def test_format_1_files_are_still_read_and_checked(valid, tmp_path, fitted):
+    w0 = fitted.backbone.projector.parameter
+
+    def as_format_1(meta: dict[str, str], w: torch.Tensor) -> None:
+        del meta["kind"], meta["reg_lambda"]
+        meta.update(format_version="1", base_fingerprint=legacy_projector_hash(w))
+
+    old = _rewrite(valid, tmp_path / "v1.safetensors", meta=lambda m: as_format_1(m, w0))
+    loaded = ProLIPAdapter.load(old, trust_file_model=True, verbose=False)
+    assert torch.equal(loaded.delta_, fitted.delta_) and loaded.reg_lambda_ == fitted.reg_lambda_  # "auto": 1/N
+    other = _rewrite(valid, tmp_path / "v1-other.safetensors", meta=lambda m: as_format_1(m, w0 + 1))
+    with pytest.raises(FingerprintMismatchError, match="projector W0 differs"):
+        ProLIPAdapter.load(other, trust_file_model=True)
 
 
 def test_missing_file_or_directory(tmp_path):
@@ -230,12 +264,20 @@ def test_saved_file_permissions_follow_the_umask(fitted, tmp_path):
     assert (tmp_path / "d.safetensors").stat().st_mode & 0o777 == 0o644
 
 
-def test_write_delta_round_trips_metadata(tmp_path, valid):
+def test_write_delta_round_trips_every_field(tmp_path, valid):
     contents = read_delta(valid)
-    meta = {k: v for k, v in contents.metadata.items() if k not in ("format", "format_version")}
-    write_delta(tmp_path / "copy.safetensors", contents.delta, contents.classifier, meta)
+    write_delta(tmp_path / "copy.safetensors", contents)
     copy = read_delta(tmp_path / "copy.safetensors")
-    assert copy.metadata == contents.metadata and torch.equal(copy.classifier, contents.classifier)
+    for field in dataclasses.fields(FittedState):
+        mine, theirs = getattr(copy, field.name), getattr(contents, field.name)
+        same = (
+            torch.equal(mine, theirs)
+            if isinstance(mine, torch.Tensor)
+            else np.array_equal(mine, theirs)
+            if isinstance(mine, np.ndarray)
+            else mine == theirs
+        )
+        assert same, field.name
 
 
 # ---------------------------------------------------------------------------- nothing executes

@@ -68,7 +68,7 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path):
     single.fit_features(reference.half().float(), labels.tolist(), class_names=FASHION_MNIST_CLASSES)
     saved = read_delta(delta)
     torch.testing.assert_close(saved.delta, single.delta_, rtol=1e-3, atol=1e-5)
-    assert saved.metadata["classes"] == single.classes_.tolist()
+    assert list(saved.classes) == single.classes_.tolist()
 
 
 def test_without_a_process_group_it_is_a_cached_extraction(tmp_path):

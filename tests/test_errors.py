@@ -209,7 +209,14 @@ def test_bad_hyperparameters_are_named(checkpoints, features, data):
         ({"reg_lambda": "big"}, "reg_lambda='big'"),
         ({"epochs": 2.5}, "epochs=2.5"),
         ({"precision": "fp8"}, "precision='fp8'"),
-        ({"on_error": "ignore"}, r"on_error='ignore' must be one of \['raise', 'skip'\]"),
+        ({"on_error": "ignore"}, r"on_error='ignore' is invalid: it must be one of \['raise', 'skip'\]"),
+        ({"random_state": "seven"}, r"random_state='seven' is invalid: it must be None or an integer"),
+        ({"random_state": 1.5}, "random_state=1.5"),
+        ({"templates": ["no slot"]}, r"templates=\['no slot'\] is invalid: .*exactly one '\{\}'"),
+        ({"templates": "a photo of a {}."}, "templates='a photo of a {}.'"),
+        ({"views": -1}, r"views=-1 is invalid: it must be an integer >= 0"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"device": "gpu7"}, "device='gpu7'"),
     ]:
         with pytest.raises(InputError, match=match):
             tiny_adapter(checkpoints["vit"], **params).fit_features(features, data[1])
@@ -301,7 +308,7 @@ def test_skip_leaving_one_class_is_an_error(checkpoints, data, tmp_path):
 def test_divergence_names_lr_and_lambda_and_leaves_nothing_fitted(checkpoints, data, features):
     adapter = tiny_adapter(checkpoints["vit"], epochs=3).fit_features(features, data[1])
     assert hasattr(adapter, "delta_")
-    w0 = adapter._projector.parameter.detach().clone()
+    w0 = adapter.backbone.projector.parameter.detach().clone()
     adapter.set_params(lr=1e30)
     with pytest.raises(TrainingDivergedError) as info:
         adapter.fit_features(features, data[1])
@@ -311,7 +318,7 @@ def test_divergence_names_lr_and_lambda_and_leaves_nothing_fitted(checkpoints, d
         assert not hasattr(adapter, name), name
     with pytest.raises(NotFittedError):
         adapter.predict_features(features[:1])
-    assert torch.equal(adapter._projector.parameter.detach(), w0)  # bit-identical base model
+    assert torch.equal(adapter.backbone.projector.parameter.detach(), w0)  # bit-identical base model
 
 
 def test_loading_a_delta_with_bad_hyperparameters(fitted, tmp_path):
@@ -325,13 +332,13 @@ def test_loading_a_delta_with_bad_hyperparameters(fitted, tmp_path):
     with safe_open(str(path), framework="pt") as f:
         meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     hyper = json.loads(meta["hyperparameters"])
-    for change, match in [({"lr": "fast"}, "lr='fast'"), ({"templates": ["no slot"]}, "template 'no slot'")]:
+    for change, match in [({"lr": "fast"}, "lr='fast'"), ({"templates": ["no slot"]}, r"templates=\['no slot'\]")]:
         meta["hyperparameters"] = json.dumps({**hyper, **change})
         save_file(tensors, str(path), metadata=meta)
         with pytest.raises(DeltaFileError, match=f"invalid hyperparameters.*{match}"):
-            ProLIPAdapter.load(path, model=fitted._get_backbone().model)
+            ProLIPAdapter.load(path, model=fitted.backbone.model)
     # A file cannot choose the device, callables or the base model through its hyperparameters.
     meta["hyperparameters"] = json.dumps({**hyper, "device": "cuda:7", "preprocess": "x", "model": "RN50"})
     save_file(tensors, str(path), metadata=meta)
-    loaded = ProLIPAdapter.load(path, model=fitted._get_backbone().model, verbose=False)
+    loaded = ProLIPAdapter.load(path, model=fitted.backbone.model, verbose=False)
     assert loaded.device is None and loaded.preprocess is None

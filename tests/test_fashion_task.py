@@ -12,6 +12,7 @@ six draws (seeds 0-5; scripts/measure_test_margins.py 6):
 from __future__ import annotations
 
 import pytest
+from conftest import missing
 
 from prolip import ProLIPAdapter, standin
 from prolip.datasets import FASHION_MNIST_CLASSES, apply_shift, few_shot_indices, load_fashion_mnist
@@ -25,7 +26,7 @@ def data():
         train = load_fashion_mnist("train")
         test = load_fashion_mnist("test")
     except FileNotFoundError as exc:  # bash scripts/setup.sh installs it
-        pytest.skip(f"Fashion-MNIST is not installed: {exc}")
+        missing("Fashion-MNIST", str(exc))
     return train, (test[0][:TEST_SIZE], test[1][:TEST_SIZE].tolist())
 
 

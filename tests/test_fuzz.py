@@ -94,7 +94,7 @@ def test_fuzz_delta_reader(delta_bytes):
 
 def test_fuzz_adapter_load(delta_bytes):
     seed, adapter = delta_bytes
-    base = adapter._get_backbone().model
+    base = adapter.backbone.model
     header_end = 8 + int.from_bytes(seed[:8], "little")
     outcomes: Counter = Counter()
 
@@ -145,7 +145,7 @@ def test_fuzz_image_loader():
         @FUZZ
         @given(st.one_of(st.binary(max_size=1024), st.sampled_from(seeds).flatmap(lambda s: mutations(s, 64))))
         def fuzz(data: bytes) -> None:
-            _run(path, data, lambda p: load_image(p, max_short_side=64), outcomes)
+            _run(path, data, lambda p: load_image(p, draft_size=64), outcomes)
 
         fuzz()
     assert outcomes["ok"] > 0 and outcomes["ImageLoadError"] > 0, outcomes

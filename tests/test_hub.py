@@ -59,9 +59,12 @@ def test_push_and_pull_round_trip(fake_hub, checkpoints, colours):
     front = card.split("---")[1]
     assert 'library_name: "prolip"' in front and 'pipeline_tag: "image-classification"' in front
     assert 'base_model: "open_clip:test-vit-tiny' in front and "tags:" in front
-    assert "`blue`" in card and "| accuracy | 0.7500 |" in card and adapter.base_fingerprint_ in card
+    assert "`blue`" in card and "| accuracy | 0.7500 |" in card and adapter.base_fingerprint_.summary() in card
 
-    pulled = ProLIPAdapter.from_pretrained("hf-hub:someone/colours", verbose=False)
+    # A shared file names a local checkpoint path: it may not choose it, the user does.
+    with pytest.raises(ProLIPError, match="does not let a file choose"):
+        ProLIPAdapter.from_pretrained("hf-hub:someone/colours")
+    pulled = ProLIPAdapter.from_pretrained("hf-hub:someone/colours", pretrained=checkpoints["vit"], verbose=False)
     np.testing.assert_array_equal(pulled.predict_proba(images), adapter.predict_proba(images))
     with pytest.raises(ProLIPError, match="someone/missing"):
         ProLIPAdapter.from_pretrained("hf-hub:someone/missing")
@@ -72,9 +75,9 @@ def test_from_pretrained_local_folder_and_file(checkpoints, colours, tmp_path):
 
     images, labels = colours
     adapter = tiny_adapter(checkpoints["vit"], epochs=3).fit(images, labels)
-    folder = save_folder(adapter, tmp_path / "shared")
-    by_folder = ProLIPAdapter.from_pretrained(folder, verbose=False)
-    by_file = ProLIPAdapter.from_pretrained(folder / DELTA_FILENAME, verbose=False)
+    folder = save_folder(adapter.fitted_, tmp_path / "shared")
+    by_folder = ProLIPAdapter.from_pretrained(folder, pretrained=checkpoints["vit"], verbose=False)
+    by_file = ProLIPAdapter.from_pretrained(folder / DELTA_FILENAME, pretrained=checkpoints["vit"], verbose=False)
     expected = adapter.predict_proba(images)
     np.testing.assert_array_equal(by_folder.predict_proba(images), expected)
     np.testing.assert_array_equal(by_file.predict_proba(images), expected)

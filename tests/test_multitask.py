@@ -38,13 +38,13 @@ def test_images() -> list[torch.Tensor]:
     return colour_images(2, seed=1)[0]
 
 
-def test_predictions_equal_each_adapter_alone(saved, test_images):
-    clf = MultiTaskClassifier(list(saved.values()))
+def test_predictions_equal_each_adapter_alone(saved, test_images, checkpoints):
+    clf = MultiTaskClassifier(list(saved.values()), pretrained=checkpoints["vit"])
     assert clf.tasks == ["colour", "warmth", "bright"]
     proba, labels = clf.predict_proba(test_images), clf.predict(test_images)
     assert list(proba) == list(labels) == clf.tasks
     for name, path in saved.items():
-        alone = ProLIPAdapter.load(path, verbose=False)
+        alone = ProLIPAdapter.load(path, pretrained=checkpoints["vit"], verbose=False)
         np.testing.assert_allclose(proba[name], alone.predict_proba(test_images), rtol=0, atol=1e-6)
         np.testing.assert_array_equal(labels[name], alone.predict(test_images))
         np.testing.assert_array_equal(clf.classes_[name], alone.classes_)
@@ -52,12 +52,12 @@ def test_predictions_equal_each_adapter_alone(saved, test_images):
     assert set(labels["warmth"]) <= {"warm", "cool"} and set(labels["bright"]) <= {0, 1}
 
 
-def test_trunk_runs_once_per_image_on_one_shared_model(saved, test_images):
-    clf = MultiTaskClassifier(saved)
-    models = {id(clf._adapters[name]._get_backbone().model) for name in clf.tasks}
+def test_trunk_runs_once_per_image_on_one_shared_model(saved, test_images, checkpoints):
+    clf = MultiTaskClassifier(saved, pretrained=checkpoints["vit"])
+    models = {id(clf._adapters[name].backbone.model) for name in clf.tasks}
     assert len(models) == 1  # every delta was loaded onto the first task's model object
     seen = []
-    trunk = clf._base._get_backbone().model.visual.transformer
+    trunk = clf._base.backbone.model.visual.transformer
     handle = trunk.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     try:
         clf.predict(test_images)
@@ -69,16 +69,16 @@ def test_trunk_runs_once_per_image_on_one_shared_model(saved, test_images):
 def test_names_from_a_dict_and_fitted_adapters(saved, test_images, checkpoints):
     images, colours = colour_images(3)
     fitted = tiny_adapter(checkpoints["vit"], views=2, epochs=10).fit(images, [WARMTH[c] for c in colours])
-    clf = MultiTaskClassifier({"mine": fitted, "colours": saved["colour"]})
+    clf = MultiTaskClassifier({"mine": fitted, "colours": saved["colour"]})  # onto the adapter's own model
     assert clf.tasks == ["mine", "colours"]
     proba = clf.predict_proba(test_images)
     np.testing.assert_allclose(proba["mine"], fitted.predict_proba(test_images), rtol=0, atol=1e-6)
-    colour = ProLIPAdapter.load(saved["colour"], verbose=False)
+    colour = ProLIPAdapter.load(saved["colour"], pretrained=checkpoints["vit"], verbose=False)
     np.testing.assert_allclose(proba["colours"], colour.predict_proba(test_images), rtol=0, atol=1e-6)
     assert MultiTaskClassifier([fitted, saved["warmth"]]).tasks == ["task0", "warmth"]
 
 
-def test_a_delta_for_another_base_model_is_refused(saved, tmp_path):
+def test_a_delta_for_another_base_model_is_refused(saved, tmp_path, checkpoints):
     import open_clip
 
     with torch.random.fork_rng():
@@ -89,22 +89,22 @@ def test_a_delta_for_another_base_model_is_refused(saved, tmp_path):
     path = tmp_path / "stranger.safetensors"
     stranger.save(path)
     with pytest.raises(FingerprintMismatchError, match=r"stranger\.safetensors"):
-        MultiTaskClassifier([saved["colour"], path])
+        MultiTaskClassifier([saved["colour"], path], pretrained=checkpoints["vit"])
     with pytest.raises(FingerprintMismatchError, match="'odd'"):
-        MultiTaskClassifier({"colour": saved["colour"], "odd": stranger})
+        MultiTaskClassifier({"colour": saved["colour"], "odd": stranger}, pretrained=checkpoints["vit"])
 
 
 def test_bad_task_lists_are_refused(saved, checkpoints):
     with pytest.raises(InputError, match="empty"):
         MultiTaskClassifier([])
     with pytest.raises(InputError, match="'colour'"):
-        MultiTaskClassifier([saved["colour"], saved["colour"]])
+        MultiTaskClassifier([saved["colour"], saved["colour"]], pretrained=checkpoints["vit"])
     with pytest.raises(InputTypeError):
         MultiTaskClassifier(saved["colour"])
     with pytest.raises(InputTypeError, match="int"):
-        MultiTaskClassifier([saved["colour"], 3])
+        MultiTaskClassifier([saved["colour"], 3], pretrained=checkpoints["vit"])
     with pytest.raises(NotFittedError):
         MultiTaskClassifier([tiny_adapter(checkpoints["vit"])])
-    fitted = ProLIPAdapter.load(saved["colour"], verbose=False)
+    fitted = ProLIPAdapter.load(saved["colour"], pretrained=checkpoints["vit"], verbose=False)
     with pytest.raises(InputError, match="pretrained"):
         MultiTaskClassifier([fitted, saved["warmth"]], pretrained=checkpoints["vit"])

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
-from conftest import colour_images, tiny_adapter
+from conftest import colour_images, missing, tiny_adapter
 
-sklearn = pytest.importorskip("sklearn")
+try:
+    import sklearn  # noqa: F401  (a test extra: scripts/setup.sh installs it)
+except ImportError as exc:
+    missing("scikit-learn", str(exc))
 
 
 def test_clone_keeps_parameters_and_drops_fitted_state(checkpoints, colours):

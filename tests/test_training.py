@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import math
+import re
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference_training import reference_train
+from reference_training import reference_logits, reference_train
 
-from prolip import TrainingDivergedError
-from prolip.training import TrainResult, logits, train_projector
+from prolip import TrainingDivergedError, TrainingWarning
+from prolip.training import TrainResult, train_projector
 
 CPU = torch.device("cpu")
 
@@ -84,7 +86,7 @@ def test_matches_reference_on_random_problems(n_per_class, k, views, epochs, lr,
 def test_first_loss_is_the_objective_at_w0():
     features, labels, classifier, w0, bias = problem(bias=True)
     fast, _ = both(features, labels, classifier, w0, bias, lr=1e-3, reg_lambda=0.5, epochs=2)
-    expected = F.cross_entropy(logits(features[0], w0, bias, classifier, 100.0), labels)
+    expected = F.cross_entropy(reference_logits(features[0], w0, bias, classifier, 100.0), labels)
     torch.testing.assert_close(fast.losses[0], expected)
 
 
@@ -146,6 +148,23 @@ def test_divergence_names_lr_and_lambda(scale, lr, reg_lambda):
         )  # fmt: skip
     message = str(info.value)
     assert f"lr={lr}" in message and f"reg_lambda={reg_lambda}" in message
+
+
+@pytest.mark.parametrize("reg_lambda", [0.0, 1.0])
+def test_a_loss_that_ends_far_above_its_start_warns(reg_lambda):
+    features, labels, classifier, w0, bias = problem()
+    with pytest.warns(TrainingWarning, match=re.escape(f"lr={1e12} and reg_lambda={reg_lambda}")):
+        result = train_projector(
+            features, labels, classifier, w0, bias,
+            logit_scale=100.0, lr=1e12, reg_lambda=reg_lambda, epochs=10, device=CPU, verbose=False,
+        )  # fmt: skip
+    assert result.losses[-1] > 2 * result.losses[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an ordinary fit stays silent
+        train_projector(
+            features, labels, classifier, w0, bias,
+            logit_scale=100.0, lr=1e-3, reg_lambda=reg_lambda, epochs=10, device=CPU, verbose=False,
+        )  # fmt: skip
 
 
 def test_losses_are_the_reference_losses_at_a_high_learning_rate():

@@ -1,0 +1,167 @@
+"""Crash-safe file writes and the safetensors header reader, shared by every file prolip writes or reads.
+
+Every file prolip writes (delta files, feature-cache entries and packs, merged checkpoints) goes
+through :func:`atomic_write`: the bytes are written under a hidden temporary name in the target's
+folder (``.prolip-<name>.<random>.tmp``), flushed and fsynced, then moved into place, and the
+folder is fsynced so that the move itself survives a crash. Readers therefore see the old file,
+the complete new one, or nothing, never a torn file. Two policies:
+
+* ``exclusive=False`` (replace): ``os.replace``; the last writer wins. For files a user names.
+* ``exclusive=True`` (first writer wins): ``os.link``, which fails if the target exists, so a
+  published file never changes under a reader; used where many processes may write the same
+  content (the feature cache). Where hard links are unsupported it falls back to ``os.replace``,
+  which is atomic too.
+
+Temporary files are created with mode 0o666 minus the umask, as ``open()`` would, so written
+files get the permissions the user expects (``tempfile.mkstemp`` would leave them 0600).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import struct
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, BinaryIO
+
+from prolip.errors import ProLIPError
+
+TEMP_PREFIX = ".prolip-"
+TEMP_SUFFIX = ".tmp"
+STALE_TEMP_SECONDS = 600  # a temp file this old was left by a killed writer, not one still running
+
+
+def temp_prefix(path: str | os.PathLike) -> str:
+    """The name prefix of ``path``'s temporary files (the target's name ties them to it)."""
+    return f"{TEMP_PREFIX}{os.path.basename(os.fspath(path))[:100]}."  # cut to stay under name limits
+
+
+def remove_stale_temps(folder: str | os.PathLike, prefix: str = TEMP_PREFIX, recursive: bool = False) -> None:
+    """Delete temporary files under ``folder`` (names starting with ``prefix``) left by killed writers.
+
+    Only files older than :data:`STALE_TEMP_SECONDS` are removed, so running writers are safe.
+    """
+    now = time.time()
+    walk = os.walk(folder) if recursive else [(os.fspath(folder), [], _listdir(folder))]
+    for dirpath, _, names in walk:
+        for name in names:
+            if name.startswith(prefix) and name.endswith(TEMP_SUFFIX):
+                stale = os.path.join(dirpath, name)
+                with contextlib.suppress(OSError):  # gone already, or not ours to delete: harmless
+                    if now - os.stat(stale).st_mtime > STALE_TEMP_SECONDS:
+                        os.unlink(stale)
+
+
+def _listdir(folder: str | os.PathLike) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(
+    path: str | os.PathLike,
+    chunks: Iterable[Any] = (),
+    *,
+    writer: Callable[[BinaryIO], None] | None = None,
+    exclusive: bool = False,
+) -> bool:
+    """Write ``path`` atomically from byte ``chunks`` and/or by calling ``writer(file)``.
+
+    Args:
+        path: the target file; its folder must exist.
+        chunks: bytes-like objects written in order.
+        writer: called with the open binary file (after ``chunks``), for writers that seek.
+        exclusive: first writer wins: keep an existing ``path`` and discard ours. Otherwise
+            replace it.
+
+    Returns:
+        True if ``path`` now holds what this call wrote (always, unless ``exclusive`` and the
+        file already existed).
+
+    Raises:
+        OSError: the file cannot be written (callers turn it into an error naming the file).
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f"{temp_prefix(path)}{secrets.token_hex(8)}{TEMP_SUFFIX}")
+    # O_EXCL: never write through someone else's file.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            if writer is not None:
+                writer(f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before its name is
+        won = _publish(tmp, path, exclusive)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(folder)
+    return won
+
+
+def _publish(tmp: str, path: str, exclusive: bool) -> bool:
+    if not exclusive:
+        os.replace(tmp, path)
+        return True
+    try:
+        os.link(tmp, path)  # fails if path exists: a published file is never replaced under a reader
+        won = True
+    except FileExistsError:
+        won = False
+    except OSError:  # no hard links on this filesystem: a rename is atomic too, the last writer wins
+        os.replace(tmp, path)
+        return True
+    os.unlink(tmp)
+    return won
+
+
+def read_safetensors_header(
+    path: str | os.PathLike, error: type[ProLIPError], max_bytes: int, what: str
+) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the offset where its tensor data starts.
+
+    The declared header size is checked against ``max_bytes`` and the file size before anything
+    is parsed, so a pickle or a hostile length is refused without reading it. Raises ``error``,
+    with a message naming the file and calling it a ``what``.
+    """
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise error(f"{path!r} is too short ({size} bytes) to be a safetensors {what}; it is truncated or corrupt.")
+        (n,) = struct.unpack("<Q", head)
+        if n > max_bytes or 8 + n > size:
+            raise error(
+                f"{path!r} is not a valid safetensors file (declared header of {n} bytes, file of {size} bytes); "
+                "it may be truncated, corrupted, or another format such as a pickle."
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, RecursionError):
+            header = None
+    if not isinstance(header, dict):
+        raise error(f"{path!r} could not be read as a safetensors {what} (malformed header); the file is corrupt.")
+    return header, 8 + n

@@ -1,0 +1,97 @@
+"""Every hyperparameter's constraint, in one table, checked in one place.
+
+:func:`check_params` is what the estimator runs before it does any work (scikit-learn style: the
+constructor only stores), what :meth:`~prolip.ProLIPAdapter.load` runs on the hyperparameters a
+file stores, and what :mod:`prolip.distributed` and the backbone builder run on theirs, so a
+value is accepted or refused by the same rule wherever it comes from.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from prolip.cache import STORAGE_DTYPES
+from prolip.errors import InputError
+from prolip.images import ON_ERROR
+from prolip.zeroshot import valid_templates
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""Backbone precisions by name (training itself is always fp32)."""
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a parameter must be: a predicate and the phrase that describes it in errors."""
+
+    expected: str
+    check: Callable[[Any], bool]
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _device(value: Any) -> bool:
+    if value is None or isinstance(value, torch.device):
+        return True
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+CONSTRAINTS: dict[str, Constraint] = {
+    "model": Constraint(
+        "an open_clip model name (see open_clip.list_models()) or an open_clip model object",
+        lambda v: (isinstance(v, str) and bool(v)) or isinstance(v, nn.Module),
+    ),
+    "pretrained": Constraint(
+        "None, an open_clip pretrained tag or a checkpoint path", lambda v: v is None or isinstance(v, (str, os.PathLike))
+    ),
+    "templates": Constraint(
+        "None or a non-empty list of strings with exactly one '{}' each, such as ['a photo of a {}.']",
+        lambda v: v is None or valid_templates(v),
+    ),
+    "lr": Constraint("a positive number, e.g. 1e-3", lambda v: _number(v) and v > 0),
+    "reg_lambda": Constraint("'auto' (1/N) or a number >= 0", lambda v: v == "auto" or (_number(v) and v >= 0)),
+    "epochs": Constraint("an integer >= 0", lambda v: _integer(v) and v >= 0),
+    "views": Constraint("an integer >= 0 (0: train on the plain view)", lambda v: _integer(v) and v >= 0),
+    "batch_size": Constraint("an integer >= 1", lambda v: _integer(v) and v >= 1),
+    "device": Constraint("None or a torch device such as 'cuda', 'cuda:1', 'mps' or 'cpu'", _device),
+    "precision": Constraint(f"one of {sorted(PRECISIONS)}", lambda v: isinstance(v, str) and v in PRECISIONS),
+    "logit_scale": Constraint("None or a positive number", lambda v: v is None or (_number(v) and v > 0)),
+    "random_state": Constraint("None or an integer", lambda v: v is None or _integer(v)),
+    "verbose": Constraint("True or False", lambda v: isinstance(v, (bool, np.bool_))),
+    "preprocess": Constraint("None or a callable (PIL image -> tensor)", lambda v: v is None or callable(v)),
+    "tokenizer": Constraint("None or a callable (list of str -> token tensor)", lambda v: v is None or callable(v)),
+    "on_error": Constraint(f"one of {list(ON_ERROR)}", lambda v: isinstance(v, str) and v in ON_ERROR),
+    "cache_dir": Constraint("None or a folder path", lambda v: v is None or isinstance(v, (str, os.PathLike))),
+    "cache_dtype": Constraint(f"one of {sorted(STORAGE_DTYPES)}", lambda v: isinstance(v, str) and v in STORAGE_DTYPES),
+}
+
+
+def check_params(params: Mapping[str, Any]) -> None:
+    """Check every parameter of ``params`` that has a constraint.
+
+    Raises:
+        InputError: naming the first parameter that breaks its constraint, its value, and what
+            it must be.
+    """
+    for name, value in params.items():
+        constraint = CONSTRAINTS.get(name)
+        if constraint is not None and not constraint.check(value):
+            shown = f"<{type(value).__name__}>" if isinstance(value, nn.Module) else repr(value)
+            raise InputError(f"{name}={shown} is invalid: it must be {constraint.expected}.")
