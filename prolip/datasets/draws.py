@@ -21,9 +21,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from prolip.cache import _write_atomic
 from prolip.datasets.dataset import Dataset, Item
 from prolip.errors import InputError
+from prolip.files import atomic_write
 
 __all__ = ["DRAW_FORMAT", "DRAW_VERSION", "Draw", "draw_shots", "draw_validation", "read_draw", "write_draw"]
 
@@ -156,7 +156,7 @@ def write_draw(draw: Draw, path: str | os.PathLike, dataset: Dataset) -> None:
     }
     data = json.dumps(record, indent=1, ensure_ascii=False).encode("utf-8")
     try:
-        _write_atomic(Path(path), [data], overwrite=True)
+        atomic_write(path, [data])
     except OSError as exc:
         raise InputError(
             f"cannot write draw file {str(path)!r} ({exc}); check that its folder exists and is writable."
