@@ -29,7 +29,7 @@ from timing import timed
 
 from prolip import ProLIPAdapter
 from prolip.multitask import MultiTaskClassifier
-from prolip.projector import find_projector
+from prolip.towers import find_projector
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from prolip.errors import (
     UnsupportedModelError,
 )
 from prolip.multitask import MultiTaskClassifier
+from prolip.towers import supported_models
 
 __all__ = [
     "CachedFeatures",
@@ -49,4 +50,5 @@ __all__ = [
     "TrainingWarning",
     "UnsupportedModelError",
     "__version__",
+    "supported_models",
 ]

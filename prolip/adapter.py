@@ -158,10 +158,12 @@ class ProLIPAdapter(Estimator):
     base_fingerprint_ = _Learned(
         lambda s: s.fingerprint if s.fingerprint is not None else s.legacy_hash, "The base model's fingerprint."
     )
-    n_features_in_ = _Learned(
-        lambda s: s.delta.shape[1] if s.delta.shape[0] == s.classifier.shape[1] else s.delta.shape[0],
-        "d_in, the width of the pre-projection features.",
-    )
+
+    @property
+    def n_features_in_(self) -> int:
+        """Width of the features predict_features takes: d_in (+ d_out for towers with a residual)."""
+        self._fitted()
+        return self.backbone.projector.feature_width
 
     def _fitted(self) -> FittedState:
         state = self.__dict__.get("_state")
@@ -287,7 +289,7 @@ class ProLIPAdapter(Estimator):
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
         """Class logits ``[n, K]`` (CPU, fp32) of pre-projection test features ``[n, d_in]`` or ``[1, n, d_in]``."""
         state, projector = self._fitted(), self.backbone.projector
-        x = check_features(features, projector.in_features)
+        x = check_features(features, projector.feature_width)
         if x.shape[0] != 1:
             raise InputError(f"features hold {x.shape[0]} views; pass test-time features [1, n, d] (views=0).")
         device, bias = self.backbone.device, projector.bias

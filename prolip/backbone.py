@@ -19,7 +19,7 @@ from torch import nn
 from prolip.errors import InputError, ModelLoadError
 from prolip.fingerprint import Fingerprint
 from prolip.params import PRECISIONS, check_params
-from prolip.projector import Projector, find_projector
+from prolip.towers import Projector, find_projector
 from prolip.views import INTERPOLATIONS, RESIZE_MODES, ViewConfig
 from prolip.zeroshot import zero_shot_classifier
 
@@ -81,7 +81,7 @@ class Backbone:
         model: the open_clip model (prolip never modifies it).
         tokenizer: turns prompts into tokens for ``model.encode_text``.
         view_config: input size, normalisation and resizing of the model's preprocessing.
-        projector: the vision tower's trainable projector (:mod:`prolip.projector`).
+        projector: the vision tower's trainable projector (:mod:`prolip.towers`).
         name: the open_clip model name, or None for a model object.
         pretrained: the pretrained tag or checkpoint it was built with.
         precision: "fp32", "fp16" or "bf16".

@@ -1,4 +1,4 @@
-"""The ``prolip`` command line: fit, predict, eval, info and merge."""
+"""The ``prolip`` command line: fit, predict, eval, info, models and merge."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ _EXAMPLES = {
     "predict": "example:\n  prolip predict pets.safetensors cat1.jpg dog2.png --json",
     "eval": "example:\n  prolip eval pets.safetensors photos_test/",
     "info": "example:\n  prolip info pets.safetensors",
+    "models": "example:\n  prolip models\n  prolip models --all --json > models.json",
     "merge": "example:\n  prolip merge pets.safetensors --out ViT-B-32-pets.safetensors\n"
     "  python -c \"import open_clip; open_clip.create_model('ViT-B-32', pretrained='ViT-B-32-pets.safetensors')\"",
 }
@@ -89,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
 
     info = command("info", "Show a delta file's base model, classes, hyperparameters and fingerprint.")
     info.add_argument("delta", help="delta file")
+
+    models = command(
+        "models", "List the open_clip models prolip supports, by tower family (builds each config without weights)."
+    )
+    models.add_argument("--all", action="store_true", help="also list refused and unbuildable configs, with reasons")
+    models.add_argument("--json", action="store_true", help="print one JSON object per config")
 
     merge = command("merge", "Write a full open_clip state dict whose projector is W0 + delta.")
     merge.add_argument("delta", help="delta file")
@@ -236,7 +243,30 @@ def _merge(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}: the full model with its projector adapted; load it with open_clip pretrained=PATH")
 
 
-_COMMANDS = {"fit": _fit, "predict": _predict, "eval": _eval, "info": _info, "merge": _merge}
+def _models(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from prolip.towers import survey_models
+
+    reports = survey_models(verbose=not args.quiet)
+    shown = [r for r in reports if args.all or r.status == "supported"]
+    if args.json:
+        for report in shown:
+            print(json.dumps(dataclasses.asdict(report)))
+        return
+    by_family: dict[str, list[str]] = {}
+    for report in shown:
+        by_family.setdefault(report.family or report.status, []).append(report.name)
+    for family, names in by_family.items():
+        print(f"{family} ({len(names)}): {', '.join(names)}")
+    for report in shown:
+        if report.status != "supported":
+            print(f"  {report.name}: {report.status}: {report.note}")
+    supported = sum(r.status == "supported" for r in reports)
+    print(f"{supported} of {len(reports)} open_clip configs supported (see docs/models.md)")
+
+
+_COMMANDS = {"fit": _fit, "predict": _predict, "eval": _eval, "info": _info, "models": _models, "merge": _merge}
 
 
 def _configure_logging(*, quiet: bool, verbose: bool) -> None:

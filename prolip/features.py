@@ -1,5 +1,8 @@
 """Pre-projection feature extraction: images in, ``[V, n, d_in]`` features out, computed once.
 
+Towers whose embedding adds a per-image residual after the projector (SigLIP) get it stored
+beside x in each row, ``[V, n, d_in + d_out]`` (:meth:`prolip.towers.Projector.pack`).
+
 The crops and flips of an image's views come from a generator seeded by the run's seed and the
 image's content hash (:func:`image_seed`), so an image gets the same views whatever list it is
 in, at whatever position, in whatever batch, and whether its features come from memory or from
@@ -82,7 +85,7 @@ def _iter_features(
                 pixels = augmented_views([prepared[i][0] for i in local], pairs, crops, config)
             else:  # the plain view from the full image, as open_clip's own transform sees it
                 pixels = plain_views([prepared[i][0] for _, i in chunk], config)
-            feats = backbone.projector.features(pixels.to(backbone.dtype)).float().cpu()
+            feats = backbone.projector.pack(*backbone.projector.features(pixels.to(backbone.dtype))).float().cpu()
         # Rows are allocated outside inference mode so that training can use them with autograd.
         for k, (v, i) in enumerate(chunk):
             row = rows.get(i)
@@ -103,7 +106,7 @@ def _iter_preprocessed(
         batch = images[start : start + batch_size]
         pixels = torch.stack([preprocess(im) for im in batch]).to(backbone.device, backbone.dtype)
         with torch.inference_mode():
-            feats = backbone.projector.features(pixels).float().cpu()
+            feats = backbone.projector.pack(*backbone.projector.features(pixels)).float().cpu()
         for k in range(len(batch)):
             yield start + k, feats[k : k + 1].clone()
         bar.update(len(batch))
@@ -135,12 +138,14 @@ def extract_features(
 
     Returns:
         float32 CPU tensor ``[max(views, 1), n, d_in]``; ``[v, i]`` is view ``v`` of image ``i``.
+        For towers with a per-image residual (:attr:`prolip.towers.Projector.has_residual`), each
+        row also holds the residual r beside x: ``[..., d_in + d_out]``.
     """
     if preprocess is not None and views:
         raise InputError("a preprocess transform gives the plain test-time view only; use it with views=0.")
     n = len(images)
     seeds = [image_seed(seed, image_hash(im)) for im in images] if views else None
-    out = torch.empty(max(views, 1), n, backbone.projector.in_features, dtype=torch.float32)
+    out = torch.empty(max(views, 1), n, backbone.projector.feature_width, dtype=torch.float32)
     what = f"{views} views" if views else "test view"
     with tqdm(total=n * max(views, 1), desc=f"features ({what})", unit="img", disable=not verbose, leave=False) as bar:
         rows = (
@@ -172,7 +177,7 @@ def feature_cache(
         views=views,
         storage=storage,
     )
-    return FeatureCache(root, key, backbone.projector.in_features)
+    return FeatureCache(root, key, backbone.projector.feature_width)
 
 
 def fill_cache(

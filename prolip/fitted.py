@@ -19,7 +19,7 @@ from torch import nn
 from prolip.backbone import Backbone, file_may_choose
 from prolip.errors import DeltaFileError, FingerprintMismatchError, warn
 from prolip.fingerprint import Fingerprint, legacy_projector_hash
-from prolip.projector import Projector, find_projector
+from prolip.towers import Projector, find_projector
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,7 +36,7 @@ class FittedState:
         reg_lambda: the λ training used.
         logit_scale: the s training used.
         projector_key: the state-dict key of the projector parameter (e.g. "visual.proj").
-        projector_family: the tower family (:mod:`prolip.projector`).
+        projector_family: the tower family (:mod:`prolip.towers`).
         model_name: the open_clip model name, or "" for a model object.
         pretrained: the pretrained tag or checkpoint, or "".
         hyperparameters: the estimator's hyperparameters at fit time (JSON-able values only).
@@ -134,7 +134,7 @@ class FittedState:
             The relative error of the merged update, ‖(W0 + delta) rounded − W0 − delta‖ / ‖delta‖:
             0 for an fp32 model, and what fp16 or bf16 rounding lost otherwise.
         """
-        param = find_projector(model).parameter
+        param = find_projector(model, verify=False).parameter  # the same architecture as the checked base
         with torch.no_grad():
             w0 = param.detach().float().clone()
             param.copy_((w0 + self.delta.to(param.device)).to(param.dtype))

@@ -42,7 +42,7 @@ def fit_projector(
     and what :data:`SAVED_PARAMS` records.
     """
     projector = backbone.projector
-    features = check_features(features, projector.in_features)
+    features = check_features(features, projector.feature_width)
     labels = label_list(labels)
     if features.shape[1] != len(labels):
         raise InputError(f"features hold {features.shape[1]} images but {len(labels)} labels were given.")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from prolip.errors import TrainingDivergedError, TrainingWarning, warn
+from prolip.errors import InputError, TrainingDivergedError, TrainingWarning, warn
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,17 @@ class TrainResult:
     losses: torch.Tensor
 
 
+def split_features(features: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(x, r)`` from stored features ``[..., d_in]`` or ``[..., d_in + d_out]`` (x, then the residual r).
+
+    Towers whose embedding is x W + b + r with a per-image residual r (SigLIP's attention-pool
+    head) store r beside x (:meth:`prolip.towers.Projector.pack`); the others store x alone.
+    """
+    if features.shape[-1] == d_in:
+        return features, None
+    return features[..., :d_in], features[..., d_in:]
+
+
 def logits(
     features: torch.Tensor,
     weight: torch.Tensor,
@@ -44,10 +55,13 @@ def logits(
     classifier: torch.Tensor,
     logit_scale: float,
 ) -> torch.Tensor:
-    """``s · normalize(x W + b) · Tᵀ``: class logits of pre-projection features ``[n, d_in]``."""
-    z = features @ weight
+    """``s · normalize(x W + b + r) · Tᵀ``: class logits of stored pre-projection features ``[n, d_in (+ d_out)]``."""
+    x, residual = split_features(features, weight.shape[0])
+    z = x @ weight
     if bias is not None:
         z = z + bias
+    if residual is not None:
+        z = z + residual
     return logit_scale * F.normalize(z, dim=-1) @ classifier.t()
 
 
@@ -71,6 +85,7 @@ class _State:
         self.dot = torch.empty(n, 1, **opts)
         self.scores = torch.empty(n, k, **opts)  # logits, log-probabilities, then n · dL/dlogits
         self.minus_one = torch.full((n, 1), -1.0, **opts)
+        self.offset = torch.empty(n, d_out, **opts)  # b + r, for towers with a per-image residual
         self.grad = torch.empty_like(weight)  # holds W − W0 first when regularised
 
 
@@ -89,6 +104,9 @@ def train_projector(
     verbose: bool = True,
 ) -> TrainResult:
     """Train W from W0 on features ``[V, n, d_in]``; step t uses view ``t mod V``.
+
+    Features ``[V, n, d_in + d_out]`` hold each image's residual r beside x (see
+    :func:`split_features`); it enters like the bias: z = xW + b + r, and the gradient is unchanged.
 
     Loss = CE(s · normalize(xW + b) · Tᵀ, y) + λ‖W − W0‖²_F (cross-entropy averaged, penalty
     summed), minimised by Adam(lr, betas=(0.9, 0.999), eps=1e-4) with the learning rate of step t
@@ -118,11 +136,16 @@ def train_projector(
     weight.grad = state.grad  # the loop writes the gradient there; Adam reads it
     optimizer = _adam(weight, lr)
     history = torch.empty(epochs, device=device)  # preallocated: no per-step allocations
-    n_views = features.shape[0]
+    n_views, d_in, d_out = features.shape[0], w0.shape[0], w0.shape[1]
+    if features.shape[-1] not in (d_in, d_in + d_out):
+        raise InputError(f"features have width {features.shape[-1]}; W0 needs {d_in} (or {d_in + d_out} with residuals).")
     with torch.no_grad():
         for step in tqdm(range(epochs), desc="training", unit="step", disable=not verbose, leave=False):
-            x = features[step % n_views].to(device, torch.float32, non_blocking=True)
-            history[step] = _loss_and_gradient(x, weight, w0, b, classes, y, reg_lambda, state)
+            x, residual = split_features(features[step % n_views].to(device, torch.float32, non_blocking=True), d_in)
+            offset = b
+            if residual is not None:  # b + r: a per-image bias
+                offset = torch.add(residual, b, out=state.offset) if b is not None else residual
+            history[step] = _loss_and_gradient(x, weight, w0, offset, classes, y, reg_lambda, state)
             # torch's CosineAnnealingLR(T_max=epochs) in closed form, without its per-step bookkeeping.
             optimizer.param_groups[0]["lr"] = lr * (1 + math.cos(math.pi * step / epochs)) / 2
             optimizer.step()
@@ -156,7 +179,10 @@ def _loss_and_gradient(
     reg_lambda: float,
     state: _State,
 ) -> torch.Tensor:
-    """The loss at ``weight`` (a 0-d tensor); its gradient is left in ``state.grad``."""
+    """The loss at ``weight`` (a 0-d tensor); its gradient is left in ``state.grad``.
+
+    ``bias`` is ``[d_out]`` or, for towers with a residual, the per-image ``b + r`` ``[n, d_out]``.
+    """
     # Forward: z = xW + b, u = z / ‖z‖, logits = u (sT)ᵀ.
     if bias is None:
         torch.mm(x, weight, out=state.z)

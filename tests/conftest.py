@@ -12,7 +12,15 @@ import pytest
 import torch
 
 CONFIGS = Path(__file__).parent / "configs"
-TINY_MODELS = {"vit": "test-vit-tiny", "modified_resnet": "test-rn-tiny", "timm": "test-timm-tiny"}
+# One tiny random-weight config per vision tower family of prolip.towers.
+TINY_MODELS = {
+    "vit": "test-vit-tiny",
+    "modified_resnet": "test-rn-tiny",
+    "timm_linear": "test-timm-tiny",
+    "timm_mlp": "test-timm-mlp-tiny",
+    "timm_classifier": "test-timm-classifier-tiny",
+    "timm_map": "test-timm-map-tiny",  # SigLIP's attention-pool head: a residual beside x
+}
 
 
 def missing(what: str, reason: str) -> None:

@@ -10,24 +10,33 @@ import torch.nn.functional as F
 from prolip.training import TrainResult
 
 
-def reference_logits(x, weight, bias, classifier, logit_scale):
-    """s · (xW + b) / ‖xW + b‖ · Tᵀ, written out here rather than taken from the code under test."""
+def reference_logits(x, weight, bias, classifier, logit_scale, residual=None):
+    """s · (xW + b + r) / ‖xW + b + r‖ · Tᵀ, written out here rather than taken from the code under test."""
     z = x @ weight
     if bias is not None:
         z = z + bias
+    if residual is not None:
+        z = z + residual
     return logit_scale * (z / z.norm(dim=-1, keepdim=True)) @ classifier.T
 
 
-def reference_train(features, labels, classifier, w0, bias, *, logit_scale, lr, reg_lambda, epochs) -> TrainResult:
-    """The loss written out for autograd, minimised by torch.optim.Adam with CosineAnnealingLR."""
+def reference_train(
+    features, labels, classifier, w0, bias, *, logit_scale, lr, reg_lambda, epochs, d_in=None
+) -> TrainResult:
+    """The loss written out for autograd, minimised by torch.optim.Adam with CosineAnnealingLR.
+
+    With ``d_in``, each feature row is x (its first ``d_in`` columns) followed by a residual r
+    added to xW + b.
+    """
     w0, bias = w0.detach().float(), None if bias is None else bias.detach().float()
     weight = w0.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([weight], lr=lr, betas=(0.9, 0.999), eps=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     losses = torch.empty(epochs)
     for step in range(epochs):
-        x = features[step % features.shape[0]]
-        loss = F.cross_entropy(reference_logits(x, weight, bias, classifier, logit_scale), labels)
+        row = features[step % features.shape[0]]
+        x, residual = (row, None) if d_in is None or row.shape[-1] == d_in else (row[:, :d_in], row[:, d_in:])
+        loss = F.cross_entropy(reference_logits(x, weight, bias, classifier, logit_scale, residual), labels)
         if reg_lambda:
             loss = loss + reg_lambda * (weight - w0).pow(2).sum()
         optimizer.zero_grad()

@@ -7,12 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_MODELS, colour_images, tiny_adapter
+from reference_training import reference_train
 
-from prolip import FingerprintMismatchError, NotFittedError, ProLIPAdapter
+from prolip import FingerprintMismatchError, NotFittedError, ProLIPAdapter, TrainingWarning
 from prolip.images import load_images
 from prolip.views import plain_views
 
-FEATURE_WIDTH = {"vit": 48, "modified_resnet": 256, "timm": 64}
+# Widths of the tiny configs' pre-projection features, from their architectures: ViT width 48; RN
+# 8 × 32 channels; test_convnext's last stage 64, its MLP head's hidden 48; test_vit's width 64, and
+# its attention-pool MLP's hidden 192 with the 64-wide residual beside it.
+FEATURE_WIDTH = {"vit": 48, "modified_resnet": 256, "timm_linear": 64, "timm_mlp": 48, "timm_classifier": 64, "timm_map": 192 + 64}
 
 
 @pytest.mark.parametrize("family", list(TINY_MODELS))
@@ -40,6 +44,24 @@ def test_each_family_fits_predicts_and_round_trips(family, checkpoints, colours,
     assert torch.equal(loaded.delta_, adapter.delta_)
     assert list(loaded.classes_) == list(adapter.classes_)
     assert loaded.get_params()["lr"] == adapter.lr
+
+
+@pytest.mark.parametrize("family", list(TINY_MODELS))
+def test_the_trained_delta_is_the_reference_loops(family, checkpoints, colours):
+    images, labels = colours
+    adapter = tiny_adapter(checkpoints[family], family, reg_lambda=0.5, epochs=15)
+    features = adapter.extract_features(images)
+    adapter.fit_features(features, labels)
+    projector = adapter.backbone.projector
+    y = torch.tensor([list(adapter.classes_).index(lab) for lab in labels])
+    reference = reference_train(
+        features, y, adapter.classifier_, projector.to_in_out(projector.parameter), projector.bias,
+        d_in=projector.in_features, logit_scale=adapter.logit_scale_, lr=adapter.lr, reg_lambda=0.5, epochs=15,
+    )  # fmt: skip
+    change = reference.weight - projector.to_in_out(projector.parameter).detach().float()
+    assert change.abs().max() > 0
+    torch.testing.assert_close(projector.to_in_out(adapter.delta_), change, rtol=0, atol=1e-3 * float(change.abs().max()))
+    torch.testing.assert_close(torch.from_numpy(adapter.loss_history_), reference.losses, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", list(TINY_MODELS))
@@ -77,7 +99,8 @@ def test_regularisation_strength(checkpoints, colours):
     images, labels = colours
     probe = tiny_adapter(checkpoints["vit"])
     features = probe.extract_features(images)
-    huge = tiny_adapter(checkpoints["vit"], reg_lambda=1e6).fit_features(features, labels)
+    with pytest.warns(TrainingWarning, match="reg_lambda=1000000.0"):  # Adam's first steps overshoot a huge λ
+        huge = tiny_adapter(checkpoints["vit"], reg_lambda=1e6).fit_features(features, labels)
     free = tiny_adapter(checkpoints["vit"], reg_lambda=0.0).fit_features(features, labels)
     # Adam takes steps of about lr whatever the gradient's size, so a huge λ leaves W oscillating
     # around W0 within one step (damped by the cosine schedule), far below the free movement.
@@ -164,7 +187,7 @@ def test_load_onto_a_model_object(checkpoints, colours, tmp_path):
     import open_clip
 
     images, labels = colours
-    base = open_clip.create_model(TINY_MODELS["timm"], pretrained=checkpoints["timm"])
+    base = open_clip.create_model(TINY_MODELS["timm_linear"], pretrained=checkpoints["timm_linear"])
     adapter = ProLIPAdapter(base, views=2, epochs=5, device="cpu", verbose=False).fit(images, labels)
     path = tmp_path / "delta.safetensors"
     adapter.save(path)

@@ -172,7 +172,7 @@ def test_open_clip_chatter_only_with_verbose(delta, folder):
     assert "Loaded" in loud.stderr or "model config" in loud.stderr.lower()
 
 
-@pytest.mark.parametrize("command", ["fit", "predict", "eval", "info", "merge"])
+@pytest.mark.parametrize("command", ["fit", "predict", "eval", "info", "models", "merge"])
 def test_every_subcommand_has_help_with_an_example(command, capsys):
     from prolip.cli import main
 
@@ -182,3 +182,19 @@ def test_every_subcommand_has_help_with_an_example(command, capsys):
     assert done.value.code == 0
     text = capsys.readouterr().out
     assert "example:" in text and f"prolip {command}" in text
+
+
+def test_models_lists_supported_configs_by_family(monkeypatch, capsys):
+    import open_clip
+
+    from prolip.cli import main
+
+    # Three real configs stand for open_clip's whole list (the full sweep is scripts/list_models.py).
+    monkeypatch.setattr(open_clip, "list_models", lambda: ["RN50", "ViT-B-32", "ViT-B-16-SigLIP"])
+    assert main(["models", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "modified_resnet (1): RN50" in out and "vit (1): ViT-B-32" in out and "timm_map (1): ViT-B-16-SigLIP" in out
+    assert "3 of 3 open_clip configs supported" in out
+    assert main(["models", "--json", "--quiet"]) == 0
+    rows = {row["name"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows["ViT-B-16-SigLIP"]["residual"] is True and rows["RN50"]["key"] == "visual.attnpool.c_proj.weight"

@@ -100,7 +100,7 @@ def test_features_follow_the_models_own_preprocess_config(squash_model, tmp_path
     )
     pil = Image.open(path).convert("RGB")
     with torch.no_grad():
-        expected = adapter.backbone.projector.features(transform(pil)[None])[0]
+        expected = adapter.backbone.projector.features(transform(pil)[None])[0][0]
     for source in (str(path), pil, pil_to_tensor(pil)):
         got = adapter.extract_features([source], views=0)[0, 0]
         # Measured: cosine 0.99999+ (path, PIL and tensor alike); ignoring the config gives 0.95.

@@ -125,6 +125,19 @@ class Projector(LinearMap):
         """``(x [n, d_in], r [n, d_out] or None)`` for normalised images ``[n, 3, H, W]``."""
         raise NotImplementedError
 
+    @property
+    def feature_width(self) -> int:
+        """Width of the stored pre-projection features: ``d_in``, plus ``d_out`` for a residual (see :meth:`pack`)."""
+        return self.in_features + (self.out_features if self.has_residual else 0)
+
+    def pack(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """One row per image holding x and, beside it, r: ``[..., feature_width]``.
+
+        prolip stores, caches and trains on features in this form, so a tower with a residual
+        needs nothing else carried around; :func:`prolip.training.split_features` takes it apart.
+        """
+        return x if residual is None else torch.cat([x, residual.to(x.dtype)], dim=-1)
+
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
