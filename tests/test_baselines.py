@@ -61,7 +61,7 @@ def make_problem(
     train = draw(shots, views)
     problem = Problem(
         train=train,
-        train_plain=FeatureSet(train.x[:1].clone(), train.labels),
+        train_plain=FeatureSet(train.features[:1].clone(), train.labels),
         val=draw(shots, 1),
         classes=Classes([f"class {i}" for i in range(k)], classifier, text),
         image_head=ImageHead(w0, 0.1 * torch.randn(d_out, generator=g)),
@@ -74,7 +74,7 @@ def make_problem(
 
 def with_val_labels(problem: Problem, labels: torch.Tensor) -> Problem:
     """The same problem with other validation labels."""
-    return Problem(**{**vars(problem), "val": FeatureSet(problem.val.x, labels)})
+    return Problem(**{**vars(problem), "val": FeatureSet(problem.val.features, labels)})
 
 
 def zero_shot_logits(problem: Problem, test: FeatureSet) -> torch.Tensor:
@@ -188,13 +188,13 @@ def test_lp_plus_plus_starts_from_class_sums_blended_with_text():
     problem, test = make_problem(seed=7, shift=2.0)
     fitted = LPPlusPlus(epochs=0).fit(problem)
     # Reference, written from the paper's and the public code's initialisation.
-    f = F.normalize(problem.image_head.embed(problem.train.x[0]), dim=-1)
+    f = F.normalize(problem.image_head.embed(problem.train.features[0]), dim=-1)
     t = problem.classes.classifier
     y = problem.train.labels
     k = len(problem.classes)
     sums = torch.stack([f[y == c].sum(dim=0) for c in range(k)])
     alpha = 250 * torch.stack([(f[y == c] @ t[c]).mean() for c in range(k)]).mean()
-    f_test = F.normalize(problem.image_head.embed(test.x[0]), dim=-1)
+    f_test = F.normalize(problem.image_head.embed(test.features[0]), dim=-1)
     expected = f_test @ sums.t() + alpha * f_test @ t.t()
     torch.testing.assert_close(fitted.logits(test, problem.classes), expected, rtol=1e-5, atol=1e-4)
 
@@ -248,7 +248,7 @@ def test_search_c_finds_the_peak_of_a_unimodal_score():
 
 def test_selection_needs_a_validation_draw():
     problem, _ = make_problem(seed=9)
-    empty = Problem(**{**vars(problem), "val": FeatureSet(problem.val.x[:, :0], problem.val.labels[:0])})
+    empty = Problem(**{**vars(problem), "val": FeatureSet(problem.val.features[:, :0], problem.val.labels[:0])})
     for method in (LinearProbe(), TipAdapter(), TipAdapterF(), ClipAdapter()):
         with pytest.raises(InputError, match="validation"):
             method.fit(empty)
@@ -266,7 +266,7 @@ def test_linear_probe_separates_separable_clusters():
 def test_logistic_regression_matches_scikit_learn():
     sklearn = pytest.importorskip("sklearn.linear_model")
     problem, _ = make_problem(k=5, shots=10, noise=2.0, seed=11)
-    x = F.normalize(problem.image_head.embed(problem.train_plain.x[0]), dim=-1)
+    x = F.normalize(problem.image_head.embed(problem.train_plain.features[0]), dim=-1)
     y = problem.train_plain.labels
     for c in (0.1, 10.0, 1000.0):
         weight, bias = fit_logistic(x, y, 5, c, tol=1e-8)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from prolip.cache import CachedFeatures
+from prolip.training import split_features
 
 
 @dataclass(frozen=True)
@@ -21,26 +22,28 @@ class FeatureSet:
     """Pre-projection features of one set of images under one view setting, with their labels.
 
     Attributes:
-        x: float32 ``[V, n, d_in]``: view ``v`` of image ``i`` at ``x[v, i]``. ``V = 1`` for the
-            plain test-time view. May be lazy :class:`~prolip.cache.CachedFeatures` (index it
-            one view at a time) for augmented training views.
+        features: float32 ``[V, n, width]``: view ``v`` of image ``i`` at ``features[v, i]``. ``V = 1``
+            for the plain test-time view. May be lazy :class:`~prolip.cache.CachedFeatures` (index
+            it one view at a time) for augmented training views. Each row is x (``d_in`` columns)
+            and, for towers that add a per-image residual after their last linear map (SigLIP's
+            attention-pool head), the residual r beside it (:func:`prolip.training.split_features`).
         labels: int64 ``[n]``, indices into the classes the set was drawn with.
-        residual: float32 ``[V, n, d_out]``, the per-image term some towers add after their last
-            linear map (SigLIP's attention-pool head adds the pooled token), or None where it is 0.
+        d_in: the width of x; None when rows hold x alone (``width == d_in``).
     """
 
-    x: torch.Tensor | CachedFeatures
+    features: torch.Tensor | CachedFeatures
     labels: torch.Tensor
-    residual: torch.Tensor | None = None
+    d_in: int | None = None
 
     @property
     def n_views(self) -> int:
         """V, the number of views per image."""
-        return int(self.x.shape[0])
+        return int(self.features.shape[0])
 
     def view(self, v: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(x[v], residual[v])``: one view of every image, ``[n, d_in]`` and ``[n, d_out]`` or None."""
-        return self.x[v], None if self.residual is None else self.residual[v]
+        """``(x, r)`` of view ``v`` of every image: ``[n, d_in]`` and ``[n, d_out]`` or None."""
+        rows = self.features[v]
+        return split_features(rows, rows.shape[-1] if self.d_in is None else self.d_in)
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ class FittedMethod(ABC):
     def logits(self, test: FeatureSet, classes: Classes) -> torch.Tensor:
         """Scores ``[n, K]`` of the test images for ``classes`` (higher is more likely).
 
-        ``test.x`` is ``[1, n, d_in]`` (the plain view), or ``[1 + test_views, n, d_in]`` with
-        view 0 the plain view for methods with ``test_views > 0``. ``classes`` are the training
+        ``test.features`` is ``[1, n, width]`` (the plain view), or ``[1 + test_views, n, width]``
+        with view 0 the plain view for methods with ``test_views > 0``. ``classes`` are the training
         classes, or other classes (base-to-new, cross-dataset) for methods with ``transfers``.
         """
 
