@@ -8,7 +8,6 @@ fitted state (:mod:`prolip.fitted`), its file (:mod:`prolip.delta_file`) and sha
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import secrets
@@ -22,14 +21,14 @@ from torch import nn
 from prolip.backbone import Backbone, build_backbone
 from prolip.cache import CachedFeatures
 from prolip.delta_file import read_delta, write_delta
-from prolip.errors import DeltaFileError, InputError, NotFittedError, PrecisionWarning, warn
+from prolip.errors import DeltaFileError, InputError, NotFittedError
 from prolip.estimator import Estimator
 from prolip.features import check_features, extract_features, feature_cache, fill_cache, image_hash
-from prolip.fitted import FittedState
+from prolip.fitted import FittedState, LearnedAttributes
 from prolip.fitting import SAVED_PARAMS, fit_projector
 from prolip.images import ImageLike, load_for_model, report_skipped
-from prolip.labels import accuracy, check_lengths, class_array, encode_labels, label_list
-from prolip.params import PRECISIONS, check_params
+from prolip.labels import accuracy, check_lengths, encode_labels, label_list
+from prolip.params import check_params
 from prolip.training import logits
 
 logger = logging.getLogger(__name__)
@@ -38,17 +37,7 @@ logger = logging.getLogger(__name__)
 _BACKBONE_PARAMS = ("model", "pretrained", "precision", "device", "tokenizer")
 
 
-class _Learned:
-    """A learned attribute (``name_``), read from the adapter's :class:`FittedState`."""
-
-    def __init__(self, read: Callable[[FittedState], Any], doc: str) -> None:
-        self.read, self.__doc__ = read, doc
-
-    def __get__(self, adapter: ProLIPAdapter | None, owner: type) -> Any:
-        return self if adapter is None else self.read(adapter._fitted())
-
-
-class ProLIPAdapter(Estimator):
+class ProLIPAdapter(Estimator, LearnedAttributes):
     """Few-shot adaptation of an open_clip model by fine-tuning only its vision projector (ProLIP).
 
     Pre-projection features of ``views`` augmented views per training image are computed once;
@@ -146,19 +135,6 @@ class ProLIPAdapter(Estimator):
         self.cache_dtype = cache_dtype
 
     # ------------------------------------------------------------------ learned attributes
-    fitted_ = _Learned(lambda s: s, "The fitted state (:class:`~prolip.fitted.FittedState`).")
-    classes_ = _Learned(lambda s: class_array(s.classes), "Labels, in the column order of predict_proba.")
-    class_names_ = _Learned(lambda s: list(s.class_names), "The text put into the templates for each class.")
-    classifier_ = _Learned(lambda s: s.classifier, "The zero-shot classifier T, float32 [K, d_out].")
-    delta_ = _Learned(lambda s: s.delta, "W − W0, float32, in the model parameter's own orientation.")
-    n_shots_ = _Learned(lambda s: s.n_shots, "N, training images per class.")
-    reg_lambda_ = _Learned(lambda s: s.reg_lambda, "The λ training used.")
-    logit_scale_ = _Learned(lambda s: s.logit_scale, "The logit scale s training used.")
-    loss_history_ = _Learned(lambda s: s.loss_history, "Training loss per step (empty after load).")
-    base_fingerprint_ = _Learned(
-        lambda s: s.fingerprint if s.fingerprint is not None else s.legacy_hash, "The base model's fingerprint."
-    )
-
     @property
     def n_features_in_(self) -> int:
         """Width of the features predict_features takes: d_in (+ d_out for towers with a residual)."""
@@ -189,7 +165,8 @@ class ProLIPAdapter(Estimator):
         ``device``, ``tokenizer``) rebuilds it on next use, and a fitted delta is checked against
         the new base model (FingerprintMismatchError if it is not the one it was trained on).
         """
-        key = tuple((name, id(v) if not isinstance(v, (str, type(None))) else v) for name, v in self._backbone_params())
+        params = [(name, getattr(self, name)) for name in _BACKBONE_PARAMS]
+        key = tuple((name, id(v) if not isinstance(v, (str, type(None))) else v) for name, v in params)
         cached = self.__dict__.get("_backbone")
         if cached is None or cached[0] != key:
             backbone = build_backbone(
@@ -200,9 +177,6 @@ class ProLIPAdapter(Estimator):
             if state is not None:
                 state.check_base(backbone, strict=self.__dict__.get("_strict_base", True), source="the fitted delta")
         return self._backbone[1]
-
-    def _backbone_params(self) -> list[tuple[str, Any]]:
-        return [(name, getattr(self, name)) for name in _BACKBONE_PARAMS]
 
     def _seed(self) -> int:
         return secrets.randbits(63) if self.random_state is None else int(self.random_state)
@@ -351,20 +325,7 @@ class ProLIPAdapter(Estimator):
                 loses part of a small delta; a PrecisionWarning then gives the measured relative
                 error of the merged update.
         """
-        state = self._fitted()
-        if precision is not None:
-            check_params({"precision": precision})
-        merged = copy.deepcopy(self.backbone.model)
-        if precision is not None:
-            merged = merged.to(PRECISIONS[precision])
-        lost = state.merge_into(merged)
-        if lost > 0:
-            warn(
-                f"merging into {self.precision if precision is None else precision} rounded the trained update: "
-                f"its relative error is {lost:.2%}. Use merged_model(precision='fp32') to keep it exact.",
-                PrecisionWarning,
-            )
-        return merged
+        return self._fitted().merged_copy(self.backbone.model, precision if precision is not None else self.precision)
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> None:
@@ -397,7 +358,27 @@ class ProLIPAdapter(Estimator):
             **overrides: constructor parameters to change (e.g. ``device="cpu"``, ``verbose=False``).
         """
         source = repr(os.fspath(path))
-        state = read_delta(path)
+        return cls.from_state(
+            read_delta(path), model, pretrained, strict=strict, trust_file_model=trust_file_model, source=source,
+            **overrides,
+        )  # fmt: skip
+
+    @classmethod
+    def from_state(
+        cls,
+        state: FittedState,
+        model: str | nn.Module | None = None,
+        pretrained: str | None = None,
+        *,
+        strict: bool = True,
+        trust_file_model: bool = False,
+        source: str = "the fitted state",
+        **overrides: Any,
+    ) -> ProLIPAdapter:
+        """An adapter fitted with ``state`` (read from a delta file, or made by :mod:`prolip.validation`).
+
+        Arguments as in :meth:`load`; the state's stored hyperparameters are restored first.
+        """
         unknown = set(overrides) - set(cls._param_names())
         if unknown:
             raise InputError(f"unknown parameter(s) {sorted(unknown)} for ProLIPAdapter; valid: {cls._param_names()}.")

@@ -66,7 +66,7 @@ class CacheKey:
         precision: backbone precision ("fp32", "fp16", "bf16").
         config: crop, flip and normalisation settings.
         seed: the augmentation seed (``random_state``).
-        views: views per image.
+        views: views per image; 0 for the plain test-time view.
         storage: dtype of the stored features, "fp16" or "fp32".
         renderer: the version of prolip's view rendering (:data:`prolip.views.VIEWS_VERSION`):
             features rendered by another version are never reused.
@@ -166,6 +166,11 @@ class FeatureCache:
         self._opened = False
 
     @property
+    def rows(self) -> int:
+        """Rows stored per image: the views, or 1 for the plain test-time view (``views == 0``)."""
+        return max(self.key.views, 1)
+
+    @property
     def storage_dtype(self) -> torch.dtype:
         """The torch dtype features are stored in."""
         return STORAGE_DTYPES[self.key.storage]
@@ -203,7 +208,7 @@ class FeatureCache:
         if not path.exists():
             return False
         try:
-            _check_file(path, (self.key.views, self.width), self.key.storage, self._entry_meta(image_hash))
+            _check_file(path, (self.rows, self.width), self.key.storage, self._entry_meta(image_hash))
         except (FeatureCacheError, OSError) as exc:
             logger.warning("ignoring damaged cache entry %s (%s); it will be recomputed", path, exc)
             return False
@@ -216,7 +221,7 @@ class FeatureCache:
             FeatureCacheError: the file cannot be written, or the values overflow fp16.
         """
         self.open()
-        expected = (self.key.views, self.width)
+        expected = (self.rows, self.width)
         if tuple(features.shape) != expected:
             raise InputError(f"features of image {image_hash[:12]} have shape {tuple(features.shape)}, not {expected}.")
         stored = features.detach().to("cpu", self.storage_dtype).contiguous()
@@ -236,7 +241,7 @@ class FeatureCache:
     def read(self, image_hash: str) -> torch.Tensor:
         """One image's stored features ``[V, d_in]``, in the storage dtype."""
         path = self.entry_path(image_hash)
-        shape = (self.key.views, self.width)
+        shape = (self.rows, self.width)
         try:
             start = _check_file(path, shape, self.key.storage, self._entry_meta(image_hash))
             data = np.fromfile(path, dtype=_NP_DTYPE[self.key.storage], offset=start)
@@ -277,7 +282,7 @@ class CachedFeatures:
     def __init__(self, cache: FeatureCache, image_hashes: list[str]) -> None:
         self.cache = cache
         self.image_hashes = image_hashes
-        views, n, d = cache.key.views, len(image_hashes), cache.width
+        views, n, d = cache.rows, len(image_hashes), cache.width
         self.shape = torch.Size((views, n, d))
         set_digest = hashlib.sha256("\n".join([cache.digest, *image_hashes]).encode()).hexdigest()
         self.pack_path = cache.folder / "packs" / f"{set_digest[:32]}.safetensors"

@@ -1,4 +1,4 @@
-"""The ``prolip`` command line: fit, predict, eval, info, models and merge."""
+"""The ``prolip`` command line: fit, predict, eval, info, models, bench and merge."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from prolip.errors import ProLIPError
 
@@ -16,6 +17,8 @@ _EXAMPLES = {
     "eval": "example:\n  prolip eval pets.safetensors photos_test/",
     "info": "example:\n  prolip info pets.safetensors",
     "models": "example:\n  prolip models\n  prolip models --all --json > models.json",
+    "bench": "example:\n  prolip bench few-shot --data-root ~/data --datasets caltech101 dtd --model RN50 --pretrained openai \\\n"
+    "      --out-dir runs/rn50-few-shot",
     "merge": "example:\n  prolip merge pets.safetensors --out ViT-B-32-pets.safetensors\n"
     "  python -c \"import open_clip; open_clip.create_model('ViT-B-32', pretrained='ViT-B-32-pets.safetensors')\"",
 }
@@ -96,6 +99,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     models.add_argument("--all", action="store_true", help="also list refused and unbuildable configs, with reasons")
     models.add_argument("--json", action="store_true", help="print one JSON object per config")
+
+    bench = command("bench", "Run the paper's evaluation protocol (few-shot, base-to-new, cross-dataset, DG).")
+    bench.add_argument("setting", choices=["few-shot", "base-to-new", "cross-dataset", "domain-generalisation"])
+    bench.add_argument("--data-root", required=True, help="folder with the datasets in CoOp's layout (docs/datasets.md)")
+    bench.add_argument("--datasets", nargs="+", default=None, help="reader names (default: the paper's)")
+    bench.add_argument("--shots", nargs="+", type=int, default=None, help="N values (default: 1 2 4 8 16, or 16)")
+    bench.add_argument("--seeds", nargs="+", type=int, default=None, help="draw seeds (default: 1 2 3)")
+    bench.add_argument("--methods", nargs="+", default=None, help="bench methods (default: zero-shot prolip prolip-val linear-probe)")
+    bench.add_argument("--model", required=True, help="open_clip model name")
+    bench.add_argument("--pretrained", required=True, help="open_clip tag or local checkpoint")
+    bench.add_argument("--out-dir", required=True, help="results.json, table.md, plot.png and draws go here")
+    bench.add_argument("--source", default=None, help="training dataset of cross-dataset / DG (default: imagenet)")
+    bench.add_argument("--cache-dir", default=None, help="feature cache (default: OUT_DIR/cache)")
+    bench.add_argument("--views", type=int, default=300, help="augmented views per training image (default: %(default)s)")
+    bench.add_argument("--epochs", type=int, default=300, help="training steps (default: %(default)s)")
+    bench.add_argument("--templates", default=None, help="file of prompt templates, one per line (default: CoOp's per dataset)")
+    bench.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
+    bench.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="(default: %(default)s)")
 
     merge = command("merge", "Write a full open_clip state dict whose projector is W0 + delta.")
     merge.add_argument("delta", help="delta file")
@@ -266,7 +287,43 @@ def _models(args: argparse.Namespace) -> None:
     print(f"{supported} of {len(reports)} open_clip configs supported (see docs/models.md)")
 
 
-_COMMANDS = {"fit": _fit, "predict": _predict, "eval": _eval, "info": _info, "models": _models, "merge": _merge}
+def _bench(args: argparse.Namespace) -> None:
+    from prolip.bench.runner import DEFAULT_METHODS, run_bench
+    from prolip.datasets import read_templates
+
+    run_bench(
+        args.setting,
+        data_root=args.data_root,
+        out_dir=args.out_dir,
+        model=args.model,
+        pretrained=args.pretrained,
+        datasets=args.datasets,
+        shots=args.shots,
+        seeds=args.seeds,
+        methods=args.methods or DEFAULT_METHODS,
+        source=args.source,
+        cache_dir=args.cache_dir,
+        views=args.views,
+        epochs=args.epochs,
+        templates=read_templates(args.templates) if args.templates else None,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        verbose=not args.quiet,
+    )
+    if not args.quiet:
+        print((Path(args.out_dir) / "table.md").read_text(encoding="utf-8"))
+
+
+_COMMANDS = {
+    "fit": _fit,
+    "predict": _predict,
+    "eval": _eval,
+    "info": _info,
+    "models": _models,
+    "bench": _bench,
+    "merge": _merge,
+}
 
 
 def _configure_logging(*, quiet: bool, verbose: bool) -> None:

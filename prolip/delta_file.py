@@ -6,6 +6,7 @@ Layout (format version 2):
   orientation;
 * tensor ``prolip.classifier``: the zero-shot classifier T, float32 ``[K, d_out]``;
 * metadata (all strings): see :data:`REQUIRED_METADATA`; lists, dicts and the fingerprint are JSON.
+  Optional: ``selection`` (JSON), the validation search that chose lr and λ.
 
 Version 2 records the base model as a precision-independent fingerprint of W0 and of the whole
 vision tower (:mod:`prolip.fingerprint`) and the λ training used; version 1 files (a SHA-256 of
@@ -96,6 +97,8 @@ def write_delta(path: str | os.PathLike, state: FittedState) -> None:
         "reg_lambda": repr(float(state.reg_lambda)),
         "logit_scale": repr(float(state.logit_scale)),
     }
+    if state.selection is not None:
+        header["selection"] = json.dumps(dict(state.selection))
     tensors = {
         state.projector_key: state.delta.detach().to("cpu", torch.float32).contiguous(),
         CLASSIFIER_KEY: state.classifier.detach().to("cpu", torch.float32).contiguous(),
@@ -183,6 +186,11 @@ def _parse_metadata(path: str, raw: dict[str, str]) -> dict[str, Any]:
         meta[key] = value
     if not meta["projector_key"] or meta["projector_key"] == CLASSIFIER_KEY:
         raise bad("projector_key", "a parameter name such as 'visual.proj'")
+    meta["selection"] = None
+    if "selection" in raw:
+        meta["selection"] = _load_json(path, "selection", raw["selection"])
+        if not _valid_selection(meta["selection"]):
+            raise bad("selection", "a JSON object with lr, reg_lambda, lrs, reg_lambdas and val_accuracy")
     if version == 1:
         meta["fingerprint"], meta["legacy_hash"] = None, raw["base_fingerprint"]
     else:
@@ -192,6 +200,28 @@ def _parse_metadata(path: str, raw: dict[str, str]) -> dict[str, Any]:
             raise bad("base_fingerprint", "a JSON fingerprint (precision, projector and tower sketches)") from None
         meta["legacy_hash"] = None
     return meta
+
+
+def _valid_selection(selection: Any) -> bool:
+    """Whether a recorded validation search is well formed: numbers, a grid of matching shape."""
+
+    def numbers(values: Any, none_ok: bool = False) -> bool:
+        return isinstance(values, list) and all(
+            (v is None and none_ok) or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+            for v in values
+        )
+
+    if not isinstance(selection, dict):
+        return False
+    lrs, lambdas, grid = selection.get("lrs"), selection.get("reg_lambdas"), selection.get("val_accuracy")
+    return (
+        numbers(lrs)
+        and numbers(lambdas)
+        and numbers([selection.get("lr"), selection.get("reg_lambda")])
+        and isinstance(grid, list)
+        and len(grid) == len(lrs)
+        and all(numbers(row, none_ok=True) and len(row) == len(lambdas) for row in grid)
+    )
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -230,6 +260,7 @@ def read_delta(path: str | os.PathLike) -> FittedState:
         fingerprint=meta["fingerprint"],
         legacy_hash=meta["legacy_hash"],
         loss_history=np.empty(0, dtype=np.float32),
+        selection=meta["selection"],
     )
 
 

@@ -164,11 +164,8 @@ def feature_cache(
 ) -> FeatureCache:
     """The on-disk cache of ``backbone``'s features for one view setting (see :mod:`prolip.cache`).
 
-    Raises:
-        InputError: ``views`` is 0 (only augmented views are cached).
+    ``views=0`` caches the plain test-time view (one row per image).
     """
-    if views < 1:
-        raise InputError(f"views={views} cannot be cached; only augmented views (views >= 1) are.")
     key = CacheKey(
         model=backbone.tower_hash,
         precision=backbone.precision,
@@ -209,7 +206,7 @@ def fill_cache(
     first = {h: i for i, h in reversed(list(enumerate(hashes)))}  # distinct images, first occurrence
     mine = [h for k, h in enumerate(dict.fromkeys(hashes)) if k % world_size == rank]
     todo = [h for h in mine if not cache.has(h)]
-    logger.info(
+    logger.debug(
         "feature cache %s: %d of %d images to compute (%d cached or on other ranks)",
         cache.folder,
         len(todo),
@@ -218,9 +215,9 @@ def fill_cache(
     )
     if todo:
         subset = [images[first[h]] for h in todo]
-        seeds = [image_seed(seed, h) for h in todo]
-        desc = f"features ({views} views, cached)"
-        with tqdm(total=len(todo) * views, desc=desc, unit="img", disable=not verbose, leave=False) as bar:
+        seeds = [image_seed(seed, h) for h in todo] if views else None
+        desc = f"features ({views} views, cached)" if views else "features (test view, cached)"
+        with tqdm(total=len(todo) * max(views, 1), desc=desc, unit="img", disable=not verbose, leave=False) as bar:
             for k, row in _iter_features(backbone, subset, views, seeds=seeds, batch_size=batch_size, bar=bar):
                 cache.write(todo[k], row)
     return todo

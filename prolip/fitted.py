@@ -8,6 +8,7 @@ model: it is checked against one (:meth:`FittedState.check_base`) and merged int
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +18,10 @@ import torch
 from torch import nn
 
 from prolip.backbone import Backbone, file_may_choose
-from prolip.errors import DeltaFileError, FingerprintMismatchError, warn
+from prolip.errors import DeltaFileError, FingerprintMismatchError, PrecisionWarning, warn
 from prolip.fingerprint import Fingerprint, legacy_projector_hash
+from prolip.labels import class_array
+from prolip.params import PRECISIONS, check_params
 from prolip.towers import Projector, find_projector
 
 
@@ -44,6 +47,8 @@ class FittedState:
             delta format 1, which record ``legacy_hash`` instead.
         legacy_hash: format 1's SHA-256 of W0 cast to fp16, or None.
         loss_history: training loss per step (empty for a loaded delta).
+        selection: how ``lr`` and ``reg_lambda`` were chosen on a validation draw (the grid and
+            every point's validation accuracy, :meth:`prolip.search.SearchResult.as_dict`), or None.
     """
 
     delta: torch.Tensor
@@ -62,6 +67,7 @@ class FittedState:
     fingerprint: Fingerprint | None
     legacy_hash: str | None = None
     loss_history: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float32))
+    selection: Mapping[str, Any] | None = None
 
     def check_base(self, backbone: Backbone, *, strict: bool = True, source: str = "this delta") -> None:
         """Refuse (or with ``strict=False``, warn about) a base model this state was not trained on.
@@ -127,6 +133,23 @@ class FittedState:
         w0 = projector.to_in_out(projector.parameter).detach().float()
         return w0 + projector.to_in_out(self.delta).to(w0.device)
 
+    def merged_copy(self, model: nn.Module, precision: str) -> nn.Module:
+        """A copy of ``model`` in ``precision`` whose projector is W0 + delta (``model`` is untouched).
+
+        Warns (PrecisionWarning) with the measured relative error of the merged update when the
+        precision rounds it (fp16, bf16); fp32 keeps it exact.
+        """
+        check_params({"precision": precision})
+        merged = copy.deepcopy(model).to(PRECISIONS[precision])
+        lost = self.merge_into(merged)
+        if lost > 0:
+            warn(
+                f"merging into {precision} rounded the trained update: its relative error is {lost:.2%}. "
+                "Use merged_model(precision='fp32') to keep it exact.",
+                PrecisionWarning,
+            )
+        return merged
+
     def merge_into(self, model: nn.Module) -> float:
         """Write W0 + delta into ``model``'s own projector parameter, in that parameter's dtype.
 
@@ -142,3 +165,26 @@ class FittedState:
             lost = (param.detach().float() - w0 - delta).norm()
             norm = delta.norm()
         return float(lost / norm) if norm > 0 else 0.0
+
+
+class LearnedAttributes:
+    """The learned attributes (``name_``) of an estimator holding a :class:`FittedState`, read from it.
+
+    Each raises the estimator's NotFittedError (an AttributeError, so ``hasattr`` is False) before fit.
+    """
+
+    def _fitted(self) -> FittedState:
+        raise NotImplementedError
+
+    fitted_ = property(lambda self: self._fitted(), doc="The fitted state (:class:`FittedState`).")
+    classes_ = property(lambda self: class_array(self._fitted().classes), doc="Labels, in predict_proba's column order.")
+    class_names_ = property(lambda self: list(self._fitted().class_names), doc="The text put into the templates per class.")
+    classifier_ = property(lambda self: self._fitted().classifier, doc="The zero-shot classifier T, float32 [K, d_out].")
+    delta_ = property(lambda self: self._fitted().delta, doc="W − W0, float32, in the parameter's own orientation.")
+    n_shots_ = property(lambda self: self._fitted().n_shots, doc="N, training images per class.")
+    reg_lambda_ = property(lambda self: self._fitted().reg_lambda, doc="The λ training used.")
+    logit_scale_ = property(lambda self: self._fitted().logit_scale, doc="The logit scale s training used.")
+    loss_history_ = property(lambda self: self._fitted().loss_history, doc="Training loss per step (empty after load).")
+    base_fingerprint_ = property(
+        lambda self: self._fitted().fingerprint or self._fitted().legacy_hash, doc="The base model's fingerprint."
+    )

@@ -18,7 +18,8 @@ from prolip.cache import CachedFeatures
 from prolip.errors import InputError
 from prolip.features import check_features
 from prolip.fitted import FittedState
-from prolip.labels import encode_labels, label_list, names_of_classes
+from prolip.labels import encode_labels, label_list, names_of_classes, plain_label
+from prolip.search import search_projector
 from prolip.training import TrainResult, train_projector
 from prolip.zeroshot import check_templates
 
@@ -34,12 +35,18 @@ def fit_projector(
     labels: Sequence[Hashable],
     class_names: Mapping[Hashable, str] | Sequence[str] | None,
     params: Mapping[str, Any],
+    *,
+    validation: tuple[torch.Tensor, Sequence[Hashable], Sequence[float], Sequence[float]] | None = None,
 ) -> FittedState:
     """Train the projector of ``backbone`` on pre-projection ``features [V, n, d_in]`` and ``labels``.
 
     ``params`` are a ProLIPAdapter's (already checked) parameters: templates, lr, reg_lambda
     ("auto" = 1/N), epochs (0: zero-shot, W = W0), logit_scale (None: the model's), verbose,
     and what :data:`SAVED_PARAMS` records.
+
+    With ``validation = (val_features, val_labels, lrs, reg_lambdas)``, ``lr`` and ``reg_lambda``
+    are chosen on the validation draw instead (:func:`prolip.search.search_projector`), and the
+    state records the grid and every validation accuracy as its ``selection``.
     """
     projector = backbone.projector
     features = check_features(features, projector.feature_width)
@@ -54,7 +61,23 @@ def fit_projector(
     reg_lambda = 1.0 / n_shots if params["reg_lambda"] == "auto" else float(params["reg_lambda"])
     logit_scale = float(params["logit_scale"]) if params["logit_scale"] is not None else backbone.logit_scale
     w0 = projector.to_in_out(projector.parameter)
-    if params["epochs"]:
+    selection = None
+    if validation is not None:
+        val_features, val_labels, lrs, reg_lambdas = validation
+        val_features = check_features(val_features, projector.feature_width, "val_features")
+        index = {c: k for k, c in enumerate(classes)}
+        unknown = [lab for lab in label_list(val_labels) if plain_label(lab) not in index]
+        if unknown:
+            raise InputError(f"val_labels hold labels the training labels do not: {unknown[:5]}.")
+        searched = search_projector(
+            features, y, val_features, torch.tensor([index[plain_label(v)] for v in label_list(val_labels)]),
+            classifier, w0, projector.bias, logit_scale=logit_scale, epochs=params["epochs"], device=backbone.device,
+            lrs=lrs, reg_lambdas=reg_lambdas, verbose=params["verbose"],
+        )  # fmt: skip
+        result, selection = searched.result, searched.as_dict()
+        params = {**params, "lr": searched.lr, "reg_lambda": searched.reg_lambda}
+        reg_lambda = searched.reg_lambda
+    elif params["epochs"]:
         result = train_projector(
             features,
             y,
@@ -92,4 +115,5 @@ def fit_projector(
         hyperparameters=hyperparameters,
         fingerprint=backbone.fingerprint,
         loss_history=result.losses.numpy(),
+        selection=selection,
     )

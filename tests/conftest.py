@@ -83,3 +83,20 @@ def tiny_adapter(checkpoint: str | None, family: str = "vit", **kwargs):
     params = dict(model=TINY_MODELS[family], pretrained=checkpoint, views=3, epochs=20, lr=1e-2, device="cpu", verbose=False)
     params.update(kwargs)
     return ProLIPAdapter(**params)
+
+
+@pytest.fixture(scope="session")
+def mini_suite():
+    """scripts/make_mini_suite.py as a module (it needs Fashion-MNIST)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("make_mini_suite", Path(__file__).parents[1] / "scripts" / "make_mini_suite.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    try:
+        module.load_fashion_mnist("test")
+    except FileNotFoundError as exc:  # bash scripts/setup.sh installs it
+        missing("Fashion-MNIST", str(exc))
+    return module

@@ -7,10 +7,8 @@ files, since the readers never open them.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -387,19 +385,6 @@ def test_read_templates(tmp_path):
 
 
 # ---------------------------------------------------------------------------- the miniature suite
-@pytest.fixture(scope="module")
-def mini_suite():
-    spec = importlib.util.spec_from_file_location("make_mini_suite", REPO / "scripts" / "make_mini_suite.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    try:
-        module.load_fashion_mnist("test")
-    except FileNotFoundError as exc:  # bash scripts/setup.sh installs it
-        pytest.skip(f"Fashion-MNIST is not installed: {exc}")
-    return module
-
-
 def test_mini_suite_is_readable_and_deterministic(tmp_path, mini_suite):
     mini_suite.make_suite(tmp_path / "a", seed=3, train=3, val=2, test=2)
     datasets = {name: read_dataset(name, tmp_path / "a") for name in COOP_DATASETS}

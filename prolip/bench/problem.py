@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from prolip.cache import CachedFeatures
 from prolip.training import split_features
 
+CPU = torch.device("cpu")
+
 
 @dataclass(frozen=True)
 class FeatureSet:
@@ -78,10 +80,12 @@ class TextHead:
         features: float32 ``[K, M, d_t]``: the text tower's output just before its projection, for
             template ``m`` filled with class ``k``'s name.
         w0: float32 ``[d_t, d_out]``, the pretrained text projection as a ``x @ W`` matrix.
+        bias: float32 ``[d_out]``, the projection's frozen bias (SigLIP's text tower), or None.
     """
 
     features: torch.Tensor
     w0: torch.Tensor
+    bias: torch.Tensor | None = None
 
     def classifier(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """The zero-shot classifier T ``[K, d_out]`` built with ``weight`` (W0 by default).
@@ -89,7 +93,8 @@ class TextHead:
         Exactly as the zero-shot classifier is built: each prompt's embedding L2-normalised,
         averaged over templates, normalised again.
         """
-        per_prompt = F.normalize(self.features @ (self.w0 if weight is None else weight), dim=-1)
+        z = self.features @ (self.w0 if weight is None else weight)
+        per_prompt = F.normalize(z if self.bias is None else z + self.bias, dim=-1)
         return F.normalize(per_prompt.mean(dim=1), dim=-1)
 
 
@@ -127,6 +132,7 @@ class Problem:
         shots: N, images per class.
         seed: the draw's seed; methods with randomness of their own seed it from this.
         epochs: full-batch training steps for methods trained like ProLIP (the paper: 300).
+        device: where methods that can should train (the backbone's device); features stay on the CPU.
     """
 
     train: FeatureSet
@@ -138,6 +144,7 @@ class Problem:
     shots: int
     seed: int
     epochs: int = 300
+    device: torch.device = CPU
 
     def generator(self, salt: int = 0) -> torch.Generator:
         """A CPU generator seeded from the draw's seed (and ``salt``), for a method's own randomness."""

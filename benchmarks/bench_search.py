@@ -1,0 +1,69 @@
+"""Few-shot validation's cost: the whole 7 × 7 search ÷ the sum of its 49 trainings on the same features.
+
+The search (:func:`prolip.search.search_projector`) trains at every grid point on features
+extracted once and scores each point on the validation draw's features, also extracted once; the
+reference code re-extracts the validation features at every point. The ratio measures everything
+the search adds to its 49 fits (validation scoring, bookkeeping). Timed in one run, interleaved,
+best of ``--repeats``; K classes at N shots, d_in = 768, d_out = 512 (ViT-B's projector).
+
+Run: ``.venv/bin/python benchmarks/bench_search.py [--threads 1]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from timing import timed
+
+from prolip.errors import TrainingDivergedError, TrainingWarning
+from prolip.search import PAPER_LAMBDAS, PAPER_LRS, search_projector
+from prolip.training import train_projector
+
+D_IN, D_OUT, VIEWS = 768, 512, 4
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--classes", type=int, default=10, help="K (default: %(default)s)")
+    parser.add_argument("--shots", type=int, default=16, help="N, training and validation images per class")
+    parser.add_argument("--epochs", type=int, default=100, help="steps per training (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=2, help="(default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    n, k = args.classes * args.shots, args.classes
+    features = torch.randn(VIEWS, n, D_IN, generator=gen)
+    labels = torch.arange(n) % k
+    val = torch.randn(n, D_IN, generator=gen)
+    classifier = F.normalize(torch.randn(k, D_OUT, generator=gen), dim=-1)
+    w0 = torch.randn(D_IN, D_OUT, generator=gen) / math.sqrt(D_IN)
+    common = {"logit_scale": 100.0, "epochs": args.epochs, "device": torch.device("cpu"), "verbose": False}
+
+    def fits() -> None:
+        for lr in PAPER_LRS:
+            for reg_lambda in PAPER_LAMBDAS:
+                # A diverging point costs its steps all the same; hopeless points warn, as a lone fit should.
+                with contextlib.suppress(TrainingDivergedError), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", TrainingWarning)
+                    train_projector(features, labels, classifier, w0, None, lr=lr, reg_lambda=reg_lambda, **common)
+
+    def search() -> None:
+        search_projector(features, labels, val, labels, classifier, w0, None, **common)
+
+    best = {"fits": math.inf, "search": math.inf}
+    for _ in range(args.repeats):
+        best["fits"] = min(best["fits"], timed(fits))
+        best["search"] = min(best["search"], timed(search))
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, K={k}, N={args.shots}, {args.epochs} steps")
+    print(f"49 fits: {best['fits']:.2f} s; search: {best['search']:.2f} s; search / fits: {best['search'] / best['fits']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""``prolip``: ProLIP validation-free — λ = 1/N, a fixed learning rate, the paper's 300 steps.
+
+The projector W (from W0) trained by :func:`prolip.training.train_projector` on the problem's
+augmented views; scores ``s · normalize(x W + b + r) · Tᵀ`` with any classes' T, so it transfers
+to classes it was not trained on (base-to-new, cross-dataset, domain generalisation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prolip.bench.methods.base import FittedMethod, Method, register
+from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem
+from prolip.training import logits, train_projector
+
+
+class AdaptedProjector(FittedMethod):
+    """A trained projector W ``[d_in, d_out]`` in place of W0: ProLIP's scores for any classes."""
+
+    def __init__(self, head: ImageHead, weight: torch.Tensor, logit_scale: float) -> None:
+        super().__init__()
+        self.head, self.weight, self.logit_scale = head, weight, logit_scale
+
+    def logits(self, test: FeatureSet, classes: Classes) -> torch.Tensor:
+        return logits(test.features[0], self.weight, self.head.bias, classes.classifier, self.logit_scale)
+
+
+@register
+class ProLIP(Method):
+    """ProLIP with λ = 1/N (the paper's validation-free setting).
+
+    Args:
+        lr: Adam's learning rate (the paper: any of 1e-5 … 1e-2; prolip's default 1e-3).
+        reg_lambda: λ, or "auto" for 1/N.
+    """
+
+    name = "prolip"
+
+    def __init__(self, lr: float = 1e-3, reg_lambda: float | str = "auto") -> None:
+        self.lr, self.reg_lambda = lr, reg_lambda
+
+    def fit(self, problem: Problem) -> FittedMethod:
+        reg_lambda = 1.0 / problem.shots if self.reg_lambda == "auto" else float(self.reg_lambda)
+        head = problem.image_head
+        result = train_projector(
+            problem.train.features, problem.train.labels, problem.classes.classifier, head.w0, head.bias,
+            logit_scale=problem.logit_scale, lr=self.lr, reg_lambda=reg_lambda, epochs=problem.epochs,
+            device=problem.device, verbose=False,
+        )  # fmt: skip
+        fitted = AdaptedProjector(head, result.weight, problem.logit_scale)
+        fitted.info = {"lr": self.lr, "reg_lambda": reg_lambda}
+        return fitted

@@ -1,0 +1,37 @@
+"""``prolip-val``: ProLIP with few-shot validation — (lr, λ) chosen on the N-shot validation draw.
+
+The paper's main setting: lr ∈ {1e-2 … 1e-8} × λ ∈ {10, 1, 0.1, 0.01, 1e-3, 1e-4, 0}, the point
+with the best accuracy on ``problem.val`` (never the test set), ties as :mod:`prolip.search`.
+"""
+
+from __future__ import annotations
+
+from prolip.bench.methods.base import FittedMethod, Method, register
+from prolip.bench.methods.prolip import AdaptedProjector
+from prolip.bench.problem import Problem
+from prolip.search import PAPER_LAMBDAS, PAPER_LRS, search_projector
+
+
+@register
+class ProLIPVal(Method):
+    """ProLIP, (lr, λ) searched on the validation draw (49 trainings on features extracted once).
+
+    Args:
+        lrs, reg_lambdas: the grid (default: the paper's).
+    """
+
+    name = "prolip-val"
+
+    def __init__(self, lrs: tuple[float, ...] = PAPER_LRS, reg_lambdas: tuple[float, ...] = PAPER_LAMBDAS) -> None:
+        self.lrs, self.reg_lambdas = lrs, reg_lambdas
+
+    def fit(self, problem: Problem) -> FittedMethod:
+        head = problem.image_head
+        found = search_projector(
+            problem.train.features, problem.train.labels, problem.val.features, problem.val.labels,
+            problem.classes.classifier, head.w0, head.bias, logit_scale=problem.logit_scale, epochs=problem.epochs,
+            device=problem.device, lrs=self.lrs, reg_lambdas=self.reg_lambdas, verbose=False,
+        )  # fmt: skip
+        fitted = AdaptedProjector(head, found.result.weight, problem.logit_scale)
+        fitted.info = found.as_dict()
+        return fitted
