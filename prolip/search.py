@@ -3,8 +3,9 @@
 The paper's main results choose (lr, λ) per dataset and draw from lr ∈ {1e-2 … 1e-8} ×
 λ ∈ {10, 1, 0.1, 0.01, 1e-3, 1e-4, 0} by accuracy on an N-shot validation draw. Here the training
 and validation features are extracted once and every grid point only trains (the reference code
-recomputes the validation features at every point); validation accuracy is one small matrix
-product per point.
+recomputes the validation features at every point), and the points train side by side
+(:func:`prolip.training.train_grid`: every step reads one view once for all of them); validation
+accuracy is one small matrix product per point.
 
 Tie rule, as the reference code's loop: learning rates outer, λ inner, each in the order given,
 and a point replaces the best only if strictly more accurate — so among equally accurate points
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from prolip.cache import CachedFeatures
-from prolip.errors import InputError, TrainingDivergedError, TrainingWarning
-from prolip.training import TrainResult, logits, train_projector
+from prolip.errors import InputError, TrainingDivergedError
+from prolip.training import TrainResult, logits, train_grid
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,9 @@ PAPER_LRS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
 
 PAPER_LAMBDAS = (10.0, 1.0, 0.1, 0.01, 1e-3, 1e-4, 0.0)
 """The paper's λ grid."""
+
+GRID_MEMORY_BYTES = 1 << 30
+"""Training buffers the search may hold at once: grid points train side by side within it."""
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ def search_projector(
 
     Args:
         features, labels: training features ``[V, n, width]`` and class indices ``[n]``, as for
-            :func:`prolip.training.train_projector`, which every grid point runs.
+            :func:`prolip.training.train_grid`, which trains every grid point.
         val_features, val_labels: the validation draw's plain-view features ``[m, width]`` (or
             ``[1, m, width]``) and class indices ``[m]``.
         classifier, w0, bias, logit_scale, epochs, device: as for ``train_projector``.
@@ -128,26 +131,28 @@ def search_projector(
     bias_f = None if bias is None else bias.detach().to(device, torch.float32)
     scores = classifier.to(device, torch.float32)
     accuracy = torch.full((len(lrs), len(reg_lambdas)), float("nan"))
-    best: tuple[float, float, float, TrainResult] | None = None
     grid = [(i, j) for i in range(len(lrs)) for j in range(len(reg_lambdas))]
-    for i, j in tqdm(grid, desc="validation grid", unit="fit", disable=not verbose, leave=False):
-        lr, reg_lambda = lrs[i], reg_lambdas[j]
-        try:
-            with warnings.catch_warnings():
-                # A grid is meant to contain hopeless points; they lose on validation, they need no warning.
-                warnings.simplefilter("ignore", TrainingWarning)
-                result = train_projector(
-                    features, labels, classifier, w0, bias,
-                    logit_scale=logit_scale, lr=lr, reg_lambda=reg_lambda, epochs=epochs, device=device,
-                    verbose=False,
-                )  # fmt: skip
-        except TrainingDivergedError:
-            logger.info("validation grid: lr=%g, lambda=%g diverged", lr, reg_lambda)
-            continue
-        predicted = logits(val, result.weight.to(device), bias_f, scores, logit_scale).argmax(dim=1)
-        accuracy[i, j] = float((predicted == val_y).float().mean())
-        if best is None or accuracy[i, j] > best[0]:
-            best = (float(accuracy[i, j]), lr, reg_lambda, result)
+    # As many points side by side as fit in GRID_MEMORY_BYTES of per-point training buffers.
+    width = max(features.shape[-1], w0.shape[0])
+    per_point = 4 * (4 * len(labels) * w0.shape[1] + len(labels) * classifier.shape[0] + 5 * width * w0.shape[1])
+    chunk = max(1, min(len(grid), GRID_MEMORY_BYTES // per_point))
+    best: tuple[float, float, float, TrainResult] | None = None
+    with tqdm(total=len(grid), desc="validation grid", unit="fit", disable=not verbose, leave=False) as bar:
+        for start in range(0, len(grid), chunk):
+            part = grid[start : start + chunk]
+            results = train_grid(
+                features, labels, classifier, w0, bias, logit_scale=logit_scale, epochs=epochs, device=device,
+                points=[(lrs[i], reg_lambdas[j]) for i, j in part], verbose=False,
+            )  # fmt: skip
+            for (i, j), result in zip(part, results, strict=True):
+                if result is None:
+                    logger.info("validation grid: lr=%g, lambda=%g diverged", lrs[i], reg_lambdas[j])
+                    continue
+                predicted = logits(val, result.weight.to(device), bias_f, scores, logit_scale).argmax(dim=1)
+                accuracy[i, j] = float((predicted == val_y).float().mean())
+                if best is None or accuracy[i, j] > best[0]:  # grid order: the first of equals stays
+                    best = (float(accuracy[i, j]), lrs[i], reg_lambdas[j], result)
+            bar.update(len(part))
     if best is None:
         raise TrainingDivergedError(f"training diverged at every point of the grid lrs={lrs}, reg_lambdas={reg_lambdas}.")
     logger.info("validation grid: chose lr=%g, lambda=%g (val accuracy %.4f)", best[1], best[2], best[0])

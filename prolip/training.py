@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -73,18 +74,18 @@ class _Classifier(NamedTuple):
 
 
 class _State:
-    """Every array one training step writes, allocated once, and Adam's state."""
+    """Every array one training step writes, allocated once: a leading dimension G for the grid points."""
 
-    def __init__(self, n: int, k: int, weight: torch.Tensor) -> None:
-        d_out = weight.shape[1]
+    def __init__(self, g: int, n: int, k: int, weight: torch.Tensor) -> None:
+        d_out = weight.shape[-1]
         opts = {"device": weight.device, "dtype": torch.float32}
-        self.z = torch.empty(n, d_out, **opts)  # xW + b, then scratch
-        self.u = torch.empty(n, d_out, **opts)  # z / ‖z‖
-        self.du = torch.empty(n, d_out, **opts)  # dL/du, then dL/dz in place
-        self.norm = torch.empty(n, 1, **opts)
-        self.dot = torch.empty(n, 1, **opts)
-        self.scores = torch.empty(n, k, **opts)  # logits, log-probabilities, then n · dL/dlogits
-        self.minus_one = torch.full((n, 1), -1.0, **opts)
+        self.z = torch.empty(g, n, d_out, **opts)  # xW + b, then scratch
+        self.u = torch.empty(g, n, d_out, **opts)  # z / ‖z‖
+        self.du = torch.empty(g, n, d_out, **opts)  # dL/du, then dL/dz in place
+        self.norm = torch.empty(g, n, 1, **opts)
+        self.dot = torch.empty(g, n, 1, **opts)
+        self.scores = torch.empty(g, n, k, **opts)  # logits, log-probabilities, then n · dL/dlogits
+        self.minus_one = torch.full((g, n, 1), -1.0, **opts)
         self.offset = torch.empty(n, d_out, **opts)  # b + r, for towers with a per-image residual
         self.grad = torch.empty_like(weight)  # holds W − W0 first when regularised
 
@@ -122,42 +123,16 @@ def train_projector(
         TrainingWarning: the final loss is more than :data:`DIVERGENCE_RATIO` times the first
             (the learning rate was far too high).
     """
-    # Contiguous, so that W, its gradient and Adam's moments share one layout (nn.Linear's W0 is
-    # a transposed view); w0 may still be the model's own tensor, and is only read.
-    w0 = w0.detach().to(device, torch.float32).contiguous()
-    weight = w0.clone()  # a copy: the model's own W0 is never touched
-    b = None if bias is None else bias.detach().to(device, torch.float32)
-    y = labels.to(device, torch.long)
-    n, k = y.numel(), classifier.shape[0]
-    # s (and the mean's 1/n, for the backward product) folded into T once, not into every step.
-    scaled = classifier.detach().to(device, torch.float32) * logit_scale
-    classes = _Classifier(forward=scaled.t(), backward=scaled / n)
-    state = _State(n, k, weight)
-    weight.grad = state.grad  # the loop writes the gradient there; Adam reads it
-    optimizer = _adam(weight, lr)
-    history = torch.empty(epochs, device=device)  # preallocated: no per-step allocations
-    n_views, d_in, d_out = features.shape[0], w0.shape[0], w0.shape[1]
-    if features.shape[-1] not in (d_in, d_in + d_out):
-        raise InputError(f"features have width {features.shape[-1]}; W0 needs {d_in} (or {d_in + d_out} with residuals).")
-    with torch.no_grad():
-        for step in tqdm(range(epochs), desc="training", unit="step", disable=not verbose, leave=False):
-            x, residual = split_features(features[step % n_views].to(device, torch.float32, non_blocking=True), d_in)
-            offset = b
-            if residual is not None:  # b + r: a per-image bias
-                offset = torch.add(residual, b, out=state.offset) if b is not None else residual
-            history[step] = _loss_and_gradient(x, weight, w0, offset, classes, y, reg_lambda, state)
-            # torch's CosineAnnealingLR(T_max=epochs) in closed form, without its per-step bookkeeping.
-            optimizer.param_groups[0]["lr"] = lr * (1 + math.cos(math.pi * step / epochs)) / 2
-            optimizer.step()
-    # One check at the end keeps the loop free of device synchronisations.
-    finite = torch.isfinite(history)
-    if not (finite.all() and torch.isfinite(weight).all()):
-        bad = int((~finite).nonzero()[0]) if not finite.all() else epochs - 1
+    (result,) = train_grid(
+        features, labels, classifier, w0, bias,
+        logit_scale=logit_scale, points=[(lr, reg_lambda)], epochs=epochs, device=device, verbose=verbose,
+    )  # fmt: skip
+    if result is None:
         raise TrainingDivergedError(
-            f"training diverged (loss became NaN/Inf at step {bad}) with lr={lr} and reg_lambda={reg_lambda}; "
+            f"training diverged (the loss or W became NaN/Inf) with lr={lr} and reg_lambda={reg_lambda}; "
             "lower the learning rate or check the features for extreme values."
         )
-    losses = history.cpu()
+    losses = result.losses
     if epochs > 1 and losses[-1] > DIVERGENCE_RATIO * losses[0]:
         warn(
             f"training ended with loss {float(losses[-1]):.4g}, {float(losses[-1] / losses[0]):.3g} times its start "
@@ -165,8 +140,67 @@ def train_projector(
             "Lower the learning rate.",
             TrainingWarning,
         )
-    logger.debug("trained %d steps, final loss %.4f", epochs, float(losses[-1]) if epochs else float("nan"))
-    return TrainResult(weight=weight.detach().cpu(), losses=losses)
+    return result
+
+
+def train_grid(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    classifier: torch.Tensor,
+    w0: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    logit_scale: float,
+    points: Sequence[tuple[float, float]],
+    epochs: int,
+    device: torch.device,
+    verbose: bool = True,
+) -> list[TrainResult | None]:
+    """:func:`train_projector` at every ``(lr, reg_lambda)`` of ``points`` at once, on the same features.
+
+    The G trainings are independent (each its own W, Adam state and schedule) but run side by side:
+    every step reads one view once and does batched products for all of them, which is what makes
+    a learning-rate × λ grid cheap. Returns one result per point, None where training diverged.
+    """
+    g = len(points)
+    lrs = [float(lr) for lr, _ in points]
+    lambdas = torch.tensor([float(lam) for _, lam in points], device=device).view(g, 1, 1)
+    # Contiguous, so that W, its gradient and Adam's moments share one layout (nn.Linear's W0 is
+    # a transposed view); w0 may still be the model's own tensor, and is only read.
+    w0 = w0.detach().to(device, torch.float32).contiguous()
+    weight = w0.expand(g, *w0.shape).clone()  # copies: the model's own W0 is never touched
+    b = None if bias is None else bias.detach().to(device, torch.float32)
+    y = labels.to(device, torch.long)
+    n, k = y.numel(), classifier.shape[0]
+    # s (and the mean's 1/n, for the backward product) folded into T once, not into every step.
+    scaled = classifier.detach().to(device, torch.float32) * logit_scale
+    classes = _Classifier(forward=scaled.t(), backward=scaled / n)
+    state = _State(g, n, k, weight)
+    optimizer = _adam(weight, state.grad, lrs)
+    history = torch.empty(epochs, g, device=device)  # preallocated: no per-step allocations
+    n_views, d_in, d_out = features.shape[0], w0.shape[0], w0.shape[1]
+    if features.shape[-1] not in (d_in, d_in + d_out):
+        raise InputError(f"features have width {features.shape[-1]}; W0 needs {d_in} (or {d_in + d_out} with residuals).")
+    regularised = any(lam for _, lam in points)
+    # One λ for every point: 2λ folds into the gradient's product as its beta (a pass saved).
+    uniform = 2 * float(points[0][1]) if len({float(lam) for _, lam in points}) == 1 else None
+    with torch.no_grad():
+        for step in tqdm(range(epochs), desc="training", unit="step", disable=not verbose, leave=False):
+            x, residual = split_features(features[step % n_views].to(device, torch.float32, non_blocking=True), d_in)
+            offset = b
+            if residual is not None:  # b + r: a per-image bias
+                offset = torch.add(residual, b, out=state.offset) if b is not None else residual
+            _loss_and_gradient(x, weight, w0, offset, classes, y, lambdas if regularised else None, uniform, state, history[step])
+            # torch's CosineAnnealingLR(T_max=epochs) in closed form, without its per-step bookkeeping.
+            factor = (1 + math.cos(math.pi * step / epochs)) / 2
+            for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr * factor
+            optimizer.step()
+    # One check at the end keeps the loop free of device synchronisations.
+    finite = torch.isfinite(history).all(dim=0) & torch.isfinite(weight).flatten(1).all(dim=1)
+    history, weight, finite = history.cpu(), weight.cpu(), finite.tolist()
+    logger.debug("trained %d points for %d steps", g, epochs)
+    return [TrainResult(weight=weight[i].clone(), losses=history[:, i].clone()) if finite[i] else None for i in range(g)]
 
 
 def _loss_and_gradient(
@@ -176,42 +210,76 @@ def _loss_and_gradient(
     bias: torch.Tensor | None,
     classes: _Classifier,
     labels: torch.Tensor,
-    reg_lambda: float,
+    lambdas: torch.Tensor | None,
+    uniform: float | None,
     state: _State,
-) -> torch.Tensor:
-    """The loss at ``weight`` (a 0-d tensor); its gradient is left in ``state.grad``.
+    out: torch.Tensor,
+) -> None:
+    """The loss of every grid point, into ``out [G]``; their gradients are left in ``state.grad``.
 
-    ``bias`` is ``[d_out]`` or, for towers with a residual, the per-image ``b + r`` ``[n, d_out]``.
+    ``weight`` is ``[G, d_in, d_out]``; ``lambdas`` ``[G, 1, 1]``, or None when no point is
+    regularised; ``uniform`` is 2λ when every point has the same λ (Python floats, so the loop
+    never waits on the device); ``bias`` is ``[d_out]`` or, for towers with a residual, the
+    per-image ``b + r`` ``[n, d_out]``.
     """
+    g = weight.shape[0]
     # Forward: z = xW + b, u = z / ‖z‖, logits = u (sT)ᵀ.
-    if bias is None:
-        torch.mm(x, weight, out=state.z)
-    else:
-        torch.addmm(bias, x, weight, out=state.z)
-    torch.linalg.vector_norm(state.z, dim=1, keepdim=True, out=state.norm).clamp_min_(_NORM_EPS)
+    _product(x, weight, state.z, add=bias)
+    torch.linalg.vector_norm(state.z, dim=2, keepdim=True, out=state.norm).clamp_min_(_NORM_EPS)
     torch.div(state.z, state.norm, out=state.u)
-    torch.mm(state.u, classes.forward, out=state.scores)
-    torch.log_softmax(state.scores, dim=1, out=state.scores)
-    loss = F.nll_loss(state.scores, labels)
+    torch.matmul(state.u, classes.forward, out=state.scores)
+    torch.log_softmax(state.scores, dim=2, out=state.scores)
+    picked = labels.view(1, -1, 1).expand(g, -1, 1)
+    torch.mean(state.scores.gather(2, picked), dim=(1, 2), out=out).neg_()  # cross-entropy, averaged
     # n · dCE/dlogits = softmax − onehot; the 1/n is in classes.backward.
-    state.scores.exp_().scatter_add_(1, labels[:, None], state.minus_one)
-    torch.mm(state.scores, classes.backward, out=state.du)
+    state.scores.exp_().scatter_add_(2, picked, state.minus_one)
+    torch.matmul(state.scores, classes.backward, out=state.du)
     # Through the normalisation: dL/dz = (du − u (u·du)) / ‖z‖.
-    torch.sum(torch.mul(state.u, state.du, out=state.z), dim=1, keepdim=True, out=state.dot)
+    torch.sum(torch.mul(state.u, state.du, out=state.z), dim=2, keepdim=True, out=state.dot)
     state.du.addcmul_(state.u, state.dot, value=-1).div_(state.norm)
-    if not reg_lambda:
-        torch.mm(x.t(), state.du, out=state.grad)
-        return loss
+    if lambdas is None:
+        _product(x.t(), state.du, state.grad)
+        return
     # dL/dW = xᵀ dz + 2λ(W − W0): W − W0 goes into grad, and the product adds onto it in place.
-    flat = torch.sub(weight, w0, out=state.grad).view(-1)
-    loss.add_(torch.dot(flat, flat), alpha=reg_lambda)
-    torch.addmm(state.grad, x.t(), state.du, beta=2 * reg_lambda, out=state.grad)
-    return loss
+    torch.sub(weight, w0, out=state.grad)
+    norms = torch.linalg.vector_norm(state.grad.view(g, -1), dim=1)
+    out.addcmul_(norms.square_(), lambdas.view(-1))  # λ‖W − W0‖² per point
+    if uniform is None:
+        state.grad.mul_(2 * lambdas)
+    _product(x.t(), state.du, state.grad, add=state.grad, beta=1.0 if uniform is None else uniform)
 
 
-def _adam(weight: torch.Tensor, lr: float) -> torch.optim.Adam:
-    """Adam with the paper's settings, fused where the device has the kernel, else ``foreach``."""
+def _product(
+    a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, add: torch.Tensor | None = None, beta: float = 1.0
+) -> None:
+    """``out = beta · add + a @ b`` for a 2-D ``a`` shared by every grid point and a batch ``b`` ``[G, ., .]``.
+
+    One point (the usual fit) runs the plain matrix product on its own slices: a batched product
+    over a stride-0 copy of ``a`` is slower there.
+    """
+    g = b.shape[0]
+    if g == 1:
+        if add is None:
+            torch.mm(a, b[0], out=out[0])
+        else:
+            torch.addmm(add if add.ndim < 3 else add[0], a, b[0], beta=beta, out=out[0])
+        return
+    batched = a.expand(g, *a.shape)
+    if add is None:
+        torch.bmm(batched, b, out=out)
+    else:
+        torch.baddbmm(add, batched, b, beta=beta, out=out)
+
+
+def _adam(weight: torch.Tensor, grad: torch.Tensor, lrs: Sequence[float]) -> torch.optim.Adam:
+    """Adam with the paper's settings on each point's W (its own learning rate), fused where the
+    device has the kernel, else ``foreach``."""
+    groups = []
+    for i, lr in enumerate(lrs):
+        point = weight[i]
+        point.grad = grad[i]  # the loop writes the gradient there; Adam reads it
+        groups.append({"params": [point], "lr": lr})
     try:
-        return torch.optim.Adam([weight], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
+        return torch.optim.Adam(groups, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
     except RuntimeError:  # e.g. a device without the fused kernel
-        return torch.optim.Adam([weight], lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=True)
+        return torch.optim.Adam(groups, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=True)

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from reference_training import reference_logits, reference_train
 
 from prolip import TrainingDivergedError, TrainingWarning
-from prolip.training import TrainResult, train_projector
+from prolip.training import TrainResult, train_grid, train_projector
 
 CPU = torch.device("cpu")
 
@@ -172,3 +172,33 @@ def test_losses_are_the_reference_losses_at_a_high_learning_rate():
     features, labels, classifier, w0, bias = problem(views=2, bias=True)
     fast, slow = both(features, labels, classifier, w0, bias, lr=0.1, reg_lambda=0.0, epochs=15)
     torch.testing.assert_close(fast.losses, slow.losses, rtol=1e-4, atol=1e-4)
+
+
+def test_a_grid_trains_each_point_as_alone():
+    features, labels, classifier, w0, bias = problem(views=3, bias=True)
+    points = [(1e-2, 0.0), (1e-3, 0.25), (5e-2, 1.0), (1e-2, 0.25)]
+    grid = train_grid(
+        features, labels, classifier, w0, bias, logit_scale=100.0, points=points, epochs=12, device=CPU, verbose=False
+    )
+    for (lr, reg_lambda), together in zip(points, grid, strict=True):
+        alone = train_projector(
+            features, labels, classifier, w0, bias,
+            logit_scale=100.0, lr=lr, reg_lambda=reg_lambda, epochs=12, device=CPU, verbose=False,
+        )  # fmt: skip
+        # Batched and single products may round differently; each point is its own training all the same.
+        torch.testing.assert_close(together.losses, alone.losses, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(together.weight, alone.weight, rtol=1e-5, atol=1e-6)
+    # A diverging point is reported as None without disturbing the others.
+    wild = train_grid(
+        features * 1e38,
+        labels,
+        classifier,
+        w0,
+        bias,
+        logit_scale=100.0,
+        points=points[:2],
+        epochs=3,
+        device=CPU,
+        verbose=False,
+    )
+    assert wild == [None, None]

@@ -4,7 +4,9 @@ All methods and settings read the same cached features: training draws (augmente
 plain views, validation draws and test splits (plain views), and the augmented test views of
 test-time methods. The cache is keyed per image content (:mod:`prolip.cache`), so nested draws,
 overlapping seeds and a resumed run reuse what is already there; images are decoded and hashed
-in chunks, so memory holds one chunk of images, never a whole test split. A small index from
+in chunks, so memory holds one chunk of images, never a whole test split. Feature sets small
+enough are read into memory once; larger ones (ImageNet's training views) stay on disk and are
+read one view at a time. A small index from
 (path, size, mtime) to content hash lets a rerun skip decoding images whose features are cached.
 """
 
@@ -31,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_NAME = "bench-image-index.json"
 CHUNK = 256  # images decoded and held at once
+IN_MEMORY_BYTES = 256 << 20  # feature sets up to this size (as float32) are read into memory once
 
 
 class StackedViews:
@@ -103,7 +106,10 @@ class FeatureStore:
         if todo:
             self._write_index()
         labels = torch.tensor([item.label for item in items], dtype=torch.long)
-        return FeatureSet(cache.features(hashes), labels, self.d_in)
+        features = cache.features(hashes)
+        if 4 * features.shape.numel() <= IN_MEMORY_BYTES:  # small sets: one read, not one per training step
+            features = features.to_tensor()
+        return FeatureSet(features, labels, self.d_in)
 
     def test_views(self, items: Sequence[Item], views: int, seed: int, what: str = "test") -> FeatureSet:
         """The plain view then ``views`` augmented views of each item: ``[1 + views, n, width]``."""
