@@ -36,8 +36,10 @@ PAPER_LRS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8)
 PAPER_LAMBDAS = (10.0, 1.0, 0.1, 0.01, 1e-3, 1e-4, 0.0)
 """The paper's λ grid."""
 
-GRID_MEMORY_BYTES = 1 << 30
-"""Training buffers the search may hold at once: grid points train side by side within it."""
+GRID_MEMORY_BYTES = 24 << 20
+"""Per-step working set the search keeps for points trained side by side (about a CPU's last-level
+cache): small problems train many points at once, where per-step overhead dominates; large ones
+few, where side by side would only evict each other's matrices from the cache."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,8 @@ def search_projector(
     scores = classifier.to(device, torch.float32)
     accuracy = torch.full((len(lrs), len(reg_lambdas)), float("nan"))
     grid = [(i, j) for i in range(len(lrs)) for j in range(len(reg_lambdas))]
-    # As many points side by side as fit in GRID_MEMORY_BYTES of per-point training buffers.
+    # As many points side by side as fit in GRID_MEMORY_BYTES: W, its gradient, Adam's two moments
+    # and the step's [n, d_out] and [n, K] buffers, per point.
     width = max(features.shape[-1], w0.shape[0])
     per_point = 4 * (4 * len(labels) * w0.shape[1] + len(labels) * classifier.shape[0] + 5 * width * w0.shape[1])
     chunk = max(1, min(len(grid), GRID_MEMORY_BYTES // per_point))

@@ -193,8 +193,8 @@ def train_grid(
             _loss_and_gradient(x, weight, w0, offset, classes, y, lambdas if regularised else None, uniform, state, history[step])
             # torch's CosineAnnealingLR(T_max=epochs) in closed form, without its per-step bookkeeping.
             factor = (1 + math.cos(math.pi * step / epochs)) / 2
-            for group, lr in zip(optimizer.param_groups, lrs, strict=True):
-                group["lr"] = lr * factor
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
             optimizer.step()
     # One check at the end keeps the loop free of device synchronisations.
     finite = torch.isfinite(history).all(dim=0) & torch.isfinite(weight).flatten(1).all(dim=1)
@@ -228,7 +228,8 @@ def _loss_and_gradient(
     torch.linalg.vector_norm(state.z, dim=2, keepdim=True, out=state.norm).clamp_min_(_NORM_EPS)
     torch.div(state.z, state.norm, out=state.u)
     torch.matmul(state.u, classes.forward, out=state.scores)
-    torch.log_softmax(state.scores, dim=2, out=state.scores)
+    # log-softmax; written out, as torch's kernel is slow on many rows of a few classes (a grid's).
+    state.scores.sub_(torch.logsumexp(state.scores, dim=2, keepdim=True))
     picked = labels.view(1, -1, 1).expand(g, -1, 1)
     torch.mean(state.scores.gather(2, picked), dim=(1, 2), out=out).neg_()  # cross-entropy, averaged
     # n · dCE/dlogits = softmax − onehot; the 1/n is in classes.backward.
@@ -272,14 +273,18 @@ def _product(
 
 
 def _adam(weight: torch.Tensor, grad: torch.Tensor, lrs: Sequence[float]) -> torch.optim.Adam:
-    """Adam with the paper's settings on each point's W (its own learning rate), fused where the
-    device has the kernel, else ``foreach``."""
-    groups = []
+    """Adam with the paper's settings on each point's W, fused where the device has the kernel, else ``foreach``.
+
+    One parameter group per distinct learning rate (its points' W side by side in one kernel call);
+    each group's ``"base_lr"`` is what the cosine schedule scales.
+    """
+    groups: dict[float, list[torch.Tensor]] = {}
     for i, lr in enumerate(lrs):
         point = weight[i]
         point.grad = grad[i]  # the loop writes the gradient there; Adam reads it
-        groups.append({"params": [point], "lr": lr})
+        groups.setdefault(lr, []).append(point)
+    param_groups = [{"params": params, "lr": lr, "base_lr": lr} for lr, params in groups.items()]
     try:
-        return torch.optim.Adam(groups, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
+        return torch.optim.Adam(param_groups, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
     except RuntimeError:  # e.g. a device without the fused kernel
-        return torch.optim.Adam(groups, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=True)
+        return torch.optim.Adam(param_groups, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=True)
