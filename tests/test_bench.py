@@ -190,3 +190,17 @@ def test_search_estimator_records_the_grid_in_the_delta(checkpoints, tmp_path):
     loaded = ProLIPAdapter.load(tmp_path / "d.safetensors", pretrained=checkpoints["vit"], verbose=False)
     assert loaded.fitted_.selection == search.cv_results_
     assert (loaded.predict(images) == search.predict(images)).all()
+
+
+def test_methods_take_arguments_in_their_names(suite, tmp_path):
+    cells = bench(
+        "few-shot", suite, tmp_path, datasets=["dtd"], shots=[1],
+        methods=["prolip:lr=1e-2,reg_lambda=0", "prolip:lr=1e-5,reg_lambda=auto"],
+    )  # fmt: skip
+    info = {c["method"]: c["info"] for c in cells}
+    assert info == {
+        "prolip:lr=1e-2,reg_lambda=0": {"lr": 1e-2, "reg_lambda": 0.0},
+        "prolip:lr=1e-5,reg_lambda=auto": {"lr": 1e-5, "reg_lambda": 1.0},
+    }
+    with pytest.raises(InputError, match="unexpected keyword argument 'rate'"):
+        bench("few-shot", suite, tmp_path / "x", datasets=["dtd"], shots=[1], methods=["prolip:rate=1"])

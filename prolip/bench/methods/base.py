@@ -9,6 +9,7 @@ The bench times ``fit`` and reports it beside the accuracy.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -67,9 +68,25 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def get_method(name: str) -> Method:
-    """A new instance of the method registered as ``name``."""
+def get_method(spec: str) -> Method:
+    """A new instance of the method named by ``spec``: ``NAME`` or ``NAME:key=value,key=value``.
+
+    The second form sets constructor arguments (values read as JSON numbers, strings otherwise),
+    e.g. ``prolip:lr=1e-2,reg_lambda=0`` — how the paper's learning-rate × λ table is run.
+    """
+    name, _, arguments = spec.partition(":")
+    if name not in METHODS:
+        raise InputError(f"unknown bench method {name!r}; available: {sorted(METHODS)}.")
+    kwargs = {}
+    for pair in filter(None, arguments.split(",")):
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"bench method {spec!r}: {pair!r} is not key=value, e.g. prolip:lr=1e-2,reg_lambda=0.")
+        try:
+            kwargs[key] = json.loads(text)
+        except ValueError:
+            kwargs[key] = text
     try:
-        return METHODS[name]()
-    except KeyError:
-        raise InputError(f"unknown bench method {name!r}; available: {sorted(METHODS)}.") from None
+        return METHODS[name](**kwargs)
+    except TypeError as exc:
+        raise InputError(f"bench method {spec!r}: {exc}; see the method's docstring for its arguments.") from None
