@@ -23,7 +23,7 @@ from prolip.backbone import Backbone, build_backbone
 from prolip.cache import CachedFeatures
 from prolip.delta_file import read_delta, write_delta
 from prolip.errors import DeltaFileError, InputError, NotFittedError, PrecisionWarning, warn
-from prolip.estimator import Estimator
+from prolip.estimator import Estimator, Learned
 from prolip.features import check_features, extract_features, feature_cache, fill_cache, image_hash
 from prolip.fitted import FittedState
 from prolip.fitting import SAVED_PARAMS, fit_projector
@@ -36,16 +36,6 @@ logger = logging.getLogger(__name__)
 
 # Parameters that define the backbone: changing one rebuilds it (and re-checks a fitted delta).
 _BACKBONE_PARAMS = ("model", "pretrained", "precision", "device", "tokenizer")
-
-
-class _Learned:
-    """A learned attribute (``name_``), read from the adapter's :class:`FittedState`."""
-
-    def __init__(self, read: Callable[[FittedState], Any], doc: str) -> None:
-        self.read, self.__doc__ = read, doc
-
-    def __get__(self, adapter: ProLIPAdapter | None, owner: type) -> Any:
-        return self if adapter is None else self.read(adapter._fitted())
 
 
 class ProLIPAdapter(Estimator):
@@ -85,13 +75,16 @@ class ProLIPAdapter(Estimator):
             ``views``) and returns lazy :class:`prolip.cache.CachedFeatures`, which fit streams
             one view at a time. Reuse needs a fixed ``random_state``.
         cache_dtype: "fp16" (default; half the disk, features rounded to fp16) or "fp32".
+        target: the projector(s) to train: "image" (ProLIP), "text" (the text tower's projection
+            W_t, regularised toward W_t0, T rebuilt from it; see docs/variants.md) or "image+text".
 
     Attributes (after fit or load):
         fitted_: the :class:`~prolip.fitted.FittedState` all the attributes below are read from.
         classes_: labels, in the column order of ``predict_proba``.
         class_names_: the text put into the templates for each class.
-        classifier_: the zero-shot classifier T, float32 ``[K, d_out]``.
-        delta_: W − W0, float32, in the model parameter's own orientation.
+        classifier_: the classifier T, float32 ``[K, d_out]`` (zero-shot, or from the trained W_t).
+        delta_: W − W0, float32, in the model parameter's own orientation (None for target="text").
+        text_delta_: W_t − W_t0 of the text projection, or None for target="image".
         n_shots_: N, training images per class (n / K).
         reg_lambda_: the λ training used.
         logit_scale_: the s training used.
@@ -125,6 +118,7 @@ class ProLIPAdapter(Estimator):
         on_error: str = "raise",
         cache_dir: str | os.PathLike | None = None,
         cache_dtype: str = "fp16",
+        target: str = "image",
     ) -> None:
         self.model = model
         self.pretrained = pretrained
@@ -144,18 +138,20 @@ class ProLIPAdapter(Estimator):
         self.on_error = on_error
         self.cache_dir = cache_dir
         self.cache_dtype = cache_dtype
+        self.target = target
 
     # ------------------------------------------------------------------ learned attributes
-    fitted_ = _Learned(lambda s: s, "The fitted state (:class:`~prolip.fitted.FittedState`).")
-    classes_ = _Learned(lambda s: class_array(s.classes), "Labels, in the column order of predict_proba.")
-    class_names_ = _Learned(lambda s: list(s.class_names), "The text put into the templates for each class.")
-    classifier_ = _Learned(lambda s: s.classifier, "The zero-shot classifier T, float32 [K, d_out].")
-    delta_ = _Learned(lambda s: s.delta, "W − W0, float32, in the model parameter's own orientation.")
-    n_shots_ = _Learned(lambda s: s.n_shots, "N, training images per class.")
-    reg_lambda_ = _Learned(lambda s: s.reg_lambda, "The λ training used.")
-    logit_scale_ = _Learned(lambda s: s.logit_scale, "The logit scale s training used.")
-    loss_history_ = _Learned(lambda s: s.loss_history, "Training loss per step (empty after load).")
-    base_fingerprint_ = _Learned(
+    fitted_ = Learned(lambda s: s, "The fitted state (:class:`~prolip.fitted.FittedState`).")
+    classes_ = Learned(lambda s: class_array(s.classes), "Labels, in the column order of predict_proba.")
+    class_names_ = Learned(lambda s: list(s.class_names), "The text put into the templates for each class.")
+    classifier_ = Learned(lambda s: s.classifier, "The classifier T, float32 [K, d_out].")
+    delta_ = Learned(lambda s: s.delta, "W − W0, float32, in the model parameter's own orientation, or None.")
+    text_delta_ = Learned(lambda s: s.text_delta, "W_t − W_t0 of the text projection, or None.")
+    n_shots_ = Learned(lambda s: s.n_shots, "N, training images per class.")
+    reg_lambda_ = Learned(lambda s: s.reg_lambda, "The λ training used.")
+    logit_scale_ = Learned(lambda s: s.logit_scale, "The logit scale s training used.")
+    loss_history_ = Learned(lambda s: s.loss_history, "Training loss per step (empty after load).")
+    base_fingerprint_ = Learned(
         lambda s: s.fingerprint if s.fingerprint is not None else s.legacy_hash, "The base model's fingerprint."
     )
 
@@ -343,7 +339,7 @@ class ProLIPAdapter(Estimator):
 
     # ------------------------------------------------------------------ the adapted model
     def merged_model(self, precision: str | None = "fp32") -> nn.Module:
-        """A copy of the open_clip model whose projector is W0 + delta (the base model is untouched).
+        """A copy of the open_clip model with W0 + delta and W_t0 + text delta, where trained (the base is untouched).
 
         Args:
             precision: the copy's precision: "fp32" (default: the merged update is exact), "fp16",

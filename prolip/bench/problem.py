@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from prolip.cache import CachedFeatures
 from prolip.training import split_features
+from prolip.zeroshot import average_prompts
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,7 @@ class TextHead:
         Exactly as the zero-shot classifier is built: each prompt's embedding L2-normalised,
         averaged over templates, normalised again.
         """
-        per_prompt = F.normalize(self.features @ (self.w0 if weight is None else weight), dim=-1)
-        return F.normalize(per_prompt.mean(dim=1), dim=-1)
+        return average_prompts(self.features @ (self.w0 if weight is None else weight))
 
 
 @dataclass(frozen=True)
