@@ -28,6 +28,7 @@ from prolip.errors import (
     UnsupportedModelError,
 )
 from prolip.multitask import MultiTaskClassifier
+from prolip.rla import RegularizedLinearAdapter
 from prolip.towers import supported_models
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "ProLIPAdapter",
     "ProLIPError",
     "ProLIPWarning",
+    "RegularizedLinearAdapter",
     "SkippedImagesWarning",
     "TrainingDivergedError",
     "TrainingWarning",

@@ -22,12 +22,12 @@ from prolip.backbone import Backbone, build_backbone
 from prolip.cache import CachedFeatures
 from prolip.delta_file import read_delta, write_delta
 from prolip.errors import DeltaFileError, InputError, NotFittedError
-from prolip.estimator import Estimator
+from prolip.estimator import Estimator, Learned
 from prolip.features import check_features, extract_features, feature_cache, fill_cache, image_hash
-from prolip.fitted import FittedState, LearnedAttributes
+from prolip.fitted import FittedState
 from prolip.fitting import SAVED_PARAMS, fit_projector
 from prolip.images import ImageLike, load_for_model, report_skipped
-from prolip.labels import accuracy, check_lengths, encode_labels, label_list
+from prolip.labels import accuracy, check_lengths, class_array, encode_labels, label_list
 from prolip.params import check_params
 from prolip.training import logits
 
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 _BACKBONE_PARAMS = ("model", "pretrained", "precision", "device", "tokenizer")
 
 
-class ProLIPAdapter(Estimator, LearnedAttributes):
+class ProLIPAdapter(Estimator):
     """Few-shot adaptation of an open_clip model by fine-tuning only its vision projector (ProLIP).
 
     Pre-projection features of ``views`` augmented views per training image are computed once;
@@ -74,13 +74,16 @@ class ProLIPAdapter(Estimator, LearnedAttributes):
             ``views``) and returns lazy :class:`prolip.cache.CachedFeatures`, which fit streams
             one view at a time. Reuse needs a fixed ``random_state``.
         cache_dtype: "fp16" (default; half the disk, features rounded to fp16) or "fp32".
+        target: the projector(s) to train: "image" (ProLIP), "text" (the text tower's projection
+            W_t, regularised toward W_t0, T rebuilt from it; see docs/variants.md) or "image+text".
 
     Attributes (after fit or load):
         fitted_: the :class:`~prolip.fitted.FittedState` all the attributes below are read from.
         classes_: labels, in the column order of ``predict_proba``.
         class_names_: the text put into the templates for each class.
-        classifier_: the zero-shot classifier T, float32 ``[K, d_out]``.
-        delta_: W − W0, float32, in the model parameter's own orientation.
+        classifier_: the classifier T, float32 ``[K, d_out]`` (zero-shot, or from the trained W_t).
+        delta_: W − W0, float32, in the model parameter's own orientation (None for target="text").
+        text_delta_: W_t − W_t0 of the text projection, or None for target="image".
         n_shots_: N, training images per class (n / K).
         reg_lambda_: the λ training used.
         logit_scale_: the s training used.
@@ -114,6 +117,7 @@ class ProLIPAdapter(Estimator, LearnedAttributes):
         on_error: str = "raise",
         cache_dir: str | os.PathLike | None = None,
         cache_dtype: str = "fp16",
+        target: str = "image",
     ) -> None:
         self.model = model
         self.pretrained = pretrained
@@ -133,8 +137,23 @@ class ProLIPAdapter(Estimator, LearnedAttributes):
         self.on_error = on_error
         self.cache_dir = cache_dir
         self.cache_dtype = cache_dtype
+        self.target = target
 
     # ------------------------------------------------------------------ learned attributes
+    fitted_ = Learned(lambda s: s, "The fitted state (:class:`~prolip.fitted.FittedState`).")
+    classes_ = Learned(lambda s: class_array(s.classes), "Labels, in the column order of predict_proba.")
+    class_names_ = Learned(lambda s: list(s.class_names), "The text put into the templates for each class.")
+    classifier_ = Learned(lambda s: s.classifier, "The classifier T, float32 [K, d_out].")
+    delta_ = Learned(lambda s: s.delta, "W − W0, float32, in the model parameter's own orientation, or None.")
+    text_delta_ = Learned(lambda s: s.text_delta, "W_t − W_t0 of the text projection, or None.")
+    n_shots_ = Learned(lambda s: s.n_shots, "N, training images per class.")
+    reg_lambda_ = Learned(lambda s: s.reg_lambda, "The λ training used.")
+    logit_scale_ = Learned(lambda s: s.logit_scale, "The logit scale s training used.")
+    loss_history_ = Learned(lambda s: s.loss_history, "Training loss per step (empty after load).")
+    base_fingerprint_ = Learned(
+        lambda s: s.fingerprint if s.fingerprint is not None else s.legacy_hash, "The base model's fingerprint."
+    )
+
     @property
     def n_features_in_(self) -> int:
         """Width of the features predict_features takes: d_in (+ d_out for towers with a residual)."""
@@ -165,8 +184,7 @@ class ProLIPAdapter(Estimator, LearnedAttributes):
         ``device``, ``tokenizer``) rebuilds it on next use, and a fitted delta is checked against
         the new base model (FingerprintMismatchError if it is not the one it was trained on).
         """
-        params = [(name, getattr(self, name)) for name in _BACKBONE_PARAMS]
-        key = tuple((name, id(v) if not isinstance(v, (str, type(None))) else v) for name, v in params)
+        key = tuple((name, id(v) if not isinstance(v, (str, type(None))) else v) for name, v in self._backbone_params())
         cached = self.__dict__.get("_backbone")
         if cached is None or cached[0] != key:
             backbone = build_backbone(
@@ -177,6 +195,9 @@ class ProLIPAdapter(Estimator, LearnedAttributes):
             if state is not None:
                 state.check_base(backbone, strict=self.__dict__.get("_strict_base", True), source="the fitted delta")
         return self._backbone[1]
+
+    def _backbone_params(self) -> list[tuple[str, Any]]:
+        return [(name, getattr(self, name)) for name in _BACKBONE_PARAMS]
 
     def _seed(self) -> int:
         return secrets.randbits(63) if self.random_state is None else int(self.random_state)
@@ -317,7 +338,7 @@ class ProLIPAdapter(Estimator, LearnedAttributes):
 
     # ------------------------------------------------------------------ the adapted model
     def merged_model(self, precision: str | None = "fp32") -> nn.Module:
-        """A copy of the open_clip model whose projector is W0 + delta (the base model is untouched).
+        """A copy of the open_clip model with W0 + delta and W_t0 + text delta, where trained (the base is untouched).
 
         Args:
             precision: the copy's precision: "fp32" (default: the merged update is exact), "fp16",

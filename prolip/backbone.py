@@ -19,9 +19,9 @@ from torch import nn
 from prolip.errors import InputError, ModelLoadError
 from prolip.fingerprint import Fingerprint
 from prolip.params import PRECISIONS, check_params
-from prolip.towers import Projector, find_projector
+from prolip.towers import Projector, TextProjector, find_projector, find_text_projector
 from prolip.views import INTERPOLATIONS, RESIZE_MODES, ViewConfig
-from prolip.zeroshot import zero_shot_classifier
+from prolip.zeroshot import encode_prompts, zero_shot_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,26 @@ class Backbone:
     def classifier(self, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
         """The zero-shot classifier T ``[K, d_out]`` (float32, CPU) of ``class_names`` under ``templates``."""
         return zero_shot_classifier(self.model, self.tokenizer, class_names, templates, device=self.device)
+
+    @cached_property
+    def text_projector(self) -> TextProjector:
+        """The text tower's final projection (:func:`prolip.towers.find_text_projector`), checked on first use.
+
+        Raises:
+            UnsupportedModelError: the text tower has no projection prolip can train.
+        """
+        return find_text_projector(self.model)
+
+    @cached_property
+    def text_fingerprint(self) -> Fingerprint:
+        """Sketches of the text projection and of the text tower: every tensor of the model outside the vision tower."""
+        p = self.text_projector
+        text = ((k, v) for k, v in self.model.state_dict().items() if not k.startswith("visual."))
+        return Fingerprint.of(p.key, p.parameter, text, self.precision)
+
+    def prompt_features(self, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        """Pre-projection text features of every (class, template) prompt: float32 CPU ``[K, M, d_t]``."""
+        return encode_prompts(self.text_projector.features, self.tokenizer, class_names, templates, device=self.device)
 
 
 def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:

@@ -12,7 +12,8 @@ from pathlib import Path
 from prolip.errors import ProLIPError
 
 _EXAMPLES = {
-    "fit": "example:\n  prolip fit photos/ --model ViT-B-32 --pretrained openai --shots 16 --out pets.safetensors",
+    "fit": "example:\n  prolip fit photos/ --model ViT-B-32 --pretrained openai --shots 16 --out pets.safetensors\n"
+    "  prolip fit photos/ --shots 16 --variant text --out pets-text.safetensors",
     "predict": "example:\n  prolip predict pets.safetensors cat1.jpg dog2.png --json",
     "eval": "example:\n  prolip eval pets.safetensors photos_test/",
     "info": "example:\n  prolip info pets.safetensors",
@@ -65,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
         return p
 
-    fit = command("fit", "Fit a ProLIP delta on a labelled image folder or path,label CSV.")
+    fit = command("fit", "Fit a ProLIP delta (or a variant) on a labelled image folder or path,label CSV.")
     fit.add_argument("data", help="folder with one sub-folder per class, or a CSV file of path,label rows")
     fit.add_argument("--out", required=True, help="where to write the delta (.safetensors)")
     fit.add_argument("--model", default="ViT-B-32", help="open_clip model name (default: %(default)s)")
@@ -79,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
     fit.add_argument("--template", action="append", dest="templates", help="prompt template with {} (repeatable)")
     fit.add_argument("--cache-dir", default=None, help="reuse and store training-view features in this folder")
+    fit.add_argument(
+        "--variant",
+        default="image",
+        choices=["image", "text", "image+text", "rla"],
+        help="what to train: the vision projector (ProLIP), the text projection, both, or a regularised linear "
+        "adapter on the image embeddings (see docs/variants.md; default: %(default)s)",
+    )
 
     predict = command("predict", "Predict the class of images with a saved delta.")
     predict.add_argument("delta", help="delta file written by 'prolip fit' or ProLIPAdapter.save")
@@ -140,9 +148,13 @@ def _base_options(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
+    """The classifier a file holds: a ProLIPAdapter, or for a linear adapter a ModelRLA on its model."""
     from prolip.adapter import ProLIPAdapter
+    from prolip.delta_file import LINEAR_ADAPTER_KIND, read_metadata
+    from prolip.rla import ModelRLA
 
-    return ProLIPAdapter.load(
+    loader = ModelRLA.load if read_metadata(args.delta)["kind"] == LINEAR_ADAPTER_KIND else ProLIPAdapter.load
+    return loader(
         args.delta,
         model=args.model,
         pretrained=args.pretrained,
@@ -172,11 +184,17 @@ def _fit(args: argparse.Namespace) -> None:
         random_state=args.seed,
         verbose=not args.quiet,
         cache_dir=args.cache_dir,
+        target="image" if args.variant == "rla" else args.variant,
     )
-    adapter.fit(paths, labels)
-    adapter.save(args.out)
+    if args.variant == "rla":  # the adapter only embeds the images; the linear adapter trains on the embeddings
+        from prolip.rla import ModelRLA
+
+        fitted = ModelRLA.fit(adapter, paths, labels).rla
+    else:
+        fitted = adapter.fit(paths, labels)
+    fitted.save(args.out)
     if not args.quiet:
-        print(f"saved {args.out}: {len(adapter.classes_)} classes, {len(paths)} images (N={adapter.n_shots_:g})")
+        print(f"saved {args.out}: {len(fitted.classes_)} classes, {len(paths)} images (N={fitted.n_shots_:g})")
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -231,15 +249,28 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from prolip.delta_file import read_delta, read_metadata
+    from prolip.delta_file import read_metadata, read_state
+    from prolip.fitted import LinearAdapterState
 
-    state, meta = read_delta(args.delta), read_metadata(args.delta)
-    base = state.fingerprint.summary() if state.fingerprint is not None else f"SHA-256 {state.legacy_hash} (format 1)"
+    state, meta = read_state(args.delta), read_metadata(args.delta)
     print(f"file:              {args.delta}")
     print(f"format:            {meta['format']} v{meta['format_version']} (prolip {meta['prolip_version']})")
-    print(f"base model:        {state.model_name or '(a model object)'}  pretrained={state.pretrained or '-'}")
-    print(f"projector:         {state.projector_key} {tuple(state.delta.shape)} ({state.projector_family})")
-    print(f"base fingerprint:  {base}")
+    if isinstance(state, LinearAdapterState):
+        print("kind:              linear_adapter (regularised linear adapter on image embeddings)")
+        print(f"embeddings of:     {state.model_name or '(outside open_clip)'}  pretrained={state.pretrained or '-'}")
+        print(f"adapter:           A = I + delta, {tuple(state.delta.shape)}")
+    else:
+        legacy = f"SHA-256 {state.legacy_hash} (format 1)"
+        base = state.fingerprint.summary() if state.fingerprint is not None else legacy
+        shape = "(not trained)" if state.delta is None else tuple(state.delta.shape)
+        print(f"kind:              projector (target {state.target})")
+        print(f"base model:        {state.model_name or '(a model object)'}  pretrained={state.pretrained or '-'}")
+        print(f"projector:         {state.projector_key} {shape} ({state.projector_family})")
+        print(f"base fingerprint:  {base}")
+        if state.text_delta is not None:
+            text = f"{state.text_projector_key} {tuple(state.text_delta.shape)} ({state.text_projector_family})"
+            print(f"text projection:   {text}")
+            print(f"text fingerprint:  {state.text_fingerprint.summary('W_t0')}")
     print(
         f"classes ({len(state.classes)}):       "
         + ", ".join(f"{c!s}" + (f" ({n})" if str(c) != n else "") for c, n in zip(state.classes, state.class_names, strict=True))
@@ -249,15 +280,21 @@ def _info(args: argparse.Namespace) -> None:
     print(f"lambda used:       {state.reg_lambda:g}")
     print(f"logit scale:       {state.logit_scale:g}")
     print(f"hyperparameters:   {json.dumps(dict(state.hyperparameters))}")
-    print(f"delta norm:        {float(state.delta.norm()):.6g}")
+    for name, delta in (("delta", state.delta), ("text delta", getattr(state, "text_delta", None))):
+        if delta is not None:
+            print(f"{name + ' norm:':<19}{float(delta.norm()):.6g}")
 
 
 def _merge(args: argparse.Namespace) -> None:
     from safetensors.torch import save
 
     from prolip.files import atomic_write
+    from prolip.rla import ModelRLA
 
-    merged = _load(args).merged_model(precision=args.precision)
+    adapter = _load(args)
+    if isinstance(adapter, ModelRLA):
+        raise ProLIPError(f"{args.delta!r} holds a linear adapter on image embeddings; there is no weight to merge.")
+    merged = adapter.merged_model(precision=args.precision)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in merged.state_dict().items()}
     atomic_write(args.out, [save(state)])
     if not args.quiet:

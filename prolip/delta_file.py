@@ -1,16 +1,22 @@
-"""The delta file: one safetensors file with the trained projector delta, T, and string metadata.
+"""The delta file: one safetensors file with what a fit learned, T, and string metadata.
 
-Layout (format version 2):
+Layout (format version 2), by ``kind``:
 
-* tensor ``<projector key>`` (e.g. ``visual.proj``): W − W0, float32, in the parameter's own
-  orientation;
-* tensor ``prolip.classifier``: the zero-shot classifier T, float32 ``[K, d_out]``;
-* metadata (all strings): see :data:`REQUIRED_METADATA`; lists, dicts and the fingerprint are JSON.
-  Optional: ``selection`` (JSON), the validation search that chose lr and λ.
+* ``projector`` (a ProLIP adapter): tensor ``<projector key>`` (e.g. ``visual.proj``), W − W0,
+  when the vision projector was trained; tensor ``<text projector key>`` (e.g.
+  ``text_projection``), W_t − W_t0, when the text projection was (metadata ``target`` says which:
+  "image", "text" or "image+text"); both float32 in the parameter's own orientation;
+* ``linear_adapter`` (a regularised linear adapter, :mod:`prolip.rla`): tensor
+  ``prolip.linear_adapter``, A − I, float32 ``[d, d]``;
+* always tensor ``prolip.classifier``: the classifier T, float32 ``[K, d_out]``;
+* metadata (all strings): see :data:`REQUIRED_METADATA`, :data:`KIND_METADATA` and
+  :data:`TEXT_METADATA`; lists, dicts and fingerprints are JSON. Optional for ``projector``:
+  ``selection`` (JSON), the validation search that chose lr and λ.
 
 Version 2 records the base model as a precision-independent fingerprint of W0 and of the whole
-vision tower (:mod:`prolip.fingerprint`) and the λ training used; version 1 files (a SHA-256 of
-W0 cast to fp16, no λ) are still read.
+vision tower (:mod:`prolip.fingerprint`) and the λ training used; version 1 files (projector
+deltas only, a SHA-256 of W0 cast to fp16, no λ) are still read. Files of version 2 written
+before ``target`` existed are image-projector deltas.
 
 Reading never unpickles: safetensors holds raw tensors and a JSON header, the header size is
 checked before anything is parsed, and every field is type-checked before use (see
@@ -23,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,23 +39,23 @@ from prolip._version import __version__
 from prolip.errors import DeltaFileError, InputTypeError
 from prolip.files import atomic_write, read_safetensors_header, remove_stale_temps, temp_prefix
 from prolip.fingerprint import Fingerprint
-from prolip.fitted import FittedState
+from prolip.fitted import FittedState, LinearAdapterState
+from prolip.params import TARGETS
 
 FORMAT_NAME = "prolip-delta"
 FORMAT_VERSION = 2
 KIND = "projector"
+LINEAR_ADAPTER_KIND = "linear_adapter"
 CLASSIFIER_KEY = "prolip.classifier"
+LINEAR_ADAPTER_KEY = "prolip.linear_adapter"
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # real headers are a few KB; refuse absurd declared sizes
-REQUIRED_METADATA = (
+COMMON_METADATA = (
     "format",
     "format_version",
     "kind",
     "prolip_version",
     "model_name",
     "pretrained",
-    "projector_family",
-    "projector_key",
-    "base_fingerprint",
     "classes",
     "class_names",
     "templates",
@@ -57,13 +64,20 @@ REQUIRED_METADATA = (
     "reg_lambda",
     "logit_scale",
 )
+"""Metadata every kind of delta file holds."""
+KIND_METADATA = {KIND: ("projector_family", "projector_key", "base_fingerprint"), LINEAR_ADAPTER_KIND: ()}
+"""Metadata each kind holds besides :data:`COMMON_METADATA`."""
+REQUIRED_METADATA = COMMON_METADATA + KIND_METADATA[KIND]
+"""Every metadata key of a projector delta."""
+TEXT_METADATA = ("text_projector_family", "text_projector_key", "text_fingerprint")
+"""Metadata a projector delta holds when its ``target`` includes the text projection."""
 _V1_ABSENT = ("kind", "reg_lambda")  # fields format 1 did not have
 _JSON_KEYS = ("classes", "class_names", "templates", "hyperparameters")
 _LABEL_TYPES = (str, int, float, bool)
 
 
-def write_delta(path: str | os.PathLike, state: FittedState) -> None:
-    """Write ``state`` as a delta file, atomically.
+def write_delta(path: str | os.PathLike, state: FittedState | LinearAdapterState) -> None:
+    """Write ``state`` as a delta file (of kind ``projector`` or ``linear_adapter``), atomically.
 
     Temporary files of the same target older than :data:`prolip.files.STALE_TEMP_SECONDS` (left
     by killed writers) are removed.
@@ -82,13 +96,9 @@ def write_delta(path: str | os.PathLike, state: FittedState) -> None:
     header = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
-        "kind": KIND,
         "prolip_version": __version__,
         "model_name": state.model_name,
         "pretrained": state.pretrained,
-        "projector_family": state.projector_family,
-        "projector_key": state.projector_key,
-        "base_fingerprint": json.dumps(state.fingerprint.as_dict()),
         "classes": json.dumps(list(state.classes)),
         "class_names": json.dumps(list(state.class_names)),
         "templates": json.dumps(list(state.templates)),
@@ -97,12 +107,29 @@ def write_delta(path: str | os.PathLike, state: FittedState) -> None:
         "reg_lambda": repr(float(state.reg_lambda)),
         "logit_scale": repr(float(state.logit_scale)),
     }
-    if state.selection is not None:
-        header["selection"] = json.dumps(dict(state.selection))
-    tensors = {
-        state.projector_key: state.delta.detach().to("cpu", torch.float32).contiguous(),
-        CLASSIFIER_KEY: state.classifier.detach().to("cpu", torch.float32).contiguous(),
-    }
+    if isinstance(state, LinearAdapterState):
+        header["kind"] = LINEAR_ADAPTER_KIND
+        tensors = {LINEAR_ADAPTER_KEY: state.delta}
+    else:
+        header.update(
+            kind=KIND,
+            target=state.target,
+            projector_family=state.projector_family,
+            projector_key=state.projector_key,
+            base_fingerprint=json.dumps(state.fingerprint.as_dict()),
+        )
+        tensors = {} if state.delta is None else {state.projector_key: state.delta}
+        if state.selection is not None:
+            header["selection"] = json.dumps(dict(state.selection))
+        if state.text_delta is not None:
+            header.update(
+                text_projector_family=state.text_projector_family,
+                text_projector_key=state.text_projector_key,
+                text_fingerprint=json.dumps(state.text_fingerprint.as_dict()),
+            )
+            tensors[state.text_projector_key] = state.text_delta
+    tensors[CLASSIFIER_KEY] = state.classifier
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
     data = save(tensors, metadata=header)
     if os.path.isdir(path):
         raise DeltaFileError(f"cannot write delta file {path!r}: it is a directory; give a file name.")
@@ -131,7 +158,9 @@ def _parse_metadata(path: str, raw: dict[str, str]) -> dict[str, Any]:
         version = int(raw.get("format_version", ""))
     except ValueError:
         version = None
-    required = [k for k in REQUIRED_METADATA if version != 1 or k not in _V1_ABSENT]
+    kind = KIND if version == 1 else raw.get("kind", KIND)  # format 1 held projector deltas only
+    expected = COMMON_METADATA + KIND_METADATA.get(kind, ())
+    required = [k for k in expected if version != 1 or k not in _V1_ABSENT]
     missing = [k for k in required if k not in raw]
     if missing:
         raise DeltaFileError(
@@ -155,8 +184,9 @@ def _parse_metadata(path: str, raw: dict[str, str]) -> dict[str, Any]:
     def bad(key: str, expected: str) -> DeltaFileError:
         return DeltaFileError(f"{path!r} has malformed metadata {key!r}: expected {expected}.")
 
-    if version > 1 and raw["kind"] != KIND:
-        raise bad("kind", f"{KIND!r}")
+    if kind not in KIND_METADATA:
+        raise bad("kind", f"one of {list(KIND_METADATA)}")
+    meta["kind"] = kind
     classes = meta["classes"]
     if not (isinstance(classes, list) and classes and all(isinstance(c, _LABEL_TYPES) for c in classes)):
         raise bad("classes", "a non-empty JSON list of strings, numbers or booleans")
@@ -170,7 +200,8 @@ def _parse_metadata(path: str, raw: dict[str, str]) -> dict[str, Any]:
     if not (isinstance(names, list) and len(names) == len(classes) and all(isinstance(n, str) for n in names)):
         raise bad("class_names", f"a JSON list of {len(classes)} strings")
     templates = meta["templates"]
-    if not (isinstance(templates, list) and templates and all(isinstance(t, str) for t in templates)):
+    # A linear adapter's T may come from outside (no templates); a projector's is always built from them.
+    if not (isinstance(templates, list) and (templates or kind != KIND) and all(isinstance(t, str) for t in templates)):
         raise bad("templates", "a non-empty JSON list of strings")
     if not isinstance(meta["hyperparameters"], dict):
         raise bad("hyperparameters", "a JSON object")
@@ -184,8 +215,20 @@ def _parse_metadata(path: str, raw: dict[str, str]) -> dict[str, Any]:
         if not (math.isfinite(value) and (value >= 0 if low is None else value > low)):
             raise bad(key, "a finite positive number" if low is not None else "a finite number >= 0")
         meta[key] = value
-    if not meta["projector_key"] or meta["projector_key"] == CLASSIFIER_KEY:
+    if kind == KIND:
+        _parse_projector_metadata(path, raw, meta, version, bad)
+    return meta
+
+
+def _parse_projector_metadata(
+    path: str, raw: dict[str, str], meta: dict[str, Any], version: int, bad: Callable[[str, str], DeltaFileError]
+) -> None:
+    """Check and decode what a projector delta holds beside the common metadata: keys, target, fingerprints."""
+    if meta["projector_key"] in ("", CLASSIFIER_KEY):
         raise bad("projector_key", "a parameter name such as 'visual.proj'")
+    meta["target"] = raw.get("target", "image")  # files written before text deltas existed
+    if meta["target"] not in TARGETS:
+        raise bad("target", f"one of {list(TARGETS)}")
     meta["selection"] = None
     if "selection" in raw:
         meta["selection"] = _load_json(path, "selection", raw["selection"])
@@ -194,12 +237,23 @@ def _parse_metadata(path: str, raw: dict[str, str]) -> dict[str, Any]:
     if version == 1:
         meta["fingerprint"], meta["legacy_hash"] = None, raw["base_fingerprint"]
     else:
-        try:
-            meta["fingerprint"] = Fingerprint.from_dict(_load_json(path, "base_fingerprint", raw["base_fingerprint"]))
-        except ValueError:
-            raise bad("base_fingerprint", "a JSON fingerprint (precision, projector and tower sketches)") from None
-        meta["legacy_hash"] = None
-    return meta
+        meta["fingerprint"], meta["legacy_hash"] = _fingerprint(path, raw, "base_fingerprint", bad), None
+    meta["text_fingerprint"] = None
+    if "text" not in meta["target"]:
+        return
+    missing = [k for k in TEXT_METADATA if k not in raw]
+    if missing:
+        raise DeltaFileError(f"{path!r} holds a text delta but lacks prolip metadata {missing}; it was damaged.")
+    if meta["text_projector_key"] in ("", CLASSIFIER_KEY, meta["projector_key"]):
+        raise bad("text_projector_key", "a parameter name such as 'text_projection'")
+    meta["text_fingerprint"] = _fingerprint(path, raw, "text_fingerprint", bad)
+
+
+def _fingerprint(path: str, raw: dict[str, str], key: str, bad: Callable[[str, str], DeltaFileError]) -> Fingerprint:
+    try:
+        return Fingerprint.from_dict(_load_json(path, key, raw[key]))
+    except ValueError:
+        raise bad(key, "a JSON fingerprint (precision, projector and tower sketches)") from None
 
 
 def _valid_selection(selection: Any) -> bool:
@@ -229,78 +283,120 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     return _read(path, tensors=False)[0]
 
 
-def read_delta(path: str | os.PathLike) -> FittedState:
-    """Read and validate a delta file; nothing in it is executed or unpickled.
+def read_state(path: str | os.PathLike) -> FittedState | LinearAdapterState:
+    """Read and validate a delta file of any kind; nothing in it is executed or unpickled.
+
+    Returns:
+        A :class:`~prolip.fitted.FittedState` for a ``projector`` file, a
+        :class:`~prolip.fitted.LinearAdapterState` for a ``linear_adapter`` one.
 
     Raises:
         DeltaFileError: the file is missing, not safetensors, truncated, lacks metadata, has an
-            unknown format version, malformed metadata, or tensors of unexpected names, dtypes,
-            shapes or values. The message names the file.
+            unknown format version or kind, malformed metadata, or tensors of unexpected names,
+            dtypes, shapes or values. The message names the file.
     """
-    meta, delta, classifier = _read(path, tensors=True)
-    hyper = meta["hyperparameters"]
+    meta, tensors = _read(path, tensors=True)
+    common = {
+        "classifier": tensors["classifier"],
+        "classes": tuple(meta["classes"]),
+        "class_names": tuple(meta["class_names"]),
+        "templates": tuple(meta["templates"]),
+        "n_shots": meta["n_shots"],
+        "logit_scale": meta["logit_scale"],
+        "model_name": meta["model_name"],
+        "pretrained": meta["pretrained"],
+        "hyperparameters": meta["hyperparameters"],
+        "loss_history": np.empty(0, dtype=np.float32),
+    }
+    if meta["kind"] == LINEAR_ADAPTER_KIND:
+        return LinearAdapterState(delta=tensors["delta"], reg_lambda=meta["reg_lambda"], **common)
     reg_lambda = meta.get("reg_lambda")
     if reg_lambda is None:  # format 1 did not record it: what the stored hyperparameter implies
-        stored = hyper.get("reg_lambda", "auto")
+        stored = meta["hyperparameters"].get("reg_lambda", "auto")
         reg_lambda = 1.0 / meta["n_shots"] if stored == "auto" else stored
+    text = meta["text_fingerprint"] is not None
     return FittedState(
-        delta=delta,
-        classifier=classifier,
-        classes=tuple(meta["classes"]),
-        class_names=tuple(meta["class_names"]),
-        templates=tuple(meta["templates"]),
-        n_shots=meta["n_shots"],
+        delta=tensors.get("delta"),
         reg_lambda=float(reg_lambda) if isinstance(reg_lambda, (int, float)) else math.nan,
-        logit_scale=meta["logit_scale"],
         projector_key=meta["projector_key"],
         projector_family=meta["projector_family"],
-        model_name=meta["model_name"],
-        pretrained=meta["pretrained"],
-        hyperparameters=hyper,
         fingerprint=meta["fingerprint"],
         legacy_hash=meta["legacy_hash"],
-        loss_history=np.empty(0, dtype=np.float32),
+        text_delta=tensors.get("text_delta"),
+        text_projector_key=meta["text_projector_key"] if text else "",
+        text_projector_family=meta["text_projector_family"] if text else "",
+        text_fingerprint=meta["text_fingerprint"],
         selection=meta["selection"],
+        **common,
     )
 
 
-def _read(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, Any], torch.Tensor | None, torch.Tensor | None]:
+def read_delta(path: str | os.PathLike) -> FittedState:
+    """Read and validate a ProLIP delta file (kind ``projector``); see :func:`read_state`.
+
+    Raises:
+        DeltaFileError: as :func:`read_state`, and for a file of another kind (naming its loader).
+    """
+    state = read_state(path)
+    if not isinstance(state, FittedState):
+        raise DeltaFileError(
+            f"{os.fspath(path)!r} holds a regularised linear adapter (kind {LINEAR_ADAPTER_KIND!r}), not a ProLIP "
+            "projector delta; load it with prolip.RegularizedLinearAdapter.load."
+        )
+    return state
+
+
+def read_linear_adapter(path: str | os.PathLike) -> LinearAdapterState:
+    """Read and validate a regularised linear adapter file (kind ``linear_adapter``); see :func:`read_state`.
+
+    Raises:
+        DeltaFileError: as :func:`read_state`, and for a file of another kind (naming its loader).
+    """
+    state = read_state(path)
+    if not isinstance(state, LinearAdapterState):
+        raise DeltaFileError(
+            f"{os.fspath(path)!r} holds a ProLIP projector delta (kind {KIND!r}), not a regularised linear "
+            "adapter; load it with prolip.ProLIPAdapter.load."
+        )
+    return state
+
+
+def _tensor_roles(meta: dict[str, Any]) -> dict[str, str]:
+    """The tensors a file of this metadata must hold: name → role ("delta", "text_delta", "classifier")."""
+    if meta["kind"] == LINEAR_ADAPTER_KIND:
+        return {LINEAR_ADAPTER_KEY: "delta", CLASSIFIER_KEY: "classifier"}
+    trained = meta["target"].split("+")
+    roles = {meta["projector_key"]: "delta"} if "image" in trained else {}
+    if "text" in trained:
+        roles[meta["text_projector_key"]] = "text_delta"
+    roles[CLASSIFIER_KEY] = "classifier"
+    return roles
+
+
+def _read(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The validated metadata and, with ``tensors``, the tensors by role (see :func:`_tensor_roles`)."""
     from safetensors import safe_open
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DeltaFileError(f"delta file {path!r} does not exist (or is not a file); check the path.")
-    delta = classifier = None
+    loaded: dict[str, torch.Tensor] = {}
     try:
         read_safetensors_header(path, DeltaFileError, MAX_HEADER_BYTES, "delta file")
         with safe_open(path, framework="pt") as f:
             meta = _parse_metadata(path, dict(f.metadata() or {}))
-            key = meta["projector_key"]
-            expected = {key, CLASSIFIER_KEY}
+            roles = _tensor_roles(meta)
             names = set(f.keys())
-            if names != expected:
+            if names != set(roles):
                 raise DeltaFileError(
-                    f"{path!r} holds tensors {sorted(names)[:10]}, expected {sorted(expected)}; "
-                    "it is not a delta written by ProLIPAdapter.save."
+                    f"{path!r} holds tensors {sorted(names)[:10]}, expected {sorted(roles)}; "
+                    "it is not a delta written by prolip (or was damaged)."
                 )
             # Shapes and dtypes are checked from the header before any tensor data is read.
-            shapes = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in expected}
-            n_classes = len(meta["classes"])
-            (d_shape, d_dtype), (c_shape, c_dtype) = shapes[key], shapes[CLASSIFIER_KEY]
-            if (
-                len(d_shape) != 2
-                or len(c_shape) != 2
-                or c_shape[0] != n_classes
-                or min(*d_shape, *c_shape) < 1
-                or d_dtype != "F32"
-                or c_dtype != "F32"
-            ):
-                raise DeltaFileError(
-                    f"{path!r} has inconsistent contents: delta {tuple(d_shape)} {d_dtype}, classifier "
-                    f"{tuple(c_shape)} {c_dtype}, {n_classes} classes; it is damaged or not a prolip delta."
-                )
+            shapes = {roles[k]: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in roles}
+            _check_shapes(path, meta, shapes)
             if tensors:
-                delta, classifier = f.get_tensor(key), f.get_tensor(CLASSIFIER_KEY)
+                loaded = {role: f.get_tensor(k) for k, role in roles.items()}
     except DeltaFileError:
         raise
     except Exception as exc:  # safetensors and the OS raise various types on damaged files
@@ -308,6 +404,22 @@ def _read(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, Any], torch
             f"{path!r} could not be read as a safetensors delta file ({type(exc).__name__}: {exc}); "
             "the file is corrupt, truncated, or another format."
         ) from exc
-    if tensors and not (torch.isfinite(delta).all() and torch.isfinite(classifier).all()):
+    if not all(torch.isfinite(t).all() for t in loaded.values()):
         raise DeltaFileError(f"{path!r} holds NaN or Inf values; it is damaged.")
-    return meta, delta, classifier
+    return meta, loaded
+
+
+def _check_shapes(path: str, meta: dict[str, Any], shapes: dict[str, tuple[list[int], str]]) -> None:
+    """Every tensor 2-D, non-empty float32; T one row per class; a linear adapter square, as wide as T."""
+    n_classes = len(meta["classes"])
+    classifier = shapes["classifier"][0]
+    square = meta["kind"] != LINEAR_ADAPTER_KIND or shapes["delta"][0] == [classifier[-1]] * 2
+    if (
+        not square
+        or any(len(shape) != 2 or min(shape) < 1 or dtype != "F32" for shape, dtype in shapes.values())
+        or classifier[0] != n_classes
+    ):
+        found = ", ".join(f"{role} {tuple(shape)} {dtype}" for role, (shape, dtype) in shapes.items())
+        raise DeltaFileError(
+            f"{path!r} has inconsistent contents: {found}, {n_classes} classes; it is damaged or not a prolip delta."
+        )

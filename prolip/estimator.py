@@ -3,16 +3,32 @@
 As in scikit-learn, ``__init__`` only stores its keyword arguments under their own names; this
 base class derives ``get_params``, ``set_params`` and ``repr`` from the constructor's signature,
 and declares the estimator a classifier that validates its own inputs (images, not arrays).
+:class:`Learned` makes the learned attributes (``classes_``, ``delta_``, ...) read the fitted state.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
 from prolip.errors import InputError
+
+
+class Learned:
+    """A learned attribute (``name_``) of an estimator, read from its fitted state.
+
+    The estimator's ``_fitted()`` returns that state or raises NotFittedError, so every learned
+    attribute of an unfitted estimator says how to fit it.
+    """
+
+    def __init__(self, read: Callable[[Any], Any], doc: str) -> None:
+        self.read, self.__doc__ = read, doc
+
+    def __get__(self, instance: Any, owner: type) -> Any:
+        return self if instance is None else self.read(instance._fitted())
 
 
 class Estimator:

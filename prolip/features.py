@@ -224,9 +224,14 @@ def fill_cache(
 
 
 def check_features(
-    features: torch.Tensor | CachedFeatures, width: int, what: str = "features"
+    features: torch.Tensor | CachedFeatures,
+    width: int,
+    what: str = "features",
+    kind: str = "pre-projection features, as returned by extract_features",
 ) -> torch.Tensor | CachedFeatures:
     """``features`` as ``[V, n, width]`` (a 2-D ``[n, width]`` gains V = 1), after checking shape, dtype and values.
+
+    ``what`` names the argument and ``kind`` what it should hold, in error messages.
 
     Raises:
         InputTypeError: not a tensor (or CachedFeatures), or not floating point.
@@ -235,20 +240,18 @@ def check_features(
     if isinstance(features, CachedFeatures):
         if features.shape[-1] != width:
             raise InputError(
-                f"{what} has shape {tuple(features.shape)}; this model needs [V, n, {width}] "
-                "pre-projection features, as returned by extract_features."
+                f"{what} has shape {tuple(features.shape)}; this model needs [V, n, {width}] {kind}."
             )
         return features  # NaN/Inf are checked view by view as training reads them
     if not isinstance(features, torch.Tensor):
         raise InputTypeError(
-            f"{what} must be a torch.Tensor [V, n, d_in] from extract_features, not {type(features).__name__}."
+            f"{what} must be a torch.Tensor [V, n, {width}] of {kind}, not {type(features).__name__}."
         )
     if features.ndim == 2:
         features = features.unsqueeze(0)
     if features.ndim != 3 or features.shape[-1] != width or features.shape[0] == 0 or features.shape[1] == 0:
         raise InputError(
-            f"{what} has shape {tuple(features.shape)}; this model needs [V, n, {width}] (or [n, {width}]) "
-            "pre-projection features, as returned by extract_features."
+            f"{what} has shape {tuple(features.shape)}; this model needs [V, n, {width}] (or [n, {width}]) {kind}."
         )
     if not features.is_floating_point():
         raise InputTypeError(f"{what} has dtype {features.dtype}; expected floating point.")
@@ -259,6 +262,6 @@ def check_features(
         image, column = (~torch.isfinite(features[view])).nonzero()[0].tolist()
         raise InputError(
             f"{what} contains NaN or Inf (first at view {view}, image {image}, column {column}); "
-            "re-extract them with extract_features, or drop that image."
+            "re-extract them, or drop that image."
         )
     return features

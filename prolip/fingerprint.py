@@ -134,28 +134,43 @@ class Fingerprint:
     precision: str
 
     @classmethod
-    def of(cls, projector_key: str, weight: torch.Tensor, visual: nn.Module, precision: str) -> Fingerprint:
-        """The fingerprint of a loaded vision tower whose projector weight is ``weight``."""
-        tower = Sketch.of(visual.state_dict().items(), sample=TOWER_SAMPLE)
-        return cls(Sketch.of([(projector_key, weight)]), tower, precision)
+    def of(
+        cls,
+        projector_key: str,
+        weight: torch.Tensor,
+        tower: nn.Module | Iterable[tuple[str, torch.Tensor]],
+        precision: str,
+    ) -> Fingerprint:
+        """The fingerprint of a loaded tower whose projector weight is ``weight``.
 
-    def mismatch(self, other: Fingerprint) -> str | None:
-        """None when ``other`` is the same base model (up to both precisions' rounding), else what differs."""
+        ``tower`` is the tower module (a vision tower) or its named tensors (the text tower, whose
+        parts may sit on the CLIP model itself).
+        """
+        tensors = tower.state_dict().items() if isinstance(tower, nn.Module) else tower
+        return cls(Sketch.of([(projector_key, weight)]), Sketch.of(tensors, sample=TOWER_SAMPLE), precision)
+
+    def mismatch(self, other: Fingerprint, side: str = "vision") -> str | None:
+        """None when ``other`` is the same base model (up to both precisions' rounding), else what differs.
+
+        ``side`` ("vision" or "text") names the tower in the message.
+        """
         precisions = (self.precision, other.precision)
         projector = self.projector.distance(other.projector, precisions)
+        name, short = ("projector W0", "projector") if side == "vision" else (f"{side} projection",) * 2
         if projector > 1:
-            return f"its projector W0 differs ({projector:.3g} times the rounding tolerance)"
+            return f"its {name} differs ({projector:.3g} times the rounding tolerance)"
         tower = self.tower.distance(other.tower, precisions)
         if tower > 1:
-            return f"its projector matches but the vision tower before it differs ({tower:.3g} times the rounding tolerance)"
+            times = f"{tower:.3g} times the rounding tolerance"
+            return f"its {short} matches but the {side} tower before it differs ({times})"
         return None
 
-    def summary(self) -> str:
-        """A short human-readable line: sizes, norms and a digest of the rounded sketch."""
+    def summary(self, weight: str = "W0") -> str:
+        """A short human-readable line: sizes and norms of the sketched tensors (``weight`` names the projector)."""
         w_norm = math.sqrt(sum(n * n for n in self.projector.norms))
         t_norm = math.sqrt(sum(n * n for n in self.tower.norms))
         return (
-            f"W0: {self.projector.count:,} values, norm {w_norm:.6g}; "
+            f"{weight}: {self.projector.count:,} values, norm {w_norm:.6g}; "
             f"tower: {self.tower.count:,} values, norm {t_norm:.6g} (taken in {self.precision})"
         )
 

@@ -19,13 +19,23 @@ from prolip.errors import InputError
 from prolip.features import check_features
 from prolip.fitted import FittedState
 from prolip.labels import encode_labels, label_list, names_of_classes, plain_label
-from prolip.search import search_projector
-from prolip.training import TrainResult, train_projector
+from prolip.search import SearchResult, search_projector
+from prolip.training import TextSide, TrainResult, train_projector
 from prolip.zeroshot import check_templates
 
 logger = logging.getLogger(__name__)
 
-SAVED_PARAMS = ("templates", "lr", "reg_lambda", "epochs", "views", "logit_scale", "random_state", "precision")
+SAVED_PARAMS = (
+    "templates",
+    "lr",
+    "reg_lambda",
+    "epochs",
+    "views",
+    "logit_scale",
+    "random_state",
+    "precision",
+    "target",
+)
 """The hyperparameters a fitted state records (JSON values; model objects and callables are not)."""
 
 
@@ -41,12 +51,14 @@ def fit_projector(
     """Train the projector of ``backbone`` on pre-projection ``features [V, n, d_in]`` and ``labels``.
 
     ``params`` are a ProLIPAdapter's (already checked) parameters: templates, lr, reg_lambda
-    ("auto" = 1/N), epochs (0: zero-shot, W = W0), logit_scale (None: the model's), verbose,
-    and what :data:`SAVED_PARAMS` records.
+    ("auto" = 1/N), epochs (0: zero-shot, W = W0), logit_scale (None: the model's), target
+    (which projectors train: "image", "text" or "image+text"), verbose, and what
+    :data:`SAVED_PARAMS` records.
 
-    With ``validation = (val_features, val_labels, lrs, reg_lambdas)``, ``lr`` and ``reg_lambda``
-    are chosen on the validation draw instead (:func:`prolip.search.search_projector`), and the
-    state records the grid and every validation accuracy as its ``selection``.
+    With ``validation = (val_features, val_labels, lrs, reg_lambdas)`` (``target="image"`` only),
+    ``lr`` and ``reg_lambda`` are chosen on the validation draw instead
+    (:func:`prolip.search.search_projector`), and the state records the grid and every
+    validation accuracy as its ``selection``.
     """
     projector = backbone.projector
     features = check_features(features, projector.feature_width)
@@ -56,51 +68,50 @@ def fit_projector(
     classes, y = encode_labels(labels)
     names = names_of_classes(classes, class_names)
     templates = check_templates(params["templates"])
-    classifier = backbone.classifier(names, templates)
     n_shots = len(y) / len(classes)
     reg_lambda = 1.0 / n_shots if params["reg_lambda"] == "auto" else float(params["reg_lambda"])
     logit_scale = float(params["logit_scale"]) if params["logit_scale"] is not None else backbone.logit_scale
     w0 = projector.to_in_out(projector.parameter)
+    train = {
+        "logit_scale": logit_scale,
+        "lr": float(params["lr"]),
+        "reg_lambda": reg_lambda,
+        "epochs": params["epochs"],
+        "device": backbone.device,
+        "verbose": params["verbose"],
+    }
+    text: dict[str, Any] = {}
     selection = None
+    if validation is not None and params["target"] != "image":
+        raise InputError(f"the validation search trains the image projector only, not target={params['target']!r}.")
     if validation is not None:
-        val_features, val_labels, lrs, reg_lambdas = validation
-        val_features = check_features(val_features, projector.feature_width, "val_features")
-        index = {c: k for k, c in enumerate(classes)}
-        unknown = [lab for lab in label_list(val_labels) if plain_label(lab) not in index]
-        if unknown:
-            raise InputError(f"val_labels hold labels the training labels do not: {unknown[:5]}.")
-        searched = search_projector(
-            features, y, val_features, torch.tensor([index[plain_label(v)] for v in label_list(val_labels)]),
-            classifier, w0, projector.bias, logit_scale=logit_scale, epochs=params["epochs"], device=backbone.device,
-            lrs=lrs, reg_lambdas=reg_lambdas, verbose=params["verbose"],
-        )  # fmt: skip
+        classifier = backbone.classifier(names, templates)
+        searched = _search(features, y, classes, classifier, w0, projector.bias, validation, backbone, train)
         result, selection = searched.result, searched.as_dict()
         params = {**params, "lr": searched.lr, "reg_lambda": searched.reg_lambda}
         reg_lambda = searched.reg_lambda
-    elif params["epochs"]:
-        result = train_projector(
-            features,
-            y,
-            classifier,
-            w0,
-            projector.bias,
-            logit_scale=logit_scale,
-            lr=float(params["lr"]),
-            reg_lambda=reg_lambda,
-            epochs=params["epochs"],
-            device=backbone.device,
-            verbose=params["verbose"],
+    elif params["target"] != "image":
+        result, text = _fit_text(
+            backbone, features, y, names, templates, train_image=params["target"] != "text", **train
         )
-    else:  # zero-shot: W stays W0
-        result = TrainResult(weight=w0.detach().float().cpu(), losses=torch.empty(0))
+        classifier = text.pop("classifier")
+    else:
+        classifier = backbone.classifier(names, templates)
+        if params["epochs"]:
+            result = train_projector(features, y, classifier, w0, projector.bias, **train)
+        else:  # zero-shot: W stays W0
+            result = TrainResult(weight=w0.detach().float().cpu(), losses=torch.empty(0))
     hyperparameters = {k: params[k] for k in SAVED_PARAMS}
     hyperparameters.update(
         templates=list(params["templates"]) if params["templates"] else None,
         random_state=None if params["random_state"] is None else int(params["random_state"]),
     )
     logger.info("fitted %d classes, N=%.3g, lambda=%.3g, %d steps", len(classes), n_shots, reg_lambda, params["epochs"])
+    delta = None  # the vision projector did not train
+    if result.weight is not None:
+        delta = projector.from_in_out(result.weight - w0.detach().float().cpu()).contiguous()
     return FittedState(
-        delta=projector.from_in_out(result.weight - w0.detach().float().cpu()).contiguous(),
+        delta=delta,
         classifier=classifier,
         classes=tuple(classes),
         class_names=tuple(names),
@@ -116,4 +127,61 @@ def fit_projector(
         fingerprint=backbone.fingerprint,
         loss_history=result.losses.numpy(),
         selection=selection,
+        **text,
     )
+
+
+def _search(
+    features: torch.Tensor | CachedFeatures,
+    y: torch.Tensor,
+    classes: Sequence[Hashable],
+    classifier: torch.Tensor,
+    w0: torch.Tensor,
+    bias: torch.Tensor | None,
+    validation: tuple[torch.Tensor, Sequence[Hashable], Sequence[float], Sequence[float]],
+    backbone: Backbone,
+    train: Mapping[str, Any],
+) -> SearchResult:
+    """The validation search of :func:`fit_projector` (labels mapped onto the training classes)."""
+    val_features, val_labels, lrs, reg_lambdas = validation
+    val_features = check_features(val_features, backbone.projector.feature_width, "val_features")
+    index = {c: k for k, c in enumerate(classes)}
+    unknown = [lab for lab in label_list(val_labels) if plain_label(lab) not in index]
+    if unknown:
+        raise InputError(f"val_labels hold labels the training labels do not: {unknown[:5]}.")
+    val_y = torch.tensor([index[plain_label(v)] for v in label_list(val_labels)])
+    return search_projector(
+        features, y, val_features, val_y, classifier, w0, bias, logit_scale=train["logit_scale"],
+        epochs=train["epochs"], device=train["device"], lrs=lrs, reg_lambdas=reg_lambdas, verbose=train["verbose"],
+    )  # fmt: skip
+
+
+def _fit_text(
+    backbone: Backbone,
+    features: torch.Tensor | CachedFeatures,
+    labels: torch.Tensor,
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    *,
+    train_image: bool,
+    **train: Any,
+) -> tuple[TrainResult, dict[str, Any]]:
+    """ProLIP-text: train the text projection (and, with ``train_image``, the vision projector) on the prompts.
+
+    Returns the training result and the :class:`FittedState` fields of the text side (with the
+    ``classifier`` the trained projection gives).
+    """
+    projector, text_projector = backbone.projector, backbone.text_projector
+    text_w0 = text_projector.to_in_out(text_projector.parameter).detach().float().cpu()
+    text = TextSide(backbone.prompt_features(class_names, templates), text_w0)
+    w0 = projector.to_in_out(projector.parameter)
+    # With epochs=0 the loop leaves W_t = W_t0 (and W = W0): T is the prompts' zero-shot classifier.
+    result = train_projector(features, labels, None, w0, projector.bias, text=text, train_image=train_image, **train)
+    fields = {
+        "classifier": result.classifier,
+        "text_delta": text_projector.from_in_out(result.text_weight - text_w0).contiguous(),
+        "text_projector_key": text_projector.key,
+        "text_projector_family": text_projector.family,
+        "text_fingerprint": backbone.text_fingerprint,
+    }
+    return result, fields

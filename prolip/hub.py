@@ -15,7 +15,7 @@ from typing import Any
 
 from prolip.delta_file import write_delta
 from prolip.errors import InputError, ProLIPError
-from prolip.fitted import FittedState
+from prolip.fitted import FittedState, LinearAdapterState
 
 DELTA_FILENAME = "prolip_delta.safetensors"
 HUB_PREFIX = "hf-hub:"
@@ -31,37 +31,62 @@ def _hub() -> Any:
     return huggingface_hub
 
 
-def model_card(state: FittedState, metrics: dict[str, float] | None = None) -> str:
-    """A README.md (with Hub front matter) describing a fitted delta."""
+def model_card(state: FittedState | LinearAdapterState, metrics: dict[str, float] | None = None) -> str:
+    """A README.md (with Hub front matter) describing a fitted delta or regularised linear adapter."""
     from prolip._version import __version__
 
     base = state.model_name or "an open_clip model"
+    classes = ", ".join(
+        f"`{c}`" + (f" ({n})" if str(c) != n else "") for c, n in zip(state.classes, state.class_names, strict=True)
+    )
+    keys = ("lr", "reg_lambda", "epochs", "views", "random_state", "target")
+    hyper = {k: state.hyperparameters[k] for k in keys if k in state.hyperparameters}
+    if isinstance(state, LinearAdapterState):
+        title = "Regularised linear adapter"
+        summary = (
+            "regularised linear adapter: a d×d matrix A applied to the image embeddings, with the stored text "
+            "classifier, gives a few-shot image classifier (for models whose weights cannot be touched)."
+        )
+        usage = [
+            "from prolip import RegularizedLinearAdapter",
+            'rla = RegularizedLinearAdapter.from_pretrained("hf-hub:<this repo>")',
+            "rla.predict(embeddings)  # [n, d]: image embeddings of the same model",
+        ]
+        source = f"`{base}`, pretrained `{state.pretrained or '-'}`" if state.model_name else "outside open_clip"
+        about = [f"- embeddings from: {source}"]
+    else:
+        title = "ProLIP delta"
+        summary = (
+            f"projector delta (target {state.target}): the base model's projector(s) plus this delta, with the "
+            "stored classifier, gives a few-shot image classifier."
+        )
+        usage = [
+            "from prolip import ProLIPAdapter",
+            'adapter = ProLIPAdapter.from_pretrained("hf-hub:<this repo>", model="<base model>", pretrained="<tag>")',
+            'adapter.predict(["image.jpg"])',
+        ]
+        fingerprint = state.fingerprint.summary() if state.fingerprint is not None else f"SHA-256 {state.legacy_hash}"
+        about = [
+            f"- base model: `{base}`, pretrained `{state.pretrained or '-'}`",
+            f"- base model fingerprint: {fingerprint}",
+        ]
     front = {
         "library_name": "prolip",
         "base_model": f"open_clip:{base}" + (f" ({state.pretrained})" if state.pretrained else ""),
         "tags": ["prolip", "open_clip", "clip", "few-shot", "image-classification"],
         "pipeline_tag": "image-classification",
     }
-    classes = ", ".join(
-        f"`{c}`" + (f" ({n})" if str(c) != n else "") for c, n in zip(state.classes, state.class_names, strict=True)
-    )
-    hyper = {k: state.hyperparameters.get(k) for k in ("lr", "reg_lambda", "epochs", "views", "random_state")}
-    base_line = state.fingerprint.summary() if state.fingerprint is not None else f"SHA-256 {state.legacy_hash}"
     lines = ["---", *(f"{k}: {json.dumps(v)}" for k, v in front.items()), "---", ""]
     lines += [
-        f"# ProLIP delta for {base}",
+        f"# {title} for {base}",
         "",
-        f"A [prolip](https://pypi.org/project/prolip/) {__version__} projector delta: the base model's vision "
-        "projector W0 plus this delta, with the stored zero-shot classifier, gives a few-shot image classifier.",
+        f"A [prolip](https://pypi.org/project/prolip/) {__version__} {summary}",
         "",
         "```python",
-        "from prolip import ProLIPAdapter",
-        'adapter = ProLIPAdapter.from_pretrained("hf-hub:<this repo>", model="<base model>", pretrained="<tag>")',
-        'adapter.predict(["image.jpg"])',
+        *usage,
         "```",
         "",
-        f"- base model: `{base}`, pretrained `{state.pretrained or '-'}`",
-        f"- base model fingerprint: {base_line}",
+        *about,
         f"- classes ({len(state.classes)}): {classes}",
         f"- shots per class: {state.n_shots:g}; λ used: {state.reg_lambda:.4g}",
         f"- hyperparameters: `{json.dumps(hyper)}`",
@@ -72,7 +97,9 @@ def model_card(state: FittedState, metrics: dict[str, float] | None = None) -> s
     return "\n".join(lines) + "\n"
 
 
-def save_folder(state: FittedState, folder: str | os.PathLike, metrics: dict[str, float] | None = None) -> Path:
+def save_folder(
+    state: FittedState | LinearAdapterState, folder: str | os.PathLike, metrics: dict[str, float] | None = None
+) -> Path:
     """Write ``prolip_delta.safetensors`` and a model card README.md into ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,7 +109,7 @@ def save_folder(state: FittedState, folder: str | os.PathLike, metrics: dict[str
 
 
 def push_to_hub(
-    state: FittedState,
+    state: FittedState | LinearAdapterState,
     repo_id: str,
     *,
     private: bool = False,

@@ -23,6 +23,9 @@ from prolip.errors import InputError
 from prolip.images import ON_ERROR
 from prolip.zeroshot import valid_templates
 
+TARGETS = ("image", "text", "image+text")
+"""Which projectors a ProLIP fit trains (``target``): the vision projector, the text projection, or both."""
+
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 """Backbone precisions by name (training itself is always fp32)."""
 
@@ -80,6 +83,9 @@ CONSTRAINTS: dict[str, Constraint] = {
     "on_error": Constraint(f"one of {list(ON_ERROR)}", lambda v: isinstance(v, str) and v in ON_ERROR),
     "cache_dir": Constraint("None or a folder path", lambda v: v is None or isinstance(v, (str, os.PathLike))),
     "cache_dtype": Constraint(f"one of {sorted(STORAGE_DTYPES)}", lambda v: isinstance(v, str) and v in STORAGE_DTYPES),
+    "target": Constraint(
+        f"one of {list(TARGETS)}: the projector(s) to train", lambda v: isinstance(v, str) and v in TARGETS
+    ),
 }
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from prolip.errors import InputError, TrainingDivergedError, TrainingWarning, warn
+from prolip.zeroshot import average_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +33,40 @@ DIVERGENCE_RATIO = 2.0  # a final loss above this multiple of the first one mean
 
 @dataclass
 class TrainResult:
-    """What training returns: the trained matrix ``[d_in, d_out]`` (fp32, CPU) and per-step losses."""
+    """What training returns (fp32, CPU).
 
-    weight: torch.Tensor
+    Attributes:
+        weight: the trained projector ``[d_in, d_out]``, or None when it stayed frozen (text only).
+        losses: the loss of every step.
+        text_weight: the trained text projection ``[d_t, d_out]`` when the text side trained, else None.
+        classifier: T rebuilt with ``text_weight`` ``[K, d_out]`` when the text side trained, else None.
+    """
+
+    weight: torch.Tensor | None
     losses: torch.Tensor
+    text_weight: torch.Tensor | None = None
+    classifier: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TextSide:
+    """The text projection, trained with (or instead of) the vision projector: ProLIP-text.
+
+    T is rebuilt at every step from the fixed pre-projection text features of every (class,
+    template) prompt, exactly as the zero-shot classifier is built:
+    T = normalize(mean_m normalize(P W_t)) (:func:`prolip.zeroshot.average_prompts`).
+
+    Attributes:
+        prompts: pre-projection text features P ``[K, M, d_t]`` of class k under template m.
+        w0: the pretrained text projection W_t0 ``[d_t, d_out]`` (only read).
+    """
+
+    prompts: torch.Tensor
+    w0: torch.Tensor
+
+    def classifier(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """T ``[K, d_out]`` built with ``weight`` (W_t0 by default)."""
+        return average_prompts(self.prompts @ (self.w0 if weight is None else weight))
 
 
 def split_features(features: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -72,6 +103,12 @@ class _Classifier(NamedTuple):
     forward: torch.Tensor
     backward: torch.Tensor
 
+    @classmethod
+    def of(cls, classifier: torch.Tensor, logit_scale: float, n: int) -> _Classifier:
+        """The two scaled forms of T ``[K, d_out]`` for n images."""
+        scaled = classifier * logit_scale
+        return cls(forward=scaled.t(), backward=scaled / n)
+
 
 class _State:
     """Every array one training step writes, allocated once: a leading dimension G for the grid points."""
@@ -93,7 +130,7 @@ class _State:
 def train_projector(
     features: torch.Tensor,
     labels: torch.Tensor,
-    classifier: torch.Tensor,
+    classifier: torch.Tensor | None,
     w0: torch.Tensor,
     bias: torch.Tensor | None,
     *,
@@ -103,6 +140,8 @@ def train_projector(
     epochs: int,
     device: torch.device,
     verbose: bool = True,
+    text: TextSide | None = None,
+    train_image: bool = True,
 ) -> TrainResult:
     """Train W from W0 on features ``[V, n, d_in]``; step t uses view ``t mod V``.
 
@@ -116,31 +155,76 @@ def train_projector(
     Adam's state are fp32 whatever the backbone's precision; ``w0`` itself is only read. The loop
     never waits on the device: divergence is checked once, at the end.
 
+    With ``text`` (and ``classifier=None``), the text projection W_t trains too (ProLIP-text): T
+    is rebuilt from ``text`` at every step, the loss gains λ‖W_t − W_t0‖²_F, and W_t's gradient
+    flows from dL/dT = s/n · (softmax − onehot)ᵀ u (u the normalised image embeddings) back
+    through T's construction by autograd (small: ``[K·M, d_t] × [d_t, d_out]``).
+    ``train_image=False`` keeps W at W0 (the image side frozen); the step then skips W's
+    gradient, its penalty and its Adam update.
+
     Raises:
-        TrainingDivergedError: the loss or W became NaN/Inf.
+        InputError: neither or both of ``classifier`` and ``text``, nothing to train, or shapes
+            that do not fit.
+        TrainingDivergedError: the loss or a trained matrix became NaN/Inf.
 
     Warns:
         TrainingWarning: the final loss is more than :data:`DIVERGENCE_RATIO` times the first
             (the learning rate was far too high).
     """
-    (result,) = train_grid(
-        features, labels, classifier, w0, bias,
-        logit_scale=logit_scale, points=[(lr, reg_lambda)], epochs=epochs, device=device, verbose=verbose,
-    )  # fmt: skip
-    if result is None:
-        raise TrainingDivergedError(
-            f"training diverged (the loss or W became NaN/Inf) with lr={lr} and reg_lambda={reg_lambda}; "
-            "lower the learning rate or check the features for extreme values."
-        )
-    losses = result.losses
-    if epochs > 1 and losses[-1] > DIVERGENCE_RATIO * losses[0]:
-        warn(
-            f"training ended with loss {float(losses[-1]):.4g}, {float(losses[-1] / losses[0]):.3g} times its start "
-            f"({float(losses[0]):.4g}), with lr={lr} and reg_lambda={reg_lambda}: the result is likely useless. "
-            "Lower the learning rate.",
-            TrainingWarning,
-        )
-    return result
+    n_views, d_in, d_out = features.shape[0], w0.shape[0], w0.shape[1]
+    _check_shapes(features.shape[-1], classifier, text, train_image, d_in, d_out)
+    if text is None:  # the usual fit: one point of the grid loop
+        (result,) = train_grid(
+            features, labels, classifier, w0, bias,
+            logit_scale=logit_scale, points=[(lr, reg_lambda)], epochs=epochs, device=device, verbose=verbose,
+        )  # fmt: skip
+        if result is None:
+            raise TrainingDivergedError(
+                f"training diverged (the loss or W became NaN/Inf) with lr={lr} and reg_lambda={reg_lambda}; "
+                "lower the learning rate or check the features for extreme values."
+            )
+        _warn_if_grew(result.losses, lr=lr, reg_lambda=reg_lambda)
+        return result
+    # Contiguous, so that W, its gradient and Adam's moments share one layout (nn.Linear's W0 is
+    # a transposed view); w0 may still be the model's own tensor, and is only read.
+    w0 = w0.detach().to(device, torch.float32).contiguous()
+    weight = w0.clone()[None]  # a copy (the model's own W0 is never touched), as a grid of one
+    b = None if bias is None else bias.detach().to(device, torch.float32)
+    y = labels.to(device, torch.long)
+    text = TextSide(text.prompts.detach().to(device, torch.float32), text.w0.detach().to(device, torch.float32))
+    text_weight = text.w0.clone().requires_grad_(True)
+    n, k = y.numel(), text.prompts.shape[0]
+    state = _State(1, n, k, weight)
+    image = weight[0]
+    image.grad = state.grad[0]  # the loop writes the gradient there; Adam reads it
+    trained = ([image] if train_image else []) + [text_weight]
+    optimizer = _adam_for(trained, lr)
+    lambdas = torch.full((1, 1, 1), float(reg_lambda), device=device)
+    history = torch.empty(epochs, 1, device=device)  # preallocated: no per-step allocations
+    with torch.no_grad():
+        for step in tqdm(range(epochs), desc="training", unit="step", disable=not verbose, leave=False):
+            x, residual = split_features(features[step % n_views].to(device, torch.float32, non_blocking=True), d_in)
+            offset = b
+            if residual is not None:  # b + r: a per-image bias
+                offset = torch.add(residual, b, out=state.offset) if b is not None else residual
+            with torch.enable_grad():
+                classifier = text.classifier(text_weight)
+            classes = _Classifier.of(classifier.detach(), logit_scale, n)
+            _loss_and_gradient(
+                x, weight, w0, offset, classes, y, lambdas if reg_lambda else None,
+                2 * float(reg_lambda), state, history[step], frozen=not train_image,
+            )  # fmt: skip
+            history[step] += _text_gradient(text, text_weight, classifier, logit_scale / n, reg_lambda, state)
+            for group in optimizer.param_groups:
+                group["lr"] = _cosine_lr(lr, step, epochs)
+            optimizer.step()
+    losses = _check_training(history[:, 0], trained, lr=lr, reg_lambda=reg_lambda)
+    return TrainResult(
+        weight=image.detach().cpu() if train_image else None,
+        losses=losses,
+        text_weight=text_weight.detach().cpu(),
+        classifier=text.classifier(text_weight.detach()).cpu(),
+    )
 
 
 def train_grid(
@@ -191,10 +275,8 @@ def train_grid(
             if residual is not None:  # b + r: a per-image bias
                 offset = torch.add(residual, b, out=state.offset) if b is not None else residual
             _loss_and_gradient(x, weight, w0, offset, classes, y, lambdas if regularised else None, uniform, state, history[step])
-            # torch's CosineAnnealingLR(T_max=epochs) in closed form, without its per-step bookkeeping.
-            factor = (1 + math.cos(math.pi * step / epochs)) / 2
             for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
+                group["lr"] = _cosine_lr(group["base_lr"], step, epochs)
             optimizer.step()
     # One check at the end keeps the loop free of device synchronisations.
     finite = torch.isfinite(history).all(dim=0) & torch.isfinite(weight).flatten(1).all(dim=1)
@@ -214,13 +296,16 @@ def _loss_and_gradient(
     uniform: float | None,
     state: _State,
     out: torch.Tensor,
+    frozen: bool = False,
 ) -> None:
     """The loss of every grid point, into ``out [G]``; their gradients are left in ``state.grad``.
 
     ``weight`` is ``[G, d_in, d_out]``; ``lambdas`` ``[G, 1, 1]``, or None when no point is
     regularised; ``uniform`` is 2λ when every point has the same λ (Python floats, so the loop
     never waits on the device); ``bias`` is ``[d_out]`` or, for towers with a residual, the
-    per-image ``b + r`` ``[n, d_out]``.
+    per-image ``b + r`` ``[n, d_out]``. ``frozen``: W does not train, so only the cross-entropy is
+    computed. Either way ``state.scores`` is left holding n · dL/dlogits and ``state.u`` the
+    normalised embeddings (what the text side's gradient needs).
     """
     g = weight.shape[0]
     # Forward: z = xW + b, u = z / ‖z‖, logits = u (sT)ᵀ.
@@ -234,6 +319,8 @@ def _loss_and_gradient(
     torch.mean(state.scores.gather(2, picked), dim=(1, 2), out=out).neg_()  # cross-entropy, averaged
     # n · dCE/dlogits = softmax − onehot; the 1/n is in classes.backward.
     state.scores.exp_().scatter_add_(2, picked, state.minus_one)
+    if frozen:
+        return
     torch.matmul(state.scores, classes.backward, out=state.du)
     # Through the normalisation: dL/dz = (du − u (u·du)) / ‖z‖.
     torch.sum(torch.mul(state.u, state.du, out=state.z), dim=2, keepdim=True, out=state.dot)
@@ -272,6 +359,91 @@ def _product(
         torch.baddbmm(add, batched, b, beta=beta, out=out)
 
 
+def _check_shapes(
+    width: int, classifier: torch.Tensor | None, text: TextSide | None, train_image: bool, d_in: int, d_out: int
+) -> None:
+    """Refuse inputs that do not fit together, before any work."""
+    if width not in (d_in, d_in + d_out):
+        raise InputError(f"features have width {width}; W0 needs {d_in} (or {d_in + d_out} with residuals).")
+    if (classifier is None) == (text is None):
+        raise InputError("give the classifier T, or the text side to rebuild it from at every step (not both).")
+    if text is None and not train_image:
+        raise InputError("train_image=False trains nothing without a text side.")
+    if text is not None and (
+        text.prompts.ndim != 3 or text.prompts.shape[-1] != text.w0.shape[0] or text.w0.shape[1] != d_out
+    ):
+        raise InputError(
+            f"prompt features {tuple(text.prompts.shape)} and text projection {tuple(text.w0.shape)} do not fit "
+            f"[K, M, d_t] × [d_t, {d_out}]."
+        )
+
+
+def _text_gradient(
+    text: TextSide, weight: torch.Tensor, classifier: torch.Tensor, scale: float, reg_lambda: float, state: _State
+) -> torch.Tensor:
+    """W_t's gradient (accumulated into ``weight.grad``) and its penalty λ‖W_t − W_t0‖² (returned).
+
+    ``state.scores`` holds n · dL/dlogits and ``state.u`` the normalised image embeddings, as the
+    image step left them; ``classifier`` is T with its autograd graph back to ``weight``. ``scale`` is s/n.
+    """
+    grad_t = torch.mm(state.scores[0].t(), state.u[0]).mul_(scale)  # dL/dT: logits = s u Tᵀ
+    weight.grad = None
+    with torch.enable_grad():
+        penalty = reg_lambda * (weight - text.w0).square().sum()
+        torch.autograd.backward([classifier, penalty], [grad_t, torch.ones_like(penalty)])
+    return penalty.detach()
+
+
+def _cosine_lr(lr: float, step: int, epochs: int) -> float:
+    """The learning rate of ``step``: torch's CosineAnnealingLR(T_max=epochs) in closed form, without bookkeeping."""
+    return lr * (1 + math.cos(math.pi * step / epochs)) / 2
+
+
+def _check_training(
+    history: torch.Tensor, trained: list[torch.Tensor], *, lr: float, reg_lambda: float
+) -> torch.Tensor:
+    """The per-step losses on the CPU, once training ended: refused if anything diverged, warned if they grew.
+
+    One check at the end keeps a training loop free of device synchronisations.
+
+    Raises:
+        TrainingDivergedError: a loss or a trained matrix is NaN/Inf.
+
+    Warns:
+        TrainingWarning: the final loss is more than :data:`DIVERGENCE_RATIO` times the first
+            (the learning rate was far too high).
+    """
+    finite = torch.isfinite(history)
+    if not (finite.all() and all(torch.isfinite(t).all() for t in trained)):
+        bad = int((~finite).nonzero()[0]) if not finite.all() else history.numel() - 1
+        raise TrainingDivergedError(
+            f"training diverged (loss became NaN/Inf at step {bad}) with lr={lr} and reg_lambda={reg_lambda}; "
+            "lower the learning rate or check the features for extreme values."
+        )
+    losses = history.cpu()
+    _warn_if_grew(losses, lr=lr, reg_lambda=reg_lambda)
+    return losses
+
+
+def _warn_if_grew(losses: torch.Tensor, *, lr: float, reg_lambda: float) -> None:
+    """Warn (TrainingWarning) when the final loss is more than :data:`DIVERGENCE_RATIO` times the first."""
+    if losses.numel() > 1 and losses[-1] > DIVERGENCE_RATIO * losses[0]:
+        warn(
+            f"training ended with loss {float(losses[-1]):.4g}, {float(losses[-1] / losses[0]):.3g} times its start "
+            f"({float(losses[0]):.4g}), with lr={lr} and reg_lambda={reg_lambda}: the result is likely useless. "
+            "Lower the learning rate.",
+            TrainingWarning,
+        )
+
+
+def _adam_for(params: list[torch.Tensor] | list[dict], lr: float) -> torch.optim.Adam:
+    """Adam with the paper's settings over ``params``, fused where the device has the kernel, else ``foreach``."""
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
+    except RuntimeError:  # e.g. a device without the fused kernel
+        return torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=True)
+
+
 def _adam(weight: torch.Tensor, grad: torch.Tensor, lrs: Sequence[float]) -> torch.optim.Adam:
     """Adam with the paper's settings on each point's W, fused where the device has the kernel, else ``foreach``.
 
@@ -283,8 +455,4 @@ def _adam(weight: torch.Tensor, grad: torch.Tensor, lrs: Sequence[float]) -> tor
         point = weight[i]
         point.grad = grad[i]  # the loop writes the gradient there; Adam reads it
         groups.setdefault(lr, []).append(point)
-    param_groups = [{"params": params, "lr": lr, "base_lr": lr} for lr, params in groups.items()]
-    try:
-        return torch.optim.Adam(param_groups, betas=ADAM_BETAS, eps=ADAM_EPS, fused=True)
-    except RuntimeError:  # e.g. a device without the fused kernel
-        return torch.optim.Adam(param_groups, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=True)
+    return _adam_for([{"params": params, "lr": lr, "base_lr": lr} for lr, params in groups.items()], lrs[0])

@@ -35,6 +35,20 @@ def check_templates(templates: Sequence[str] | None) -> list[str]:
     return list(templates)
 
 
+def prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """Every template filled with every class name, class by class: ``K · M`` prompts, class-major."""
+    return [t.format(name) for name in class_names for t in templates]
+
+
+def average_prompts(embeddings: torch.Tensor) -> torch.Tensor:
+    """T ``[K, d]`` from prompt embeddings ``[K, M, d]``: each L2-normalised, averaged over templates, normalised.
+
+    The one definition of the zero-shot classifier, used to build it from a model and to rebuild it
+    from a trained text projection at every step of ProLIP-text (differentiable).
+    """
+    return F.normalize(F.normalize(embeddings, dim=-1).mean(dim=-2), dim=-1)
+
+
 @torch.no_grad()  # not inference_mode: T takes part in autograd during training
 def zero_shot_classifier(
     model: nn.Module,
@@ -48,12 +62,32 @@ def zero_shot_classifier(
     """Build T ``[K, d_out]`` (float32, CPU) from class names and prompt templates.
 
     For each class, every template is filled with the class name and encoded; the embeddings are
-    L2-normalised, averaged over templates, and normalised again.
+    L2-normalised, averaged over templates, and normalised again (:func:`average_prompts`).
     """
-    prompts = [t.format(name) for name in class_names for t in templates]
-    chunks = []
-    for start in range(0, len(prompts), batch_size):
-        tokens = tokenizer(prompts[start : start + batch_size]).to(device)
-        chunks.append(F.normalize(model.encode_text(tokens).float(), dim=-1))
-    per_prompt = torch.cat(chunks).view(len(class_names), len(templates), -1)
-    return F.normalize(per_prompt.mean(dim=1), dim=-1).cpu()
+    per_prompt = encode_prompts(
+        model.encode_text, tokenizer, class_names, templates, device=device, batch_size=batch_size
+    )
+    return average_prompts(per_prompt)
+
+
+@torch.no_grad()
+def encode_prompts(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    *,
+    device: torch.device,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """``encode(tokens)`` of every prompt, float32 CPU ``[K, M, width]``.
+
+    ``encode`` is ``model.encode_text`` for the embeddings, or a text projector's ``features`` for the
+    pre-projection text features ProLIP-text trains on.
+    """
+    filled = prompts(class_names, templates)
+    chunks = [
+        encode(tokenizer(filled[start : start + batch_size]).to(device)).float().cpu()
+        for start in range(0, len(filled), batch_size)
+    ]
+    return torch.cat(chunks).view(len(class_names), len(templates), -1)

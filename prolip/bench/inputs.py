@@ -10,12 +10,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import torch
-
 from prolip.backbone import Backbone
 from prolip.bench.problem import Classes, ImageHead, TextHead
 from prolip.errors import UnsupportedModelError
-from prolip.towers import find_text_projector
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +25,7 @@ def image_head(backbone: Backbone) -> ImageHead:
     return ImageHead(w0, bias)
 
 
-@torch.no_grad()
-def class_set(backbone: Backbone, names: Sequence[str], templates: Sequence[str], batch_size: int = 256) -> Classes:
+def class_set(backbone: Backbone, names: Sequence[str], templates: Sequence[str]) -> Classes:
     """The classes ``names`` under ``templates``: T from open_clip, and the text head when the tower has one.
 
     The text head (pre-projection features of every (class, template) prompt and the projection)
@@ -37,16 +33,10 @@ def class_set(backbone: Backbone, names: Sequence[str], templates: Sequence[str]
     """
     classifier = backbone.classifier(names, templates)
     try:
-        projector = find_text_projector(backbone.model)
+        projector = backbone.text_projector
     except UnsupportedModelError as exc:
         logger.info("no text head for the bench (%s)", exc)
         return Classes(list(names), classifier, None)
-    prompts = [t.format(name) for name in names for t in templates]
-    rows = []
-    for start in range(0, len(prompts), batch_size):
-        tokens = backbone.tokenizer(prompts[start : start + batch_size]).to(backbone.device)
-        rows.append(projector.features(tokens).float().cpu())
-    features = torch.cat(rows).view(len(names), len(templates), -1)
     w0 = projector.to_in_out(projector.parameter).detach().float().cpu().contiguous()
     bias = None if projector.bias is None else projector.bias.detach().float().cpu()
-    return Classes(list(names), classifier, TextHead(features, w0, bias))
+    return Classes(list(names), classifier, TextHead(backbone.prompt_features(names, templates), w0, bias))

@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from prolip.cache import CachedFeatures
 from prolip.training import split_features
+from prolip.zeroshot import average_prompts
 
 CPU = torch.device("cpu")
 
@@ -94,8 +94,7 @@ class TextHead:
         averaged over templates, normalised again.
         """
         z = self.features @ (self.w0 if weight is None else weight)
-        per_prompt = F.normalize(z if self.bias is None else z + self.bias, dim=-1)
-        return F.normalize(per_prompt.mean(dim=1), dim=-1)
+        return average_prompts(z if self.bias is None else z + self.bias)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,77 @@
+"""``prolip-text``: ProLIP on the text side, the text tower's final projection fine-tuned, image side frozen.
+
+The classifier is rebuilt at every step from the fixed pre-projection text features of every
+(class, template) prompt, T = normalize(mean_m normalize(P W_t)), and W_t is trained with
+CE(s · normalize(x W0 + b) · Tᵀ, y) + λ‖W_t − W_t0‖²_F, λ = 1/N, Adam (lr 1e-3, eps 1e-4), cosine
+schedule, ``problem.epochs`` full-batch steps on the augmented views
+(:func:`prolip.training.train_projector` with a text side, as ``ProLIPAdapter(target="text")`` trains).
+Validation-free. W_t is shared by all classes, so any classes with their own text features are
+scored with T built from them and the trained W_t.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from prolip.bench.fitting import embed_view
+from prolip.bench.methods.base import FittedMethod, Method, register
+from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem, TextHead
+from prolip.errors import InputError
+from prolip.training import TextSide, train_projector
+
+
+def text_head(classes: Classes) -> TextHead:
+    """The classes' pre-projection text features and projection, or InputError where the bench has none."""
+    if classes.text is None:
+        raise InputError(
+            f"prolip-text needs the pre-projection text features of the classes ({list(classes.names)[:3]}...), "
+            "but this problem has none (the model's text projection could not be found); run another method."
+        )
+    return classes.text
+
+
+class _TextAdapted(FittedMethod):
+    def __init__(self, head: ImageHead, text_weight: torch.Tensor, logit_scale: float) -> None:
+        super().__init__()
+        self.head, self.text_weight, self.logit_scale = head, text_weight, logit_scale
+
+    def logits(self, test: FeatureSet, classes: Classes) -> torch.Tensor:
+        t = text_head(classes).classifier(self.text_weight)
+        return self.logit_scale * F.normalize(embed_view(self.head, test, 0), dim=-1) @ t.t()
+
+
+@register
+class ProLIPText(Method):
+    """ProLIP on the text projection: W_t trained from W_t0 with λ‖W_t − W_t0‖², image side frozen.
+
+    Args:
+        lr: Adam's learning rate.
+        reg_lambda: λ; None means 1/N.
+    """
+
+    name = "prolip-text"
+
+    def __init__(self, lr: float = 1e-3, reg_lambda: float | None = None) -> None:
+        self.lr, self.reg_lambda = lr, reg_lambda
+
+    def fit(self, problem: Problem) -> FittedMethod:
+        head, text = problem.image_head, text_head(problem.classes)
+        result = train_projector(
+            problem.train.features,
+            problem.train.labels,
+            None,
+            head.w0,
+            head.bias,
+            text=TextSide(text.features, text.w0),
+            train_image=False,
+            logit_scale=problem.logit_scale,
+            lr=self.lr,
+            reg_lambda=1.0 / problem.shots if self.reg_lambda is None else self.reg_lambda,
+            epochs=problem.epochs,
+            device=head.w0.device,
+            verbose=False,
+        )
+        fitted = _TextAdapted(head, result.text_weight.to(head.w0.device), problem.logit_scale)
+        fitted.info = {"text_delta_norm": float((result.text_weight - text.w0.cpu()).norm())}
+        return fitted

@@ -1,0 +1,327 @@
+"""ProLIP on the text projection (target="text" and "image+text"): its loop, the estimator, files, merge and bench."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import colour_images, tiny_adapter
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from prolip import DeltaFileError, FingerprintMismatchError, InputError, ProLIPAdapter
+from prolip.delta_file import CLASSIFIER_KEY, read_delta
+from prolip.training import TextSide, train_projector
+from prolip.zeroshot import zero_shot_classifier
+
+CPU = torch.device("cpu")
+TEMPLATES = ["a photo of a {}."]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny problems: a second thread only adds synchronisation (and waits for a busy core)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def text_problem(views=3, n=12, k=3, m=2, d_in=20, d_t=10, d_out=8, residual=False, seed=0):
+    """Image features (with a per-image residual beside x when asked), prompt features, W0, b, W_t0."""
+    g = torch.Generator().manual_seed(seed)
+    width = d_in + (d_out if residual else 0)
+    features = torch.randn(views, n, width, generator=g)
+    labels = torch.arange(n) % k
+    prompts = torch.randn(k, m, d_t, generator=g)
+    w0 = torch.randn(d_in, d_out, generator=g) / math.sqrt(d_in)
+    bias = 0.1 * torch.randn(d_out, generator=g)
+    text_w0 = torch.randn(d_t, d_out, generator=g) / math.sqrt(d_t)
+    return features, labels, prompts, w0, bias, text_w0
+
+
+def reference_text(features, labels, prompts, w0, bias, text_w0, *, train_image, scale, lr, reg_lambda, epochs):
+    """The text-side loss written out for autograd, minimised by torch.optim.Adam with CosineAnnealingLR.
+
+    T = normalize(mean over templates of normalize(P W_t)); the image side is x W + b (+ r).
+    """
+    d_in = w0.shape[0]
+    text_w = text_w0.clone().requires_grad_(True)
+    w = w0.clone().requires_grad_(train_image)
+    optimizer = torch.optim.Adam([text_w, w] if train_image else [text_w], lr=lr, betas=(0.9, 0.999), eps=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    losses = []
+    for step in range(epochs):
+        row = features[step % features.shape[0]]
+        z = row[:, :d_in] @ w + bias
+        if row.shape[1] > d_in:
+            z = z + row[:, d_in:]
+        per_prompt = prompts @ text_w
+        per_prompt = per_prompt / per_prompt.norm(dim=-1, keepdim=True)
+        t = per_prompt.mean(dim=1)
+        t = t / t.norm(dim=-1, keepdim=True)
+        loss = F.cross_entropy(scale * (z / z.norm(dim=-1, keepdim=True)) @ t.T, labels)
+        loss = loss + reg_lambda * ((text_w - text_w0) ** 2).sum()
+        if train_image:
+            loss = loss + reg_lambda * ((w - w0) ** 2).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+    return text_w.detach(), w.detach(), torch.tensor(losses)
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize(("train_image", "residual"), [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("reg_lambda", [0.0, 0.5])
+def test_matches_an_independent_autograd_loop(train_image, residual, reg_lambda):
+    features, labels, prompts, w0, bias, text_w0 = text_problem(residual=residual)
+    kw = {"scale": 100.0, "lr": 1e-2, "reg_lambda": reg_lambda, "epochs": 30}
+    text_w, w, losses = reference_text(features, labels, prompts, w0, bias, text_w0, train_image=train_image, **kw)
+    got = train_projector(
+        features, labels, None, w0, bias, text=TextSide(prompts, text_w0), train_image=train_image,
+        logit_scale=100.0, lr=1e-2, reg_lambda=reg_lambda, epochs=30, device=CPU, verbose=False,
+    )  # fmt: skip
+    assert float((text_w - text_w0).norm()) > 0.05  # it moved far enough for differences to show
+    assert relative(got.losses, losses) < 1e-5
+    assert relative(got.text_weight - text_w0, text_w - text_w0) < 1e-5
+    if train_image:
+        assert relative(got.weight - w0, w - w0) < 1e-5
+    else:
+        assert got.weight is None
+    t = F.normalize(F.normalize(prompts @ text_w, dim=-1).mean(dim=1), dim=-1)
+    torch.testing.assert_close(got.classifier, t, rtol=1e-5, atol=1e-6)
+
+
+def test_what_the_loop_refuses():
+    features, labels, prompts, w0, bias, text_w0 = text_problem()
+    run = {"logit_scale": 100.0, "lr": 1e-2, "reg_lambda": 0.1, "epochs": 2, "device": CPU, "verbose": False}
+    t = TextSide(prompts, text_w0).classifier()
+    with pytest.raises(InputError, match="not both"):
+        train_projector(features, labels, t, w0, bias, text=TextSide(prompts, text_w0), **run)
+    with pytest.raises(InputError, match="trains nothing"):
+        train_projector(features, labels, t, w0, bias, train_image=False, **run)
+    with pytest.raises(InputError, match=r"do not fit \[K, M, d_t\] × \[d_t, 8\]"):
+        train_projector(features, labels, None, w0, bias, text=TextSide(prompts, text_w0[:, :5]), **run)
+
+
+# ---------------------------------------------------------------------------- the estimator
+@pytest.fixture(scope="module")
+def fitted(checkpoints) -> dict[str, ProLIPAdapter]:
+    images, labels = colour_images(2)
+    return {
+        target: tiny_adapter(checkpoints["vit"], target=target, epochs=15, lr=3e-2).fit(images, labels)
+        for target in ("text", "image+text")
+    }
+
+
+def test_what_each_target_trains(fitted):
+    text, both = fitted["text"], fitted["image+text"]
+    assert text.delta_ is None and text.text_delta_.norm() > 0 and text.fitted_.target == "text"
+    assert both.delta_.norm() > 0 and both.text_delta_.norm() > 0 and both.fitted_.target == "image+text"
+    assert text.text_delta_.shape == text.backbone.text_projector.parameter.shape
+    assert text.fitted_.text_projector_key == "text_projection" and text.get_params()["target"] == "text"
+    with pytest.raises(InputError, match="target='both' is invalid"):
+        ProLIPAdapter(target="both").fit_features(torch.zeros(1, 2, 48), ["a", "b"])
+
+
+def test_the_untrained_text_side_is_the_zero_shot_classifier(checkpoints):
+    images, labels = colour_images(2)
+    templates = ["a photo of a {}.", "a {} thing."]
+    image = tiny_adapter(checkpoints["vit"], epochs=0, templates=templates)
+    features = image.extract_features(images)
+    text = tiny_adapter(checkpoints["vit"], epochs=0, templates=templates, target="text")
+    text.fit_features(features, labels)
+    assert torch.equal(text.text_delta_, torch.zeros_like(text.text_delta_))
+    torch.testing.assert_close(text.classifier_, image.fit_features(features, labels).classifier_)
+
+
+@pytest.mark.parametrize("target", ["text", "image+text"])
+def test_merged_model_applies_the_text_delta(fitted, target):
+    adapter = fitted[target]
+    base = adapter.backbone.model
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = adapter.merged_model()
+    # The merged model's own text tower gives the stored, adapted T.
+    t = zero_shot_classifier(merged, adapter.backbone.tokenizer, adapter.class_names_, TEMPLATES, device=CPU)
+    torch.testing.assert_close(t, adapter.classifier_, rtol=1e-5, atol=1e-6)
+    original = zero_shot_classifier(base, adapter.backbone.tokenizer, adapter.class_names_, TEMPLATES, device=CPU)
+    assert (original - adapter.classifier_).abs().max() > 1e-3
+    torch.testing.assert_close(merged.text_projection.detach(), base.text_projection.detach() + adapter.text_delta_)
+    visual = merged.visual.proj.detach() - base.visual.proj.detach()
+    assert torch.equal(visual, torch.zeros_like(visual)) if target == "text" else torch.equal(visual, adapter.delta_)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+@pytest.mark.parametrize("target", ["text", "image+text"])
+def test_save_load_predicts_identically(fitted, target, tmp_path, checkpoints):
+    adapter = fitted[target]
+    path = tmp_path / "text.safetensors"
+    adapter.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    expected = {"text_projection", CLASSIFIER_KEY} | ({"visual.proj"} if target == "image+text" else set())
+    assert keys == expected and meta["target"] == target and meta["text_projector_key"] == "text_projection"
+    loaded = ProLIPAdapter.load(path, pretrained=checkpoints["vit"], verbose=False)
+    assert loaded.target == target and torch.equal(loaded.text_delta_, adapter.text_delta_)
+    images = colour_images(2, seed=9)[0]
+    assert torch.equal(
+        loaded.logits_from_features(loaded.extract_features(images, views=0)),
+        adapter.logits_from_features(adapter.extract_features(images, views=0)),
+    )
+
+
+def _edit(path, out, meta=None, tensors=None):
+    with safe_open(str(path), framework="pt") as f:
+        m, t = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    if meta:
+        meta(m)
+    if tensors:
+        tensors(t)
+    save_file(t, str(out), metadata=m)
+    return out
+
+
+def _other_text(meta: dict[str, str], part: str) -> None:
+    fingerprint = json.loads(meta["text_fingerprint"])
+    fingerprint[part]["sums"][0] += 1.0
+    meta["text_fingerprint"] = json.dumps(fingerprint)
+
+
+@pytest.fixture(scope="module")
+def saved_both(fitted, tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "both.safetensors"
+    fitted["image+text"].save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("part", "what"), [("projector", "text projection differs"), ("tower", "text tower before it differs")]
+)
+def test_the_text_side_of_the_base_model_is_checked(saved_both, tmp_path, checkpoints, part, what):
+    path = _edit(saved_both, tmp_path / "other.safetensors", meta=lambda m: _other_text(m, part))
+    with pytest.raises(FingerprintMismatchError, match=rf"different base model: its .*{what}"):
+        ProLIPAdapter.load(path, pretrained=checkpoints["vit"])
+    with pytest.warns(UserWarning, match="different base model"):
+        ProLIPAdapter.load(path, pretrained=checkpoints["vit"], strict=False, verbose=False)
+
+
+@pytest.mark.parametrize(
+    ("meta", "tensors", "match"),
+    [
+        (lambda m: m.update(target="both"), None, "'target': expected one of"),
+        (lambda m: m.pop("text_projector_key"), None, r"text delta but lacks prolip metadata \['text_projector_key'\]"),
+        (lambda m: m.update(text_projector_key="visual.proj"), None, "'text_projector_key'"),
+        (lambda m: m.update(text_fingerprint="{}"), None, "'text_fingerprint'"),
+        (lambda m: m.update(target="image"), None, "holds tensors"),
+        (None, lambda t: t.pop("visual.proj"), "holds tensors"),
+        (None, lambda t: t.update(text_projection=t["text_projection"].half()), "inconsistent"),
+        (None, lambda t: t.update(text_projection=t["text_projection"][0].contiguous()), "inconsistent"),
+        (None, lambda t: t["text_projection"].view(-1).__setitem__(1, math.nan), "NaN or Inf"),
+    ],
+)
+def test_the_strict_reader_refuses_damaged_text_deltas(saved_both, tmp_path, meta, tensors, match):
+    damaged = _edit(saved_both, tmp_path / "damaged.safetensors", meta, tensors)
+    with pytest.raises(DeltaFileError, match=match) as info:
+        read_delta(damaged)
+    assert repr(str(damaged)) in str(info.value)
+
+
+def test_a_text_delta_of_the_wrong_shape_is_refused_on_load(saved_both, tmp_path, checkpoints):
+    wrong = _edit(saved_both, tmp_path / "t.pt", tensors=lambda t: t.update(text_projection=torch.zeros(5, 24)))
+    read_delta(wrong)  # well formed on its own; only the base model can tell
+    with pytest.raises(DeltaFileError, match=r"text delta for text_projection of shape \(5, 24\).*\(32, 24\)"):
+        ProLIPAdapter.load(wrong, pretrained=checkpoints["vit"])
+
+
+# ---------------------------------------------------------------------------- bench
+def consistent_problem(shift: float, seed: int = 1):
+    """test_baselines' shifted problem whose zero-shot classifier is what its text head gives."""
+    from test_baselines import make_problem
+
+    from prolip.bench.problem import Classes, Problem, TextHead
+
+    problem, test = make_problem(k=5, shots=8, noise=1.0, shift=shift, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    d_out = problem.classes.classifier.shape[1]
+    # W_t0 = I on d_out: each class's two prompt features are its (shifted) zero-shot direction plus noise.
+    features = problem.classes.classifier[:, None, :] + 0.05 * torch.randn(5, 2, d_out, generator=g)
+    text = TextHead(features, torch.eye(d_out))
+    classes = Classes(problem.classes.names, text.classifier(), text)
+    return Problem(**{**vars(problem), "classes": classes}), test
+
+
+def test_bench_prolip_text_beats_zero_shot_and_scores_new_classes():
+    from test_baselines import accuracy
+
+    from prolip.bench.methods import get_method
+    from prolip.bench.problem import Classes, TextHead
+
+    problem, test = consistent_problem(shift=3.0)
+    method = get_method("prolip-text")
+    assert method.transfers
+    zero_shot = get_method("zero-shot").fit(problem).logits(test, problem.classes)
+    fitted = method.fit(problem)
+    assert accuracy(fitted.logits(test, problem.classes), test.labels) > accuracy(zero_shot, test.labels) + 0.15
+    # New classes: their own prompt features through the trained W_t.
+    text = problem.classes.text
+    new_text = TextHead(text.features[[4, 0]] + 0.1, text.w0)
+    new = Classes(["x", "y"], new_text.classifier(), new_text)
+    w_t = fitted.text_weight
+    t = F.normalize(F.normalize((text.features[[4, 0]] + 0.1) @ w_t, dim=-1).mean(dim=1), dim=-1)
+    f = F.normalize(problem.image_head.embed(*test.view(0)), dim=-1)
+    torch.testing.assert_close(fitted.logits(test, new), problem.logit_scale * f @ t.T)
+    assert (w_t - text.w0).norm() > 0.01
+    with pytest.raises(InputError, match="text features"):
+        fitted.logits(test, Classes(["x", "y"], new_text.classifier()))
+    untrained = type(method)(lr=1e-12).fit(problem)
+    torch.testing.assert_close(untrained.logits(test, problem.classes), zero_shot, rtol=1e-4, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------- command line
+@pytest.fixture(scope="module")
+def blobs(tmp_path_factory):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("blobs")
+    rng = np.random.default_rng(0)
+    for name, rows in (("top", slice(2, 12)), ("bottom", slice(16, 26))):
+        (root / name).mkdir()
+        for i in range(3):
+            img = rng.integers(0, 40, size=(28, 28), dtype=np.uint8)
+            img[rows, 6:22] = 230
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("variant", ["text", "rla"])
+def test_cli_fits_and_uses_each_variant(blobs, tmp_path, capsys, variant):
+    from prolip import RegularizedLinearAdapter, standin
+    from prolip.cli import main
+
+    out = str(tmp_path / f"{variant}.safetensors")
+    model = ["--model", standin.MODEL_NAME, "--pretrained", standin.PRETRAINED_TAG]
+    train = ["--views", "2", "--epochs", "5", "--lr", "1e-2", "--seed", "1"]
+    assert main(["fit", str(blobs), *model, *train, "--variant", variant, "--out", out, "--quiet"]) == 0
+    assert main(["info", out]) == 0
+    info = capsys.readouterr().out
+    image = str(blobs / "top" / "0.png")
+    assert main(["predict", out, image, "--json", "--quiet"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["label"] in ("top", "bottom") and sum(rows[0]["probabilities"].values()) == pytest.approx(1.0)
+    if variant == "text":
+        assert "kind:              projector (target text)" in info and "text projection:   text_projection" in info
+        assert ProLIPAdapter.load(out, verbose=False).target == "text"
+    else:
+        assert "kind:              linear_adapter" in info and f"embeddings of:     {standin.MODEL_NAME}" in info
+        assert RegularizedLinearAdapter.load(out).fitted_.model_name == standin.MODEL_NAME
+        assert main(["merge", out, "--out", str(tmp_path / "m.safetensors"), "--quiet"]) == 1
+        assert "no weight to merge" in capsys.readouterr().err
