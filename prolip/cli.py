@@ -14,7 +14,8 @@ from prolip.errors import ProLIPError
 _EXAMPLES = {
     "fit": "example:\n  prolip fit photos/ --model ViT-B-32 --pretrained openai --shots 16 --out pets.safetensors\n"
     "  prolip fit photos/ --shots 16 --variant text --out pets-text.safetensors",
-    "predict": "example:\n  prolip predict pets.safetensors cat1.jpg dog2.png --json",
+    "predict": "example:\n  prolip predict pets.safetensors cat1.jpg dog2.png --json\n"
+    "  prolip predict pets.safetensors cat1.jpg --test-time --tt-views 64 --tt-lr 5e-3",
     "eval": "example:\n  prolip eval pets.safetensors photos_test/",
     "info": "example:\n  prolip info pets.safetensors",
     "models": "example:\n  prolip models\n  prolip models --all --json > models.json",
@@ -93,6 +94,20 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files")
     predict.add_argument("--json", action="store_true", help="print JSON with per-class probabilities")
     _base_options(predict)
+    tt = predict.add_argument_group("test-time ProLIP (see docs/test_time.md)")
+    tt.add_argument("--test-time", action="store_true", help="adapt a projector copy to each image, then predict it")
+    tt.add_argument("--tt-views", type=int, default=64, help="views per image, plain included (default: %(default)s)")
+    tt.add_argument("--tt-rho", type=float, default=0.1, help="fraction of views kept (default: %(default)s)")
+    tt.add_argument("--tt-steps", type=int, default=1, help="optimiser steps per image (default: %(default)s)")
+    tt.add_argument("--tt-lr", type=float, default=5e-3, help="learning rate (default: %(default)s)")
+    tt.add_argument("--tt-optimizer", default="adamw", help="adamw, adam or sgd (default: %(default)s)")
+    tt.add_argument(
+        "--tt-start",
+        default="adapted",
+        choices=["adapted", "pretrained"],
+        help="start from W0 + delta or from W0 (default: %(default)s)",
+    )
+    tt.add_argument("--tt-seed", type=int, default=0, help="seed of the random views (default: %(default)s)")
 
     evaluate = command("eval", "Accuracy, per-class accuracy and confusion matrix on labelled images.")
     evaluate.add_argument("delta", help="delta file")
@@ -199,7 +214,26 @@ def _fit(args: argparse.Namespace) -> None:
 
 def _predict(args: argparse.Namespace) -> None:
     adapter = _load(args)
-    proba = adapter.predict_proba(args.images)
+    predictor = adapter
+    if args.test_time:
+        from prolip.adapter import ProLIPAdapter
+        from prolip.test_time import TestTimeProLIP
+
+        if not isinstance(adapter, ProLIPAdapter):
+            raise ProLIPError(f"{args.delta!r} is a linear adapter; --test-time adapts a ProLIP projector delta.")
+
+        predictor = TestTimeProLIP(
+            adapter,
+            start=args.tt_start,
+            views=args.tt_views,
+            rho=args.tt_rho,
+            steps=args.tt_steps,
+            lr=args.tt_lr,
+            optimizer=args.tt_optimizer,
+            random_state=args.tt_seed,
+            verbose=not args.quiet,
+        )
+    proba = predictor.predict_proba(args.images)
     classes = adapter.classes_.tolist()
     if args.json:
         rows = [

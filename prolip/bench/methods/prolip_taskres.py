@@ -1,0 +1,100 @@
+"""``prolip+taskres``: ProLIP's projector and TaskRes's text-classifier residual, trained jointly.
+
+Default (``form="taskres"``), with f̂_W the normalised adapted embedding ``normalize(xW + b)``, t the
+text prototypes TaskRes starts from (:func:`~prolip.bench.fitting.text_prototypes`) and R a
+residual per class, from zero::
+
+    minimise over W, R:  CE(s · f̂_W · normalize(t + α R)ᵀ, y) + λ ‖W − W0‖²_F     (λ = 1/N, α = 0.5)
+
+No penalty on R (TaskRes has none but the optimiser's weight decay, and ProLIP's public code adds
+none). Trained by ProLIP's recipe (:func:`~prolip.bench.adapted.train_jointly`): ``problem.epochs``
+full-batch steps on view t mod V, Adam (eps 1e-4), cosine schedule, one learning rate for both.
+
+``form="prolip-code"`` is the objective of ProLIP's public code (``methods/ProLIP_TaskRes.py``)
+instead: the residual scores the *frozen* embedding and T is not renormalised::
+
+    CE(s · f̂_W · Tᵀ + α · s · f̂_W0 · Rᵀ, y) + λ ‖W − W0‖²_F                       (α = 0.1, lr 1e-4)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from prolip.bench.adapted import PROLIP_LR, adapted_problem, train_jointly
+from prolip.bench.fitting import check_classes, plain_embeddings, text_prototypes
+from prolip.bench.methods.base import FittedMethod, Method, register
+from prolip.bench.methods.clap import PrototypeModel
+from prolip.bench.problem import Classes, FeatureSet, Problem
+from prolip.errors import InputError
+
+FORMS = {"taskres": {"alpha": 0.5, "lr": PROLIP_LR}, "prolip-code": {"alpha": 0.1, "lr": 1e-4}}
+"""Each objective's default α and learning rate (TaskRes's α with ProLIP's lr; the public code's config)."""
+
+
+class _FrozenResidual(FittedMethod):
+    """Scores ``s · f̂_W·Tᵀ + α · s · f̂_W0·Rᵀ`` (the public code's form)."""
+
+    def __init__(self, problem: Problem, weight: torch.Tensor, residual: torch.Tensor, alpha: float) -> None:
+        super().__init__()
+        self.problem, self.weight, self.residual, self.alpha = problem, weight, residual.detach(), alpha
+
+    def logits(self, test: FeatureSet, classes: Classes) -> torch.Tensor:
+        problem = self.problem
+        check_classes(classes, list(problem.classes.names), ProLIPTaskRes.name)
+        adapted = plain_embeddings(adapted_problem(problem, self.weight).image_head, test)
+        frozen = plain_embeddings(problem.image_head, test)
+        s = problem.logit_scale
+        return s * adapted @ classes.classifier.t() + self.alpha * s * frozen @ self.residual.t()
+
+
+@register
+class ProLIPTaskRes(Method):
+    """ProLIP + TaskRes: the projector and a residual on the text classifier, trained together.
+
+    Args:
+        form: "taskres" (``normalize(t + αR)`` scores the adapted embedding) or "prolip-code" (the
+            public code's ``T`` on the adapted embedding plus ``αR`` on the frozen one).
+        alpha: the residual's scale (default: 0.5, TaskRes's; 0.1 with "prolip-code").
+        lr: Adam's learning rate for W and R (default: 1e-3; 1e-4 with "prolip-code").
+        reg_lambda: λ of the penalty on W − W0 (default: 1/N).
+    """
+
+    name = "prolip+taskres"
+    transfers: ClassVar[bool] = False  # one residual per training class
+
+    def __init__(
+        self,
+        form: str = "taskres",
+        alpha: float | None = None,
+        lr: float | None = None,
+        reg_lambda: float | None = None,
+    ) -> None:
+        if form not in FORMS:
+            raise InputError(f"form={form!r} must be one of {sorted(FORMS)}.")
+        self.form, self.reg_lambda = form, reg_lambda
+        self.alpha = FORMS[form]["alpha"] if alpha is None else alpha
+        self.lr = FORMS[form]["lr"] if lr is None else lr
+
+    def fit(self, problem: Problem) -> FittedMethod:
+        head, s, alpha = problem.image_head, problem.logit_scale, self.alpha
+        classifier = problem.classes.classifier
+        base = text_prototypes(problem.classes) if self.form == "taskres" else classifier
+        residual = torch.zeros_like(base, requires_grad=True)
+
+        def scores(weight: torch.Tensor, x: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+            adapted = F.normalize(head.embed(x, r, weight), dim=-1)
+            if self.form == "taskres":
+                return s * adapted @ F.normalize(base + alpha * residual, dim=-1).t()
+            frozen = F.normalize(head.embed(x, r), dim=-1)
+            return s * adapted @ classifier.t() + alpha * s * frozen @ residual.t()
+
+        weight = train_jointly(problem, [residual], scores, lr=self.lr, reg_lambda=self.reg_lambda)
+        if self.form == "taskres":
+            fitted = PrototypeModel(adapted_problem(problem, weight), base + alpha * residual.detach(), self.name)
+        else:
+            fitted = _FrozenResidual(problem, weight, residual, alpha)
+        fitted.info = {"form": self.form, "alpha": alpha, "lr": self.lr}
+        return fitted

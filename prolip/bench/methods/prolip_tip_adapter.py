@@ -1,0 +1,113 @@
+"""``prolip+tip-adapter``: Tip-Adapter's cache model on top of ProLIP's adapted image embeddings.
+
+ProLIP is trained first (:func:`~prolip.bench.adapted.prolip_weight`, λ = 1/N); Tip-Adapter then
+runs unchanged on the problem seen through the adapted projector W (:func:`~prolip.bench.adapted.adapted_problem`):
+scores ``s · f′·Tᵀ + α · exp(−β (1 − f′·K′ᵀ)) · L``, f′ the normalised adapted embedding of the test
+image, K′ the adapted training embeddings (mean of 10 augmented views, normalised), L one-hot labels,
+α and β searched on the validation draw. With ``keys="trained"`` the keys are then fine-tuned as
+Tip-Adapter-F does (W fixed). With α = 0 the scores are ProLIP's exactly.
+
+``keys="joint"`` is the recipe of ProLIP's public code instead (``methods/ProLIP_Tip.py``): W and
+Tip-Adapter-F's keys trained together by ProLIP's schedule (AdamW, eps 1e-4, weight decay 0.01,
+cosine, ``problem.epochs`` full-batch steps, lr 1e-4) with CE + λ‖W − W0‖²; the keys are frozen-W0
+embeddings of one augmented view, the affinity uses the frozen embedding f̂₀ of the image:
+``s · f̂_W·Tᵀ + α · exp(−β (1 − f̂₀·Kᵀ)) · L``, α = β = 1 fixed (no validation).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from prolip.bench.adapted import PROLIP_LR, adapted_problem, prolip_weight, train_jointly
+from prolip.bench.cache_model import cache_keys, cache_scores
+from prolip.bench.fitting import check_classes, plain_embeddings
+from prolip.bench.methods.base import FittedMethod, Method, register
+from prolip.bench.methods.tip_adapter import TipAdapter
+from prolip.bench.methods.tip_adapter_f import TipAdapterF
+from prolip.bench.problem import Classes, FeatureSet, Problem
+from prolip.errors import InputError
+
+KEYS = ("cache", "trained", "joint")
+JOINT_LR = 1e-4
+"""The learning rate of ProLIP's public code for the joint recipe (``configs/experiments/prolip_tip.yaml``)."""
+_CHUNK = 4096  # test images scored at once: the affinity matrix is [chunk, cache size]
+
+
+class _JointCache(FittedMethod):
+    """Scores ``s · f̂_W·Tᵀ + α · exp(−β (1 − f̂₀·Kᵀ)) · L``: adapted embedding for T, frozen one for the cache."""
+
+    def __init__(self, problem: Problem, weight: torch.Tensor, keys: torch.Tensor, alpha: float, beta: float) -> None:
+        super().__init__()
+        self.problem, self.weight, self.keys = problem, weight, keys.detach()
+        self.alpha, self.beta = alpha, beta
+        self.info = {"alpha": alpha, "beta": beta}
+
+    def logits(self, test: FeatureSet, classes: Classes) -> torch.Tensor:
+        problem = self.problem
+        check_classes(classes, list(problem.classes.names), ProLIPTipAdapter.name)
+        adapted = plain_embeddings(adapted_problem(problem, self.weight).image_head, test)
+        frozen = plain_embeddings(problem.image_head, test)
+        labels, k = problem.train.labels, len(classes)
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    problem.logit_scale * f @ classes.classifier.t()
+                    + self.alpha * cache_scores(f0 @ self.keys.t(), labels, k, self.beta)
+                    for f, f0 in zip(adapted.split(_CHUNK), frozen.split(_CHUNK), strict=True)
+                ]
+            )
+
+
+@register
+class ProLIPTipAdapter(Method):
+    """ProLIP, then Tip-Adapter's cache on the adapted embeddings (α, β chosen on val).
+
+    Args:
+        keys: "cache" (Tip-Adapter: keys are the adapted training embeddings), "trained"
+            (Tip-Adapter-F on the adapted embeddings: keys fine-tuned, W fixed) or "joint" (ProLIP's
+            public code: W and keys trained together, α = β = 1; see the module docstring).
+        alpha, beta: with "cache", fix both instead of searching them on val.
+        lr: ProLIP's learning rate (default: 1e-3; with "joint", the public code's 1e-4).
+    """
+
+    name = "prolip+tip-adapter"
+    transfers: ClassVar[bool] = False  # the cache's values are one-hot over the training classes
+
+    def __init__(
+        self, keys: str = "cache", alpha: float | None = None, beta: float | None = None, lr: float | None = None
+    ) -> None:
+        if keys not in KEYS:
+            raise InputError(f"keys={keys!r} must be one of {list(KEYS)}.")
+        if (alpha is not None or beta is not None) and keys != "cache":
+            raise InputError(f"alpha and beta can be fixed with keys='cache' only (got keys={keys!r}).")
+        self.keys, self.alpha, self.beta = keys, alpha, beta
+        self.lr = (JOINT_LR if keys == "joint" else PROLIP_LR) if lr is None else lr
+
+    def fit(self, problem: Problem) -> FittedMethod:
+        if self.keys == "joint":
+            fitted = self._fit_joint(problem)
+        else:
+            adapted = adapted_problem(problem, prolip_weight(problem, self.lr))
+            tip = TipAdapter(self.alpha, self.beta) if self.keys == "cache" else TipAdapterF()
+            fitted = tip.fit(adapted)
+            fitted.method = self.name  # named in its errors as this method, not the baseline it runs
+        fitted.info.update(keys=self.keys, lr=self.lr)
+        return fitted
+
+    def _fit_joint(self, problem: Problem, alpha: float = 1.0, beta: float = 1.0) -> FittedMethod:
+        head, classes, s = problem.image_head, problem.classes, problem.logit_scale
+        keys = cache_keys(head, problem.train, views=1).requires_grad_(True)
+        labels = problem.train.labels
+
+        def scores(weight: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+            with torch.no_grad():
+                frozen = F.normalize(head.embed(x, residual), dim=-1)
+            adapted = F.normalize(head.embed(x, residual, weight), dim=-1)
+            cache = cache_scores(frozen @ keys.t(), labels, len(classes), beta)
+            return s * adapted @ classes.classifier.t() + alpha * cache
+
+        weight = train_jointly(problem, [keys], scores, lr=self.lr, optimizer=torch.optim.AdamW)
+        return _JointCache(problem, weight, keys, alpha, beta)

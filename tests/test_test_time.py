@@ -1,0 +1,285 @@
+"""Test-time ProLIP: per image, the lowest-entropy views, one entropy step on a projector copy, reset.
+
+The library adapts a chunk of images at once; the reference below adapts one image at a time, the
+way TPT's loop does, with its own entropy, selection and optimiser, written separately here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_MODELS, colour_images, tiny_adapter
+from test_baselines import accuracy, make_problem, zero_shot_logits
+
+from prolip import InputError, InputTypeError, NotFittedError
+from prolip.backbone import build_backbone
+from prolip.bench.adapted import prolip_weight
+from prolip.bench.methods import get_method
+from prolip.bench.problem import FeatureSet
+from prolip.cli import main
+from prolip.test_time import TestTimeProLIP
+from prolip.training import logits
+from prolip.tta import TestTimeSettings, select_views, tta_logits, view_entropies
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+
+def reference_test_time(features, weight, bias, classifier, s, *, rho, steps, lr, optimizer, reg_lambda, d_in):
+    """One image at a time: pick views by entropy, minimise the entropy of their mean prediction, predict view 0."""
+
+    def scores(w, x, r):
+        z = x @ w + bias + r
+        return s * (z / z.norm(dim=1, keepdim=True)) @ classifier.T
+
+    out = []
+    for i in range(features.shape[1]):
+        views = features[:, i]
+        x, r = views[:, :d_in], (views[:, d_in:] if views.shape[1] > d_in else torch.zeros(len(views), 1))
+        with torch.no_grad():
+            p = torch.softmax(scores(weight, x, r), dim=1)
+            entropy = -(p * p.log()).sum(dim=1)
+        keep = torch.argsort(entropy, stable=True)[: max(1, math.floor(len(views) * rho))]
+        w = torch.nn.Parameter(weight.clone())
+        opt = OPTIMIZERS[optimizer]([w], lr=lr)
+        for _ in range(steps):
+            mean = torch.softmax(scores(w, x[keep], r[keep]), dim=1).mean(dim=0)
+            loss = -(mean * mean.log()).sum() + reg_lambda * ((w - weight) ** 2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            out.append(scores(w, x[:1], r[:1])[0])
+    return torch.stack(out)
+
+
+def random_inputs(residual: bool, dtype=torch.float64, seed=0, views=20, n=6, d_in=12, d_out=8, k=5):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(views, n, d_in + (d_out if residual else 0), generator=g, dtype=dtype)
+    weight = torch.randn(d_in, d_out, generator=g, dtype=dtype) / 3
+    bias = 0.1 * torch.randn(d_out, generator=g, dtype=dtype)
+    classifier = F.normalize(torch.randn(k, d_out, generator=g, dtype=dtype), dim=-1)
+    return features, weight, bias, classifier
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize(
+    ("steps", "optimizer", "reg_lambda"), [(1, "adamw", 0.0), (3, "adamw", 0.5), (2, "adam", 0.0), (2, "sgd", 0.1)]
+)
+def test_matches_the_one_image_at_a_time_reference(residual, steps, optimizer, reg_lambda):
+    features, weight, bias, classifier = random_inputs(residual)
+    settings = TestTimeSettings(rho=0.25, steps=steps, lr=5e-2, optimizer=optimizer, reg_lambda=reg_lambda)
+    got = tta_logits(features, weight, bias, classifier, 10.0, settings, chunk_size=4)
+    expected = reference_test_time(
+        features, weight, bias, classifier, 10.0, rho=0.25, steps=steps, lr=5e-2, optimizer=optimizer,
+        reg_lambda=reg_lambda, d_in=weight.shape[0],
+    )  # fmt: skip
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    start = tta_logits(features, weight, bias, classifier, 10.0, TestTimeSettings(steps=0))
+    assert (got - start).abs().max() > 0.05  # the step changed the predictions
+
+
+def test_fp32_matches_the_reference_to_float_rounding():
+    features, weight, bias, classifier = random_inputs(False, dtype=torch.float32, seed=1)
+    got = tta_logits(features, weight, bias, classifier, 20.0, TestTimeSettings(rho=0.1, lr=5e-3))
+    expected = reference_test_time(
+        features, weight, bias, classifier, 20.0, rho=0.1, steps=1, lr=5e-3, optimizer="adamw", reg_lambda=0.0, d_in=12
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_keeps_exactly_the_lowest_entropy_views():
+    features, weight, bias, classifier = random_inputs(False, seed=2, views=30)
+    entropies = view_entropies(features, weight, bias, classifier, 10.0)
+    kept = select_views(entropies, 3)
+    for i in range(features.shape[1]):
+        assert set(kept[:, i].tolist()) == set(torch.topk(-entropies[:, i], 3).indices.tolist())
+        assert entropies[kept[1:, i], i].ge(entropies[kept[:-1, i], i]).all()  # lowest first
+    settings = TestTimeSettings(rho=0.1, lr=5e-2)  # int(30 · 0.1) = 3 views
+    before = tta_logits(features, weight, bias, classifier, 10.0, settings)
+    # Swapping two views that were not kept (nor the plain one) changes nothing; swapping a kept one in does.
+    image = 0
+    dropped = [v for v in range(1, 30) if v not in kept[:, image].tolist()]
+    swapped = features.clone()
+    swapped[[dropped[0], dropped[1]], image] = features[[dropped[1], dropped[0]], image]
+    assert torch.equal(tta_logits(swapped, weight, bias, classifier, 10.0, settings), before)
+    best = int(kept[0, image])
+    replaced = features.clone()
+    replaced[best, image] = features[dropped[-1], image]
+    after = tta_logits(replaced, weight, bias, classifier, 10.0, settings)
+    assert not torch.allclose(after[image], before[image]) and torch.equal(after[1:], before[1:])
+
+
+def test_each_image_starts_afresh_and_chunks_do_not_matter():
+    features, weight, bias, classifier = random_inputs(True, dtype=torch.float32, seed=3, n=9)
+    settings = TestTimeSettings(rho=0.2, steps=2, lr=2e-2)
+    together = tta_logits(features, weight, bias, classifier, 10.0, settings)
+    order = torch.randperm(9, generator=torch.Generator().manual_seed(0))
+    shuffled = tta_logits(features[:, order], weight, bias, classifier, 10.0, settings)
+    torch.testing.assert_close(shuffled, together[order], rtol=1e-6, atol=1e-5)
+    for chunk in (1, 4):
+        torch.testing.assert_close(
+            tta_logits(features, weight, bias, classifier, 10.0, settings, chunk_size=chunk),
+            together,
+            rtol=1e-6,
+            atol=1e-5,
+        )
+    alone = torch.cat([tta_logits(features[:, i : i + 1], weight, bias, classifier, 10.0, settings) for i in range(9)])
+    torch.testing.assert_close(alone, together, rtol=1e-6, atol=1e-5)
+
+
+class ViewByView:
+    """Features that, like lazy CachedFeatures, can only be read one whole view at a time; counts the reads."""
+
+    def __init__(self, features: torch.Tensor) -> None:
+        self.features, self.shape, self.reads = features, features.shape, [0] * features.shape[0]
+
+    def __getitem__(self, view: int) -> torch.Tensor:
+        assert isinstance(view, int)
+        self.reads[view] += 1
+        return self.features[view].clone()
+
+
+def test_reads_lazy_features_one_view_at_a_time():
+    features, weight, bias, classifier = random_inputs(True, dtype=torch.float32, seed=4, n=5)
+    settings = TestTimeSettings(rho=0.2, lr=2e-2)
+    lazy = ViewByView(features)
+    assert torch.equal(
+        tta_logits(lazy, weight, bias, classifier, 10.0, settings),
+        tta_logits(features, weight, bias, classifier, 10.0, settings),
+    )
+    assert lazy.reads[0] == 3 and max(lazy.reads[1:]) == 2  # scored, gathered (and view 0: predicted)
+
+
+def test_settings_are_checked():
+    for bad in ({"rho": 0.0}, {"rho": 1.5}, {"steps": -1}, {"steps": 1.5}, {"lr": -1.0}, {"optimizer": "lbfgs"}):
+        with pytest.raises(InputError, match=next(iter(bad))):
+            TestTimeSettings(**bad)
+    assert TestTimeSettings(rho=0.1).kept(64) == 6 and TestTimeSettings(rho=0.1).kept(5) == 1
+
+
+# ---------------------------------------------------------------------------- the bench method
+@pytest.fixture(scope="module")
+def problem_and_views():
+    torch.set_num_threads(1)
+    problem, plain = make_problem(k=4, shots=4, seed=5)
+    g = torch.Generator().manual_seed(6)
+    crops = plain.features + 0.5 * torch.randn(63, *plain.features.shape[1:], generator=g)
+    return problem, FeatureSet(torch.cat([plain.features, crops]), plain.labels)
+
+
+def test_bench_method_with_no_step_is_zero_shot_or_prolip_exactly(problem_and_views):
+    problem, test = problem_and_views
+    method = get_method("test-time-prolip")
+    assert method.test_views == 63 and method.transfers
+    frozen = type(method)(lr=0.0).fit(problem)
+    assert torch.equal(frozen.logits(test, problem.classes), zero_shot_logits(problem, test))
+    weight = prolip_weight(problem)
+    expected = logits(
+        test.features[0], weight, problem.image_head.bias, problem.classes.classifier, problem.logit_scale
+    )
+    assert torch.equal(type(method)(start="prolip", lr=0.0).fit(problem).logits(test, problem.classes), expected)
+    adapted = method.fit(problem).logits(test, problem.classes)
+    assert not torch.allclose(adapted, zero_shot_logits(problem, test))
+    with pytest.raises(InputError, match="start"):
+        type(method)(start="nowhere")
+
+
+def test_beats_zero_shot_when_the_crops_see_what_the_plain_view_hides():
+    problem, test = make_problem(k=5, shots=4, noise=0.5, shift=0.5, seed=2)
+    g = torch.Generator().manual_seed(2)
+    n, d_in = test.labels.numel(), problem.image_head.w0.shape[0]
+    means = torch.stack([problem.train.features[:, problem.train.labels == c].mean((0, 1)) for c in range(5)])
+    # The plain view holds the object and a strong distractor (another class); the crops mostly the object.
+    other = (test.labels + 1 + torch.randint(4, (n,), generator=g)) % 5
+    plain = means[test.labels] + 0.9 * (means[other] - means[other].mean(0)) + 0.3 * torch.randn(n, d_in, generator=g)
+    crops = means[test.labels] + 1.5 * torch.rand(63, n, 1, generator=g) * torch.randn(63, n, d_in, generator=g)
+    views = FeatureSet(torch.cat([plain[None], crops]), test.labels)
+    zero_shot = accuracy(zero_shot_logits(problem, views), test.labels)
+    adapted = accuracy(get_method("test-time-prolip").fit(problem).logits(views, problem.classes), test.labels)
+    assert zero_shot < 0.6 and adapted > zero_shot + 0.2
+
+
+# ---------------------------------------------------------------------------- on images
+@pytest.fixture(scope="module")
+def fitted(checkpoints):
+    images, labels = colour_images(3)
+    return tiny_adapter(checkpoints["vit"], views=2, epochs=10).fit(images, labels)
+
+
+def test_predicts_images_deterministically_and_one_at_a_time(fitted):
+    images = colour_images(2, seed=4)[0]
+    tt = TestTimeProLIP(fitted, views=8, rho=0.25, lr=5e-2)
+    features = tt.extract_features(images)
+    assert features.shape == (8, 6, fitted.n_features_in_)
+    torch.testing.assert_close(features[:1], fitted.extract_features(images, views=0))
+    proba = tt.predict_proba(images)
+    assert proba.shape == (6, 3) and np.allclose(proba.sum(axis=1), 1, atol=1e-5)
+    assert np.array_equal(tt.predict(images), fitted.classes_[proba.argmax(axis=1)])
+    np.testing.assert_allclose(TestTimeProLIP(fitted, views=8, rho=0.25, lr=5e-2).predict_proba(images), proba)
+    alone = np.concatenate([tt.predict_proba([im]) for im in images])
+    np.testing.assert_allclose(alone, proba, rtol=1e-5, atol=1e-6)
+    other_views = TestTimeProLIP(fitted, views=8, rho=0.25, lr=5e-2, random_state=1).extract_features(images)
+    assert torch.equal(other_views[0], features[0]) and not torch.equal(other_views[1:], features[1:])
+
+
+def test_with_no_step_it_is_the_adapter_or_zero_shot_exactly(fitted):
+    images = colour_images(1, seed=5)[0]
+    tt = TestTimeProLIP(fitted, views=4, lr=0.0)
+    features = tt.extract_features(images)
+    assert torch.equal(tt.logits_from_features(features), fitted.logits_from_features(features[:1]))
+    backbone = fitted.backbone
+    w0 = backbone.projector.to_in_out(backbone.projector.parameter).detach().float()
+    bias, scale = backbone.projector.bias, fitted.logit_scale_
+    from_w0 = TestTimeProLIP(fitted, views=4, lr=0.0, start="pretrained").logits_from_features(features)
+    assert torch.equal(from_w0, logits(features[0], w0, bias, fitted.classifier_, scale))
+    bare = TestTimeProLIP(backbone, list(fitted.class_names_), views=4, lr=0.0)
+    assert list(bare.classes_) == list(fitted.class_names_)
+    expected = logits(features[0], w0, bias, bare.classifier, backbone.logit_scale)
+    assert torch.equal(bare.logits_from_features(features), expected)
+
+
+def test_refuses_what_it_cannot_use(fitted, checkpoints):
+    with pytest.raises(InputError, match="class_names"):
+        TestTimeProLIP(fitted.backbone)
+    with pytest.raises(InputError, match="adapted"):
+        TestTimeProLIP(fitted.backbone, ["a", "b"], start="adapted")
+    with pytest.raises(InputError, match="class_names"):
+        TestTimeProLIP(fitted, ["a", "b"])
+    with pytest.raises(InputError, match="views"):
+        TestTimeProLIP(fitted, views=0)
+    with pytest.raises(InputTypeError, match="ProLIPAdapter"):
+        TestTimeProLIP("ViT-B-32")
+    with pytest.raises(NotFittedError):
+        TestTimeProLIP(tiny_adapter(checkpoints["vit"]))
+
+
+def test_command_line_test_time_predict(fitted, checkpoints, tmp_path, capsys):
+    delta = tmp_path / "colours.safetensors"
+    fitted.save(delta)
+    picture = tmp_path / "red.png"
+    from PIL import Image
+
+    Image.fromarray(colour_images(1, seed=6)[0][0].permute(1, 2, 0).numpy()).save(picture)
+    base = ["predict", str(delta), str(picture), "--json", "--quiet", "--device", "cpu"]
+    base += ["--model", TINY_MODELS["vit"], "--pretrained", checkpoints["vit"]]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*base, "--test-time", "--tt-views", "8", "--tt-lr", "0"]) == 0
+    frozen = json.loads(capsys.readouterr().out)
+    assert frozen[0]["probabilities"] == pytest.approx(plain[0]["probabilities"], abs=1e-6)
+    assert main([*base, "--test-time", "--tt-views", "8", "--tt-lr", "0.5", "--tt-rho", "0.5"]) == 0
+    moved = json.loads(capsys.readouterr().out)
+    assert moved[0]["probabilities"] != pytest.approx(plain[0]["probabilities"], abs=1e-4)
+    assert main([*base, "--test-time", "--tt-optimizer", "lbfgs"]) == 1
+    assert "optimizer" in capsys.readouterr().err
+
+
+def test_a_backbone_alone_gives_zero_shot_plus_adaptation(checkpoints):
+    backbone = build_backbone(TINY_MODELS["vit"], checkpoints["vit"], device="cpu")
+    tt = TestTimeProLIP(backbone, ["red", "green", "blue"], templates=["a {} square."], views=4)
+    assert tt.start == "pretrained" and tt.predict(colour_images(1)[0]).shape == (3,)
