@@ -41,7 +41,7 @@ def prolip_weight(problem: Problem, lr: float = PROLIP_LR, reg_lambda: float | N
         lr=lr,
         reg_lambda=reg_lambda_of(problem, reg_lambda),
         epochs=problem.epochs,
-        device=head.w0.device,
+        device=problem.device,
         verbose=False,
     ).weight.to(head.w0)
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from prolip.bench.adapted import PROLIP_LR, prolip_weight, reg_lambda_of
 from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem
-from prolip.training import logits, train_projector
+from prolip.training import logits
 
 
 class AdaptedProjector(FittedMethod):
@@ -36,17 +37,11 @@ class ProLIP(Method):
 
     name = "prolip"
 
-    def __init__(self, lr: float = 1e-3, reg_lambda: float | str = "auto") -> None:
+    def __init__(self, lr: float = PROLIP_LR, reg_lambda: float | str = "auto") -> None:
         self.lr, self.reg_lambda = lr, reg_lambda
 
     def fit(self, problem: Problem) -> FittedMethod:
-        reg_lambda = 1.0 / problem.shots if self.reg_lambda == "auto" else float(self.reg_lambda)
-        head = problem.image_head
-        result = train_projector(
-            problem.train.features, problem.train.labels, problem.classes.classifier, head.w0, head.bias,
-            logit_scale=problem.logit_scale, lr=self.lr, reg_lambda=reg_lambda, epochs=problem.epochs,
-            device=problem.device, verbose=False,
-        )  # fmt: skip
-        fitted = AdaptedProjector(head, result.weight, problem.logit_scale)
+        reg_lambda = reg_lambda_of(problem, None if self.reg_lambda == "auto" else float(self.reg_lambda))
+        fitted = AdaptedProjector(problem.image_head, prolip_weight(problem, self.lr, reg_lambda), problem.logit_scale)
         fitted.info = {"lr": self.lr, "reg_lambda": reg_lambda}
         return fitted
