@@ -29,7 +29,9 @@ from prolip.errors import (
 )
 from prolip.multitask import MultiTaskClassifier
 from prolip.rla import RegularizedLinearAdapter
+from prolip.test_time import TestTimeProLIP
 from prolip.towers import supported_models
+from prolip.validation import ProLIPSearch
 
 __all__ = [
     "CachedFeatures",
@@ -45,9 +47,11 @@ __all__ = [
     "PrecisionWarning",
     "ProLIPAdapter",
     "ProLIPError",
+    "ProLIPSearch",
     "ProLIPWarning",
     "RegularizedLinearAdapter",
     "SkippedImagesWarning",
+    "TestTimeProLIP",
     "TrainingDivergedError",
     "TrainingWarning",
     "UnsupportedModelError",

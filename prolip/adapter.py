@@ -21,14 +21,14 @@ from torch import nn
 from prolip.backbone import Backbone, build_backbone
 from prolip.cache import CachedFeatures
 from prolip.delta_file import read_delta, write_delta
-from prolip.errors import DeltaFileError, InputError, NotFittedError
-from prolip.estimator import Estimator, Learned
-from prolip.features import check_features, extract_features, feature_cache, fill_cache, image_hash
-from prolip.fitted import FittedState
+from prolip.errors import InputError, NotFittedError
+from prolip.estimator import Estimator
+from prolip.features import check_features, features_of
+from prolip.fitted import FittedAttributes, FittedState
 from prolip.fitting import SAVED_PARAMS, fit_projector
 from prolip.images import ImageLike, load_for_model, report_skipped
-from prolip.labels import accuracy, check_lengths, class_array, encode_labels, label_list
-from prolip.params import check_params
+from prolip.labels import accuracy, check_lengths, encode_labels, label_list
+from prolip.params import check_params, restore_params
 from prolip.training import logits
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 _BACKBONE_PARAMS = ("model", "pretrained", "precision", "device", "tokenizer")
 
 
-class ProLIPAdapter(Estimator):
+class ProLIPAdapter(Estimator, FittedAttributes):
     """Few-shot adaptation of an open_clip model by fine-tuning only its vision projector (ProLIP).
 
     Pre-projection features of ``views`` augmented views per training image are computed once;
@@ -139,27 +139,7 @@ class ProLIPAdapter(Estimator):
         self.cache_dtype = cache_dtype
         self.target = target
 
-    # ------------------------------------------------------------------ learned attributes
-    fitted_ = Learned(lambda s: s, "The fitted state (:class:`~prolip.fitted.FittedState`).")
-    classes_ = Learned(lambda s: class_array(s.classes), "Labels, in the column order of predict_proba.")
-    class_names_ = Learned(lambda s: list(s.class_names), "The text put into the templates for each class.")
-    classifier_ = Learned(lambda s: s.classifier, "The classifier T, float32 [K, d_out].")
-    delta_ = Learned(lambda s: s.delta, "W − W0, float32, in the model parameter's own orientation, or None.")
-    text_delta_ = Learned(lambda s: s.text_delta, "W_t − W_t0 of the text projection, or None.")
-    n_shots_ = Learned(lambda s: s.n_shots, "N, training images per class.")
-    reg_lambda_ = Learned(lambda s: s.reg_lambda, "The λ training used.")
-    logit_scale_ = Learned(lambda s: s.logit_scale, "The logit scale s training used.")
-    loss_history_ = Learned(lambda s: s.loss_history, "Training loss per step (empty after load).")
-    base_fingerprint_ = Learned(
-        lambda s: s.fingerprint if s.fingerprint is not None else s.legacy_hash, "The base model's fingerprint."
-    )
-
-    @property
-    def n_features_in_(self) -> int:
-        """Width of the features predict_features takes: d_in (+ d_out for towers with a residual)."""
-        self._fitted()
-        return self.backbone.projector.feature_width
-
+    # ------------------------------------------------------------------ learned attributes (FittedAttributes)
     def _fitted(self) -> FittedState:
         state = self.__dict__.get("_state")
         if state is None:
@@ -184,7 +164,8 @@ class ProLIPAdapter(Estimator):
         ``device``, ``tokenizer``) rebuilds it on next use, and a fitted delta is checked against
         the new base model (FingerprintMismatchError if it is not the one it was trained on).
         """
-        key = tuple((name, id(v) if not isinstance(v, (str, type(None))) else v) for name, v in self._backbone_params())
+        params = [(name, getattr(self, name)) for name in _BACKBONE_PARAMS]
+        key = tuple((name, id(v) if not isinstance(v, (str, type(None))) else v) for name, v in params)
         cached = self.__dict__.get("_backbone")
         if cached is None or cached[0] != key:
             backbone = build_backbone(
@@ -195,9 +176,6 @@ class ProLIPAdapter(Estimator):
             if state is not None:
                 state.check_base(backbone, strict=self.__dict__.get("_strict_base", True), source="the fitted delta")
         return self._backbone[1]
-
-    def _backbone_params(self) -> list[tuple[str, Any]]:
-        return [(name, getattr(self, name)) for name in _BACKBONE_PARAMS]
 
     def _seed(self) -> int:
         return secrets.randbits(63) if self.random_state is None else int(self.random_state)
@@ -223,15 +201,12 @@ class ProLIPAdapter(Estimator):
         )
         self.skipped_ = loaded.skipped
         report_skipped(loaded)
-        common = {"batch_size": self.batch_size, "verbose": self.verbose}
-        if self.cache_dir is None or views == 0:
-            return extract_features(backbone, loaded.images, views, seed=self._seed(), preprocess=plain_preprocess, **common)
-        if self.random_state is None:
+        if self.cache_dir is not None and views and self.random_state is None:
             logger.warning("random_state=None draws a new seed per call, so cached features are never reused")
-        cache = feature_cache(backbone, self.cache_dir, views=views, seed=self._seed(), storage=self.cache_dtype)
-        hashes = [image_hash(im) for im in loaded.images]
-        fill_cache(backbone, loaded.images, cache, hashes=hashes, **common)
-        return cache.features(hashes)
+        return features_of(
+            backbone, loaded.images, views, seed=self._seed(), batch_size=self.batch_size, verbose=self.verbose,
+            preprocess=plain_preprocess, cache_dir=self.cache_dir, cache_dtype=self.cache_dtype,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ fitting
     def fit(
@@ -307,28 +282,17 @@ class ProLIPAdapter(Estimator):
         return accuracy(self.predict_features(features), labels)
 
     def predict_proba(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """Class probabilities ``(n, K)``; columns follow ``classes_``.
-
-        With ``on_error="skip"``, rows are for the readable images only, in input order, and
-        ``skipped_`` lists the images left out.
-        """
+        """Class probabilities ``(n, K)``; columns follow ``classes_`` (readable images only, see ``on_error``)."""
         self._fitted()
         return torch.softmax(self.logits_from_features(self.extract_features(images, views=0)), dim=-1).numpy()
 
     def predict(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """Predicted label of each image, as a numpy array of values from ``classes_``.
-
-        With ``on_error="skip"``, labels are for the readable images only, in input order, and
-        ``skipped_`` lists the images left out.
-        """
+        """Predicted label of each image, values from ``classes_`` (readable images only, see ``on_error``)."""
         self._fitted()
         return self.predict_features(self.extract_features(images, views=0))
 
     def score(self, images: Sequence[ImageLike], labels: Sequence[Hashable]) -> float:
-        """Accuracy of :meth:`predict` on ``images`` against ``labels``.
-
-        With ``on_error="skip"``, the accuracy on the readable images (see ``skipped_``).
-        """
+        """Accuracy of :meth:`predict` on ``images`` against ``labels`` (readable images only, see ``on_error``)."""
         self._fitted()
         check_lengths(images, labels)
         labels = label_list(labels)
@@ -400,16 +364,7 @@ class ProLIPAdapter(Estimator):
 
         Arguments as in :meth:`load`; the state's stored hyperparameters are restored first.
         """
-        unknown = set(overrides) - set(cls._param_names())
-        if unknown:
-            raise InputError(f"unknown parameter(s) {sorted(unknown)} for ProLIPAdapter; valid: {cls._param_names()}.")
-        # Only what save() writes is restored: a file never chooses the device, callables or the model.
-        params = {k: v for k, v in state.hyperparameters.items() if k in SAVED_PARAMS}
-        try:
-            check_params(params)
-        except InputError as exc:
-            raise DeltaFileError(f"{source} holds invalid hyperparameters ({exc}); the file is damaged or was edited.") from None
-        params.update(overrides)
+        params = restore_params(state.hyperparameters, SAVED_PARAMS, cls._param_names(), overrides, source)
         if model is None:
             model, pretrained = state.base_model(pretrained, trust_file_model=trust_file_model, source=source)
         adapter = cls(model=model, pretrained=pretrained, **params)

@@ -223,6 +223,30 @@ def fill_cache(
     return todo
 
 
+def features_of(
+    backbone: Backbone,
+    images: Sequence[torch.Tensor] | Sequence[Image.Image],
+    views: int,
+    *,
+    seed: int,
+    batch_size: int = 64,
+    verbose: bool = True,
+    preprocess: Callable[[Image.Image], Any] | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    cache_dtype: str = "fp16",
+) -> torch.Tensor | CachedFeatures:
+    """Features of loaded images as an estimator asks for them: in memory, or with ``cache_dir`` and
+    augmented views (``views > 0``), through the on-disk cache as lazy :class:`CachedFeatures`."""
+    if cache_dir is None or views == 0:
+        return extract_features(
+            backbone, images, views, seed=seed, batch_size=batch_size, verbose=verbose, preprocess=preprocess
+        )
+    cache = feature_cache(backbone, cache_dir, views=views, seed=seed, storage=cache_dtype)
+    hashes = [image_hash(im) for im in images]
+    fill_cache(backbone, images, cache, batch_size=batch_size, verbose=verbose, hashes=hashes)
+    return cache.features(hashes)
+
+
 def check_features(
     features: torch.Tensor | CachedFeatures,
     width: int,

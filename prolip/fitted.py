@@ -20,7 +20,9 @@ from torch import nn
 
 from prolip.backbone import Backbone, file_may_choose
 from prolip.errors import DeltaFileError, FingerprintMismatchError, PrecisionWarning, warn
+from prolip.estimator import Learned
 from prolip.fingerprint import Fingerprint, legacy_projector_hash
+from prolip.labels import class_array
 from prolip.params import PRECISIONS, check_params
 from prolip.towers import LinearMap, Projector, find_projector, find_text_projector
 
@@ -274,3 +276,29 @@ class LinearAdapterState:
         return recorded_base_model(
             self.model_name, self.pretrained, pretrained, trust_file_model=trust_file_model, source=source
         )
+
+
+class FittedAttributes:
+    """The learned attributes (``name_``) of an estimator holding a :class:`FittedState`, read from it.
+
+    The estimator provides ``_fitted()`` (the state, or NotFittedError — an AttributeError, so
+    ``hasattr`` is False before fit) and ``backbone``.
+    """
+
+    @property
+    def n_features_in_(self) -> int:
+        """Width of the features predict_features takes: d_in (+ d_out for towers with a residual)."""
+        self._fitted()
+        return self.backbone.projector.feature_width
+
+    fitted_ = Learned(lambda s: s, "The fitted state (:class:`FittedState`).")
+    classes_ = Learned(lambda s: class_array(s.classes), "Labels, in the column order of predict_proba.")
+    class_names_ = Learned(lambda s: list(s.class_names), "The text put into the templates for each class.")
+    classifier_ = Learned(lambda s: s.classifier, "The classifier T, float32 [K, d_out].")
+    delta_ = Learned(lambda s: s.delta, "W − W0, float32, in the model parameter's own orientation, or None.")
+    text_delta_ = Learned(lambda s: s.text_delta, "W_t − W_t0 of the text projection, or None.")
+    n_shots_ = Learned(lambda s: s.n_shots, "N, training images per class.")
+    reg_lambda_ = Learned(lambda s: s.reg_lambda, "The λ training used.")
+    logit_scale_ = Learned(lambda s: s.logit_scale, "The logit scale s training used.")
+    loss_history_ = Learned(lambda s: s.loss_history, "Training loss per step (empty after load).")
+    base_fingerprint_ = Learned(lambda s: s.fingerprint or s.legacy_hash, "The base model's fingerprint.")

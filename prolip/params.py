@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from prolip.cache import STORAGE_DTYPES
-from prolip.errors import InputError
+from prolip.errors import DeltaFileError, InputError
 from prolip.images import ON_ERROR
 from prolip.zeroshot import valid_templates
 
@@ -101,3 +101,26 @@ def check_params(params: Mapping[str, Any]) -> None:
         if constraint is not None and not constraint.check(value):
             shown = f"<{type(value).__name__}>" if isinstance(value, nn.Module) else repr(value)
             raise InputError(f"{name}={shown} is invalid: it must be {constraint.expected}.")
+
+
+def restore_params(
+    stored: Mapping[str, Any], saved: Sequence[str], valid: Sequence[str], overrides: Mapping[str, Any], source: str
+) -> dict[str, Any]:
+    """An estimator's parameters from a file: the ``saved`` ones it stores, checked, then the caller's ``overrides``.
+
+    Only the names in ``saved`` are taken from the file, so a file never chooses the device,
+    callables or the model.
+
+    Raises:
+        InputError: an override is not one of the estimator's parameters (``valid``).
+        DeltaFileError: a stored value breaks its constraint (the file was damaged or edited).
+    """
+    unknown = set(overrides) - set(valid)
+    if unknown:
+        raise InputError(f"unknown parameter(s) {sorted(unknown)}; valid: {list(valid)}.")
+    params = {k: v for k, v in stored.items() if k in saved}
+    try:
+        check_params(params)
+    except InputError as exc:
+        raise DeltaFileError(f"{source} holds invalid hyperparameters ({exc}); the file is damaged or was edited.") from None
+    return {**params, **overrides}

@@ -28,13 +28,13 @@ from torch import nn
 from prolip.adapter import ProLIPAdapter
 from prolip.backbone import select_device
 from prolip.delta_file import read_linear_adapter, write_delta
-from prolip.errors import DeltaFileError, InputError, InputTypeError, NotFittedError
+from prolip.errors import InputError, InputTypeError, NotFittedError
 from prolip.estimator import Estimator, Learned
 from prolip.features import check_features
 from prolip.fitted import LinearAdapterState
 from prolip.images import ImageLike
 from prolip.labels import accuracy, class_array, encode_labels, label_list, names_of_classes, plain_label
-from prolip.params import check_params
+from prolip.params import check_params, restore_params
 from prolip.training import logits, split_features, train_projector
 from prolip.zeroshot import average_prompts, check_templates, prompts
 
@@ -241,17 +241,8 @@ class RegularizedLinearAdapter(Estimator):
     def load(cls, path: str | os.PathLike, **overrides: Any) -> RegularizedLinearAdapter:
         """Rebuild a fitted adapter from a file written by :meth:`save`; ``overrides`` change parameters (``device``)."""
         state = read_linear_adapter(path)
-        unknown = set(overrides) - set(cls._param_names())
-        if unknown:
-            raise InputError(f"unknown parameter(s) {sorted(unknown)} for {cls.__name__}; valid: {cls._param_names()}.")
-        params = {k: v for k, v in state.hyperparameters.items() if k in _SAVED_PARAMS}
-        try:
-            check_params(params)
-        except InputError as exc:
-            raise DeltaFileError(
-                f"{os.fspath(path)!r} holds invalid hyperparameters ({exc}); it was damaged."
-            ) from None
-        loaded = cls(**{**params, **overrides})
+        params = restore_params(state.hyperparameters, _SAVED_PARAMS, cls._param_names(), overrides, repr(os.fspath(path)))
+        loaded = cls(**params)
         loaded._state = state
         return loaded
 

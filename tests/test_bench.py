@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prolip import ProLIPAdapter, standin
+from prolip import ProLIPAdapter, ProLIPSearch, standin
 from prolip.bench.methods import METHODS, FittedMethod, Method
 from prolip.bench.runner import run_bench
 from prolip.cli import main
@@ -17,7 +17,6 @@ from prolip.delta_file import read_delta
 from prolip.errors import InputError
 from prolip.search import PAPER_LAMBDAS, PAPER_LRS, search_projector
 from prolip.training import train_projector
-from prolip.validation import ProLIPSearch
 
 FAST = {"views": 2, "epochs": 5, "seeds": [1], "verbose": False}
 
