@@ -113,6 +113,13 @@ class Backbone:
         return PRECISIONS[self.precision]
 
     @property
+    def recorded(self) -> tuple[str, str]:
+        """``(model name, pretrained)`` as files record the base model: ``("", "")`` for a model object."""
+        if not self.name:
+            return "", ""
+        return self.name, os.fspath(self.pretrained) if self.pretrained else ""
+
+    @property
     def draft_size(self) -> int:
         """The shortest side image files are decoded at (see :data:`DRAFT_FACTOR`)."""
         return DRAFT_FACTOR * self.view_config.size

@@ -7,7 +7,6 @@ is trained (classes, prompts, N, λ, the logit scale) and what is recorded about
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -121,8 +120,8 @@ def fit_projector(
         logit_scale=logit_scale,
         projector_key=projector.key,
         projector_family=projector.family,
-        model_name=backbone.name or "",
-        pretrained=os.fspath(backbone.pretrained) if backbone.name and backbone.pretrained else "",
+        model_name=backbone.recorded[0],
+        pretrained=backbone.recorded[1],
         hyperparameters=hyperparameters,
         fingerprint=backbone.fingerprint,
         loss_history=result.losses.numpy(),

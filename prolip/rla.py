@@ -373,7 +373,7 @@ class ModelRLA:
             with torch.inference_mode():
                 return backbone.model.encode_text(backbone.tokenizer(texts).to(backbone.device)).float().cpu()
 
-        source = (backbone.name or "", os.fspath(backbone.pretrained) if backbone.name and backbone.pretrained else "")
+        source = backbone.recorded
         rla.fit_embeddings(embeddings, kept, class_names=class_names, text_encoder=encode_text, source=source)
         return cls(rla, extractor)
 
