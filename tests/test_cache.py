@@ -324,3 +324,20 @@ def test_bad_values_and_settings_are_reported(make, checkpoints, data, tmp_path)
     other_width = tiny_adapter(checkpoints["modified_resnet"], "modified_resnet")
     with pytest.raises(InputError, match=r"shape \(3, 4, 48\)"):
         other_width.fit_features(cache.features(hashes[:4]), labels[:4])
+
+
+def test_a_residual_tower_caches_the_residual_beside_x(checkpoints, tmp_path):
+    # SigLIP's attention-pool head adds a per-image residual after its last linear map: the cache
+    # must store it with x, and training on cached features must equal training on fresh ones.
+    images, labels = colour_images(2)
+    fresh = tiny_adapter(checkpoints["timm_map"], "timm_map", epochs=5)
+    features = fresh.extract_features(images)
+    projector = fresh.backbone.projector
+    assert projector.has_residual and features.shape[-1] == projector.in_features + projector.out_features
+    cached = tiny_adapter(checkpoints["timm_map"], "timm_map", epochs=5, cache_dir=tmp_path, cache_dtype="fp32")
+    stored = cached.extract_features(images)
+    assert isinstance(stored, CachedFeatures)
+    torch.testing.assert_close(stored.to_tensor(), features, rtol=1e-5, atol=1e-5)
+    fresh.fit_features(features, labels)
+    cached.fit_features(stored, labels)
+    torch.testing.assert_close(cached.delta_, fresh.delta_, rtol=1e-4, atol=1e-6)

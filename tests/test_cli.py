@@ -172,7 +172,7 @@ def test_open_clip_chatter_only_with_verbose(delta, folder):
     assert "Loaded" in loud.stderr or "model config" in loud.stderr.lower()
 
 
-@pytest.mark.parametrize("command", ["fit", "predict", "eval", "info", "models", "merge"])
+@pytest.mark.parametrize("command", ["fit", "predict", "eval", "info", "models", "bench", "merge"])
 def test_every_subcommand_has_help_with_an_example(command, capsys):
     from prolip.cli import main
 
