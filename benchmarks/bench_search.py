@@ -62,7 +62,9 @@ def main() -> None:
         best["fits"] = min(best["fits"], timed(fits))
         best["search"] = min(best["search"], timed(search))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, K={k}, N={args.shots}, {args.epochs} steps")
-    print(f"49 fits: {best['fits']:.2f} s; search: {best['search']:.2f} s; search / fits: {best['search'] / best['fits']:.3f}")
+    print(
+        f"49 fits: {best['fits']:.2f} s; search: {best['search']:.2f} s; search / fits: {best['search'] / best['fits']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -75,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--shots", type=int, default=None, help="images drawn per class (default: all)")
     fit.add_argument("--seed", type=int, default=0, help="seed of the shot draw and the views (default: 0)")
     fit.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)")
-    fit.add_argument("--reg-lambda", default="auto", type=_reg_lambda, help="λ, or 'auto' for 1/N (default: %(default)s)")
+    fit.add_argument(
+        "--reg-lambda", default="auto", type=_reg_lambda, help="λ, or 'auto' for 1/N (default: %(default)s)"
+    )
     fit.add_argument("--epochs", type=int, default=300, help="training steps (default: %(default)s)")
     fit.add_argument("--views", type=int, default=300, help="augmented views per image (default: %(default)s)")
     fit.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
@@ -125,19 +127,27 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = command("bench", "Run the paper's evaluation protocol (few-shot, base-to-new, cross-dataset, DG).")
     bench.add_argument("setting", choices=["few-shot", "base-to-new", "cross-dataset", "domain-generalisation"])
-    bench.add_argument("--data-root", required=True, help="folder with the datasets in CoOp's layout (docs/datasets.md)")
+    bench.add_argument(
+        "--data-root", required=True, help="folder with the datasets in CoOp's layout (docs/datasets.md)"
+    )
     bench.add_argument("--datasets", nargs="+", default=None, help="reader names (default: the paper's)")
     bench.add_argument("--shots", nargs="+", type=int, default=None, help="N values (default: 1 2 4 8 16, or 16)")
     bench.add_argument("--seeds", nargs="+", type=int, default=None, help="draw seeds (default: 1 2 3)")
-    bench.add_argument("--methods", nargs="+", default=None, help="bench methods (default: zero-shot prolip prolip-val linear-probe)")
+    bench.add_argument(
+        "--methods", nargs="+", default=None, help="bench methods (default: zero-shot prolip prolip-val linear-probe)"
+    )
     bench.add_argument("--model", required=True, help="open_clip model name")
     bench.add_argument("--pretrained", required=True, help="open_clip tag or local checkpoint")
     bench.add_argument("--out-dir", required=True, help="results.json, table.md, plot.png and draws go here")
     bench.add_argument("--source", default=None, help="training dataset of cross-dataset / DG (default: imagenet)")
     bench.add_argument("--cache-dir", default=None, help="feature cache (default: OUT_DIR/cache)")
-    bench.add_argument("--views", type=int, default=300, help="augmented views per training image (default: %(default)s)")
+    bench.add_argument(
+        "--views", type=int, default=300, help="augmented views per training image (default: %(default)s)"
+    )
     bench.add_argument("--epochs", type=int, default=300, help="training steps (default: %(default)s)")
-    bench.add_argument("--templates", default=None, help="file of prompt templates, one per line (default: CoOp's per dataset)")
+    bench.add_argument(
+        "--templates", default=None, help="file of prompt templates, one per line (default: CoOp's per dataset)"
+    )
     bench.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
     bench.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="(default: %(default)s)")
 
@@ -145,7 +155,10 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("delta", help="delta file")
     merge.add_argument("--out", required=True, help="output .safetensors, loadable with open_clip pretrained=PATH")
     merge.add_argument(
-        "--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="of the written model (default: %(default)s)"
+        "--precision",
+        default="fp32",
+        choices=["fp32", "fp16", "bf16"],
+        help="of the written model (default: %(default)s)",
     )
     _base_options(merge)
     return parser
@@ -307,7 +320,9 @@ def _info(args: argparse.Namespace) -> None:
             print(f"text fingerprint:  {state.text_fingerprint.summary('W_t0')}")
     print(
         f"classes ({len(state.classes)}):       "
-        + ", ".join(f"{c!s}" + (f" ({n})" if str(c) != n else "") for c, n in zip(state.classes, state.class_names, strict=True))
+        + ", ".join(
+            f"{c!s}" + (f" ({n})" if str(c) != n else "") for c, n in zip(state.classes, state.class_names, strict=True)
+        )
     )
     print(f"templates:         {list(state.templates)}")
     print(f"shots per class:   {state.n_shots:g}")

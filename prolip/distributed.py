@@ -114,7 +114,9 @@ def extract_distributed(
     views = params["views"] if views is None else views
     check_params({**params, "views": views})
     backbone = adapter.backbone
-    cache = feature_cache(backbone, params["cache_dir"], views=views, seed=params["random_state"], storage=params["cache_dtype"])
+    cache = feature_cache(
+        backbone, params["cache_dir"], views=views, seed=params["random_state"], storage=params["cache_dtype"]
+    )
     loaded = load_for_model(images, on_error=params["on_error"], draft_size=backbone.draft_size)
     adapter.skipped_ = loaded.skipped  # as extract_features records them, so labels can be aligned
     report_skipped(loaded)
@@ -122,7 +124,14 @@ def extract_distributed(
     hashes = [image_hash(im) for im in images]
     rank, world = rank_and_world_size()
     computed = fill_cache(
-        backbone, images, cache, batch_size=params["batch_size"], verbose=params["verbose"], hashes=hashes, rank=rank, world_size=world
+        backbone,
+        images,
+        cache,
+        batch_size=params["batch_size"],
+        verbose=params["verbose"],
+        hashes=hashes,
+        rank=rank,
+        world_size=world,
     )
     logger.info("rank %d of %d computed %d of %d images", rank, world, len(computed), len(hashes))
     barrier()  # every shard is in the cache past this point

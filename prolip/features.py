@@ -99,7 +99,11 @@ def _iter_features(
 
 
 def _iter_preprocessed(
-    backbone: Backbone, images: Sequence[Image.Image], preprocess: Callable[[Image.Image], Any], batch_size: int, bar: tqdm
+    backbone: Backbone,
+    images: Sequence[Image.Image],
+    preprocess: Callable[[Image.Image], Any],
+    batch_size: int,
+    bar: tqdm,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(i, [1, d_in])`` per image for a user's own test-time transform of full-resolution PIL images."""
     for start in range(0, len(images), batch_size):
@@ -263,14 +267,10 @@ def check_features(
     """
     if isinstance(features, CachedFeatures):
         if features.shape[-1] != width:
-            raise InputError(
-                f"{what} has shape {tuple(features.shape)}; this model needs [V, n, {width}] {kind}."
-            )
+            raise InputError(f"{what} has shape {tuple(features.shape)}; this model needs [V, n, {width}] {kind}.")
         return features  # NaN/Inf are checked view by view as training reads them
     if not isinstance(features, torch.Tensor):
-        raise InputTypeError(
-            f"{what} must be a torch.Tensor [V, n, {width}] of {kind}, not {type(features).__name__}."
-        )
+        raise InputTypeError(f"{what} must be a torch.Tensor [V, n, {width}] of {kind}, not {type(features).__name__}.")
     if features.ndim == 2:
         features = features.unsqueeze(0)
     if features.ndim != 3 or features.shape[-1] != width or features.shape[0] == 0 or features.shape[1] == 0:

@@ -78,7 +78,9 @@ class Sketch:
             signs = tables[flat.device].roll(zlib.crc32(name.encode()) % _PERIOD)
             for start in range(0, flat.numel(), _CHUNK):
                 part = flat[start : start + _CHUNK].to(torch.float64)
-                part = torch.nn.functional.pad(part, (0, -part.numel() % _PERIOD)).view(-1, _PERIOD)  # zeros add nothing
+                part = torch.nn.functional.pad(part, (0, -part.numel() % _PERIOD)).view(
+                    -1, _PERIOD
+                )  # zeros add nothing
                 rows = torch.ones(part.shape[0], dtype=torch.float64, device=part.device)
                 # Column sums as matrix-vector products: far faster than .sum(0) on a tall matrix.
                 sums += (part.t().mv(rows) * signs).cpu()

@@ -180,7 +180,9 @@ def load_pil_image(item: ImageLike, index: int = 0) -> Image.Image:
     """Load one image as a full-resolution RGB PIL image (what a user ``preprocess`` transform takes)."""
     img = _pil_image(item, index, None)
     if img is None:
-        return Image.fromarray(_from_array(item, index, channels_first=isinstance(item, torch.Tensor)).permute(1, 2, 0).numpy())
+        return Image.fromarray(
+            _from_array(item, index, channels_first=isinstance(item, torch.Tensor)).permute(1, 2, 0).numpy()
+        )
     return img
 
 

@@ -43,7 +43,11 @@ def _integer(value: Any) -> bool:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
 
 
 def _device(value: Any) -> bool:
@@ -62,7 +66,8 @@ CONSTRAINTS: dict[str, Constraint] = {
         lambda v: (isinstance(v, str) and bool(v)) or isinstance(v, nn.Module),
     ),
     "pretrained": Constraint(
-        "None, an open_clip pretrained tag or a checkpoint path", lambda v: v is None or isinstance(v, (str, os.PathLike))
+        "None, an open_clip pretrained tag or a checkpoint path",
+        lambda v: v is None or isinstance(v, (str, os.PathLike)),
     ),
     "templates": Constraint(
         "None or a non-empty list of strings with exactly one '{}' each, such as ['a photo of a {}.']",
@@ -122,5 +127,7 @@ def restore_params(
     try:
         check_params(params)
     except InputError as exc:
-        raise DeltaFileError(f"{source} holds invalid hyperparameters ({exc}); the file is damaged or was edited.") from None
+        raise DeltaFileError(
+            f"{source} holds invalid hyperparameters ({exc}); the file is damaged or was edited."
+        ) from None
     return {**params, **overrides}

@@ -241,7 +241,9 @@ class RegularizedLinearAdapter(Estimator):
     def load(cls, path: str | os.PathLike, **overrides: Any) -> RegularizedLinearAdapter:
         """Rebuild a fitted adapter from a file written by :meth:`save`; ``overrides`` change parameters (``device``)."""
         state = read_linear_adapter(path)
-        params = restore_params(state.hyperparameters, _SAVED_PARAMS, cls._param_names(), overrides, repr(os.fspath(path)))
+        params = restore_params(
+            state.hyperparameters, _SAVED_PARAMS, cls._param_names(), overrides, repr(os.fspath(path))
+        )
         loaded = cls(**params)
         loaded._state = state
         return loaded

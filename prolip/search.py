@@ -157,6 +157,8 @@ def search_projector(
                     best = (float(accuracy[i, j]), lrs[i], reg_lambdas[j], result)
             bar.update(len(part))
     if best is None:
-        raise TrainingDivergedError(f"training diverged at every point of the grid lrs={lrs}, reg_lambdas={reg_lambdas}.")
+        raise TrainingDivergedError(
+            f"training diverged at every point of the grid lrs={lrs}, reg_lambdas={reg_lambdas}."
+        )
     logger.info("validation grid: chose lr=%g, lambda=%g (val accuracy %.4f)", best[1], best[2], best[0])
     return SearchResult(best[1], best[2], best[3], lrs, reg_lambdas, accuracy)

@@ -80,7 +80,9 @@ def tiny_adapter(checkpoint: str | None, family: str = "vit", **kwargs):
     """A ProLIPAdapter on a tiny random-weight model, with few views and steps."""
     from prolip import ProLIPAdapter
 
-    params = dict(model=TINY_MODELS[family], pretrained=checkpoint, views=3, epochs=20, lr=1e-2, device="cpu", verbose=False)
+    params = dict(
+        model=TINY_MODELS[family], pretrained=checkpoint, views=3, epochs=20, lr=1e-2, device="cpu", verbose=False
+    )
     params.update(kwargs)
     return ProLIPAdapter(**params)
 
@@ -91,7 +93,9 @@ def mini_suite():
     import importlib.util
     import sys
 
-    spec = importlib.util.spec_from_file_location("make_mini_suite", Path(__file__).parents[1] / "scripts" / "make_mini_suite.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_mini_suite", Path(__file__).parents[1] / "scripts" / "make_mini_suite.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)

@@ -16,7 +16,14 @@ from prolip.views import plain_views
 # Widths of the tiny configs' pre-projection features, from their architectures: ViT width 48; RN
 # 8 × 32 channels; test_convnext's last stage 64, its MLP head's hidden 48; test_vit's width 64, and
 # its attention-pool MLP's hidden 192 with the 64-wide residual beside it.
-FEATURE_WIDTH = {"vit": 48, "modified_resnet": 256, "timm_linear": 64, "timm_mlp": 48, "timm_classifier": 64, "timm_map": 192 + 64}
+FEATURE_WIDTH = {
+    "vit": 48,
+    "modified_resnet": 256,
+    "timm_linear": 64,
+    "timm_mlp": 48,
+    "timm_classifier": 64,
+    "timm_map": 192 + 64,
+}
 
 
 @pytest.mark.parametrize("family", list(TINY_MODELS))
@@ -60,7 +67,9 @@ def test_the_trained_delta_is_the_reference_loops(family, checkpoints, colours):
     )  # fmt: skip
     change = reference.weight - projector.to_in_out(projector.parameter).detach().float()
     assert change.abs().max() > 0
-    torch.testing.assert_close(projector.to_in_out(adapter.delta_), change, rtol=0, atol=1e-3 * float(change.abs().max()))
+    torch.testing.assert_close(
+        projector.to_in_out(adapter.delta_), change, rtol=0, atol=1e-3 * float(change.abs().max())
+    )
     torch.testing.assert_close(torch.from_numpy(adapter.loss_history_), reference.losses, rtol=1e-5, atol=1e-5)
 
 
@@ -145,9 +154,7 @@ def test_first_loss_is_the_paper_objective_at_w0(checkpoints, colours):
     z = F.normalize(features[0] @ p.to_in_out(p.parameter).detach() + p.bias.detach(), dim=-1)
     expected = F.cross_entropy(adapter.logit_scale_ * z @ adapter.classifier_.t(), y)  # λ term is 0 at W0
     assert adapter.loss_history_[0] == pytest.approx(float(expected), rel=1e-5)
-    assert adapter.logit_scale_ == pytest.approx(
-        float(adapter.backbone.model.logit_scale.detach().exp()), rel=1e-6
-    )
+    assert adapter.logit_scale_ == pytest.approx(float(adapter.backbone.model.logit_scale.detach().exp()), rel=1e-6)
 
 
 def test_fit_features_equals_fit_and_random_state_matters(checkpoints, colours):

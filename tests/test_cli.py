@@ -148,7 +148,10 @@ def _umask() -> int:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (("fit", ".", "--out", "x.safetensors", "--reg-lambda", "abc"), "--reg-lambda: 'abc' is not 'auto' or a number"),
+        (
+            ("fit", ".", "--out", "x.safetensors", "--reg-lambda", "abc"),
+            "--reg-lambda: 'abc' is not 'auto' or a number",
+        ),
         (("fit", ".", "--out", "x.safetensors", "--reg-lambda", "-1"), "finite number >= 0"),
         (("fit", ".", "--out", "x.safetensors", "--epochs", "many"), "--epochs: invalid int value"),
         (("fit", "."), "required: --out"),

@@ -196,7 +196,11 @@ def test_unknown_future_format_version(valid, tmp_path):
         ("logit_scale", "lots", "'logit_scale': expected a number"),
         ("projector_key", CLASSIFIER_KEY, "'projector_key'"),
         ("selection", '{"lr": 1}', "'selection': expected a JSON object with lr"),
-        ("selection", '{"lr": 1, "reg_lambda": 0, "lrs": [1], "reg_lambdas": [0], "val_accuracy": [[0.5, 0.5]]}', "'selection'"),
+        (
+            "selection",
+            '{"lr": 1, "reg_lambda": 0, "lrs": [1], "reg_lambdas": [0], "val_accuracy": [[0.5, 0.5]]}',
+            "'selection'",
+        ),
     ],
 )
 def test_malformed_metadata(valid, tmp_path, key, value, match):

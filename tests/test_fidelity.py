@@ -42,7 +42,9 @@ def _photo(height: int, width: int, seed: int = 0) -> Image.Image:
     img += 0.3 * rng.standard_normal((height, width, 3))
     for _ in range(20):
         top, left = rng.integers(0, height - 50), rng.integers(0, width - 50)
-        img[top : top + rng.integers(10, height // 4), left : left + rng.integers(10, width // 4)] += rng.uniform(-2, 2, 3)
+        img[top : top + rng.integers(10, height // 4), left : left + rng.integers(10, width // 4)] += rng.uniform(
+            -2, 2, 3
+        )
     img = (img - img.min()) / (img.max() - img.min()) * 255
     return Image.fromarray(img.astype(np.uint8))
 

@@ -45,10 +45,11 @@ def assert_same(fast: TrainResult, slow: TrainResult, w0: torch.Tensor) -> None:
     torch.testing.assert_close(fast.weight - w0, change, rtol=0, atol=1e-3 * float(change.abs().max()))
 
 
+@pytest.mark.parametrize("k", [3, 20], ids=["few-classes", "many-classes"])  # both log-softmax paths
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("reg_lambda", [0.0, 0.25])
-def test_matches_autograd_and_torch_adam(with_bias, reg_lambda):
-    features, labels, classifier, w0, bias = problem(bias=with_bias)
+def test_matches_autograd_and_torch_adam(with_bias, reg_lambda, k):
+    features, labels, classifier, w0, bias = problem(n=2 * k, k=k, bias=with_bias)
     fast, slow = both(features, labels, classifier, w0, bias, lr=1e-2, reg_lambda=reg_lambda, epochs=40)
     assert (fast.weight - w0).abs().max() > 0.05  # it trained far enough for differences to show
     assert fast.losses[-1] < fast.losses[0]
@@ -174,8 +175,9 @@ def test_losses_are_the_reference_losses_at_a_high_learning_rate():
     torch.testing.assert_close(fast.losses, slow.losses, rtol=1e-4, atol=1e-4)
 
 
-def test_a_grid_trains_each_point_as_alone():
-    features, labels, classifier, w0, bias = problem(views=3, bias=True)
+@pytest.mark.parametrize("k", [3, 20], ids=["few-classes", "many-classes"])
+def test_a_grid_trains_each_point_as_alone(k):
+    features, labels, classifier, w0, bias = problem(views=3, n=4 * k, k=k, bias=True)
     points = [(1e-2, 0.0), (1e-3, 0.25), (5e-2, 1.0), (1e-2, 0.25)]
     grid = train_grid(
         features, labels, classifier, w0, bias, logit_scale=100.0, points=points, epochs=12, device=CPU, verbose=False

@@ -122,7 +122,10 @@ def render_table(setting: str, cells: Sequence[Mapping[str, Any]]) -> str:
                 per, bases, news = [], [], []
                 for d in datasets:
                     group = [c for c in by[m, n] if c["dataset"] == d]
-                    base, new = _stats([c["accuracy"].get("base") for c in group]), _stats([c["accuracy"].get("new") for c in group])
+                    base, new = (
+                        _stats([c["accuracy"].get("base") for c in group]),
+                        _stats([c["accuracy"].get("new") for c in group]),
+                    )
                     bases.append(base and base[0])
                     news.append(new and new[0])
                     per.append(_triple(base and base[0], new and new[0]))
@@ -141,7 +144,10 @@ def render_table(setting: str, cells: Sequence[Mapping[str, Any]]) -> str:
                 rows.append([m, *per, _cell(avg)])
             out += [*_table(["method", *targets, "average (targets)"], rows), ""]
     out += ["Cost: seconds per training (mean over cells, on the same features):", ""]
-    rows = [[m, *(f"{np.mean([c['fit_seconds'] for c in by[m, n]]):.2f}" if by[m, n] else "–" for n in shots)] for m in methods]
+    rows = [
+        [m, *(f"{np.mean([c['fit_seconds'] for c in by[m, n]]):.2f}" if by[m, n] else "–" for n in shots)]
+        for m in methods
+    ]
     out += _table(["method", *(f"N={n}" for n in shots)], rows)
     return "\n".join(out) + "\n"
 
@@ -166,9 +172,7 @@ def _average_per_seed(
         elif c["dataset"] in columns:
             per_seed[int(c["seed"])].append(c["accuracy"].get(c["dataset"]))
     want = len(columns)
-    return [
-        float(np.mean(v)) if len(v) == want and None not in v else None for _, v in sorted(per_seed.items())
-    ]
+    return [float(np.mean(v)) if len(v) == want and None not in v else None for _, v in sorted(per_seed.items())]
 
 
 def render_plot(setting: str, cells: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> bool:
@@ -186,7 +190,10 @@ def render_plot(setting: str, cells: Sequence[Mapping[str, Any]], path: str | os
         datasets = _ordered(c["dataset"] for c in cells)
         shots = sorted({int(c["shots"]) for c in cells})
         for m in methods:
-            stats = [_stats(_average_per_seed([c for c in cells if c["method"] == m and c["shots"] == n], datasets)) for n in shots]
+            stats = [
+                _stats(_average_per_seed([c for c in cells if c["method"] == m and c["shots"] == n], datasets))
+                for n in shots
+            ]
             xs = [n for n, s in zip(shots, stats, strict=True) if s is not None]
             ys = [100 * s[0] for s in stats if s is not None]
             errs = [100 * s[1] for s in stats if s is not None]

@@ -100,7 +100,9 @@ def run_bench(
     head, scale = image_head(backbone), backbone.logit_scale
     for job in tqdm(list(plan(setting, data_root, datasets, source)), desc="datasets", disable=not verbose):
         train_classes = class_set(backbone, job.train.classnames, templates or job.train.templates)
-        tests = _Tests(store, job.targets, train_classes, lambda ds: class_set(backbone, ds.classnames, templates or ds.templates))
+        tests = _Tests(
+            store, job.targets, train_classes, lambda ds: class_set(backbone, ds.classnames, templates or ds.templates)
+        )
         for seed in tqdm(seeds, desc=f"{job.key} draws", leave=False, disable=not verbose):
             _write_draw(draw_shots(job.train, max(shots), seed), out, job.train)
             for n in shots:

@@ -20,7 +20,12 @@ from prolip.datasets import IMAGENET_VARIANTS, PAPER_DATASETS, Dataset, base_new
 from prolip.errors import InputError
 
 SETTINGS = ("few-shot", "base-to-new", "cross-dataset", "domain-generalisation")
-DEFAULT_SHOTS = {"few-shot": (1, 2, 4, 8, 16), "base-to-new": (16,), "cross-dataset": (16,), "domain-generalisation": (16,)}
+DEFAULT_SHOTS = {
+    "few-shot": (1, 2, 4, 8, 16),
+    "base-to-new": (16,),
+    "cross-dataset": (16,),
+    "domain-generalisation": (16,),
+}
 DEFAULT_SEEDS = (1, 2, 3)
 DEFAULT_SOURCE = "imagenet"
 
