@@ -64,36 +64,33 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         preprocess: optional test-time transform (PIL image → tensor), given the full-resolution
             image; None uses prolip's tensor port of the model's own open_clip preprocessing.
         tokenizer: for a model object, optional tokenizer; None uses open_clip's default.
-        on_error: what calls that load images do with one that cannot be read or used: "raise"
-            (default) raises ImageLoadError naming it; "skip" leaves it out (and fit its label),
-            warns (SkippedImagesWarning) and records it in ``skipped_``: results then cover the
-            kept images only, in order. If every image is unreadable, ImageLoadError either way.
-        cache_dir: folder of an on-disk feature cache (see :mod:`prolip.cache`), or None. When
-            set, extract_features (views > 0) stores each image's views there, reuses what is
-            stored (keyed by the tower's weights, precision, view settings, ``random_state`` and
-            ``views``) and returns lazy :class:`prolip.cache.CachedFeatures`, which fit streams
-            one view at a time. Reuse needs a fixed ``random_state``.
+        on_error: for an image that cannot be read or used, "raise" (ImageLoadError naming it) or
+            "skip": leave it out (and fit its label), warn (SkippedImagesWarning), list it in
+            ``skipped_``. If every image is unreadable, ImageLoadError either way.
+        cache_dir: folder of an on-disk feature cache (:mod:`prolip.cache`), or None: training
+            views (views > 0) are stored there and reused (keyed by the tower, precision, view
+            settings, ``random_state`` and ``views``), as lazy :class:`~prolip.cache.CachedFeatures`.
         cache_dtype: "fp16" (default; half the disk, features rounded to fp16) or "fp32".
         target: the projector(s) to train: "image" (ProLIP), "text" (the text tower's projection
             W_t, regularised toward W_t0, T rebuilt from it; see docs/variants.md) or "image+text".
+        taskres_alpha: None, or α > 0 to train TaskRes's residual R on the classifier beside the
+            image projector, T = normalize(t + αR) (ProLIP + TaskRes; target="image" only).
 
     Attributes (after fit or load):
         fitted_: the :class:`~prolip.fitted.FittedState` all the attributes below are read from.
         classes_: labels, in the column order of ``predict_proba``.
         class_names_: the text put into the templates for each class.
-        classifier_: the classifier T, float32 ``[K, d_out]`` (zero-shot, or from the trained W_t).
+        classifier_: the classifier T, float32 ``[K, d_out]`` (zero-shot, from W_t, or with R).
         delta_: W − W0, float32, in the model parameter's own orientation (None for target="text").
         text_delta_: W_t − W_t0 of the text projection, or None for target="image".
         n_shots_: N, training images per class (n / K).
         reg_lambda_: the λ training used.
         logit_scale_: the s training used.
         loss_history_: training loss per step (empty after load).
-        base_fingerprint_: sketches of the base model's W0 and vision tower
-            (:class:`prolip.fingerprint.Fingerprint`).
+        base_fingerprint_: sketches of the base model's W0 and vision tower (a ``Fingerprint``).
 
     Attributes (after any call that loads images):
-        skipped_: ``(index, path or type, reason)`` of each image the last such call left out
-            (:class:`prolip.images.SkippedImage`); empty when none was.
+        skipped_: the images the last such call left out (:class:`prolip.images.SkippedImage`).
     """
 
     def __init__(
@@ -118,6 +115,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         cache_dir: str | os.PathLike | None = None,
         cache_dtype: str = "fp16",
         target: str = "image",
+        taskres_alpha: float | None = None,
     ) -> None:
         self.model = model
         self.pretrained = pretrained
@@ -138,6 +136,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         self.cache_dir = cache_dir
         self.cache_dtype = cache_dtype
         self.target = target
+        self.taskres_alpha = taskres_alpha
 
     # ------------------------------------------------------------------ learned attributes (FittedAttributes)
     def _fitted(self) -> FittedState:

@@ -153,6 +153,14 @@ class Backbone:
         """The zero-shot classifier T ``[K, d_out]`` (float32, CPU) of ``class_names`` under ``templates``."""
         return zero_shot_classifier(self.model, self.tokenizer, class_names, templates, device=self.device)
 
+    def prompt_embeddings(self, class_names: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        """Text embeddings (``encode_text``, unnormalised) of every (class, template) prompt: float32 CPU ``[K, M, d_out]``.
+
+        T is :func:`prolip.zeroshot.average_prompts` of them; TaskRes starts from their average
+        (:func:`prolip.zeroshot.text_prototypes`).
+        """
+        return encode_prompts(self.model.encode_text, self.tokenizer, class_names, templates, device=self.device)
+
     @cached_property
     def text_projector(self) -> TextProjector:
         """The text tower's final projection (:func:`prolip.towers.find_text_projector`), checked on first use.

@@ -86,9 +86,16 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--variant",
         default="image",
-        choices=["image", "text", "image+text", "rla"],
-        help="what to train: the vision projector (ProLIP), the text projection, both, or a regularised linear "
-        "adapter on the image embeddings (see docs/variants.md; default: %(default)s)",
+        choices=["image", "text", "image+text", "image+taskres", "rla"],
+        help="what to train: the vision projector (ProLIP), the text projection, both, the vision projector and a "
+        "TaskRes residual on the classifier, or a regularised linear adapter on the image embeddings (see "
+        "docs/variants.md; default: %(default)s)",
+    )
+    fit.add_argument(
+        "--taskres-alpha",
+        type=float,
+        default=0.5,
+        help="α of the TaskRes residual (image+taskres; default: %(default)s)",
     )
 
     predict = command("predict", "Predict the class of images with a saved delta.")
@@ -195,6 +202,7 @@ def _load(args: argparse.Namespace):
 def _fit(args: argparse.Namespace) -> None:
     from prolip.adapter import ProLIPAdapter
     from prolip.folders import read_labelled, sample_shots
+    from prolip.params import TARGETS
 
     paths, labels = read_labelled(args.data)
     if args.shots is not None:
@@ -212,7 +220,8 @@ def _fit(args: argparse.Namespace) -> None:
         random_state=args.seed,
         verbose=not args.quiet,
         cache_dir=args.cache_dir,
-        target="image" if args.variant == "rla" else args.variant,
+        target=args.variant if args.variant in TARGETS else "image",
+        taskres_alpha=args.taskres_alpha if args.variant == "image+taskres" else None,
     )
     if args.variant == "rla":  # the adapter only embeds the images; the linear adapter trains on the embeddings
         from prolip.rla import ModelRLA

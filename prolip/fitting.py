@@ -19,8 +19,8 @@ from prolip.features import check_features
 from prolip.fitted import FittedState
 from prolip.labels import encode_labels, label_list, names_of_classes, plain_label
 from prolip.search import SearchResult, search_projector
-from prolip.training import TextSide, TrainResult, train_projector
-from prolip.zeroshot import check_templates
+from prolip.training import ClassifierResidual, TextSide, TrainResult, train_projector
+from prolip.zeroshot import average_prompts, check_templates, text_prototypes
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ SAVED_PARAMS = (
     "random_state",
     "precision",
     "target",
+    "taskres_alpha",
 )
 """The hyperparameters a fitted state records (JSON values; model objects and callables are not)."""
 
@@ -51,7 +52,8 @@ def fit_projector(
 
     ``params`` are a ProLIPAdapter's (already checked) parameters: templates, lr, reg_lambda
     ("auto" = 1/N), epochs (0: zero-shot, W = W0), logit_scale (None: the model's), target
-    (which projectors train: "image", "text" or "image+text"), verbose, and what
+    (which projectors train: "image", "text" or "image+text"), taskres_alpha (None, or α of a
+    TaskRes residual on T trained with the image projector: ProLIP + TaskRes), verbose, and what
     :data:`SAVED_PARAMS` records.
 
     With ``validation = (val_features, val_labels, lrs, reg_lambdas)`` (``target="image"`` only),
@@ -81,8 +83,14 @@ def fit_projector(
     }
     text: dict[str, Any] = {}
     selection = None
-    if validation is not None and params["target"] != "image":
-        raise InputError(f"the validation search trains the image projector only, not target={params['target']!r}.")
+    alpha = params["taskres_alpha"]
+    if alpha is not None and params["target"] != "image":
+        raise InputError(
+            f"taskres_alpha trains a residual beside the image projector only; got target={params['target']!r}."
+        )
+    if validation is not None and (params["target"] != "image" or alpha is not None):
+        chosen = f"target={params['target']!r}" if alpha is None else f"taskres_alpha={alpha!r}"
+        raise InputError(f"the validation search trains the image projector alone, not with {chosen}.")
     if validation is not None:
         classifier = backbone.classifier(names, templates)
         searched = _search(features, y, classes, classifier, w0, projector.bias, validation, backbone, train)
@@ -94,6 +102,11 @@ def fit_projector(
             backbone, features, y, names, templates, train_image=params["target"] != "text", **train
         )
         classifier = text.pop("classifier")
+    elif alpha is not None and params["epochs"]:
+        embeddings = backbone.prompt_embeddings(names, templates)
+        side = ClassifierResidual(text_prototypes(average_prompts(embeddings), embeddings), float(alpha))
+        result = train_projector(features, y, None, w0, projector.bias, side=side, **train)
+        classifier = result.classifier
     else:
         classifier = backbone.classifier(names, templates)
         if params["epochs"]:
@@ -175,10 +188,10 @@ def _fit_text(
     text = TextSide(backbone.prompt_features(class_names, templates), text_w0)
     w0 = projector.to_in_out(projector.parameter)
     # With epochs=0 the loop leaves W_t = W_t0 (and W = W0): T is the prompts' zero-shot classifier.
-    result = train_projector(features, labels, None, w0, projector.bias, text=text, train_image=train_image, **train)
+    result = train_projector(features, labels, None, w0, projector.bias, side=text, train_image=train_image, **train)
     fields = {
         "classifier": result.classifier,
-        "text_delta": text_projector.from_in_out(result.text_weight - text_w0).contiguous(),
+        "text_delta": text_projector.from_in_out(result.classifier_weight - text_w0).contiguous(),
         "text_projector_key": text_projector.key,
         "text_projector_family": text_projector.family,
         "text_fingerprint": backbone.text_fingerprint,

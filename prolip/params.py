@@ -91,6 +91,9 @@ CONSTRAINTS: dict[str, Constraint] = {
     "target": Constraint(
         f"one of {list(TARGETS)}: the projector(s) to train", lambda v: isinstance(v, str) and v in TARGETS
     ),
+    "taskres_alpha": Constraint(
+        "None (no residual) or a positive number, TaskRes's α (e.g. 0.5)", lambda v: v is None or (_number(v) and v > 0)
+    ),
 }
 
 

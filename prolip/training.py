@@ -14,7 +14,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +41,14 @@ class TrainResult:
     Attributes:
         weight: the trained projector ``[d_in, d_out]``, or None when it stayed frozen (text only).
         losses: the loss of every step.
-        text_weight: the trained text projection ``[d_t, d_out]`` when the text side trained, else None.
-        classifier: T rebuilt with ``text_weight`` ``[K, d_out]`` when the text side trained, else None.
+        classifier_weight: the trained tensor of the classifier side (the text projection W_t
+            ``[d_t, d_out]``, or TaskRes's residual R ``[K, d_out]``) when one trained, else None.
+        classifier: T rebuilt from ``classifier_weight`` ``[K, d_out]`` when a classifier side trained, else None.
     """
 
     weight: torch.Tensor | None
     losses: torch.Tensor
-    text_weight: torch.Tensor | None = None
+    classifier_weight: torch.Tensor | None = None
     classifier: torch.Tensor | None = None
 
 
@@ -57,7 +58,8 @@ class TextSide:
 
     T is rebuilt at every step from the fixed pre-projection text features of every (class,
     template) prompt, exactly as the zero-shot classifier is built:
-    T = normalize(mean_m normalize(P W_t)) (:func:`prolip.zeroshot.average_prompts`).
+    T = normalize(mean_m normalize(P W_t)) (:func:`prolip.zeroshot.average_prompts`). W_t is
+    regularised toward W_t0 with the same λ as W.
 
     Attributes:
         prompts: pre-projection text features P ``[K, M, d_t]`` of class k under template m.
@@ -66,10 +68,73 @@ class TextSide:
 
     prompts: torch.Tensor
     w0: torch.Tensor
+    penalised: ClassVar[bool] = True
 
     def classifier(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """T ``[K, d_out]`` built with ``weight`` (W_t0 by default)."""
         return average_prompts(self.prompts @ (self.w0 if weight is None else weight))
+
+    def to(self, device: torch.device) -> TextSide:
+        """The same side, fp32 on ``device``."""
+        return TextSide(self.prompts.detach().to(device, torch.float32), self.w0.detach().to(device, torch.float32))
+
+    def check(self, d_out: int) -> None:
+        """Refuse prompt features and a text projection that do not fit each other and W's width.
+
+        Raises:
+            InputError: naming both shapes.
+        """
+        p, w = self.prompts, self.w0
+        if p.ndim != 3 or w.ndim != 2 or p.shape[-1] != w.shape[0] or w.shape[1] != d_out:
+            raise InputError(
+                f"prompt features {tuple(p.shape)} and text projection {tuple(w.shape)} do not fit "
+                f"[K, M, d_t] × [d_t, {d_out}]."
+            )
+
+
+@dataclass(frozen=True)
+class ClassifierResidual:
+    """TaskRes's residual on the classifier, trained with the vision projector: ProLIP + TaskRes.
+
+    T = normalize(t + α R) row by row, R ``[K, d_out]`` from zero and not regularised (TaskRes has
+    no penalty on it); with R = 0 it is the zero-shot classifier.
+
+    Attributes:
+        prototypes: the class prototypes t ``[K, d_out]`` (:func:`prolip.zeroshot.text_prototypes`).
+        alpha: α, the residual's scale (TaskRes's default is 0.5).
+    """
+
+    prototypes: torch.Tensor
+    alpha: float
+    penalised: ClassVar[bool] = False
+
+    @property
+    def w0(self) -> torch.Tensor:
+        """R's starting value: zeros ``[K, d_out]``."""
+        return torch.zeros_like(self.prototypes)
+
+    def classifier(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """T ``[K, d_out]`` with the residual ``weight`` (zero by default)."""
+        return F.normalize(self.prototypes if weight is None else self.prototypes + self.alpha * weight, dim=-1)
+
+    def to(self, device: torch.device) -> ClassifierResidual:
+        """The same side, fp32 on ``device``."""
+        return ClassifierResidual(self.prototypes.detach().to(device, torch.float32), float(self.alpha))
+
+    def check(self, d_out: int) -> None:
+        """Refuse prototypes that are not ``[K, d_out]``, or an α that is not a finite number.
+
+        Raises:
+            InputError: naming the shape or the value.
+        """
+        if self.prototypes.ndim != 2 or self.prototypes.shape[1] != d_out:
+            raise InputError(f"class prototypes {tuple(self.prototypes.shape)} do not fit [K, {d_out}].")
+        if not math.isfinite(self.alpha):
+            raise InputError(f"the residual's scale alpha={self.alpha!r} must be a finite number.")
+
+
+ClassifierSide = TextSide | ClassifierResidual
+"""What can train on the classifier's side of the loss, with T rebuilt from it at every step."""
 
 
 def split_features(features: torch.Tensor, d_in: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -143,7 +208,7 @@ def train_projector(
     epochs: int,
     device: torch.device,
     verbose: bool = True,
-    text: TextSide | None = None,
+    side: ClassifierSide | None = None,
     train_image: bool = True,
 ) -> TrainResult:
     """Train W from W0 on features ``[V, n, d_in]``; step t uses view ``t mod V``.
@@ -158,15 +223,17 @@ def train_projector(
     Adam's state are fp32 whatever the backbone's precision; ``w0`` itself is only read. The loop
     never waits on the device: divergence is checked once, at the end.
 
-    With ``text`` (and ``classifier=None``), the text projection W_t trains too (ProLIP-text): T
-    is rebuilt from ``text`` at every step, the loss gains λ‖W_t − W_t0‖²_F, and W_t's gradient
-    flows from dL/dT = s/n · (softmax − onehot)ᵀ u (u the normalised image embeddings) back
-    through T's construction by autograd (small: ``[K·M, d_t] × [d_t, d_out]``).
+    With ``side`` (and ``classifier=None``), a classifier side trains too, in the same Adam
+    with the same schedule: T is rebuilt from it at every step, and its gradient flows from
+    dL/dT = s/n · (softmax − onehot)ᵀ u (u the normalised image embeddings) back through T's
+    construction by autograd (small: ``[K·M, d_t] × [d_t, d_out]`` at most). A :class:`TextSide`
+    trains the text projection W_t (ProLIP-text; the loss gains λ‖W_t − W_t0‖²_F); a
+    :class:`ClassifierResidual` trains TaskRes's residual R (ProLIP + TaskRes; no penalty).
     ``train_image=False`` keeps W at W0 (the image side frozen); the step then skips W's
     gradient, its penalty and its Adam update.
 
     Raises:
-        InputError: neither or both of ``classifier`` and ``text``, nothing to train, or shapes
+        InputError: neither or both of ``classifier`` and ``side``, nothing to train, or shapes
             that do not fit.
         TrainingDivergedError: the loss or a trained matrix became NaN/Inf.
 
@@ -175,8 +242,8 @@ def train_projector(
             (the learning rate was far too high).
     """
     n_views, d_in, d_out = features.shape[0], w0.shape[0], w0.shape[1]
-    _check_shapes(features.shape[-1], classifier, text, train_image, d_in, d_out)
-    if text is None:  # the usual fit: one point of the grid loop
+    _check_shapes(features.shape[-1], classifier, side, train_image, d_in, d_out)
+    if side is None:  # the usual fit: one point of the grid loop
         (result,) = train_grid(
             features, labels, classifier, w0, bias,
             logit_scale=logit_scale, points=[(lr, reg_lambda)], epochs=epochs, device=device, verbose=verbose,
@@ -194,13 +261,13 @@ def train_projector(
     weight = w0.clone()[None]  # a copy (the model's own W0 is never touched), as a grid of one
     b = None if bias is None else bias.detach().to(device, torch.float32)
     y = labels.to(device, torch.long)
-    text = TextSide(text.prompts.detach().to(device, torch.float32), text.w0.detach().to(device, torch.float32))
-    text_weight = text.w0.clone().requires_grad_(True)
-    n, k = y.numel(), text.prompts.shape[0]
+    side = side.to(device)
+    side_weight = side.w0.clone().requires_grad_(True)
+    n, k = y.numel(), side_weight.shape[0] if isinstance(side, ClassifierResidual) else side.prompts.shape[0]
     state = _State(1, n, k, weight)
     image = weight[0]
     image.grad = state.grad[0]  # the loop writes the gradient there; Adam reads it
-    trained = ([image] if train_image else []) + [text_weight]
+    trained = ([image] if train_image else []) + [side_weight]
     optimizer = _adam_for(trained, lr)
     lambdas = torch.full((1, 1, 1), float(reg_lambda), device=device)
     history = torch.empty(epochs, 1, device=device)  # preallocated: no per-step allocations
@@ -211,13 +278,13 @@ def train_projector(
             if residual is not None:  # b + r: a per-image bias
                 offset = torch.add(residual, b, out=state.offset) if b is not None else residual
             with torch.enable_grad():
-                classifier = text.classifier(text_weight)
+                classifier = side.classifier(side_weight)
             classes = _Classifier.of(classifier.detach(), logit_scale, n)
             _loss_and_gradient(
                 x, weight, w0, offset, classes, y, lambdas if reg_lambda else None,
                 2 * float(reg_lambda), state, history[step], frozen=not train_image,
             )  # fmt: skip
-            history[step] += _text_gradient(text, text_weight, classifier, logit_scale / n, reg_lambda, state)
+            history[step] += _side_gradient(side, side_weight, classifier, logit_scale / n, reg_lambda, state)
             for group in optimizer.param_groups:
                 group["lr"] = _cosine_lr(lr, step, epochs)
             optimizer.step()
@@ -225,8 +292,8 @@ def train_projector(
     return TrainResult(
         weight=image.detach().cpu() if train_image else None,
         losses=losses,
-        text_weight=text_weight.detach().cpu(),
-        classifier=text.classifier(text_weight.detach()).cpu(),
+        classifier_weight=side_weight.detach().cpu(),
+        classifier=side.classifier(side_weight.detach()).cpu(),
     )
 
 
@@ -314,7 +381,7 @@ def _loss_and_gradient(
     never waits on the device); ``bias`` is ``[d_out]`` or, for towers with a residual, the
     per-image ``b + r`` ``[n, d_out]``. ``frozen``: W does not train, so only the cross-entropy is
     computed. Either way ``state.scores`` is left holding n · dL/dlogits and ``state.u`` the
-    normalised embeddings (what the text side's gradient needs).
+    normalised embeddings (what a classifier side's gradient needs).
     """
     g = weight.shape[0]
     # Forward: z = xW + b, u = z / ‖z‖, logits = u (sT)ᵀ.
@@ -373,36 +440,35 @@ def _product(
 
 
 def _check_shapes(
-    width: int, classifier: torch.Tensor | None, text: TextSide | None, train_image: bool, d_in: int, d_out: int
+    width: int, classifier: torch.Tensor | None, side: ClassifierSide | None, train_image: bool, d_in: int, d_out: int
 ) -> None:
     """Refuse inputs that do not fit together, before any work."""
     if width not in (d_in, d_in + d_out):
         raise InputError(f"features have width {width}; W0 needs {d_in} (or {d_in + d_out} with residuals).")
-    if (classifier is None) == (text is None):
-        raise InputError("give the classifier T, or the text side to rebuild it from at every step (not both).")
-    if text is None and not train_image:
-        raise InputError("train_image=False trains nothing without a text side.")
-    if text is not None and (
-        text.prompts.ndim != 3 or text.prompts.shape[-1] != text.w0.shape[0] or text.w0.shape[1] != d_out
-    ):
-        raise InputError(
-            f"prompt features {tuple(text.prompts.shape)} and text projection {tuple(text.w0.shape)} do not fit "
-            f"[K, M, d_t] × [d_t, {d_out}]."
-        )
+    if (classifier is None) == (side is None):
+        raise InputError("give the classifier T, or the classifier side to rebuild it from at every step (not both).")
+    if side is None and not train_image:
+        raise InputError("train_image=False trains nothing without a classifier side.")
+    if side is not None:
+        side.check(d_out)
 
 
-def _text_gradient(
-    text: TextSide, weight: torch.Tensor, classifier: torch.Tensor, scale: float, reg_lambda: float, state: _State
+def _side_gradient(
+    side: ClassifierSide, weight: torch.Tensor, classifier: torch.Tensor, scale: float, reg_lambda: float, state: _State
 ) -> torch.Tensor:
-    """W_t's gradient (accumulated into ``weight.grad``) and its penalty λ‖W_t − W_t0‖² (returned).
+    """The classifier side's gradient (accumulated into ``weight.grad``) and its penalty (returned).
 
+    The penalty is λ‖W_t − W_t0‖² for the text projection, zero for TaskRes's residual.
     ``state.scores`` holds n · dL/dlogits and ``state.u`` the normalised image embeddings, as the
     image step left them; ``classifier`` is T with its autograd graph back to ``weight``. ``scale`` is s/n.
     """
     grad_t = torch.mm(state.scores[0].t(), state.u[0]).mul_(scale)  # dL/dT: logits = s u Tᵀ
     weight.grad = None
+    if not side.penalised:
+        classifier.backward(grad_t)
+        return grad_t.new_zeros(())
     with torch.enable_grad():
-        penalty = reg_lambda * (weight - text.w0).square().sum()
+        penalty = reg_lambda * (weight - side.w0).square().sum()
         torch.autograd.backward([classifier, penalty], [grad_t, torch.ones_like(penalty)])
     return penalty.detach()
 

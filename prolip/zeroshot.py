@@ -49,6 +49,17 @@ def average_prompts(embeddings: torch.Tensor) -> torch.Tensor:
     return F.normalize(F.normalize(embeddings, dim=-1).mean(dim=-2), dim=-1)
 
 
+def text_prototypes(classifier: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+    """Class prototypes ``[K, d]``: what CLAP and TaskRes start from.
+
+    Their code keeps the template-averaged *unnormalised* text embeddings, and trains on them with
+    absolute step sizes, so the prototypes' scale matters. These are the rows of T ``[K, d]``
+    (their direction, so that the untrained prototypes score exactly as zero-shot does) scaled to
+    the norm of that average of the prompt ``embeddings`` ``[K, M, d]``.
+    """
+    return classifier * embeddings.mean(dim=-2).norm(dim=-1, keepdim=True)
+
+
 @torch.no_grad()  # not inference_mode: T takes part in autograd during training
 def zero_shot_classifier(
     model: nn.Module,

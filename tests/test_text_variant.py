@@ -86,12 +86,12 @@ def test_matches_an_independent_autograd_loop(train_image, residual, reg_lambda)
     kw = {"scale": 100.0, "lr": 1e-2, "reg_lambda": reg_lambda, "epochs": 30}
     text_w, w, losses = reference_text(features, labels, prompts, w0, bias, text_w0, train_image=train_image, **kw)
     got = train_projector(
-        features, labels, None, w0, bias, text=TextSide(prompts, text_w0), train_image=train_image,
+        features, labels, None, w0, bias, side=TextSide(prompts, text_w0), train_image=train_image,
         logit_scale=100.0, lr=1e-2, reg_lambda=reg_lambda, epochs=30, device=CPU, verbose=False,
     )  # fmt: skip
     assert float((text_w - text_w0).norm()) > 0.05  # it moved far enough for differences to show
     assert relative(got.losses, losses) < 1e-5
-    assert relative(got.text_weight - text_w0, text_w - text_w0) < 1e-5
+    assert relative(got.classifier_weight - text_w0, text_w - text_w0) < 1e-5
     if train_image:
         assert relative(got.weight - w0, w - w0) < 1e-5
     else:
@@ -105,11 +105,11 @@ def test_what_the_loop_refuses():
     run = {"logit_scale": 100.0, "lr": 1e-2, "reg_lambda": 0.1, "epochs": 2, "device": CPU, "verbose": False}
     t = TextSide(prompts, text_w0).classifier()
     with pytest.raises(InputError, match="not both"):
-        train_projector(features, labels, t, w0, bias, text=TextSide(prompts, text_w0), **run)
+        train_projector(features, labels, t, w0, bias, side=TextSide(prompts, text_w0), **run)
     with pytest.raises(InputError, match="trains nothing"):
         train_projector(features, labels, t, w0, bias, train_image=False, **run)
     with pytest.raises(InputError, match=r"do not fit \[K, M, d_t\] × \[d_t, 8\]"):
-        train_projector(features, labels, None, w0, bias, text=TextSide(prompts, text_w0[:, :5]), **run)
+        train_projector(features, labels, None, w0, bias, side=TextSide(prompts, text_w0[:, :5]), **run)
 
 
 # ---------------------------------------------------------------------------- the estimator

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from prolip import zeroshot
 from prolip.bench.problem import Classes, FeatureSet, ImageHead
 from prolip.errors import InputError
 
@@ -60,17 +61,11 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def text_prototypes(classes: Classes) -> torch.Tensor:
-    """The class prototypes CLAP and TaskRes start from, ``[K, d_out]``.
-
-    Their code uses the template-averaged *unnormalised* text embeddings, and trains them with
-    absolute step sizes, so the prototypes' scale matters. These are the rows of T (their direction,
-    so that the untrained prototypes score exactly as zero-shot does) scaled to the norm of that
-    average; T itself where the problem carries no text head.
-    """
+    """The class prototypes CLAP and TaskRes start from, ``[K, d_out]``
+    (:func:`prolip.zeroshot.text_prototypes`); T itself where the problem carries no text head."""
     if classes.text is None:
         return classes.classifier.clone()
-    raw = (classes.text.features @ classes.text.w0).mean(dim=1)
-    return classes.classifier * raw.norm(dim=-1, keepdim=True)
+    return zeroshot.text_prototypes(classes.classifier, classes.text.features @ classes.text.w0)
 
 
 def dassl_batches(n: int, batch_size: int) -> int:

@@ -63,7 +63,7 @@ class ProLIPText(Method):
             None,
             head.w0,
             head.bias,
-            text=TextSide(text.features, text.w0),
+            side=TextSide(text.features, text.w0),
             train_image=False,
             logit_scale=problem.logit_scale,
             lr=self.lr,
@@ -72,6 +72,6 @@ class ProLIPText(Method):
             device=head.w0.device,
             verbose=False,
         )
-        fitted = _TextAdapted(head, result.text_weight.to(head.w0.device), problem.logit_scale)
-        fitted.info = {"text_delta_norm": float((result.text_weight - text.w0.cpu()).norm())}
+        fitted = _TextAdapted(head, result.classifier_weight.to(head.w0.device), problem.logit_scale)
+        fitted.info = {"text_delta_norm": float((result.classifier_weight - text.w0.cpu()).norm())}
         return fitted
