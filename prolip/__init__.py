@@ -30,6 +30,7 @@ from prolip.errors import (
 from prolip.multitask import MultiTaskClassifier
 from prolip.rla import RegularizedLinearAdapter
 from prolip.test_time import TestTimeProLIP
+from prolip.tip_adapter import ProLIPTipAdapter
 from prolip.towers import supported_models
 from prolip.validation import ProLIPSearch
 
@@ -48,6 +49,7 @@ __all__ = [
     "ProLIPAdapter",
     "ProLIPError",
     "ProLIPSearch",
+    "ProLIPTipAdapter",
     "ProLIPWarning",
     "RegularizedLinearAdapter",
     "SkippedImagesWarning",

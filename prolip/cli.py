@@ -13,7 +13,8 @@ from prolip.errors import ProLIPError
 
 _EXAMPLES = {
     "fit": "example:\n  prolip fit photos/ --model ViT-B-32 --pretrained openai --shots 16 --out pets.safetensors\n"
-    "  prolip fit photos/ --shots 16 --variant text --out pets-text.safetensors",
+    "  prolip fit photos/ --shots 16 --variant text --out pets-text.safetensors\n"
+    "  prolip fit photos/ --shots 16 --variant image+tip-adapter --val photos_val/ --out pets-tip.safetensors",
     "predict": "example:\n  prolip predict pets.safetensors cat1.jpg dog2.png --json\n"
     "  prolip predict pets.safetensors cat1.jpg --test-time --tt-views 64 --tt-lr 5e-3",
     "eval": "example:\n  prolip eval pets.safetensors photos_test/",
@@ -86,16 +87,27 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--variant",
         default="image",
-        choices=["image", "text", "image+text", "image+taskres", "rla"],
+        choices=["image", "text", "image+text", "image+taskres", "image+tip-adapter", "rla"],
         help="what to train: the vision projector (ProLIP), the text projection, both, the vision projector and a "
-        "TaskRes residual on the classifier, or a regularised linear adapter on the image embeddings (see "
-        "docs/variants.md; default: %(default)s)",
+        "TaskRes residual on the classifier, the vision projector and Tip-Adapter's cache on top, or a regularised "
+        "linear adapter on the image embeddings (see docs/variants.md; default: %(default)s)",
     )
     fit.add_argument(
         "--taskres-alpha",
         type=float,
         default=0.5,
         help="α of the TaskRes residual (image+taskres; default: %(default)s)",
+    )
+    tip = fit.add_argument_group("ProLIP + Tip-Adapter (--variant image+tip-adapter)")
+    tip.add_argument("--val", default=None, help="validation images (folder or CSV) to choose the cache's α and β on")
+    tip.add_argument("--val-shots", type=int, default=None, help="validation images drawn per class (default: all)")
+    tip.add_argument("--tip-alpha", type=float, default=None, help="fix α instead of searching it (with --tip-beta)")
+    tip.add_argument("--tip-beta", type=float, default=None, help="fix β instead of searching it (with --tip-alpha)")
+    tip.add_argument(
+        "--tip-keys",
+        default="cache",
+        choices=["cache", "trained"],
+        help="Tip-Adapter's keys, or Tip-Adapter-F's (fine-tuned) (default: %(default)s)",
     )
 
     predict = command("predict", "Predict the class of images with a saved delta.")
@@ -183,12 +195,14 @@ def _base_options(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    """The classifier a file holds: a ProLIPAdapter, or for a linear adapter a ModelRLA on its model."""
+    """The classifier a file holds: a ProLIPAdapter, a ProLIPTipAdapter, or for a linear adapter a ModelRLA."""
     from prolip.adapter import ProLIPAdapter
-    from prolip.delta_file import LINEAR_ADAPTER_KIND, read_metadata
+    from prolip.delta_file import LINEAR_ADAPTER_KIND, TIP_KIND, read_metadata
     from prolip.rla import ModelRLA
+    from prolip.tip_adapter import ProLIPTipAdapter
 
-    loader = ModelRLA.load if read_metadata(args.delta)["kind"] == LINEAR_ADAPTER_KIND else ProLIPAdapter.load
+    loaders = {LINEAR_ADAPTER_KIND: ModelRLA.load, TIP_KIND: ProLIPTipAdapter.load}
+    loader = loaders.get(read_metadata(args.delta)["kind"], ProLIPAdapter.load)
     return loader(
         args.delta,
         model=args.model,
@@ -226,12 +240,23 @@ def _fit(args: argparse.Namespace) -> None:
     if args.variant == "rla":  # the adapter only embeds the images; the linear adapter trains on the embeddings
         from prolip.rla import ModelRLA
 
-        fitted = ModelRLA.fit(adapter, paths, labels).rla
+        fitted = summary = ModelRLA.fit(adapter, paths, labels).rla
+    elif args.variant == "image+tip-adapter":
+        from prolip.tip_adapter import ProLIPTipAdapter
+
+        val_paths = val_labels = None
+        if args.val is not None:
+            val_paths, val_labels = read_labelled(args.val)
+            if args.val_shots is not None:
+                val_paths, val_labels = sample_shots(val_paths, val_labels, args.val_shots, seed=args.seed)
+        fitted = ProLIPTipAdapter(adapter, alpha=args.tip_alpha, beta=args.tip_beta, keys=args.tip_keys)
+        fitted.fit(paths, labels, val_paths, val_labels)
+        summary = fitted.adapter_
     else:
-        fitted = adapter.fit(paths, labels)
+        fitted = summary = adapter.fit(paths, labels)
     fitted.save(args.out)
     if not args.quiet:
-        print(f"saved {args.out}: {len(fitted.classes_)} classes, {len(paths)} images (N={fitted.n_shots_:g})")
+        print(f"saved {args.out}: {len(summary.classes_)} classes, {len(paths)} images (N={summary.n_shots_:g})")
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -242,7 +267,10 @@ def _predict(args: argparse.Namespace) -> None:
         from prolip.test_time import TestTimeProLIP
 
         if not isinstance(adapter, ProLIPAdapter):
-            raise ProLIPError(f"{args.delta!r} is a linear adapter; --test-time adapts a ProLIP projector delta.")
+            raise ProLIPError(
+                f"{args.delta!r} is not a plain ProLIP delta ({type(adapter).__name__}); "
+                "--test-time adapts a ProLIP projector delta."
+            )
 
         predictor = TestTimeProLIP(
             adapter,
@@ -319,7 +347,8 @@ def _info(args: argparse.Namespace) -> None:
         legacy = f"SHA-256 {state.legacy_hash} (format 1)"
         base = state.fingerprint.summary() if state.fingerprint is not None else legacy
         shape = "(not trained)" if state.delta is None else tuple(state.delta.shape)
-        print(f"kind:              projector (target {state.target})")
+        kind = "projector" if state.cache is None else "tip_adapter (ProLIP + Tip-Adapter)"
+        print(f"kind:              {kind} (target {state.target})")
         print(f"base model:        {state.model_name or '(a model object)'}  pretrained={state.pretrained or '-'}")
         print(f"projector:         {state.projector_key} {shape} ({state.projector_family})")
         print(f"base fingerprint:  {base}")
@@ -327,6 +356,11 @@ def _info(args: argparse.Namespace) -> None:
             text = f"{state.text_projector_key} {tuple(state.text_delta.shape)} ({state.text_projector_family})"
             print(f"text projection:   {text}")
             print(f"text fingerprint:  {state.text_fingerprint.summary('W_t0')}")
+        if state.cache is not None:
+            cache = state.cache
+            chosen = "given" if cache.selection is None else f"val accuracy {cache.selection['val_accuracy']:.4f}"
+            print(f"tip-adapter cache: {tuple(cache.keys.shape)} keys (mean of {cache.key_views} views)")
+            print(f"cache alpha, beta: {cache.alpha:g}, {cache.beta:g} ({chosen})")
     print(
         f"classes ({len(state.classes)}):       "
         + ", ".join(
@@ -346,12 +380,18 @@ def _info(args: argparse.Namespace) -> None:
 def _merge(args: argparse.Namespace) -> None:
     from safetensors.torch import save
 
+    from prolip.adapter import ProLIPAdapter
     from prolip.files import atomic_write
     from prolip.rla import ModelRLA
 
     adapter = _load(args)
     if isinstance(adapter, ModelRLA):
         raise ProLIPError(f"{args.delta!r} holds a linear adapter on image embeddings; there is no weight to merge.")
+    if not isinstance(adapter, ProLIPAdapter):
+        raise ProLIPError(
+            f"{args.delta!r} holds ProLIP + Tip-Adapter: its cache model is not a weight of the model, and a merged "
+            "model would predict without it. Use the file itself with 'prolip predict' or ProLIPTipAdapter.load."
+        )
     merged = adapter.merged_model(precision=args.precision)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in merged.state_dict().items()}
     atomic_write(args.out, [save(state)])

@@ -6,6 +6,10 @@ Layout (format version 2), by ``kind``:
   when the vision projector was trained; tensor ``<text projector key>`` (e.g.
   ``text_projection``), W_t − W_t0, when the text projection was (metadata ``target`` says which:
   "image", "text" or "image+text"); both float32 in the parameter's own orientation;
+* ``tip_adapter`` (ProLIP + Tip-Adapter, :mod:`prolip.tip_adapter`): what a ``projector`` file
+  holds, plus tensors ``prolip.cache_keys`` (float32 ``[n, d_out]``, unit rows) and
+  ``prolip.cache_labels`` (int64 ``[n]``, class indices) and metadata ``cache`` (JSON: alpha,
+  beta, key_views, trained_keys, selection);
 * ``linear_adapter`` (a regularised linear adapter, :mod:`prolip.rla`): tensor
   ``prolip.linear_adapter``, A − I, float32 ``[d, d]``;
 * always tensor ``prolip.classifier``: the classifier T, float32 ``[K, d_out]``;
@@ -41,13 +45,17 @@ from prolip.files import atomic_write, read_safetensors_header, remove_stale_tem
 from prolip.fingerprint import Fingerprint
 from prolip.fitted import FittedState, LinearAdapterState
 from prolip.params import TARGETS
+from prolip.tip import TipCache
 
 FORMAT_NAME = "prolip-delta"
 FORMAT_VERSION = 2
 KIND = "projector"
 LINEAR_ADAPTER_KIND = "linear_adapter"
+TIP_KIND = "tip_adapter"
 CLASSIFIER_KEY = "prolip.classifier"
 LINEAR_ADAPTER_KEY = "prolip.linear_adapter"
+CACHE_KEYS_KEY = "prolip.cache_keys"
+CACHE_LABELS_KEY = "prolip.cache_labels"
 MAX_HEADER_BYTES = 16 * 1024 * 1024  # real headers are a few KB; refuse absurd declared sizes
 COMMON_METADATA = (
     "format",
@@ -65,7 +73,11 @@ COMMON_METADATA = (
     "logit_scale",
 )
 """Metadata every kind of delta file holds."""
-KIND_METADATA = {KIND: ("projector_family", "projector_key", "base_fingerprint"), LINEAR_ADAPTER_KIND: ()}
+KIND_METADATA = {
+    KIND: ("projector_family", "projector_key", "base_fingerprint"),
+    TIP_KIND: ("projector_family", "projector_key", "base_fingerprint", "cache"),
+    LINEAR_ADAPTER_KIND: (),
+}
 """Metadata each kind holds besides :data:`COMMON_METADATA`."""
 REQUIRED_METADATA = COMMON_METADATA + KIND_METADATA[KIND]
 """Every metadata key of a projector delta."""
@@ -77,7 +89,7 @@ _LABEL_TYPES = (str, int, float, bool)
 
 
 def write_delta(path: str | os.PathLike, state: FittedState | LinearAdapterState) -> None:
-    """Write ``state`` as a delta file (of kind ``projector`` or ``linear_adapter``), atomically.
+    """Write ``state`` as a delta file (of kind ``projector``, ``tip_adapter`` or ``linear_adapter``), atomically.
 
     Temporary files of the same target older than :data:`prolip.files.STALE_TEMP_SECONDS` (left
     by killed writers) are removed.
@@ -112,7 +124,7 @@ def write_delta(path: str | os.PathLike, state: FittedState | LinearAdapterState
         tensors = {LINEAR_ADAPTER_KEY: state.delta}
     else:
         header.update(
-            kind=KIND,
+            kind=KIND if state.cache is None else TIP_KIND,
             target=state.target,
             projector_family=state.projector_family,
             projector_key=state.projector_key,
@@ -128,8 +140,13 @@ def write_delta(path: str | os.PathLike, state: FittedState | LinearAdapterState
                 text_fingerprint=json.dumps(state.text_fingerprint.as_dict()),
             )
             tensors[state.text_projector_key] = state.text_delta
+        if state.cache is not None:
+            header["cache"] = json.dumps(_cache_metadata(state.cache))
+            tensors[CACHE_KEYS_KEY] = state.cache.keys
     tensors[CLASSIFIER_KEY] = state.classifier
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+    if isinstance(state, FittedState) and state.cache is not None:
+        tensors[CACHE_LABELS_KEY] = state.cache.labels.detach().to("cpu", torch.int64).contiguous()
     data = save(tensors, metadata=header)
     if os.path.isdir(path):
         raise DeltaFileError(f"cannot write delta file {path!r}: it is a directory; give a file name.")
@@ -201,7 +218,11 @@ def _parse_metadata(path: str, raw: dict[str, str]) -> dict[str, Any]:
         raise bad("class_names", f"a JSON list of {len(classes)} strings")
     templates = meta["templates"]
     # A linear adapter's T may come from outside (no templates); a projector's is always built from them.
-    if not (isinstance(templates, list) and (templates or kind != KIND) and all(isinstance(t, str) for t in templates)):
+    if not (
+        isinstance(templates, list)
+        and (templates or kind == LINEAR_ADAPTER_KIND)
+        and all(isinstance(t, str) for t in templates)
+    ):
         raise bad("templates", "a non-empty JSON list of strings")
     if not isinstance(meta["hyperparameters"], dict):
         raise bad("hyperparameters", "a JSON object")
@@ -215,8 +236,12 @@ def _parse_metadata(path: str, raw: dict[str, str]) -> dict[str, Any]:
         if not (math.isfinite(value) and (value >= 0 if low is None else value > low)):
             raise bad(key, "a finite positive number" if low is not None else "a finite number >= 0")
         meta[key] = value
-    if kind == KIND:
+    if kind != LINEAR_ADAPTER_KIND:
         _parse_projector_metadata(path, raw, meta, version, bad)
+    if kind == TIP_KIND:
+        meta["cache"] = _load_json(path, "cache", raw["cache"])
+        if not _valid_cache(meta["cache"]):
+            raise bad("cache", "a JSON object with alpha >= 0, beta >= 0, key_views >= 1, trained_keys and selection")
     return meta
 
 
@@ -278,6 +303,36 @@ def _valid_selection(selection: Any) -> bool:
     )
 
 
+def _cache_metadata(cache: TipCache) -> dict[str, Any]:
+    """The ``cache`` metadata of a ``tip_adapter`` file: everything of the cache but its tensors."""
+    selection = None if cache.selection is None else dict(cache.selection)
+    return {
+        "alpha": cache.alpha,
+        "beta": cache.beta,
+        "key_views": cache.key_views,
+        "trained_keys": cache.trained_keys,
+        "selection": selection,
+    }
+
+
+def _valid_cache(cache: Any) -> bool:
+    """Whether a recorded cache is well formed: α, β finite numbers >= 0, key_views an integer >= 1, trained_keys a bool."""
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+    return (
+        isinstance(cache, dict)
+        and number(cache.get("alpha"))
+        and number(cache.get("beta"))
+        and isinstance(cache.get("key_views"), int)
+        and not isinstance(cache.get("key_views"), bool)
+        and cache["key_views"] >= 1
+        and isinstance(cache.get("trained_keys"), bool)
+        and (cache.get("selection") is None or isinstance(cache["selection"], dict))
+    )
+
+
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The validated, decoded metadata of a delta file, without reading its tensors."""
     return _read(path, tensors=False)[0]
@@ -287,8 +342,9 @@ def read_state(path: str | os.PathLike) -> FittedState | LinearAdapterState:
     """Read and validate a delta file of any kind; nothing in it is executed or unpickled.
 
     Returns:
-        A :class:`~prolip.fitted.FittedState` for a ``projector`` file, a
-        :class:`~prolip.fitted.LinearAdapterState` for a ``linear_adapter`` one.
+        A :class:`~prolip.fitted.FittedState` for a ``projector`` file (and, with its ``cache``,
+        for a ``tip_adapter`` one), a :class:`~prolip.fitted.LinearAdapterState` for a
+        ``linear_adapter`` one.
 
     Raises:
         DeltaFileError: the file is missing, not safetensors, truncated, lacks metadata, has an
@@ -327,7 +383,22 @@ def read_state(path: str | os.PathLike) -> FittedState | LinearAdapterState:
         text_projector_family=meta["text_projector_family"] if text else "",
         text_fingerprint=meta["text_fingerprint"],
         selection=meta["selection"],
+        cache=_cache(meta, tensors) if meta["kind"] == TIP_KIND else None,
         **common,
+    )
+
+
+def _cache(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> TipCache:
+    """The Tip-Adapter cache of a checked ``tip_adapter`` file."""
+    cache = meta["cache"]
+    return TipCache(
+        keys=tensors["cache_keys"],
+        labels=tensors["cache_labels"],
+        alpha=float(cache["alpha"]),
+        beta=float(cache["beta"]),
+        key_views=int(cache["key_views"]),
+        trained_keys=cache["trained_keys"],
+        selection=cache.get("selection"),
     )
 
 
@@ -343,6 +414,11 @@ def read_delta(path: str | os.PathLike) -> FittedState:
             f"{os.fspath(path)!r} holds a regularised linear adapter (kind {LINEAR_ADAPTER_KIND!r}), not a ProLIP "
             "projector delta; load it with prolip.RegularizedLinearAdapter.load."
         )
+    if state.cache is not None:
+        raise DeltaFileError(
+            f"{os.fspath(path)!r} holds ProLIP + Tip-Adapter (kind {TIP_KIND!r}): a projector delta and a cache model "
+            "that ProLIPAdapter would ignore; load it with prolip.ProLIPTipAdapter.load."
+        )
     return state
 
 
@@ -354,9 +430,10 @@ def read_linear_adapter(path: str | os.PathLike) -> LinearAdapterState:
     """
     state = read_state(path)
     if not isinstance(state, LinearAdapterState):
+        kind, loader = (TIP_KIND, "ProLIPTipAdapter") if state.cache is not None else (KIND, "ProLIPAdapter")
         raise DeltaFileError(
-            f"{os.fspath(path)!r} holds a ProLIP projector delta (kind {KIND!r}), not a regularised linear "
-            "adapter; load it with prolip.ProLIPAdapter.load."
+            f"{os.fspath(path)!r} holds a ProLIP projector delta (kind {kind!r}), not a regularised linear "
+            f"adapter; load it with prolip.{loader}.load."
         )
     return state
 
@@ -370,6 +447,8 @@ def _tensor_roles(meta: dict[str, Any]) -> dict[str, str]:
     if "text" in trained:
         roles[meta["text_projector_key"]] = "text_delta"
     roles[CLASSIFIER_KEY] = "classifier"
+    if meta["kind"] == TIP_KIND:
+        roles.update({CACHE_KEYS_KEY: "cache_keys", CACHE_LABELS_KEY: "cache_labels"})
     return roles
 
 
@@ -406,17 +485,35 @@ def _read(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, Any], dict[
         ) from exc
     if not all(torch.isfinite(t).all() for t in loaded.values()):
         raise DeltaFileError(f"{path!r} holds NaN or Inf values; it is damaged.")
+    labels = loaded.get("cache_labels")
+    if (
+        labels is not None
+        and labels.numel()
+        and not (0 <= int(labels.min()) <= int(labels.max()) < len(meta["classes"]))
+    ):
+        raise DeltaFileError(f"{path!r} holds cache labels outside its {len(meta['classes'])} classes; it is damaged.")
     return meta, loaded
 
 
 def _check_shapes(path: str, meta: dict[str, Any], shapes: dict[str, tuple[list[int], str]]) -> None:
-    """Every tensor 2-D, non-empty float32; T one row per class; a linear adapter square, as wide as T."""
+    """Every tensor 2-D, non-empty float32 (cache labels: int64, one per key); T one row per class; a
+    linear adapter square, as wide as T; cache keys as wide as T."""
     n_classes = len(meta["classes"])
     classifier = shapes["classifier"][0]
     square = meta["kind"] != LINEAR_ADAPTER_KIND or shapes["delta"][0] == [classifier[-1]] * 2
+    labels = shapes.get("cache_labels")
+    cache = labels is None or (
+        labels[1] == "I64"
+        and labels[0] == shapes["cache_keys"][0][:1]
+        and shapes["cache_keys"][0][1:] == classifier[1:]
+    )
     if (
-        not square
-        or any(len(shape) != 2 or min(shape) < 1 or dtype != "F32" for shape, dtype in shapes.values())
+        not (square and cache)
+        or any(
+            len(shape) != 2 or min(shape) < 1 or dtype != "F32"
+            for role, (shape, dtype) in shapes.items()
+            if role != "cache_labels"
+        )
         or classifier[0] != n_classes
     ):
         found = ", ".join(f"{role} {tuple(shape)} {dtype}" for role, (shape, dtype) in shapes.items())

@@ -57,7 +57,12 @@ class Estimator:
             f"{k}={v!r}" if not isinstance(v, nn.Module) else f"{k}=<{type(v).__name__}>"
             for k, v in self.get_params().items()
             if not (
-                isinstance(v, (str, int, float, bool, type(None))) and v == defaults[k] and type(v) is type(defaults[k])
+                v is defaults[k]
+                or (
+                    isinstance(v, (str, int, float, bool, type(None)))
+                    and v == defaults[k]
+                    and type(v) is type(defaults[k])
+                )
             )
         ]
         return f"{type(self).__name__}({', '.join(shown)})"

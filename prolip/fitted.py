@@ -24,6 +24,7 @@ from prolip.estimator import Learned
 from prolip.fingerprint import Fingerprint, legacy_projector_hash
 from prolip.labels import class_array
 from prolip.params import PRECISIONS, check_params
+from prolip.tip import TipCache
 from prolip.towers import LinearMap, Projector, find_projector, find_text_projector
 
 
@@ -58,6 +59,8 @@ class FittedState:
         text_fingerprint: sketches of the base model's text projection and text tower, or None.
         selection: how ``lr`` and ``reg_lambda`` were chosen on a validation draw (the grid and
             every point's validation accuracy, :meth:`prolip.search.SearchResult.as_dict`), or None.
+        cache: Tip-Adapter's cache on the adapted embeddings (ProLIP + Tip-Adapter,
+            :class:`prolip.tip_adapter.ProLIPTipAdapter`), or None for a plain ProLIP fit.
     """
 
     delta: torch.Tensor | None
@@ -81,6 +84,7 @@ class FittedState:
     text_projector_family: str = ""
     text_fingerprint: Fingerprint | None = None
     selection: Mapping[str, Any] | None = None
+    cache: TipCache | None = None
 
     @property
     def target(self) -> str:

@@ -17,7 +17,7 @@ from prolip.cache import CachedFeatures
 from prolip.errors import InputError
 from prolip.features import check_features
 from prolip.fitted import FittedState
-from prolip.labels import encode_labels, label_list, names_of_classes, plain_label
+from prolip.labels import encode_labels, label_indices, label_list, names_of_classes
 from prolip.search import SearchResult, search_projector
 from prolip.training import ClassifierResidual, TextSide, TrainResult, train_projector
 from prolip.zeroshot import average_prompts, check_templates, text_prototypes
@@ -157,11 +157,7 @@ def _search(
     """The validation search of :func:`fit_projector` (labels mapped onto the training classes)."""
     val_features, val_labels, lrs, reg_lambdas = validation
     val_features = check_features(val_features, backbone.projector.feature_width, "val_features")
-    index = {c: k for k, c in enumerate(classes)}
-    unknown = [lab for lab in label_list(val_labels) if plain_label(lab) not in index]
-    if unknown:
-        raise InputError(f"val_labels hold labels the training labels do not: {unknown[:5]}.")
-    val_y = torch.tensor([index[plain_label(v)] for v in label_list(val_labels)])
+    val_y = label_indices(val_labels, classes, "val_labels")
     return search_projector(
         features, y, val_features, val_y, classifier, w0, bias, logit_scale=train["logit_scale"],
         epochs=train["epochs"], device=train["device"], lrs=lrs, reg_lambdas=reg_lambdas, verbose=train["verbose"],

@@ -70,6 +70,20 @@ def encode_labels(labels: Sequence[Hashable]) -> tuple[list[Hashable], torch.Ten
     return classes, torch.tensor([index[lab] for lab in labels], dtype=torch.long)
 
 
+def label_indices(labels: Sequence[Hashable], classes: Sequence[Hashable], what: str = "labels") -> torch.Tensor:
+    """Each label's index among ``classes`` (e.g. validation labels among the training classes), int64.
+
+    Raises:
+        InputError: a label is not one of ``classes``; the message calls them ``what``.
+    """
+    index = {c: k for k, c in enumerate(classes)}
+    labels = [plain_label(lab) for lab in label_list(labels)]
+    unknown = [lab for lab in labels if lab not in index]
+    if unknown:
+        raise InputError(f"{what} hold labels the training labels do not: {unknown[:5]}.")
+    return torch.tensor([index[lab] for lab in labels], dtype=torch.long)
+
+
 def names_of_classes(classes: Sequence[Hashable], names: Mapping[Hashable, str] | Sequence[str] | None) -> list[str]:
     """The text put into the prompt templates for each class.
 

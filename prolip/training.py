@@ -148,6 +148,22 @@ def split_features(features: torch.Tensor, d_in: int) -> tuple[torch.Tensor, tor
     return features[..., :d_in], features[..., d_in:]
 
 
+def project(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x W + b + r``: image embeddings ``[n, d_out]`` (before normalisation) of stored features ``[n, d_in (+ d_out)]``."""
+    x, residual = split_features(features, weight.shape[0])
+    z = x @ weight
+    if bias is not None:
+        z = z + bias
+    if residual is not None:
+        z = z + residual
+    return z
+
+
+def embed(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``normalize(x W + b + r)``: unit image embeddings ``[n, d_out]`` of stored features ``[n, d_in (+ d_out)]``."""
+    return F.normalize(project(features, weight, bias), dim=-1)
+
+
 def logits(
     features: torch.Tensor,
     weight: torch.Tensor,
@@ -156,13 +172,7 @@ def logits(
     logit_scale: float,
 ) -> torch.Tensor:
     """``s · normalize(x W + b + r) · Tᵀ``: class logits of stored pre-projection features ``[n, d_in (+ d_out)]``."""
-    x, residual = split_features(features, weight.shape[0])
-    z = x @ weight
-    if bias is not None:
-        z = z + bias
-    if residual is not None:
-        z = z + residual
-    return logit_scale * F.normalize(z, dim=-1) @ classifier.t()
+    return logit_scale * embed(features, weight, bias) @ classifier.t()
 
 
 class _Classifier(NamedTuple):

@@ -13,9 +13,21 @@ import torch
 
 from prolip.adapter import ProLIPAdapter
 from prolip.cache import CachedFeatures
+from prolip.fitted import FittedState
 from prolip.fitting import fit_projector
 from prolip.labels import check_lengths
 from prolip.search import PAPER_LAMBDAS, PAPER_LRS, check_grid
+
+
+def adapter_from_state(template: ProLIPAdapter, state: FittedState, **changes: Any) -> ProLIPAdapter:
+    """A new adapter with ``template``'s parameters (and ``changes``), fitted with ``state``.
+
+    It shares ``template``'s model object, so no second copy of the backbone is loaded; ``template``
+    itself is left as it was (scikit-learn's meta-estimators never fit the estimator they are given).
+    """
+    params = {**template.get_params(), **changes}
+    params.pop("model"), params.pop("pretrained")
+    return ProLIPAdapter.from_state(state, template.backbone.model, template.pretrained, **params)
 
 
 class ProLIPSearch:
@@ -80,10 +92,8 @@ class ProLIPSearch:
             adapter.backbone, features, labels, class_names, adapter.get_params(),
             validation=(val_features, val_labels, lrs, reg_lambdas),
         )  # fmt: skip
-        params = {**adapter.get_params(), "lr": state.selection["lr"], "reg_lambda": state.selection["reg_lambda"]}
-        params.pop("model"), params.pop("pretrained")
-        # The same model object: the winner needs no second copy of the backbone.
-        self.best_estimator_ = ProLIPAdapter.from_state(state, adapter.backbone.model, adapter.pretrained, **params)
+        chosen = {"lr": state.selection["lr"], "reg_lambda": state.selection["reg_lambda"]}
+        self.best_estimator_ = adapter_from_state(adapter, state, **chosen)
         self.best_params_ = {"lr": state.selection["lr"], "reg_lambda": state.selection["reg_lambda"]}
         self.cv_results_ = dict(state.selection)
         return self

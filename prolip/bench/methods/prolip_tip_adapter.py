@@ -22,13 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from prolip.bench.adapted import PROLIP_LR, adapted_problem, prolip_weight, train_jointly
-from prolip.bench.cache_model import cache_keys, cache_scores
+from prolip.bench.cache_model import cache_keys
 from prolip.bench.fitting import check_classes, plain_embeddings
 from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.methods.tip_adapter import TipAdapter
 from prolip.bench.methods.tip_adapter_f import TipAdapterF
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.errors import InputError
+from prolip.tip import cache_scores
 
 KEYS = ("cache", "trained", "joint")
 JOINT_LR = 1e-4
