@@ -7,6 +7,8 @@ so the times include what each fit does besides training (the α/β search, buil
 
 * prolip: :func:`prolip.bench.adapted.prolip_weight` (``train_projector``), the baseline of every ratio;
 * prolip+tip-adapter (cache / trained / joint) and prolip+taskres (taskres / prolip-code);
+* library taskres: what ``ProLIPAdapter(taskres_alpha=0.5)`` trains, ``train_projector`` with a
+  :class:`prolip.training.ClassifierResidual` (W's closed-form gradient, R through autograd);
 * test-time-prolip: scoring ``--test`` test images with 64 views each, against ProLIP scoring their
   plain views (the cost of ``logits``, not of a fit).
 
@@ -25,11 +27,12 @@ import torch.nn.functional as F
 from timing import timed
 
 from prolip.bench.adapted import prolip_weight
+from prolip.bench.fitting import text_prototypes
 from prolip.bench.methods.prolip_taskres import ProLIPTaskRes
 from prolip.bench.methods.prolip_tip_adapter import ProLIPTipAdapter
 from prolip.bench.methods.test_time_prolip import ProLIPTestTime
 from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem, TextHead
-from prolip.training import logits
+from prolip.training import ClassifierResidual, logits, train_projector
 
 D_IN, D_OUT, D_TEXT, SHOTS, VIEWS = 768, 512, 512, 16, 4
 
@@ -65,6 +68,16 @@ def bench(k: int, epochs: int, test_images: int, repeats: int) -> dict[str, floa
     problem, test = problem_of(k, epochs, test_images)
     weight, plain = prolip_weight(problem), test.features[0]
     classifier, fitted_tt = problem.classes.classifier, ProLIPTestTime().fit(problem)
+    head, cpu = problem.image_head, torch.device("cpu")
+    residual = ClassifierResidual(text_prototypes(problem.classes), 0.5)
+
+    def library_taskres() -> object:
+        train = problem.train
+        return train_projector(
+            train.features, train.labels, None, head.w0, None, side=residual, logit_scale=problem.logit_scale,
+            lr=1e-3, reg_lambda=1 / SHOTS, epochs=epochs, device=cpu, verbose=False,
+        )  # fmt: skip
+
     runs = {
         "prolip": lambda: prolip_weight(problem),
         "prolip+tip-adapter cache": lambda: ProLIPTipAdapter().fit(problem),
@@ -72,6 +85,7 @@ def bench(k: int, epochs: int, test_images: int, repeats: int) -> dict[str, floa
         "prolip+tip-adapter joint": lambda: ProLIPTipAdapter(keys="joint").fit(problem),
         "prolip+taskres taskres": lambda: ProLIPTaskRes().fit(problem),
         "prolip+taskres prolip-code": lambda: ProLIPTaskRes(form="prolip-code").fit(problem),
+        "library taskres": library_taskres,
         "prolip logits (plain view)": lambda: logits(plain, weight, None, classifier, problem.logit_scale),
         "test-time-prolip logits": lambda: fitted_tt.logits(test, problem.classes),
     }

@@ -182,3 +182,26 @@ def test_cli_fits_and_predicts_with_taskres(tmp_path, capsys):
     assert "taskres_alpha" in capsys.readouterr().out
     assert main(["predict", out, str(root / "top" / "0.png"), "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["label"] in ("top", "bottom")
+
+
+def test_the_bench_method_trains_the_same_objective():
+    """``prolip+taskres`` (autograd throughout) and the library's loop agree on the same problem."""
+    import dataclasses
+
+    from test_baselines import make_problem
+
+    from prolip.bench.fitting import text_prototypes as bench_prototypes
+    from prolip.bench.methods.prolip_taskres import ProLIPTaskRes
+
+    problem, test = make_problem(k=5, shots=2, noise=1.0, shift=3.0, seed=1)
+    problem = dataclasses.replace(problem, epochs=40)
+    head, s = problem.image_head, problem.logit_scale
+    result = train_projector(
+        problem.train.features, problem.train.labels, None, head.w0, head.bias,
+        side=ClassifierResidual(bench_prototypes(problem.classes), 0.5), logit_scale=s, lr=1e-2,
+        reg_lambda=1 / problem.shots, epochs=problem.epochs, device=CPU, verbose=False,
+    )  # fmt: skip
+    expected = logits(test.features[0], result.weight, head.bias, result.classifier, s)
+    got = ProLIPTaskRes(alpha=0.5, lr=1e-2).fit(problem).logits(test, problem.classes)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert float((result.classifier - problem.classes.classifier).abs().max()) > 1e-3  # T moved
