@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from prolip.cache import CachedFeatures
 from prolip.errors import InputError
-from prolip.training import split_features
+from prolip.training import project, split_features
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
@@ -95,18 +95,6 @@ class TestTimeSettings:
         return OPTIMIZERS[self.optimizer]([weight], lr=self.lr, **options)
 
 
-def _embed(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
-) -> torch.Tensor:
-    """``x W + b + r``, added in the order :func:`prolip.training.logits` adds them (so results match it bit for bit)."""
-    z = x @ weight
-    if bias is not None:
-        z = z + bias
-    if residual is not None:
-        z = z + residual
-    return z
-
-
 def _scores(z: torch.Tensor, classifier: torch.Tensor, logit_scale: float) -> torch.Tensor:
     return logit_scale * F.normalize(z, dim=-1) @ classifier.t()
 
@@ -124,8 +112,9 @@ def view_entropies(
     """
     rows = []
     for v in range(features.shape[0]):
-        x, residual = split_features(features[v].to(weight), weight.shape[0])
-        log_p = torch.log_softmax(_scores(_embed(x, weight, bias, residual), classifier, logit_scale), dim=-1)
+        log_p = torch.log_softmax(
+            _scores(project(features[v].to(weight), weight, bias), classifier, logit_scale), dim=-1
+        )
         rows.append(-(log_p.exp() * log_p).sum(dim=-1))
     return torch.stack(rows)
 
@@ -194,9 +183,9 @@ def adapt_chunk(
             loss.backward()
             optimizer.step()
     # W_s's own embedding plus the change's: with no change, exactly the starting projector's logits.
-    x0, residual0 = split_features(plain.to(weight), d_in)
-    change = (x0.unsqueeze(1) @ (copies.detach() - weight)).squeeze(1)
-    return _scores(_embed(x0, weight, bias, residual0) + change, classifier, logit_scale)
+    plain = plain.to(weight)
+    change = (split_features(plain, d_in)[0].unsqueeze(1) @ (copies.detach() - weight)).squeeze(1)
+    return _scores(project(plain, weight, bias) + change, classifier, logit_scale)
 
 
 def chunk_images(weight: torch.Tensor, chunk_size: int | None) -> int:

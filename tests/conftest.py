@@ -70,6 +70,35 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return paths
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny problems, restored after.
+
+    On tiny problems a second thread only adds synchronisation (and, on a busy machine, waits for
+    a core). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def edit_delta(path, out, meta=None, tensors=None):
+    """A copy of the safetensors file ``path`` at ``out``, its metadata and tensors changed in place by
+    ``meta(dict)`` and ``tensors(dict)``: how tests make damaged delta files."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        m, t = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    if meta:
+        meta(m)
+    if tensors:
+        tensors(t)
+    save_file(t, str(out), metadata=m)
+    return out
+
+
 @pytest.fixture
 def colours() -> tuple[list[torch.Tensor], list[str]]:
     """Four images per class of three colour classes."""

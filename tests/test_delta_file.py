@@ -8,13 +8,12 @@ import json
 import os
 import pickle
 import struct
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import colour_images, tiny_adapter
+from conftest import colour_images, edit_delta, tiny_adapter
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -41,22 +40,6 @@ def valid(fitted, tmp_path_factory) -> Path:
 def _contents(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-
-
-def _rewrite(
-    valid: Path,
-    out: Path,
-    meta: Callable[[dict[str, str]], None] | None = None,
-    tensors: Callable[[dict[str, torch.Tensor]], None] | None = None,
-) -> Path:
-    """A copy of ``valid`` with its metadata and/or tensors edited in place by the callbacks."""
-    m, t = _contents(valid)
-    if meta:
-        meta(m)
-    if tensors:
-        tensors(t)
-    save_file(t, str(out), metadata=m)
-    return out
 
 
 def _expect(path: Path, match: str, error: type[Exception] = DeltaFileError, **load_kw) -> None:
@@ -140,27 +123,27 @@ def test_wrong_tensor_shapes(valid, tmp_path, fitted):
         "missing tensor": lambda t: t.pop(CLASSIFIER_KEY),
     }
     for name, change in cases.items():
-        path = _rewrite(valid, tmp_path / f"{name}.safetensors", tensors=change)
+        path = edit_delta(valid, tmp_path / f"{name}.safetensors", tensors=change)
         _expect(path, "inconsistent contents|holds tensors")
     # Well-formed on its own, but not the shape of this model's projector: only load can tell.
-    path = _rewrite(valid, tmp_path / "t.safetensors", tensors=lambda t: t.update({key: t[key].t().contiguous()}))
+    path = edit_delta(valid, tmp_path / "t.safetensors", tensors=lambda t: t.update({key: t[key].t().contiguous()}))
     read_delta(path)
     with pytest.raises(DeltaFileError, match=r"delta for visual\.proj of shape \(24, 48\).*\(48, 24\)"):
         ProLIPAdapter.load(path, trust_file_model=True)
-    path = _rewrite(valid, tmp_path / "w.safetensors", tensors=lambda t: t.update({CLASSIFIER_KEY: torch.ones(3, 7)}))
+    path = edit_delta(valid, tmp_path / "w.safetensors", tensors=lambda t: t.update({CLASSIFIER_KEY: torch.ones(3, 7)}))
     with pytest.raises(DeltaFileError, match="classifier of width 7"):
         ProLIPAdapter.load(path, trust_file_model=True)
 
 
 def test_nan_values(valid, tmp_path, fitted):
     key = fitted.backbone.projector.key
-    path = _rewrite(valid, tmp_path / "n.safetensors", tensors=lambda t: t[key].view(-1).__setitem__(3, float("nan")))
+    path = edit_delta(valid, tmp_path / "n.safetensors", tensors=lambda t: t[key].view(-1).__setitem__(3, float("nan")))
     _expect(path, "NaN or Inf")
 
 
 @pytest.mark.parametrize("missing", ["base_fingerprint", "classes", "format", "format_version", "projector_key"])
 def test_missing_metadata_keys(valid, tmp_path, missing):
-    path = _rewrite(valid, tmp_path / "m.safetensors", meta=lambda m: m.pop(missing))
+    path = edit_delta(valid, tmp_path / "m.safetensors", meta=lambda m: m.pop(missing))
     _expect(path, rf"lacks prolip metadata \['{missing}'\].*Re-save")
 
 
@@ -171,10 +154,10 @@ def test_no_metadata_at_all(valid, tmp_path):
 
 
 def test_unknown_future_format_version(valid, tmp_path):
-    path = _rewrite(valid, tmp_path / "v3.safetensors", meta=lambda m: m.update(format_version="3"))
+    path = edit_delta(valid, tmp_path / "v3.safetensors", meta=lambda m: m.update(format_version="3"))
     _expect(path, r"format version 3, newer than this prolip understands \(2\); upgrade prolip")
     for bad in ("0", "-1", "one", "9" * 5000):
-        path = _rewrite(valid, tmp_path / "vx.safetensors", meta=lambda m, bad=bad: m.update(format_version=bad))
+        path = edit_delta(valid, tmp_path / "vx.safetensors", meta=lambda m, bad=bad: m.update(format_version=bad))
         _expect(path, "format_version")
 
 
@@ -204,7 +187,7 @@ def test_unknown_future_format_version(valid, tmp_path):
     ],
 )
 def test_malformed_metadata(valid, tmp_path, key, value, match):
-    path = _rewrite(valid, tmp_path / "bad.safetensors", meta=lambda m: m.update({key: value}))
+    path = edit_delta(valid, tmp_path / "bad.safetensors", meta=lambda m: m.update({key: value}))
     _expect(path, match)
 
 
@@ -219,7 +202,7 @@ def _other_base(meta: dict[str, str], part: str) -> None:
     ("part", "what"), [("projector", "projector W0 differs"), ("tower", "vision tower before it differs")]
 )
 def test_delta_for_a_different_base_model(valid, tmp_path, fitted, part, what):
-    path = _rewrite(valid, tmp_path / "other.safetensors", meta=lambda m: _other_base(m, part))
+    path = edit_delta(valid, tmp_path / "other.safetensors", meta=lambda m: _other_base(m, part))
     read_delta(path)  # the file itself is fine; it does not fit this base model
     with pytest.raises(
         FingerprintMismatchError, match=rf"trained on a different base model: its .*{what}.*strict=False"
@@ -238,10 +221,10 @@ def test_format_1_files_are_still_read_and_checked(valid, tmp_path, fitted):
         del meta["kind"], meta["reg_lambda"]
         meta.update(format_version="1", base_fingerprint=legacy_projector_hash(w))
 
-    old = _rewrite(valid, tmp_path / "v1.safetensors", meta=lambda m: as_format_1(m, w0))
+    old = edit_delta(valid, tmp_path / "v1.safetensors", meta=lambda m: as_format_1(m, w0))
     loaded = ProLIPAdapter.load(old, trust_file_model=True, verbose=False)
     assert torch.equal(loaded.delta_, fitted.delta_) and loaded.reg_lambda_ == fitted.reg_lambda_  # "auto": 1/N
-    other = _rewrite(valid, tmp_path / "v1-other.safetensors", meta=lambda m: as_format_1(m, w0 + 1))
+    other = edit_delta(valid, tmp_path / "v1-other.safetensors", meta=lambda m: as_format_1(m, w0 + 1))
     with pytest.raises(FingerprintMismatchError, match="projector W0 differs"):
         ProLIPAdapter.load(other, trust_file_model=True)
 

@@ -22,13 +22,7 @@ from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem
 from prolip.tip import ALPHAS, BETAS
 from prolip.training import logits
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
 
 
 def in_float64(problem: Problem, test: FeatureSet) -> tuple[Problem, FeatureSet]:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import edit_delta
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from prolip import DeltaFileError, InputError, NotFittedError, ProLIPAdapter, RegularizedLinearAdapter
 from prolip.delta_file import CLASSIFIER_KEY, LINEAR_ADAPTER_KEY, read_delta, read_linear_adapter, read_state
@@ -18,13 +18,7 @@ from prolip.delta_file import CLASSIFIER_KEY, LINEAR_ADAPTER_KEY, read_delta, re
 SCALE = 100.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems: a second thread only adds synchronisation (and waits for a busy core)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
 
 
 def embedding_problem(views=3, n_per_class=4, k=3, d=16, seed=0):
@@ -193,17 +187,6 @@ def test_each_loader_refuses_the_other_kind(saved, tmp_path, checkpoints, colour
         read_linear_adapter(projector)
 
 
-def _edit(path, out, meta=None, tensors=None):
-    with safe_open(str(path), framework="pt") as f:
-        m, t = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    if meta:
-        meta(m)
-    if tensors:
-        tensors(t)
-    save_file(t, str(out), metadata=m)
-    return out
-
-
 @pytest.mark.parametrize(
     ("meta", "tensors", "match"),
     [
@@ -222,7 +205,7 @@ def _edit(path, out, meta=None, tensors=None):
 )
 def test_the_strict_reader_refuses_damaged_adapters(saved, tmp_path, meta, tensors, match):
     _, path = saved
-    damaged = _edit(path, tmp_path / "damaged.safetensors", meta, tensors)
+    damaged = edit_delta(path, tmp_path / "damaged.safetensors", meta, tensors)
     with pytest.raises(DeltaFileError, match=match) as info:
         RegularizedLinearAdapter.load(damaged)
     assert repr(str(damaged)) in str(info.value)

@@ -17,13 +17,7 @@ from prolip.zeroshot import average_prompts, text_prototypes
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems: a second thread only adds synchronisation (and waits for a busy core)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
 
 
 def problem(views=3, n=12, k=3, d_in=20, d_out=8, residual=False, seed=0):

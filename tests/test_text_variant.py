@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import colour_images, tiny_adapter
+from conftest import colour_images, edit_delta, tiny_adapter
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from prolip import DeltaFileError, FingerprintMismatchError, InputError, ProLIPAdapter
 from prolip.delta_file import CLASSIFIER_KEY, read_delta
@@ -21,13 +20,7 @@ CPU = torch.device("cpu")
 TEMPLATES = ["a photo of a {}."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems: a second thread only adds synchronisation (and waits for a busy core)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
 
 
 def text_problem(views=3, n=12, k=3, m=2, d_in=20, d_t=10, d_out=8, residual=False, seed=0):
@@ -178,17 +171,6 @@ def test_save_load_predicts_identically(fitted, target, tmp_path, checkpoints):
     )
 
 
-def _edit(path, out, meta=None, tensors=None):
-    with safe_open(str(path), framework="pt") as f:
-        m, t = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    if meta:
-        meta(m)
-    if tensors:
-        tensors(t)
-    save_file(t, str(out), metadata=m)
-    return out
-
-
 def _other_text(meta: dict[str, str], part: str) -> None:
     fingerprint = json.loads(meta["text_fingerprint"])
     fingerprint[part]["sums"][0] += 1.0
@@ -206,7 +188,7 @@ def saved_both(fitted, tmp_path_factory):
     ("part", "what"), [("projector", "text projection differs"), ("tower", "text tower before it differs")]
 )
 def test_the_text_side_of_the_base_model_is_checked(saved_both, tmp_path, checkpoints, part, what):
-    path = _edit(saved_both, tmp_path / "other.safetensors", meta=lambda m: _other_text(m, part))
+    path = edit_delta(saved_both, tmp_path / "other.safetensors", meta=lambda m: _other_text(m, part))
     with pytest.raises(FingerprintMismatchError, match=rf"different base model: its .*{what}"):
         ProLIPAdapter.load(path, pretrained=checkpoints["vit"])
     with pytest.warns(UserWarning, match="different base model"):
@@ -228,14 +210,14 @@ def test_the_text_side_of_the_base_model_is_checked(saved_both, tmp_path, checkp
     ],
 )
 def test_the_strict_reader_refuses_damaged_text_deltas(saved_both, tmp_path, meta, tensors, match):
-    damaged = _edit(saved_both, tmp_path / "damaged.safetensors", meta, tensors)
+    damaged = edit_delta(saved_both, tmp_path / "damaged.safetensors", meta, tensors)
     with pytest.raises(DeltaFileError, match=match) as info:
         read_delta(damaged)
     assert repr(str(damaged)) in str(info.value)
 
 
 def test_a_text_delta_of_the_wrong_shape_is_refused_on_load(saved_both, tmp_path, checkpoints):
-    wrong = _edit(saved_both, tmp_path / "t.pt", tensors=lambda t: t.update(text_projection=torch.zeros(5, 24)))
+    wrong = edit_delta(saved_both, tmp_path / "t.pt", tensors=lambda t: t.update(text_projection=torch.zeros(5, 24)))
     read_delta(wrong)  # well formed on its own; only the base model can tell
     with pytest.raises(DeltaFileError, match=r"text delta for text_projection of shape \(5, 24\).*\(32, 24\)"):
         ProLIPAdapter.load(wrong, pretrained=checkpoints["vit"])

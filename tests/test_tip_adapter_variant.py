@@ -9,22 +9,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import colour_images, tiny_adapter
+from conftest import colour_images, edit_delta, tiny_adapter
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from prolip import DeltaFileError, InputError, NotFittedError, ProLIPAdapter, ProLIPTipAdapter
 from prolip.delta_file import CACHE_KEYS_KEY, CACHE_LABELS_KEY, TIP_KIND
 from prolip.tip import ALPHAS, BETAS, train_keys
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny problems: a second thread only adds synchronisation (and waits for a busy core)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
@@ -188,17 +180,6 @@ def test_trained_keys_are_tip_adapter_f_on_the_adapted_embeddings(checkpoints, d
     assert searched.val_accuracy_ is not None and searched.cache_.trained_keys
 
 
-def _edit(path, out, meta=None, tensors=None):
-    with safe_open(str(path), framework="pt") as f:
-        m, t = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    if meta:
-        meta(m)
-    if tensors:
-        tensors(t)
-    save_file(t, str(out), metadata=m)
-    return out
-
-
 @pytest.mark.parametrize(
     ("meta", "tensors", "match"),
     [
@@ -215,7 +196,7 @@ def _edit(path, out, meta=None, tensors=None):
 def test_the_strict_reader_refuses_damaged_caches(fitted, tmp_path, checkpoints, meta, tensors, match):
     path = tmp_path / "tip.safetensors"
     fitted.save(path)
-    damaged = _edit(path, tmp_path / "damaged.safetensors", meta, tensors)
+    damaged = edit_delta(path, tmp_path / "damaged.safetensors", meta, tensors)
     with pytest.raises(DeltaFileError, match=match):
         ProLIPTipAdapter.load(damaged, pretrained=checkpoints["vit"])
 
