@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from prolip.views import ViewConfig, augmented_views, plain_views, sample_crops
+from prolip.views import ViewConfig, augmented_views, crop_grid, plain_views, sample_crops
 
 CONFIG = ViewConfig(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
@@ -115,3 +115,22 @@ def test_batched_views_match_crop_then_resize(image_size, tolerance):
         ref = (ref / 255 - 0.5) / 0.25
         # Relative to the image's spread: the kernels differ a little at the borders and in antialiasing.
         assert (batched[v] - ref[0]).abs().mean() < tolerance * ref.std(), v
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_crop_grid_is_affine_grid_bit_for_bit(threads):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        for side in (7, 224, 448, 449):
+            n = int(torch.randint(1, 70, (1,), generator=g))
+            theta = torch.zeros(n, 2, 3)
+            flip = torch.where(torch.rand(n, generator=g) > 0.5, -1.0, 1.0)
+            theta[:, 0, 0] = flip * (0.05 + torch.rand(n, generator=g))
+            theta[:, 1, 1] = 0.05 + torch.rand(n, generator=g)
+            theta[:, :, 2] = torch.rand(n, 2, generator=g) * 2 - 1
+            expected = F.affine_grid(theta, [n, 3, side, side], align_corners=False)
+            assert torch.equal(crop_grid(theta, side), expected), side
+    finally:
+        torch.set_num_threads(previous)
