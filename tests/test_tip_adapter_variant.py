@@ -261,3 +261,17 @@ def test_cli_fits_inspects_predicts_and_refuses_to_merge(tmp_path, capsys):
     assert (reloaded.alpha_, reloaded.beta_, reloaded.keys) == (1, 2, "trained")
     assert main(["fit", str(tmp_path / "train"), *model, *train, "--out", fixed, "-q"]) == 1
     assert "pass val_images and val_labels" in capsys.readouterr().err
+
+
+def test_lazy_cached_features_give_the_same_cache(checkpoints, data, tmp_path):
+    """Training views read one at a time from the on-disk feature cache (fp16) build the same keys."""
+    from prolip import CachedFeatures
+
+    images, labels = colour_images(3)
+    adapter = tiny_adapter(checkpoints["vit"], random_state=0, cache_dir=tmp_path)
+    features = adapter.extract_features(images)
+    assert isinstance(features, CachedFeatures)
+    lazy = ProLIPTipAdapter(adapter, alpha=1.0, beta=2.0).fit_features(features, labels)
+    eager = ProLIPTipAdapter(tiny_adapter(checkpoints["vit"], random_state=0), alpha=1.0, beta=2.0)
+    eager.fit_features(data["features"], data["labels"])
+    torch.testing.assert_close(lazy.cache_.keys, eager.cache_.keys, rtol=0, atol=2e-3)  # fp16 storage
