@@ -329,7 +329,28 @@ def _valid_cache(cache: Any) -> bool:
         and not isinstance(cache.get("key_views"), bool)
         and cache["key_views"] >= 1
         and isinstance(cache.get("trained_keys"), bool)
-        and (cache.get("selection") is None or isinstance(cache["selection"], dict))
+        and (cache.get("selection") is None or _valid_cache_selection(cache["selection"]))
+    )
+
+
+def _valid_cache_selection(selection: Any) -> bool:
+    """A recorded α / β search: the chosen point's validation accuracy in [0, 1] and the grid (lists of numbers >= 0)."""
+
+    def numbers(values: Any) -> bool:
+        return (
+            isinstance(values, list)
+            and bool(values)
+            and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in values
+            )
+        )
+
+    return (
+        isinstance(selection, dict)
+        and numbers([selection.get("val_accuracy")])
+        and selection["val_accuracy"] <= 1
+        and numbers(selection.get("alphas"))
+        and numbers(selection.get("betas"))
     )
 
 

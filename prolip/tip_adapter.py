@@ -37,6 +37,7 @@ from prolip.tip import ALPHAS, AUGMENT_VIEWS, BETAS, TipCache, search_alpha_beta
 from prolip.training import embed, project
 from prolip.validation import adapter_from_state
 
+_CHUNK = 4096  # test images scored at once
 KEYS = ("cache", "trained")
 """The cache's keys: Tip-Adapter's (training-free) or Tip-Adapter-F's (fine-tuned)."""
 
@@ -224,10 +225,13 @@ class ProLIPTipAdapter(Estimator):
         if x.shape[0] != 1:
             raise InputError(f"features hold {x.shape[0]} views; pass test-time features [1, n, d] (views=0).")
         weight = adapter.fitted_.adapted_weight(adapter.backbone.projector).cpu()
+        classifier, bias = adapter.classifier_, _bias(adapter)
         with torch.inference_mode():
-            f = embed(x[0].float(), weight, _bias(adapter))
-            classifier = adapter.classifier_
-            return adapter.logit_scale_ * f @ classifier.t() + cache.scores(f, classifier.shape[0])
+            # A chunk of images at a time bounds the [images, cache size] affinity matrix.
+            return torch.cat([
+                adapter.logit_scale_ * f @ classifier.t() + cache.scores(f, classifier.shape[0])
+                for f in (embed(rows.float(), weight, bias) for rows in x[0].split(_CHUNK))
+            ])  # fmt: skip
 
     def predict_features(self, features: torch.Tensor) -> np.ndarray:
         """Predicted labels from plain-view features (``adapter_.extract_features(images, views=0)``)."""

@@ -186,6 +186,7 @@ def test_trained_keys_are_tip_adapter_f_on_the_adapted_embeddings(checkpoints, d
         (lambda m: m.pop("cache"), None, "lacks prolip metadata \\['cache'\\]"),
         (lambda m: m.update(cache='{"alpha": -1, "beta": 1, "key_views": 10}'), None, "malformed metadata 'cache'"),
         (lambda m: m.update(cache='{"alpha": 1, "beta": 1, "key_views": 0}'), None, "malformed metadata 'cache'"),
+        (lambda m: m.update(cache=m["cache"].replace('"val_accuracy"', '"accuracy"')), None, "malformed metadata"),
         (None, lambda t: t.update({CACHE_LABELS_KEY: t[CACHE_LABELS_KEY] + 5}), "cache labels outside its 3 classes"),
         (None, lambda t: t.update({CACHE_LABELS_KEY: t[CACHE_LABELS_KEY].float()}), "inconsistent contents"),
         (None, lambda t: t.update({CACHE_KEYS_KEY: t[CACHE_KEYS_KEY][:, :4].contiguous()}), "inconsistent contents"),
