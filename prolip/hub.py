@@ -55,14 +55,19 @@ def model_card(state: FittedState | LinearAdapterState, metrics: dict[str, float
         source = f"`{base}`, pretrained `{state.pretrained or '-'}`" if state.model_name else "outside open_clip"
         about = [f"- embeddings from: {source}"]
     else:
-        title = "ProLIP delta"
+        title = "ProLIP delta" if state.cache is None else "ProLIP + Tip-Adapter"
         summary = (
             f"projector delta (target {state.target}): the base model's projector(s) plus this delta, with the "
             "stored classifier, gives a few-shot image classifier."
         )
+        estimator = "ProLIPAdapter" if state.cache is None else "ProLIPTipAdapter"
+        if state.cache is not None:
+            summary += (
+                f" A Tip-Adapter cache of {state.cache.keys.shape[0]} adapted training embeddings adds to its scores."
+            )
         usage = [
-            "from prolip import ProLIPAdapter",
-            'adapter = ProLIPAdapter.from_pretrained("hf-hub:<this repo>", model="<base model>", pretrained="<tag>")',
+            f"from prolip import {estimator}",
+            f'adapter = {estimator}.from_pretrained("hf-hub:<this repo>", model="<base model>", pretrained="<tag>")',
             'adapter.predict(["image.jpg"])',
         ]
         fingerprint = state.fingerprint.summary() if state.fingerprint is not None else f"SHA-256 {state.legacy_hash}"

@@ -293,6 +293,30 @@ class ProLIPTipAdapter(Estimator):
         loaded._fit = (adapter, cache)  # its own class: the one place besides fit_features that sets it
         return loaded
 
+    # ------------------------------------------------------------------ sharing
+    def push_to_hub(
+        self, repo_id: str, private: bool = False, token: str | None = None, metrics: dict[str, float] | None = None
+    ) -> str:
+        """Upload the file :meth:`save` writes and a generated model card to a Hugging Face Hub repository; returns its URL.
+
+        Needs ``huggingface_hub`` (imported only here).
+        """
+        from prolip import hub
+
+        adapter, cache = self._fitted()
+        state = dataclasses.replace(adapter.fitted_, cache=cache)
+        return hub.push_to_hub(state, repo_id, private=private, token=token, metrics=metrics)
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, **kwargs: Any) -> ProLIPTipAdapter:
+        """Load from ``"hf-hub:user/repo"``, a folder holding ``prolip_delta.safetensors``, or the file itself.
+
+        Keyword arguments go to :meth:`load`.
+        """
+        from prolip import hub
+
+        return cls.load(hub.resolve(source), **kwargs)
+
 
 def _validation(
     features: torch.Tensor | None,

@@ -70,6 +70,22 @@ def test_push_and_pull_round_trip(fake_hub, checkpoints, colours):
         ProLIPAdapter.from_pretrained("hf-hub:someone/missing")
 
 
+def test_tip_adapter_push_and_pull_round_trip(fake_hub, checkpoints, colours):
+    from prolip import ProLIPTipAdapter
+
+    images, labels = colours
+    tip = ProLIPTipAdapter(tiny_adapter(checkpoints["vit"], epochs=3), alpha=1.0, beta=2.0).fit(images, labels)
+    tip.push_to_hub("someone/tip")
+    card = (fake_hub.root / "someone/tip/README.md").read_text()
+    assert "# ProLIP + Tip-Adapter for test-vit-tiny" in card and "ProLIPTipAdapter.from_pretrained" in card
+    assert f"cache of {len(labels)} adapted training embeddings" in card
+    pulled = ProLIPTipAdapter.from_pretrained("hf-hub:someone/tip", pretrained=checkpoints["vit"], verbose=False)
+    np.testing.assert_array_equal(pulled.predict_proba(images), tip.predict_proba(images))
+    assert (pulled.alpha_, pulled.beta_) == (1.0, 2.0)
+    with pytest.raises(ProLIPError, match=r"ProLIPTipAdapter\.load"):
+        ProLIPAdapter.from_pretrained("hf-hub:someone/tip", pretrained=checkpoints["vit"])
+
+
 def test_from_pretrained_local_folder_and_file(checkpoints, colours, tmp_path):
     from prolip.hub import save_folder
 
