@@ -24,7 +24,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timing import timed
+from timing import best_of
 
 from prolip.bench.adapted import prolip_weight
 from prolip.bench.fitting import text_prototypes
@@ -89,11 +89,7 @@ def bench(k: int, epochs: int, test_images: int, repeats: int) -> dict[str, floa
         "prolip logits (plain view)": lambda: logits(plain, weight, None, classifier, problem.logit_scale),
         "test-time-prolip logits": lambda: fitted_tt.logits(test, problem.classes),
     }
-    best = dict.fromkeys(runs, math.inf)
-    for _ in range(repeats):  # interleaved, so load from other processes hits every method alike
-        for name, fn in runs.items():
-            best[name] = min(best[name], timed(fn))
-    return best
+    return best_of(runs, repeats)
 
 
 def main() -> None:

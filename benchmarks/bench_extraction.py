@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import open_clip
 import torch
-from timing import timed
+from timing import best_of
 
 from prolip.backbone import build_backbone
 from prolip.features import extract_features
@@ -60,10 +60,8 @@ def main() -> None:
         f"extract_features views={args.views}": (extract(args.views), len(images) * args.views),
     }
     encode()  # warm-up
-    best = dict.fromkeys(runs, 0.0)
-    for _ in range(args.repeats):
-        for name, (fn, count) in runs.items():
-            best[name] = max(best[name], count / timed(fn, device))
+    seconds = best_of({name: fn for name, (fn, _) in runs.items()}, args.repeats, device)
+    best = {name: count / seconds[name] for name, (_, count) in runs.items()}  # items per second
     print(
         f"{args.model} {args.precision} on {device} ({torch.get_num_threads()} threads), "
         f"{args.images} images of 256x320, batch {args.batch_size}"

@@ -18,7 +18,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from timing import timed
+from timing import best_of
 
 from prolip.errors import TrainingDivergedError, TrainingWarning
 from prolip.search import PAPER_LAMBDAS, PAPER_LRS, search_projector
@@ -57,10 +57,7 @@ def main() -> None:
     def search() -> None:
         search_projector(features, labels, val, labels, classifier, w0, None, **common)
 
-    best = {"fits": math.inf, "search": math.inf}
-    for _ in range(args.repeats):
-        best["fits"] = min(best["fits"], timed(fits))
-        best["search"] = min(best["search"], timed(search))
+    best = best_of({"fits": fits, "search": search}, args.repeats)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, K={k}, N={args.shots}, {args.epochs} steps")
     print(
         f"49 fits: {best['fits']:.2f} s; search: {best['search']:.2f} s; search / fits: {best['search'] / best['fits']:.3f}"

@@ -23,7 +23,7 @@ import argparse
 
 import open_clip
 import torch
-from timing import timed
+from timing import best_of
 
 from prolip.backbone import build_backbone
 from prolip.test_time import TestTimeProLIP
@@ -66,10 +66,7 @@ def main() -> None:
         "test-time": lambda: tt.predict(images),
         "adapt": lambda: tt.logits_from_features(features),
     }
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(args.repeats):  # interleaved, so load from other processes hits every run alike
-        for name, fn in runs.items():
-            best[name] = min(best[name], timed(fn, device))
+    best = best_of(runs, args.repeats, device)
     n = args.images
     print(
         f"{args.model} fp32 on {device} ({torch.get_num_threads()} threads), {n} images of 256x320, "

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timing import timed
+from timing import best_of
 
 from prolip.training import train_projector
 
@@ -73,11 +73,7 @@ def bench(k: int, steps: int, repeats: int, device: torch.device) -> dict[str, f
         ),
         "autograd": lambda: reference_train(features, labels, classifier, w0, None, **train),
     }
-    best = dict.fromkeys(methods, math.inf)
-    for _ in range(repeats):  # interleaved, so load from other processes hits every method alike
-        for name, fn in methods.items():
-            best[name] = min(best[name], timed(fn, device))
-    return best
+    return best_of(methods, repeats, device)
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import argparse
 import math
 
 import torch
-from timing import timed
+from timing import best_of
 
 from prolip.training import TextSide, train_projector
 
@@ -51,15 +51,11 @@ def bench(k: int, templates: int, steps: int, repeats: int, device: torch.device
     }
     methods = {
         "prolip": lambda: train_projector(features, labels, classifier, w0, None, **train),
-        "text": lambda: train_projector(features, labels, None, w0, None, text=text, train_image=False, **train),
-        "image+text": lambda: train_projector(features, labels, None, w0, None, text=text, **train),
+        "text": lambda: train_projector(features, labels, None, w0, None, side=text, train_image=False, **train),
+        "image+text": lambda: train_projector(features, labels, None, w0, None, side=text, **train),
         "rla": lambda: train_projector(embeddings, labels, classifier, identity, None, **train),
     }
-    best = dict.fromkeys(methods, math.inf)
-    for _ in range(repeats):  # interleaved, so load from other processes hits every method alike
-        for name, fn in methods.items():
-            best[name] = min(best[name], timed(fn, device))
-    return best
+    return best_of(methods, repeats, device)
 
 
 def main() -> None:
