@@ -26,7 +26,7 @@ from prolip.estimator import Estimator
 from prolip.features import check_features, features_of
 from prolip.fitted import FittedAttributes, FittedState
 from prolip.fitting import SAVED_PARAMS, fit_projector
-from prolip.images import ImageLike, load_for_model, report_skipped
+from prolip.images import ImageLike, kept, load_for_model, report_skipped
 from prolip.labels import accuracy, check_lengths, encode_labels, label_list
 from prolip.params import check_params, restore_params
 from prolip.training import logits
@@ -226,8 +226,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         labels = label_list(labels)
         encode_labels(labels)  # bad labels fail before the slow feature extraction
         features = self.extract_features(images)
-        dropped = {s.index for s in self.skipped_}
-        return self.fit_features(features, [lab for i, lab in enumerate(labels) if i not in dropped], class_names)
+        return self.fit_features(features, kept(labels, self.skipped_), class_names)
 
     def fit_features(
         self,
@@ -296,8 +295,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         check_lengths(images, labels)
         labels = label_list(labels)
         features = self.extract_features(images, views=0)
-        dropped = {s.index for s in self.skipped_}
-        return self.score_features(features, [lab for i, lab in enumerate(labels) if i not in dropped])
+        return self.score_features(features, kept(labels, self.skipped_))
 
     # ------------------------------------------------------------------ the adapted model
     def merged_model(self, precision: str | None = "fp32") -> nn.Module:

@@ -250,6 +250,12 @@ def load_for_model(
     return load_images_skipping(items, draft_size, on_error=on_error, loader=load_pil_image if as_pil else None)
 
 
+def kept(items: Sequence[Any], skipped: Sequence[SkippedImage]) -> list[Any]:
+    """The ``items`` (e.g. labels) that belong to the images a load kept, in order: those not in ``skipped``."""
+    dropped = {s.index for s in skipped}
+    return [item for i, item in enumerate(items) if i not in dropped]
+
+
 def report_skipped(result: LoadedImages) -> None:
     """Warn about skipped images (one :class:`SkippedImagesWarning` naming the first ten), or fail if none is left.
 

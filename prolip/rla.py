@@ -32,7 +32,7 @@ from prolip.errors import InputError, InputTypeError, NotFittedError
 from prolip.estimator import Estimator, Learned
 from prolip.features import check_features
 from prolip.fitted import LinearAdapterState
-from prolip.images import ImageLike
+from prolip.images import ImageLike, kept
 from prolip.labels import accuracy, class_array, encode_labels, label_list, names_of_classes, plain_label
 from prolip.params import check_params, restore_params
 from prolip.training import logits, split_features, train_projector
@@ -362,8 +362,7 @@ class ModelRLA:
         """
         labels = label_list(labels)
         embeddings = model_embeddings(extractor, images)
-        dropped = {s.index for s in extractor.skipped_}
-        kept = [lab for i, lab in enumerate(labels) if i not in dropped]
+        kept_labels = kept(labels, extractor.skipped_)
         backbone = extractor.backbone
         params = extractor.get_params()
         rla = RegularizedLinearAdapter(
@@ -376,7 +375,7 @@ class ModelRLA:
                 return backbone.model.encode_text(backbone.tokenizer(texts).to(backbone.device)).float().cpu()
 
         source = backbone.recorded
-        rla.fit_embeddings(embeddings, kept, class_names=class_names, text_encoder=encode_text, source=source)
+        rla.fit_embeddings(embeddings, kept_labels, class_names=class_names, text_encoder=encode_text, source=source)
         return cls(rla, extractor)
 
     @classmethod

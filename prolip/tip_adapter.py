@@ -31,7 +31,7 @@ from prolip.estimator import Estimator
 from prolip.features import check_features
 from prolip.fitted import FittedState
 from prolip.fitting import fit_projector
-from prolip.images import ImageLike
+from prolip.images import ImageLike, kept
 from prolip.labels import accuracy, check_lengths, label_indices, label_list
 from prolip.tip import ALPHAS, AUGMENT_VIEWS, BETAS, TipCache, search_alpha_beta, train_keys
 from prolip.training import embed, project
@@ -157,12 +157,12 @@ class ProLIPTipAdapter(Estimator):
         self._check(val_images is not None)
         check_lengths(images, labels)
         features = self.adapter.extract_features(images)
-        labels = _kept(labels, self.adapter)
+        labels = kept(label_list(labels), self.adapter.skipped_)
         val_features = None
         if val_images is not None:
             check_lengths(val_images, val_labels)
             val_features = self.adapter.extract_features(val_images, views=0)
-            val_labels = _kept(val_labels, self.adapter)
+            val_labels = kept(label_list(val_labels), self.adapter.skipped_)
         return self.fit_features(features, labels, val_features, val_labels, class_names)
 
     def fit_features(
@@ -250,7 +250,7 @@ class ProLIPTipAdapter(Estimator):
         """Accuracy of :meth:`predict` on ``images`` against ``labels`` (readable images only)."""
         check_lengths(images, labels)
         predicted = self.predict(images)
-        return accuracy(predicted, _kept(labels, self.adapter_))
+        return accuracy(predicted, kept(label_list(labels), self.adapter_.skipped_))
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> None:
@@ -342,9 +342,3 @@ def _bias(adapter: ProLIPAdapter) -> torch.Tensor | None:
     """The projector's frozen bias, fp32 CPU, or None."""
     bias = adapter.backbone.projector.bias
     return None if bias is None else bias.detach().float().cpu()
-
-
-def _kept(labels: Sequence[Hashable], adapter: ProLIPAdapter) -> list[Hashable]:
-    """The labels of the images the adapter's last extraction kept (see its ``on_error``)."""
-    dropped = {s.index for s in adapter.skipped_}
-    return [lab for i, lab in enumerate(label_list(labels)) if i not in dropped]

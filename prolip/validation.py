@@ -15,7 +15,8 @@ from prolip.adapter import ProLIPAdapter
 from prolip.cache import CachedFeatures
 from prolip.fitted import FittedState
 from prolip.fitting import fit_projector
-from prolip.labels import check_lengths
+from prolip.images import kept
+from prolip.labels import check_lengths, label_list
 from prolip.search import PAPER_LAMBDAS, PAPER_LRS, check_grid
 
 
@@ -70,11 +71,9 @@ class ProLIPSearch:
         """Extract the training views and the validation images' plain views once, then search; returns self."""
         check_lengths(val_images, val_labels)
         features = self.adapter.extract_features(images)
-        skipped = {s.index for s in self.adapter.skipped_}
+        labels = kept(label_list(labels), self.adapter.skipped_)
         val_features = self.adapter.extract_features(val_images, views=0)
-        val_skipped = {s.index for s in self.adapter.skipped_}
-        labels = [lab for i, lab in enumerate(labels) if i not in skipped]
-        val_labels = [lab for i, lab in enumerate(val_labels) if i not in val_skipped]
+        val_labels = kept(label_list(val_labels), self.adapter.skipped_)
         return self.fit_features(features, labels, val_features, val_labels, class_names)
 
     def fit_features(
