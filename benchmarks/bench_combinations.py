@@ -8,7 +8,7 @@ so the times include what each fit does besides training (the α/β search, buil
 * prolip: :func:`prolip.bench.adapted.prolip_weight` (``train_projector``), the baseline of every ratio;
 * prolip+tip-adapter (cache / trained / joint) and prolip+taskres (taskres / prolip-code);
 * library taskres: what ``ProLIPAdapter(taskres_alpha=0.5)`` trains, ``train_projector`` with a
-  :class:`prolip.training.ClassifierResidual` (W's closed-form gradient, R through autograd);
+  :class:`prolip.training.loop.ClassifierResidual` (W's closed-form gradient, R through autograd);
 * test-time-prolip: scoring ``--test`` test images with 64 views each, against ProLIP scoring their
   plain views (the cost of ``logits``, not of a fit).
 
@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from timing import best_of
 
 from prolip.bench.adapted import prolip_weight
-from prolip.bench.fitting import text_prototypes
+from prolip.bench.method_tools import text_prototypes
 from prolip.bench.methods.prolip_taskres import ProLIPTaskRes
 from prolip.bench.methods.prolip_tip_adapter import ProLIPTipAdapter
 from prolip.bench.methods.test_time_prolip import ProLIPTestTime
 from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem, TextHead
-from prolip.training import ClassifierResidual, logits, train_projector
+from prolip.training.loop import ClassifierResidual, logits, train_projector
 
 D_IN, D_OUT, D_TEXT, SHOTS, VIEWS = 768, 512, 512, 16, 4
 

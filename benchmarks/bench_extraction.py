@@ -1,4 +1,4 @@
-"""Feature extraction speed: ``prolip.features.extract_features`` ÷ plain ``model.encode_image``.
+"""Feature extraction speed: ``prolip.features.extract.extract_features`` ÷ plain ``model.encode_image``.
 
 Both run the same open_clip model (random weights; speed does not depend on them) on the same
 images, batch size, precision and device. ``encode_image`` gets ready-made pixel batches, so it is
@@ -18,10 +18,10 @@ import open_clip
 import torch
 from timing import best_of
 
-from prolip.backbone import build_backbone
-from prolip.features import extract_features
+from prolip.features.extract import extract_features
+from prolip.features.views import plain_views
+from prolip.model.backbone import build_backbone
 from prolip.params import PRECISIONS
-from prolip.views import plain_views
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ baseline is the part that depends on V:
 
 * in memory: ``fit_features`` on a float32 ``[V, n, d]`` tensor, as ``extract_features`` returns
   without a cache; grows with V·n·d;
-* cached: ``fit_features`` on :class:`prolip.cache.CachedFeatures`, one ``[n, d]`` view read per
+* cached: ``fit_features`` on :class:`prolip.features.cache.CachedFeatures`, one ``[n, d]`` view read per
   step; should not grow with V.
 
 The features are synthetic (seeded Gaussian noise written straight into a cache, and the same
@@ -60,7 +60,7 @@ def adapter(args: argparse.Namespace, cache_dir: str | None = None):
 
 def cached_features(args: argparse.Namespace, views: int, cache_dir: str, build: bool):
     """Synthetic features of ``args.images`` images in the cache (written if ``build``), as CachedFeatures."""
-    from prolip.features import feature_cache
+    from prolip.features.extract import feature_cache
 
     model = adapter(args, cache_dir)
     cache = feature_cache(model.backbone, cache_dir, views=views, seed=0)

@@ -28,8 +28,8 @@ import torch
 from timing import timed
 
 from prolip import ProLIPAdapter
-from prolip.multitask import MultiTaskClassifier
-from prolip.towers import find_projector
+from prolip.model.towers import find_projector
+from prolip.variants.multitask import MultiTaskClassifier
 
 
 def main() -> None:

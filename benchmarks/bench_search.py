@@ -1,6 +1,6 @@
 """Few-shot validation's cost: the whole 7 × 7 search ÷ the sum of its 49 trainings on the same features.
 
-The search (:func:`prolip.search.search_projector`) trains at every grid point on features
+The search (:func:`prolip.training.search.search_projector`) trains at every grid point on features
 extracted once and scores each point on the validation draw's features, also extracted once; the
 reference code re-extracts the validation features at every point. The ratio measures everything
 the search adds to its 49 fits (validation scoring, bookkeeping). Timed in one run, interleaved,
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from timing import best_of
 
 from prolip.errors import TrainingDivergedError, TrainingWarning
-from prolip.search import PAPER_LAMBDAS, PAPER_LRS, search_projector
-from prolip.training import train_projector
+from prolip.training.loop import train_projector
+from prolip.training.search import PAPER_LAMBDAS, PAPER_LRS, search_projector
 
 D_IN, D_OUT, VIEWS = 768, 512, 4
 

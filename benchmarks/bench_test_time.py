@@ -25,9 +25,9 @@ import open_clip
 import torch
 from timing import best_of
 
-from prolip.backbone import build_backbone
-from prolip.test_time import TestTimeProLIP
-from prolip.views import plain_views
+from prolip.features.views import plain_views
+from prolip.model.backbone import build_backbone
+from prolip.variants.test_time import TestTimeProLIP
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ in one run, interleaved, best of ``--repeats``:
 
 * floor: the four products of a step — x·W, u·Tᵀ, dlogits·T and xᵀ·dz — alone, for every step;
 * floor+adam: the same plus one ``torch.optim.Adam(fused=True)`` step each: the least any Adam fit costs;
-* prolip: :func:`prolip.training.train_projector` (hand-written gradient, torch.optim.Adam(fused=True));
+* prolip: :func:`prolip.training.loop.train_projector` (hand-written gradient, torch.optim.Adam(fused=True));
 * autograd: the plain autograd + ``torch.optim.Adam`` + ``CosineAnnealingLR`` loop that the
   tests use as the reference (``tests/reference_training.py``).
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from timing import best_of
 
-from prolip.training import train_projector
+from prolip.training.loop import train_projector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference_training import reference_train  # the reference loop the tests use too

@@ -3,10 +3,10 @@
 For K classes at 16 shots (n = 16K images), d_in=768, d_out=512, d_t=512 (ViT-B's projectors) and
 M prompt templates, times in one run, interleaved, best of ``--repeats``:
 
-* prolip: :func:`prolip.training.train_projector` (the vision projector, hand-written gradient);
-* text: :func:`prolip.training.train_projector` with a text side and the image side frozen;
+* prolip: :func:`prolip.training.loop.train_projector` (the vision projector, hand-written gradient);
+* text: :func:`prolip.training.loop.train_projector` with a text side and the image side frozen;
 * image+text: the same training both projectors;
-* rla: :func:`prolip.training.train_projector` on the embeddings ``[V, n, d_out]`` with W0 = I
+* rla: :func:`prolip.training.loop.train_projector` on the embeddings ``[V, n, d_out]`` with W0 = I
   (the regularised linear adapter; the embeddings are computed once, outside the timing).
 
 A step costs the same whichever view it uses, so 4 views stand in for the paper's 300. K=1000 runs 5
@@ -23,7 +23,7 @@ import math
 import torch
 from timing import best_of
 
-from prolip.training import TextSide, train_projector
+from prolip.training.loop import TextSide, train_projector
 
 D_IN, D_OUT, D_TEXT, SHOTS, VIEWS = 768, 512, 512, 16, 4
 

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from prolip import ProLIPAdapter, standin
 from prolip.datasets import FASHION_MNIST_CLASSES, apply_shift, few_shot_indices, load_fashion_mnist
-from prolip.distributed import extract_distributed, init_distributed, rank_and_world_size
+from prolip.variants.distributed import extract_distributed, init_distributed, rank_and_world_size
 
 
 def synthetic(n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prolip import ProLIPAdapter, standin
 from prolip.datasets import export_image_folder
-from prolip.folders import read_labelled, sample_shots
+from prolip.datasets.generic import read_labelled, sample_shots
 
 
 def main() -> None:

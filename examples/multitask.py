@@ -24,7 +24,7 @@ import torch
 
 from prolip import ProLIPAdapter, standin
 from prolip.datasets import FASHION_MNIST_CLASSES, few_shot_indices, load_fashion_mnist
-from prolip.multitask import MultiTaskClassifier
+from prolip.variants.multitask import MultiTaskClassifier
 
 # Each task relabels the ten Fashion-MNIST classes (index = Fashion-MNIST label).
 KIND = ["clothing"] * 5 + ["shoe", "clothing", "shoe", "bag", "shoe"]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from prolip import ProLIPAdapter, standin
 from prolip.datasets import export_image_folder
-from prolip.folders import read_labelled
+from prolip.datasets.generic import read_labelled
 
 
 def main() -> None:

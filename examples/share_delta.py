@@ -18,8 +18,8 @@ import numpy as np
 
 from prolip import ProLIPAdapter, standin
 from prolip.datasets import export_image_folder
-from prolip.folders import read_labelled
-from prolip.hub import save_folder
+from prolip.datasets.generic import read_labelled
+from prolip.files.hub import save_folder
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import numpy as np
 
 from prolip import ProLIPAdapter, standin
 from prolip.datasets import export_image_folder
-from prolip.folders import read_labelled
+from prolip.datasets.generic import read_labelled
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ Public surface::
 
 from prolip._version import __version__
 from prolip.adapter import ProLIPAdapter
-from prolip.cache import CachedFeatures
 from prolip.errors import (
     DeltaFileError,
     FeatureCacheError,
@@ -27,12 +26,13 @@ from prolip.errors import (
     TrainingWarning,
     UnsupportedModelError,
 )
-from prolip.multitask import MultiTaskClassifier
-from prolip.rla import RegularizedLinearAdapter
-from prolip.test_time import TestTimeProLIP
-from prolip.tip_adapter import ProLIPTipAdapter
-from prolip.towers import supported_models
-from prolip.validation import ProLIPSearch
+from prolip.features.cache import CachedFeatures
+from prolip.model.towers import supported_models
+from prolip.variants.multitask import MultiTaskClassifier
+from prolip.variants.prolip_tip_adapter import ProLIPTipAdapter
+from prolip.variants.rla import RegularizedLinearAdapter
+from prolip.variants.search import ProLIPSearch
+from prolip.variants.test_time import TestTimeProLIP
 
 __all__ = [
     "CachedFeatures",

@@ -1,9 +1,9 @@
 """ProLIPAdapter: the scikit-learn-style estimator users fit, predict with, save and load.
 
-A thin front: the backbone (:mod:`prolip.backbone`), images (:mod:`prolip.images`), features
-(:mod:`prolip.features`), labels (:mod:`prolip.labels`), training (:mod:`prolip.training`), the
-fitted state (:mod:`prolip.fitted`), its file (:mod:`prolip.delta_file`) and sharing
-(:mod:`prolip.hub`) each live in their own module; this one wires them to the estimator contract.
+A thin front: the backbone (:mod:`prolip.model.backbone`), images (:mod:`prolip.features.images`), features
+(:mod:`prolip.features.extract`), labels (:mod:`prolip.training.labels`), training (:mod:`prolip.training.loop`), the
+fitted state (:mod:`prolip.training.fitted`), its file (:mod:`prolip.files.delta`) and sharing
+(:mod:`prolip.files.hub`) each live in their own module; this one wires them to the estimator contract.
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from prolip.backbone import Backbone, build_backbone
-from prolip.cache import CachedFeatures
-from prolip.delta_file import read_delta, write_delta
 from prolip.errors import InputError, NotFittedError
 from prolip.estimator import Estimator
-from prolip.features import check_features, features_of
-from prolip.fitted import FittedAttributes, FittedState
-from prolip.fitting import SAVED_PARAMS, fit_projector
-from prolip.images import ImageLike, kept, load_for_model, report_skipped
-from prolip.labels import accuracy, check_lengths, encode_labels, label_list
+from prolip.features.cache import CachedFeatures, check_features
+from prolip.features.extract import features_of
+from prolip.features.images import ImageLike, kept, load_for_model, report_skipped
+from prolip.files.delta import read_delta, write_delta
+from prolip.model.backbone import Backbone, build_backbone
 from prolip.params import check_params, restore_params
-from prolip.training import logits
+from prolip.training.fit import SAVED_PARAMS, fit_projector
+from prolip.training.fitted import FittedAttributes, FittedState
+from prolip.training.labels import accuracy, check_lengths, encode_labels, label_list
+from prolip.training.loop import logits
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +67,9 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         on_error: for an image that cannot be read or used, "raise" (ImageLoadError naming it) or
             "skip": leave it out (and fit its label), warn (SkippedImagesWarning), list it in
             ``skipped_``. If every image is unreadable, ImageLoadError either way.
-        cache_dir: folder of an on-disk feature cache (:mod:`prolip.cache`), or None: training
+        cache_dir: folder of an on-disk feature cache (:mod:`prolip.features.cache`), or None: training
             views (views > 0) are stored there and reused (keyed by the tower, precision, view
-            settings, ``random_state`` and ``views``), as lazy :class:`~prolip.cache.CachedFeatures`.
+            settings, ``random_state`` and ``views``), as lazy :class:`~prolip.features.cache.CachedFeatures`.
         cache_dtype: "fp16" (default; half the disk, features rounded to fp16) or "fp32".
         target: the projector(s) to train: "image" (ProLIP), "text" (the text tower's projection
             W_t, regularised toward W_t0, T rebuilt from it; see docs/variants.md) or "image+text".
@@ -77,7 +77,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
             image projector, T = normalize(t + αR) (ProLIP + TaskRes; target="image" only).
 
     Attributes (after fit or load):
-        fitted_: the :class:`~prolip.fitted.FittedState` all the attributes below are read from.
+        fitted_: the :class:`~prolip.training.fitted.FittedState` all the attributes below are read from.
         classes_: labels, in the column order of ``predict_proba``.
         class_names_: the text put into the templates for each class.
         classifier_: the classifier T, float32 ``[K, d_out]`` (zero-shot, from W_t, or with R).
@@ -90,7 +90,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         base_fingerprint_: sketches of the base model's W0 and vision tower (a ``Fingerprint``).
 
     Attributes (after any call that loads images):
-        skipped_: the images the last such call left out (:class:`prolip.images.SkippedImage`).
+        skipped_: the images the last such call left out (:class:`prolip.features.images.SkippedImage`).
     """
 
     def __init__(
@@ -187,7 +187,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         ``[1, n, d_in]``. The same ``random_state`` gives the same views. Features can be
         passed to :meth:`fit_features` any number of times. With ``on_error="skip"``, ``n``
         counts the readable images only and ``skipped_`` lists the others. With ``cache_dir``
-        set and ``views > 0``, the result is a lazy :class:`prolip.cache.CachedFeatures` over
+        set and ``views > 0``, the result is a lazy :class:`prolip.features.cache.CachedFeatures` over
         the on-disk cache, and only images not cached yet are computed.
         """
         check_params(self.get_params())
@@ -236,7 +236,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
     ) -> ProLIPAdapter:
         """Fit on features from :meth:`extract_features` (``[V, n, d_in]``); returns self.
 
-        ``features`` may be an in-memory tensor or lazy :class:`prolip.cache.CachedFeatures`,
+        ``features`` may be an in-memory tensor or lazy :class:`prolip.features.cache.CachedFeatures`,
         which training reads one view at a time.
         """
         check_params(self.get_params())
@@ -357,7 +357,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         source: str = "the fitted state",
         **overrides: Any,
     ) -> ProLIPAdapter:
-        """An adapter fitted with ``state`` (read from a delta file, or made by :mod:`prolip.validation`).
+        """An adapter fitted with ``state`` (read from a delta file, or made by :mod:`prolip.variants.search`).
 
         Arguments as in :meth:`load`; the state's stored hyperparameters are restored first.
         """
@@ -381,7 +381,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         Needs ``huggingface_hub`` (imported only here). ``metrics`` (e.g. ``{"accuracy": 0.91}``)
         are added to the model card.
         """
-        from prolip import hub
+        from prolip.files import hub
 
         return hub.push_to_hub(self._fitted(), repo_id, private=private, token=token, metrics=metrics)
 
@@ -391,6 +391,6 @@ class ProLIPAdapter(Estimator, FittedAttributes):
 
         Keyword arguments go to :meth:`load` (``model``, ``pretrained``, ``strict``, overrides).
         """
-        from prolip import hub
+        from prolip.files import hub
 
         return cls.load(hub.resolve(source), **kwargs)

@@ -197,9 +197,9 @@ def _base_options(p: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace):
     """The classifier a file holds: a ProLIPAdapter, a ProLIPTipAdapter, or for a linear adapter a ModelRLA."""
     from prolip.adapter import ProLIPAdapter
-    from prolip.delta_file import LINEAR_ADAPTER_KIND, TIP_KIND, read_metadata
-    from prolip.rla import ModelRLA
-    from prolip.tip_adapter import ProLIPTipAdapter
+    from prolip.files.delta import LINEAR_ADAPTER_KIND, TIP_KIND, read_metadata
+    from prolip.variants.prolip_tip_adapter import ProLIPTipAdapter
+    from prolip.variants.rla import ModelRLA
 
     loaders = {LINEAR_ADAPTER_KIND: ModelRLA.load, TIP_KIND: ProLIPTipAdapter.load}
     loader = loaders.get(read_metadata(args.delta)["kind"], ProLIPAdapter.load)
@@ -215,7 +215,7 @@ def _load(args: argparse.Namespace):
 
 def _fit(args: argparse.Namespace) -> None:
     from prolip.adapter import ProLIPAdapter
-    from prolip.folders import read_labelled, sample_shots
+    from prolip.datasets.generic import read_labelled, sample_shots
     from prolip.params import TARGETS
 
     paths, labels = read_labelled(args.data)
@@ -238,11 +238,11 @@ def _fit(args: argparse.Namespace) -> None:
         taskres_alpha=args.taskres_alpha if args.variant == "image+taskres" else None,
     )
     if args.variant == "rla":  # the adapter only embeds the images; the linear adapter trains on the embeddings
-        from prolip.rla import ModelRLA
+        from prolip.variants.rla import ModelRLA
 
         fitted = summary = ModelRLA.fit(adapter, paths, labels).rla
     elif args.variant == "image+tip-adapter":
-        from prolip.tip_adapter import ProLIPTipAdapter
+        from prolip.variants.prolip_tip_adapter import ProLIPTipAdapter
 
         val_paths = val_labels = None
         if args.val is not None:
@@ -264,7 +264,7 @@ def _predict(args: argparse.Namespace) -> None:
     predictor = adapter
     if args.test_time:
         from prolip.adapter import ProLIPAdapter
-        from prolip.test_time import TestTimeProLIP
+        from prolip.variants.test_time import TestTimeProLIP
 
         if not isinstance(adapter, ProLIPAdapter):
             raise ProLIPError(
@@ -301,7 +301,7 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from prolip.folders import read_labelled
+    from prolip.datasets.generic import read_labelled
 
     adapter = _load(args)
     paths, labels = read_labelled(args.data)
@@ -333,8 +333,8 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from prolip.delta_file import read_metadata, read_state
-    from prolip.fitted import LinearAdapterState
+    from prolip.files.delta import read_metadata, read_state
+    from prolip.training.fitted import LinearAdapterState
 
     state, meta = read_state(args.delta), read_metadata(args.delta)
     print(f"file:              {args.delta}")
@@ -381,8 +381,8 @@ def _merge(args: argparse.Namespace) -> None:
     from safetensors.torch import save
 
     from prolip.adapter import ProLIPAdapter
-    from prolip.files import atomic_write
-    from prolip.rla import ModelRLA
+    from prolip.atomic import atomic_write
+    from prolip.variants.rla import ModelRLA
 
     adapter = _load(args)
     if isinstance(adapter, ModelRLA):
@@ -402,7 +402,7 @@ def _merge(args: argparse.Namespace) -> None:
 def _models(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from prolip.towers import survey_models
+    from prolip.model.towers import survey_models
 
     reports = survey_models(verbose=not args.quiet)
     shown = [r for r in reports if args.all or r.status == "supported"]

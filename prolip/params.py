@@ -2,7 +2,7 @@
 
 :func:`check_params` is what the estimator runs before it does any work (scikit-learn style: the
 constructor only stores), what :meth:`~prolip.ProLIPAdapter.load` runs on the hyperparameters a
-file stores, and what :mod:`prolip.distributed` and the backbone builder run on theirs, so a
+file stores, and what :mod:`prolip.variants.distributed` and the backbone builder run on theirs, so a
 value is accepted or refused by the same rule wherever it comes from.
 """
 
@@ -18,16 +18,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from prolip.cache import STORAGE_DTYPES
 from prolip.errors import DeltaFileError, InputError
-from prolip.images import ON_ERROR
-from prolip.zeroshot import valid_templates
 
 TARGETS = ("image", "text", "image+text")
 """Which projectors a ProLIP fit trains (``target``): the vision projector, the text projection, or both."""
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 """Backbone precisions by name (training itself is always fp32)."""
+
+
+STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+"""Feature-cache storage precisions by name (``cache_dtype``)."""
+
+ON_ERROR = ("raise", "skip")
+"""What to do with an image that cannot be read (``on_error``)."""
+
+
+def valid_templates(templates: object) -> bool:
+    """True for a non-empty sequence of strings that each hold exactly one ``{}`` slot."""
+    return (
+        isinstance(templates, Sequence)
+        and not isinstance(templates, str)
+        and len(templates) > 0
+        and all(isinstance(t, str) and t.count("{}") == 1 for t in templates)
+    )
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from prolip.towers import FAMILIES, ModelReport, survey_models
+from prolip.model.towers import FAMILIES, ModelReport, survey_models
 
 COMMAND = "HF_HUB_OFFLINE=1 .venv/bin/python scripts/list_models.py"
 

@@ -5,5 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
 .venv/bin/ruff check .
+.venv/bin/lint-imports --no-cache
 .venv/bin/mkdocs build --strict --quiet -d build/site
 .venv/bin/python -m pytest -q "$@"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 CONFIGS = Path(__file__).parent / "configs"
-# One tiny random-weight config per vision tower family of prolip.towers.
+# One tiny random-weight config per vision tower family of prolip.model.towers.
 TINY_MODELS = {
     "vit": "test-vit-tiny",
     "modified_resnet": "test-rn-tiny",

@@ -10,8 +10,8 @@ from conftest import TINY_MODELS, colour_images, tiny_adapter
 from reference_training import reference_train
 
 from prolip import FingerprintMismatchError, NotFittedError, ProLIPAdapter, TrainingWarning
-from prolip.images import load_images
-from prolip.views import plain_views
+from prolip.features.images import load_images
+from prolip.features.views import plain_views
 
 # Widths of the tiny configs' pre-projection features, from their architectures: ViT width 48; RN
 # 8 × 32 channels; test_convnext's last stage 64, its MLP head's hidden 48; test_vit's width 64, and

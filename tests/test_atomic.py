@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from prolip import DeltaFileError
-from prolip.delta_file import read_delta, write_delta
-from prolip.files import STALE_TEMP_SECONDS, TEMP_PREFIX
-from prolip.fingerprint import Fingerprint
-from prolip.fitted import FittedState
+from prolip.atomic import STALE_TEMP_SECONDS, TEMP_PREFIX
+from prolip.files.delta import read_delta, write_delta
+from prolip.model.fingerprint import Fingerprint
+from prolip.training.fitted import FittedState
 
 SHAPE = (1024, 2048)  # 8 MB per write: long enough for kills to land mid-write
 
@@ -170,8 +170,8 @@ def _cache_writer(root: Path, first: int, report: int) -> None:
 
     fp32 storage keeps the child free of torch's parallel kernels, which can deadlock after fork.
     """
-    from prolip.cache import CacheKey, FeatureCache
-    from prolip.views import ViewConfig
+    from prolip.features.cache import CacheKey, FeatureCache
+    from prolip.model.preprocessing import ViewConfig
 
     try:
         config = ViewConfig(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -191,8 +191,8 @@ def _cache_writer(root: Path, first: int, report: int) -> None:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork to kill a writer mid-write")
 def test_sigkill_during_cache_writes_leaves_only_complete_entries(tmp_path):
-    from prolip.cache import CacheKey, FeatureCache
-    from prolip.views import ViewConfig
+    from prolip.features.cache import CacheKey, FeatureCache
+    from prolip.model.preprocessing import ViewConfig
 
     root, rng, written = tmp_path / "cache", random.Random(1), []
     for kill in range(6):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prolip.bench.fitting import WARMUP_LR, text_prototypes, warmup_cosine_lr
+from prolip.bench.method_tools import WARMUP_LR, text_prototypes, warmup_cosine_lr
 from prolip.bench.methods import FittedMethod, get_method
 from prolip.bench.methods.clap import CLAP
 from prolip.bench.methods.clip_adapter import ClipAdapter
@@ -25,7 +25,7 @@ from prolip.bench.methods.tip_adapter import TipAdapter
 from prolip.bench.methods.tip_adapter_f import TipAdapterF
 from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem, TextHead
 from prolip.errors import InputError
-from prolip.tip import ALPHAS, BETAS, search_alpha_beta
+from prolip.training.tip_cache import ALPHAS, BETAS, search_alpha_beta
 
 BASELINES = ["linear-probe", "lp++", "clap", "tip-adapter", "tip-adapter-f", "clip-adapter", "taskres"]
 VALIDATION_FREE = ["lp++", "clap", "taskres"]

@@ -13,10 +13,10 @@ from prolip import ProLIPAdapter, ProLIPSearch, standin
 from prolip.bench.methods import METHODS, FittedMethod, Method
 from prolip.bench.runner import run_bench
 from prolip.cli import main
-from prolip.delta_file import read_delta
 from prolip.errors import InputError
-from prolip.search import PAPER_LAMBDAS, PAPER_LRS, search_projector
-from prolip.training import train_projector
+from prolip.files.delta import read_delta
+from prolip.training.loop import train_projector
+from prolip.training.search import PAPER_LAMBDAS, PAPER_LRS, search_projector
 
 FAST = {"views": 2, "epochs": 5, "seeds": [1], "verbose": False}
 

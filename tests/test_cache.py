@@ -16,13 +16,13 @@ from conftest import CONFIGS, colour_images, tiny_adapter
 from safetensors import safe_open
 
 from prolip import InputError, ProLIPAdapter
-from prolip import cache as cache_module
-from prolip.backbone import build_backbone
-from prolip.cache import CachedFeatures, CacheKey, FeatureCache
+from prolip.atomic import TEMP_PREFIX
 from prolip.errors import FeatureCacheError
-from prolip.features import feature_cache, image_hash
-from prolip.files import TEMP_PREFIX
-from prolip.views import ViewConfig
+from prolip.features import cache as cache_module
+from prolip.features.cache import CachedFeatures, CacheKey, FeatureCache
+from prolip.features.extract import feature_cache, image_hash
+from prolip.model.backbone import build_backbone
+from prolip.model.preprocessing import ViewConfig
 
 VIEWS = 3
 
@@ -162,7 +162,7 @@ def test_hard_crash_leaves_no_torn_entry_and_resumes(make, counted, checkpoints,
     images, _ = data
     # The process dies after writing a temporary file, before the third entry is moved into place.
     body = """
-        import prolip.files as files
+        import prolip.atomic as files
         original, entries = files._publish, []
         def publish(tmp, path, exclusive):
             entries.extend([path] if path.endswith(".safetensors") else [])

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from prolip import ProLIPAdapter, standin
-from prolip.delta_file import read_delta
+from prolip.files.delta import read_delta
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 

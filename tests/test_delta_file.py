@@ -19,9 +19,9 @@ from safetensors.torch import save_file
 
 import prolip
 from prolip import DeltaFileError, FingerprintMismatchError, ProLIPAdapter
-from prolip.delta_file import CLASSIFIER_KEY, MAX_HEADER_BYTES, read_delta, write_delta
-from prolip.fingerprint import legacy_projector_hash
-from prolip.fitted import FittedState
+from prolip.files.delta import CLASSIFIER_KEY, MAX_HEADER_BYTES, read_delta, write_delta
+from prolip.model.fingerprint import legacy_projector_hash
+from prolip.training.fitted import FittedState
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import torch
 
 from prolip import InputError, ProLIPAdapter, standin
 from prolip.datasets import FASHION_MNIST_CLASSES
-from prolip.delta_file import read_delta
-from prolip.distributed import extract_distributed, rank_and_world_size
+from prolip.files.delta import read_delta
+from prolip.variants.distributed import extract_distributed, rank_and_world_size
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "distributed_extract.py"
 SHOTS, VIEWS, EPOCHS = 3, 4, 10

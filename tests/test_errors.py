@@ -21,7 +21,7 @@ from prolip import (
     TrainingDivergedError,
 )
 from prolip.errors import DeltaFileError, SkippedImagesWarning
-from prolip.images import SkippedImage
+from prolip.features.images import SkippedImage
 
 
 @pytest.fixture(scope="module")

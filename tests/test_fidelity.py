@@ -22,10 +22,11 @@ from safetensors.torch import load_file, save_file
 from torchvision.transforms.functional import pil_to_tensor
 
 from prolip import DeltaFileError, FingerprintMismatchError, PrecisionWarning, ProLIPAdapter, TrainingWarning, standin
-from prolip.backbone import file_may_choose
-from prolip.cache import CacheKey
-from prolip.images import load_image
-from prolip.views import VIEWS_VERSION, ViewConfig, plain_views
+from prolip.features.cache import CacheKey
+from prolip.features.images import load_image
+from prolip.features.views import VIEWS_VERSION, plain_views
+from prolip.model.backbone import file_may_choose
+from prolip.model.preprocessing import ViewConfig
 
 MODES = [("shortest", "bicubic"), ("squash", "bilinear"), ("longest", "bicubic"), ("longest", "bilinear")]
 

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from prolip import ProLIPAdapter, ProLIPError
-from prolip.delta_file import read_delta
-from prolip.images import load_image
+from prolip.features.images import load_image
+from prolip.files.delta import read_delta
 
 FUZZ = settings(
     max_examples=150,

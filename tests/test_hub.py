@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_adapter
 
 from prolip import ProLIPAdapter, ProLIPError
-from prolip.hub import DELTA_FILENAME
+from prolip.files.hub import DELTA_FILENAME
 
 
 class FakeHub:
@@ -87,7 +87,7 @@ def test_tip_adapter_push_and_pull_round_trip(fake_hub, checkpoints, colours):
 
 
 def test_from_pretrained_local_folder_and_file(checkpoints, colours, tmp_path):
-    from prolip.hub import save_folder
+    from prolip.files.hub import save_folder
 
     images, labels = colours
     adapter = tiny_adapter(checkpoints["vit"], epochs=3).fit(images, labels)

@@ -16,7 +16,7 @@ from conftest import colour_images, tiny_adapter
 from PIL import Image
 
 from prolip.errors import ImageLoadError
-from prolip.images import load_image, load_images_skipping
+from prolip.features.images import load_image, load_images_skipping
 
 
 def _roundtrip(img: Image.Image, path: Path, **save_kw) -> torch.Tensor:
@@ -102,7 +102,7 @@ _MEASURE = textwrap.dedent(
     """
     import resource, sys
     from PIL import Image
-    from prolip.images import load_image
+    from prolip.features.images import load_image
     Image.new("RGB", (64, 64)).save(sys.argv[2])
     load_image(sys.argv[2], draft_size=896)  # warm up: imports, decoder, allocator
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -8,7 +8,7 @@ import torch
 from conftest import colour_images, tiny_adapter
 
 from prolip import FingerprintMismatchError, InputError, InputTypeError, NotFittedError, ProLIPAdapter
-from prolip.multitask import MultiTaskClassifier
+from prolip.variants.multitask import MultiTaskClassifier
 
 WARMTH = {"red": "warm", "green": "cool", "blue": "cool"}
 BRIGHT = {"red": 1, "green": 0, "blue": 1}

@@ -13,14 +13,14 @@ from test_baselines import accuracy, make_problem, zero_shot_logits
 
 from prolip import InputError
 from prolip.bench.adapted import adapted_problem, prolip_weight
-from prolip.bench.fitting import text_prototypes
+from prolip.bench.method_tools import text_prototypes
 from prolip.bench.methods import get_method
 from prolip.bench.methods.prolip_taskres import ProLIPTaskRes
 from prolip.bench.methods.prolip_tip_adapter import ProLIPTipAdapter
 from prolip.bench.methods.tip_adapter_f import TipAdapterF
 from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem
-from prolip.tip import ALPHAS, BETAS
-from prolip.training import logits
+from prolip.training.loop import logits
+from prolip.training.tip_cache import ALPHAS, BETAS
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
 

@@ -13,7 +13,7 @@ from conftest import edit_delta
 from safetensors import safe_open
 
 from prolip import DeltaFileError, InputError, NotFittedError, ProLIPAdapter, RegularizedLinearAdapter
-from prolip.delta_file import CLASSIFIER_KEY, LINEAR_ADAPTER_KEY, read_delta, read_linear_adapter, read_state
+from prolip.files.delta import CLASSIFIER_KEY, LINEAR_ADAPTER_KEY, read_delta, read_linear_adapter, read_state
 
 SCALE = 100.0
 
@@ -212,7 +212,7 @@ def test_the_strict_reader_refuses_damaged_adapters(saved, tmp_path, meta, tenso
 
 
 def test_shared_through_a_folder(saved, tmp_path):
-    from prolip.hub import DELTA_FILENAME, save_folder
+    from prolip.files.hub import DELTA_FILENAME, save_folder
 
     fitted, _ = saved
     save_folder(fitted.fitted_, tmp_path / "shared", metrics={"accuracy": 0.5})

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from conftest import colour_images, tiny_adapter
 
 from prolip import InputError, ProLIPAdapter, ProLIPSearch
-from prolip.training import ClassifierResidual, logits, train_projector
-from prolip.zeroshot import average_prompts, text_prototypes
+from prolip.model.zeroshot import average_prompts, text_prototypes
+from prolip.training.loop import ClassifierResidual, logits, train_projector
 
 CPU = torch.device("cpu")
 
@@ -184,7 +184,7 @@ def test_the_bench_method_trains_the_same_objective():
 
     from test_baselines import make_problem
 
-    from prolip.bench.fitting import text_prototypes as bench_prototypes
+    from prolip.bench.method_tools import text_prototypes as bench_prototypes
     from prolip.bench.methods.prolip_taskres import ProLIPTaskRes
 
     problem, test = make_problem(k=5, shots=2, noise=1.0, shift=3.0, seed=1)

@@ -17,14 +17,14 @@ from conftest import TINY_MODELS, colour_images, tiny_adapter
 from test_baselines import accuracy, make_problem, zero_shot_logits
 
 from prolip import InputError, InputTypeError, NotFittedError
-from prolip.backbone import build_backbone
 from prolip.bench.adapted import prolip_weight
 from prolip.bench.methods import get_method
 from prolip.bench.problem import FeatureSet
 from prolip.cli import main
-from prolip.test_time import TestTimeProLIP
-from prolip.training import logits
-from prolip.tta import TestTimeSettings, select_views, tta_logits, view_entropies
+from prolip.model.backbone import build_backbone
+from prolip.training.loop import logits
+from prolip.training.test_time import TestTimeSettings, select_views, tta_logits, view_entropies
+from prolip.variants.test_time import TestTimeProLIP
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 

@@ -12,9 +12,9 @@ from conftest import colour_images, edit_delta, tiny_adapter
 from safetensors import safe_open
 
 from prolip import DeltaFileError, FingerprintMismatchError, InputError, ProLIPAdapter
-from prolip.delta_file import CLASSIFIER_KEY, read_delta
-from prolip.training import TextSide, train_projector
-from prolip.zeroshot import zero_shot_classifier
+from prolip.files.delta import CLASSIFIER_KEY, read_delta
+from prolip.model.zeroshot import zero_shot_classifier
+from prolip.training.loop import TextSide, train_projector
 
 CPU = torch.device("cpu")
 TEMPLATES = ["a photo of a {}."]

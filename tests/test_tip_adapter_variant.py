@@ -13,8 +13,8 @@ from conftest import colour_images, edit_delta, tiny_adapter
 from safetensors import safe_open
 
 from prolip import DeltaFileError, InputError, NotFittedError, ProLIPAdapter, ProLIPTipAdapter
-from prolip.delta_file import CACHE_KEYS_KEY, CACHE_LABELS_KEY, TIP_KIND
-from prolip.tip import ALPHAS, BETAS, train_keys
+from prolip.files.delta import CACHE_KEYS_KEY, CACHE_LABELS_KEY, TIP_KIND
+from prolip.training.tip_cache import ALPHAS, BETAS, train_keys
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from reference_training import reference_logits, reference_train
 
 from prolip import TrainingDivergedError, TrainingWarning
-from prolip.training import TrainResult, train_grid, train_projector
+from prolip.training.loop import TrainResult, train_grid, train_projector
 
 CPU = torch.device("cpu")
 

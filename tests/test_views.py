@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from prolip.views import ViewConfig, augmented_views, crop_grid, plain_views, sample_crops
+from prolip.features.views import augmented_views, crop_grid, plain_views, sample_crops
+from prolip.model.preprocessing import ViewConfig
 
 CONFIG = ViewConfig(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 

@@ -1,7 +1,7 @@
 """ProLIP inside the bench: its trained projector, problems seen through it, and joint training with more tensors.
 
 Methods that build on ProLIP (``prolip+tip-adapter``, ``prolip+taskres``, ``test-time-prolip`` from a
-fit) train W as :func:`prolip.training.train_projector` does, on the problem's views. A baseline
+fit) train W as :func:`prolip.training.loop.train_projector` does, on the problem's views. A baseline
 applied to :func:`adapted_problem` then sees the adapted image embeddings wherever it would have
 seen the frozen ones, with no change to its code.
 """
@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from prolip.bench.fitting import set_lr
+from prolip.bench.method_tools import set_lr
 from prolip.bench.problem import ImageHead, Problem
-from prolip.training import ADAM_EPS, train_projector
+from prolip.training.loop import ADAM_EPS, train_projector
 
 PROLIP_LR = 1e-3
 """ProLIP's learning rate in the bench's validation-free setting (with λ = 1/N any lr in 1e-5…1e-2 does)."""

@@ -1,6 +1,6 @@
 """The keys of Tip-Adapter's cache model from the bench's features, for ``tip-adapter`` and ``tip-adapter-f``.
 
-The scores and the α / β search are :mod:`prolip.tip`, shared with the library's ProLIP + Tip-Adapter.
+The scores and the α / β search are :mod:`prolip.training.tip_cache`, shared with the library's ProLIP + Tip-Adapter.
 """
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prolip.bench.fitting import embed_view
+from prolip.bench.method_tools import embed_view
 from prolip.bench.problem import FeatureSet, ImageHead
-from prolip.tip import AUGMENT_VIEWS
+from prolip.training.tip_cache import AUGMENT_VIEWS
 
 
 def cache_keys(head: ImageHead, train: FeatureSet, views: int = AUGMENT_VIEWS) -> torch.Tensor:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from prolip.backbone import Backbone
 from prolip.bench.problem import Classes, ImageHead, TextHead
 from prolip.errors import UnsupportedModelError
+from prolip.model.backbone import Backbone
 
 logger = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from prolip.cache import CachedFeatures
-from prolip.training import split_features
-from prolip.zeroshot import average_prompts
+from prolip.features.cache import CachedFeatures
+from prolip.model.zeroshot import average_prompts
+from prolip.training.loop import split_features
 
 CPU = torch.device("cpu")
 
@@ -25,10 +25,10 @@ class FeatureSet:
 
     Attributes:
         features: float32 ``[V, n, width]``: view ``v`` of image ``i`` at ``features[v, i]``. ``V = 1``
-            for the plain test-time view. May be lazy :class:`~prolip.cache.CachedFeatures` (index
+            for the plain test-time view. May be lazy :class:`~prolip.features.cache.CachedFeatures` (index
             it one view at a time) for augmented training views. Each row is x (``d_in`` columns)
             and, for towers that add a per-image residual after their last linear map (SigLIP's
-            attention-pool head), the residual r beside it (:func:`prolip.training.split_features`).
+            attention-pool head), the residual r beside it (:func:`prolip.training.loop.split_features`).
         labels: int64 ``[n]``, indices into the classes the set was drawn with.
         d_in: the width of x; None when rows hold x alone (``width == d_in``).
     """

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from prolip.atomic import atomic_write
 from prolip.errors import InputError
-from prolip.files import atomic_write
 
 FORMAT = "prolip-bench"
 VERSION = 1

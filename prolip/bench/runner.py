@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from prolip.backbone import build_backbone
 from prolip.bench.inputs import class_set, image_head
 from prolip.bench.methods import FittedMethod, Method, get_method
 from prolip.bench.problem import Classes, FeatureSet, Problem
@@ -29,8 +28,9 @@ from prolip.bench.settings import DEFAULT_SEEDS, DEFAULT_SHOTS, Target, plan
 from prolip.bench.store import FeatureStore
 from prolip.datasets import Dataset, draw_shots, draw_validation, write_draw
 from prolip.errors import InputError
+from prolip.model.backbone import build_backbone
+from prolip.model.zeroshot import check_templates
 from prolip.params import check_params
-from prolip.zeroshot import check_templates
 
 logger = logging.getLogger(__name__)
 

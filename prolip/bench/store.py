@@ -2,7 +2,7 @@
 
 All methods and settings read the same cached features: training draws (augmented views), their
 plain views, validation draws and test splits (plain views), and the augmented test views of
-test-time methods. The cache is keyed per image content (:mod:`prolip.cache`), so nested draws,
+test-time methods. The cache is keyed per image content (:mod:`prolip.features.cache`), so nested draws,
 overlapping seeds and a resumed run reuse what is already there; images are decoded and hashed
 in chunks, so memory holds one chunk of images, never a whole test split. Feature sets small
 enough are read into memory once; larger ones (ImageNet's training views) stay on disk and are
@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from prolip.backbone import Backbone
+from prolip.atomic import atomic_write
 from prolip.bench.problem import FeatureSet
-from prolip.cache import CachedFeatures
 from prolip.datasets import Item
-from prolip.features import feature_cache, fill_cache, image_hash
-from prolip.files import atomic_write
-from prolip.images import load_image
+from prolip.features.cache import CachedFeatures
+from prolip.features.extract import feature_cache, fill_cache, image_hash
+from prolip.features.images import load_image
+from prolip.model.backbone import Backbone
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from itertools import chain
 from pathlib import Path
 
 from prolip.datasets.dataset import SPLIT_NAMES, Dataset, Item, classnames_of
+from prolip.datasets.generic import read_labelled
 from prolip.errors import InputError
-from prolip.folders import read_labelled
 
 __all__ = [
     "COOP_DATASETS",

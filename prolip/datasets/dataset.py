@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from prolip.errors import InputError
-from prolip.zeroshot import check_templates
+from prolip.model.zeroshot import check_templates
 
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 """The splits a :class:`Dataset` holds, in order."""

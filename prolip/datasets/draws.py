@@ -21,9 +21,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from prolip.atomic import atomic_write
 from prolip.datasets.dataset import Dataset, Item
 from prolip.errors import InputError
-from prolip.files import atomic_write
 
 __all__ = ["DRAW_FORMAT", "DRAW_VERSION", "Draw", "draw_shots", "draw_validation", "read_draw", "write_draw"]
 

@@ -217,7 +217,7 @@ def export_image_folder(
     """Write ``per_class`` random Fashion-MNIST images per class as PNGs in ``root/<class name>/``.
 
     Gives the examples a real image folder (the layout ``prolip fit`` and
-    :func:`prolip.folders.read_labelled` take) without any download. Returns ``root``.
+    :func:`prolip.datasets.generic.read_labelled` take) without any download. Returns ``root``.
     """
     from PIL import Image
 

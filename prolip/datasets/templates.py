@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from prolip.errors import InputError
-from prolip.zeroshot import check_templates
+from prolip.model.zeroshot import check_templates
 
 
 def read_templates(path: str | os.PathLike) -> tuple[str, ...]:

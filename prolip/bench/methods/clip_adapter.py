@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from prolip.bench.fitting import (
+from prolip.bench.method_tools import (
     accuracy,
     check_val,
     dassl_batches,

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from prolip.bench.fitting import accuracy, check_classes, check_val, plain_embeddings
+from prolip.bench.method_tools import accuracy, check_classes, check_val, plain_embeddings
 from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem
 

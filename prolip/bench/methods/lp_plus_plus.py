@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from prolip.bench.fitting import check_classes, embed_view, plain_embeddings
+from prolip.bench.method_tools import check_classes, embed_view, plain_embeddings
 from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem
 

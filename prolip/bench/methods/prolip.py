@@ -1,6 +1,6 @@
 """``prolip``: ProLIP validation-free — λ = 1/N, a fixed learning rate, the paper's 300 steps.
 
-The projector W (from W0) trained by :func:`prolip.training.train_projector` on the problem's
+The projector W (from W0) trained by :func:`prolip.training.loop.train_projector` on the problem's
 augmented views; scores ``s · normalize(x W + b + r) · Tᵀ`` with any classes' T, so it transfers
 to classes it was not trained on (base-to-new, cross-dataset, domain generalisation).
 """
@@ -12,7 +12,7 @@ import torch
 from prolip.bench.adapted import PROLIP_LR, prolip_weight, reg_lambda_of
 from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem
-from prolip.training import logits
+from prolip.training.loop import logits
 
 
 class AdaptedProjector(FittedMethod):

@@ -1,7 +1,7 @@
 """``prolip+taskres``: ProLIP's projector and TaskRes's text-classifier residual, trained jointly.
 
 Default (``form="taskres"``), with f̂_W the normalised adapted embedding ``normalize(xW + b)``, t the
-text prototypes TaskRes starts from (:func:`~prolip.bench.fitting.text_prototypes`) and R a
+text prototypes TaskRes starts from (:func:`~prolip.bench.method_tools.text_prototypes`) and R a
 residual per class, from zero::
 
     minimise over W, R:  CE(s · f̂_W · normalize(t + α R)ᵀ, y) + λ ‖W − W0‖²_F     (λ = 1/N, α = 0.5)
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from prolip.bench.adapted import PROLIP_LR, adapted_problem, train_jointly
-from prolip.bench.fitting import check_classes, plain_embeddings, text_prototypes
+from prolip.bench.method_tools import check_classes, plain_embeddings, text_prototypes
 from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.methods.clap import PrototypeModel
 from prolip.bench.problem import Classes, FeatureSet, Problem

@@ -4,7 +4,7 @@ The classifier is rebuilt at every step from the fixed pre-projection text featu
 (class, template) prompt, T = normalize(mean_m normalize(P W_t)), and W_t is trained with
 CE(s · normalize(x W0 + b) · Tᵀ, y) + λ‖W_t − W_t0‖²_F, λ = 1/N, Adam (lr 1e-3, eps 1e-4), cosine
 schedule, ``problem.epochs`` full-batch steps on the augmented views
-(:func:`prolip.training.train_projector` with a text side, as ``ProLIPAdapter(target="text")`` trains).
+(:func:`prolip.training.loop.train_projector` with a text side, as ``ProLIPAdapter(target="text")`` trains).
 Validation-free. W_t is shared by all classes, so any classes with their own text features are
 scored with T built from them and the trained W_t.
 """
@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prolip.bench.fitting import embed_view
+from prolip.bench.method_tools import embed_view
 from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem, TextHead
 from prolip.errors import InputError
-from prolip.training import TextSide, train_projector
+from prolip.training.loop import TextSide, train_projector
 
 
 def text_head(classes: Classes) -> TextHead:

@@ -1,4 +1,4 @@
-"""``prolip+tip-adapter``: Tip-Adapter's cache model on top of ProLIP's adapted image embeddings.
+"""``prolip+tip-adapter``: the bench half of ProLIP + Tip-Adapter (:mod:`prolip.variants.prolip_tip_adapter` is the estimator).
 
 ProLIP is trained first (:func:`~prolip.bench.adapted.prolip_weight`, λ = 1/N); Tip-Adapter then
 runs unchanged on the problem seen through the adapted projector W (:func:`~prolip.bench.adapted.adapted_problem`):
@@ -23,13 +23,13 @@ import torch.nn.functional as F
 
 from prolip.bench.adapted import PROLIP_LR, adapted_problem, prolip_weight, train_jointly
 from prolip.bench.cache_model import cache_keys
-from prolip.bench.fitting import check_classes, plain_embeddings
+from prolip.bench.method_tools import check_classes, plain_embeddings
 from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.methods.tip_adapter import TipAdapter
 from prolip.bench.methods.tip_adapter_f import TipAdapterF
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.errors import InputError
-from prolip.tip import cache_scores
+from prolip.training.tip_cache import cache_scores
 
 KEYS = ("cache", "trained", "joint")
 JOINT_LR = 1e-4

@@ -1,10 +1,10 @@
-"""``rla``: the regularised linear adapter, the ProLIP paper's variant for black-box models.
+"""``rla``: the bench half of the regularised linear adapter (:mod:`prolip.variants.rla` is the estimator).
 
 A square A on the frozen image embeddings f, initialised at the identity: CE(s · normalize(f A) · Tᵀ, y)
 + λ‖A − I‖²_F with λ = 1/N, Adam (lr 1e-3, eps 1e-4) for ``problem.epochs`` full-batch steps under a
 cosine schedule, step t on view t mod V. That is ProLIP's training with the embeddings as features
-and W0 = I, so it runs :func:`prolip.training.train_projector` (the estimator is
-:class:`prolip.rla.RegularizedLinearAdapter`). Validation-free; A acts on the image side only, so
+and W0 = I, so it runs :func:`prolip.training.loop.train_projector` (the estimator is
+:class:`prolip.variants.rla.RegularizedLinearAdapter`). Validation-free; A acts on the image side only, so
 it scores any classes with their own text classifier.
 """
 
@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prolip.bench.fitting import embed_view
+from prolip.bench.method_tools import embed_view
 from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem
-from prolip.training import train_projector
+from prolip.training.loop import train_projector
 
 
 class EmbeddedViews:

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from prolip.bench.fitting import (
+from prolip.bench.method_tools import (
     dassl_batches,
     embed_view,
     epoch_batches,

@@ -12,11 +12,11 @@ from typing import ClassVar
 import torch
 
 from prolip.bench.cache_model import cache_keys
-from prolip.bench.fitting import check_classes, check_val, plain_embeddings
+from prolip.bench.method_tools import check_classes, check_val, plain_embeddings
 from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem
 from prolip.errors import InputError
-from prolip.tip import search_alpha_beta, tip_logits
+from prolip.training.tip_cache import search_alpha_beta, tip_logits
 
 _CHUNK = 4096  # test images scored at once: the affinity matrix is [chunk, cache size]
 

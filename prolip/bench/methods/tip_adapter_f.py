@@ -13,11 +13,11 @@ from typing import ClassVar
 import torch
 
 from prolip.bench.cache_model import cache_keys
-from prolip.bench.fitting import embed_view
+from prolip.bench.method_tools import embed_view
 from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.methods.tip_adapter import CacheModel, select_alpha_beta
 from prolip.bench.problem import Problem
-from prolip.tip import AUGMENT_VIEWS, KEY_BATCH_SIZE, KEY_EPOCHS, KEY_LR, train_keys
+from prolip.training.tip_cache import AUGMENT_VIEWS, KEY_BATCH_SIZE, KEY_EPOCHS, KEY_LR, train_keys
 
 
 @register

@@ -1,0 +1,279 @@
+"""Turning user images (paths, PIL images, arrays, tensors) into RGB uint8 tensors."""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from prolip.errors import ImageLoadError, InputError, InputTypeError, ProLIPError, SkippedImagesWarning, warn
+from prolip.params import ON_ERROR
+
+ImageLike = str | os.PathLike | Image.Image | torch.Tensor | np.ndarray
+"""Anything prolip accepts as one image: a file path, a PIL image, an HWC/HW numpy array, or a
+CHW/HW tensor (uint8 in 0..255, or floating point in 0..1)."""
+
+
+class SkippedImage(NamedTuple):
+    """An image left out under ``on_error="skip"``: its position, what it was, and why."""
+
+    index: int
+    item: str
+    reason: str
+
+
+class LoadedImages(NamedTuple):
+    """What :func:`load_images_skipping` returns."""
+
+    images: list[torch.Tensor]
+    kept: list[int]
+    skipped: list[SkippedImage]
+
+
+def _describe(item: object, index: int) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return f"image {index} ({os.fspath(item)!r})"
+    return f"image {index} ({type(item).__name__})"
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB: transparency over white, 16-bit and float scaled to 8 bits."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img, dtype=np.float32)  # float32 holds 16-bit values exactly, at half float64's memory
+        top = arr.max(initial=0.0)
+        # 16-bit data is rescaled; data that already fits in 8 bits is kept as is.
+        arr = arr * (255.0 / 65535.0) if top > 255 else arr
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def _exif_transpose(img: Image.Image, what: str) -> Image.Image:
+    """Apply the EXIF orientation; a corrupt EXIF block is ignored rather than losing the image."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception as exc:  # PIL's EXIF parser raises many types on malformed tags
+        warn(f"{what} has unreadable EXIF data ({exc}); its orientation is not applied.")
+        return img
+
+
+def _open_path(path: str, index: int, draft_size: int | None) -> Image.Image:
+    what = f"image {index} ({path!r})"
+    if not os.path.exists(path):
+        raise ImageLoadError(f"{what} does not exist; check the path.")
+    if os.path.isdir(path):
+        raise ImageLoadError(f"{what} is a directory, not an image file; list the files inside it.")
+    if os.path.getsize(path) == 0:
+        raise ImageLoadError(f"{what} is an empty (zero-byte) file; re-copy or remove it.")
+    try:
+        with warnings.catch_warnings():
+            # Large photos are fine: JPEGs decode at reduced scale, and memory is the only limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if draft_size is not None:
+                    # JPEG decodes at 1/2 or 1/4 scale where the shorter side stays >= draft_size: huge
+                    # photos never fully expand, and the later antialiased resize hides the difference.
+                    # Never 1/8: that scale keeps only each block's mean, a box filter the resize cannot hide.
+                    floor = -(-min(img.size) // 4)
+                    img.draft("RGB", (max(draft_size, floor), max(draft_size, floor)))
+                img.load()  # decode first, so that decoding errors are not mistaken for EXIF ones
+                return _exif_transpose(img, what)
+    except PermissionError as exc:
+        raise ImageLoadError(f"{what} cannot be read ({exc.strerror}); check the file's permissions.") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageLoadError(f"{what} is not an image PIL can read; remove it or convert it.") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"{what} is too large to decode safely ({exc}); downscale it first.") from exc
+    except MemoryError as exc:
+        raise ImageLoadError(f"{what} needs more memory to decode than is available; downscale it first.") from exc
+    except Exception as exc:  # a decoder fed a damaged file can raise almost any type (struct.error, zlib.error, ...)
+        raise ImageLoadError(
+            f"{what} could not be decoded ({type(exc).__name__}: {exc}); the file may be truncated or corrupt. "
+            "Re-copy or remove it, or pass on_error='skip'."
+        ) from exc
+
+
+def _from_array(arr: np.ndarray | torch.Tensor, index: int, channels_first: bool) -> torch.Tensor:
+    what = _describe(arr, index)
+    t = torch.as_tensor(arr).detach().cpu()
+    if t.ndim == 2:
+        t = t.unsqueeze(0) if channels_first else t.unsqueeze(-1)
+    if t.ndim != 3:
+        raise InputError(f"{what} has shape {tuple(t.shape)}; expected {'CHW' if channels_first else 'HWC'} or HW.")
+    if not channels_first:
+        t = t.permute(2, 0, 1)
+    if t.shape[0] not in (1, 3, 4) or t.shape[1] == 0 or t.shape[2] == 0:
+        raise InputError(f"{what} has shape {tuple(t.shape)}; expected 1, 3 or 4 channels and a non-empty size.")
+    if t.dtype == torch.uint8:
+        pass
+    elif t.is_floating_point():
+        if not torch.isfinite(t).all():
+            raise InputError(f"{what} contains NaN or Inf values.")
+        if t.min() < 0 or t.max() > 1:
+            raise InputError(f"{what} is floating point with values outside [0, 1]; scale it to [0, 1] or pass uint8.")
+        t = (t.float() * 255).round().to(torch.uint8)
+    else:
+        raise InputTypeError(f"{what} has dtype {t.dtype}; pass uint8 (0..255) or floating point (0..1).")
+    if t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    elif t.shape[0] == 4:
+        alpha = t[3:].float() / 255
+        t = (t[:3].float() * alpha + 255 * (1 - alpha)).round().to(torch.uint8)
+    return t.contiguous()
+
+
+def _pil_image(item: ImageLike, index: int, draft_size: int | None) -> Image.Image | None:
+    """A path or PIL image decoded (EXIF orientation applied), in RGB; None for arrays and tensors."""
+    if isinstance(item, (str, os.PathLike)):
+        img = _open_path(os.fspath(item), index, draft_size)
+    elif isinstance(item, Image.Image):
+        try:
+            item.load()
+            img = _exif_transpose(item, _describe(item, index))
+        except Exception as exc:  # a lazily-opened PIL image decodes here; see _open_path
+            raise ImageLoadError(
+                f"{_describe(item, index)} could not be decoded ({type(exc).__name__}: {exc}); "
+                "the file it was opened from may be truncated or corrupt."
+            ) from exc
+    elif isinstance(item, (torch.Tensor, np.ndarray)):
+        return None
+    else:
+        raise InputTypeError(
+            f"{_describe(item, index)} is not a supported image; pass a file path, a PIL image, "
+            "a numpy HWC array or a CHW tensor."
+        )
+    return _to_rgb(img)
+
+
+def load_image(item: ImageLike, index: int = 0, draft_size: int | None = None) -> torch.Tensor:
+    """Load one image as an RGB ``uint8`` tensor ``[3, H, W]``.
+
+    Args:
+        item: a path, a PIL image, an HWC/HW numpy array or a CHW/HW tensor.
+        index: position of the item in the caller's list, used in error messages.
+        draft_size: if given, JPEG files are decoded at the smallest of 1/1, 1/2 or 1/4 scale
+            whose shorter side is still at least this (cheap decoding of huge photos).
+
+    Raises:
+        ImageLoadError: the file is missing, empty, truncated or not an image.
+        InputError / InputTypeError: an in-memory image has an unusable shape, dtype or range.
+    """
+    img = _pil_image(item, index, draft_size)
+    if img is None:
+        return _from_array(item, index, channels_first=isinstance(item, torch.Tensor))
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+
+
+def load_pil_image(item: ImageLike, index: int = 0) -> Image.Image:
+    """Load one image as a full-resolution RGB PIL image (what a user ``preprocess`` transform takes)."""
+    img = _pil_image(item, index, None)
+    if img is None:
+        return Image.fromarray(
+            _from_array(item, index, channels_first=isinstance(item, torch.Tensor)).permute(1, 2, 0).numpy()
+        )
+    return img
+
+
+def _check_sequence(items: object) -> list:
+    if isinstance(items, (str, bytes, os.PathLike, Image.Image)) or (
+        isinstance(items, (torch.Tensor, np.ndarray)) and items.ndim < 3
+    ):
+        raise InputTypeError(
+            "images must be a sequence of images (a list of paths, PIL images or tensors), not a single image."
+        )
+    if not isinstance(items, Iterable):
+        raise InputTypeError(
+            f"images must be a sequence of images (a list of paths, PIL images or tensors), not {type(items).__name__}."
+        )
+    return list(items)
+
+
+def load_images(items: Sequence[ImageLike], draft_size: int | None = None) -> list[torch.Tensor]:
+    """Load every image of ``items`` with :func:`load_image`; raises on the first bad one."""
+    return [load_image(item, i, draft_size) for i, item in enumerate(_check_sequence(items))]
+
+
+def load_images_skipping(
+    items: Sequence[ImageLike],
+    draft_size: int | None = None,
+    on_error: str = "skip",
+    loader: Callable[[ImageLike, int], Any] | None = None,
+) -> LoadedImages:
+    """Load ``items``, leaving out (``on_error="skip"``) or raising on (``"raise"``) unusable ones.
+
+    ``loader(item, index)`` loads one image; the default is :func:`load_image` with ``draft_size``.
+
+    Any per-image :class:`~prolip.errors.ProLIPError` (unreadable file, unusable array) counts as
+    unusable; a wrong argument type for ``items`` itself always raises.
+
+    Returns:
+        the loaded images, the indices in ``items`` they came from, and one
+        :class:`SkippedImage` per image left out.
+    """
+    if on_error not in ON_ERROR:
+        raise InputError(f"on_error={on_error!r} must be one of {list(ON_ERROR)}.")
+    items = _check_sequence(items)
+    load_one = loader or functools.partial(load_image, draft_size=draft_size)
+    if on_error == "raise":
+        return LoadedImages([load_one(item, i) for i, item in enumerate(items)], list(range(len(items))), [])
+    images, kept, skipped = [], [], []
+    for i, item in enumerate(items):
+        try:
+            images.append(load_one(item, i))
+        except ProLIPError as exc:
+            desc = os.fspath(item) if isinstance(item, (str, os.PathLike)) else type(item).__name__
+            skipped.append(SkippedImage(i, desc, str(exc)))
+        else:
+            kept.append(i)
+    return LoadedImages(images, kept, skipped)
+
+
+def load_for_model(
+    items: Sequence[ImageLike], *, on_error: str, draft_size: int | None = None, as_pil: bool = False
+) -> LoadedImages:
+    """Load a user's images for a model: tensors, or full-resolution PIL images with ``as_pil``.
+
+    Follow with :func:`report_skipped`, once the caller has recorded what was skipped.
+    """
+    return load_images_skipping(items, draft_size, on_error=on_error, loader=load_pil_image if as_pil else None)
+
+
+def kept(items: Sequence[Any], skipped: Sequence[SkippedImage]) -> list[Any]:
+    """The ``items`` (e.g. labels) that belong to the images a load kept, in order: those not in ``skipped``."""
+    dropped = {s.index for s in skipped}
+    return [item for i, item in enumerate(items) if i not in dropped]
+
+
+def report_skipped(result: LoadedImages) -> None:
+    """Warn about skipped images (one :class:`SkippedImagesWarning` naming the first ten), or fail if none is left.
+
+    Raises:
+        ImageLoadError: every image was unreadable.
+        InputError: there were no images at all.
+    """
+    if result.skipped:
+        shown = "; ".join(f"image {s.index} ({s.item!r})" for s in result.skipped[:10])
+        more = f" and {len(result.skipped) - 10} more" if len(result.skipped) > 10 else ""
+        if not result.images:
+            raise ImageLoadError(
+                f"all {len(result.skipped)} images were unreadable: {shown}{more}. "
+                f"First reason: {result.skipped[0].reason} See skipped_ for every reason."
+            )
+        warn(
+            f"skipped {len(result.skipped)} of {len(result.skipped) + len(result.images)} unreadable images "
+            f"(on_error='skip'): {shown}{more}; see skipped_ for the reasons.",
+            SkippedImagesWarning,
+        )
+    if not result.images:
+        raise InputError("images is empty; pass at least one image.")

@@ -1,0 +1,343 @@
+"""``ProLIPTipAdapter``, ProLIP + Tip-Adapter as an estimator (:mod:`prolip.bench.methods.prolip_tip_adapter` is its bench half).
+
+Scores are ``s · f′·Tᵀ + α · exp(−β (1 − f′·K′ᵀ)) · L`` (:mod:`prolip.training.tip_cache`): f′ the normalised
+embedding of the image under the trained projector W0 + delta, K′ the training images' adapted
+embeddings (each the normalised mean over ``key_views`` augmented views, from the features the
+fit already extracted: no second pass through the trunk), L their one-hot labels. α and β are
+searched on a validation set, never on test data, unless given. With ``keys="trained"`` the keys
+are then fine-tuned as Tip-Adapter-F does (W fixed; :func:`prolip.training.tip_cache.train_keys`) on further
+views of the same features, and α, β searched again. The cache lives beside the projector delta
+in one safetensors file of kind ``tip_adapter`` (:mod:`prolip.files.delta`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prolip.adapter import ProLIPAdapter
+from prolip.errors import DeltaFileError, InputError, NotFittedError
+from prolip.estimator import Estimator
+from prolip.features.cache import CachedFeatures, check_features
+from prolip.features.images import ImageLike, kept
+from prolip.files.delta import TIP_KIND, read_state, write_delta
+from prolip.training.fit import fit_projector
+from prolip.training.fitted import FittedState
+from prolip.training.labels import accuracy, check_lengths, label_indices, label_list
+from prolip.training.loop import embed, project
+from prolip.training.tip_cache import ALPHAS, AUGMENT_VIEWS, BETAS, TipCache, search_alpha_beta, train_keys
+from prolip.variants.search import adapter_from_state
+
+_CHUNK = 4096  # test images scored at once
+KEYS = ("cache", "trained")
+"""The cache's keys: Tip-Adapter's (training-free) or Tip-Adapter-F's (fine-tuned)."""
+
+
+class ProLIPTipAdapter(Estimator):
+    """ProLIP + Tip-Adapter: a fitted projector and a cache model of the few-shot images on top.
+
+    Args:
+        adapter: the (unfitted) :class:`~prolip.ProLIPAdapter` whose parameters the ProLIP fit
+            uses (model, views, epochs, ...); it is not modified.
+        alpha, beta: fix the cache's weight α and sharpness β; None (both) searches them on the
+            validation set given to ``fit`` over ``alphas`` × ``betas``, first best in β-major order.
+        keys: "cache" (Tip-Adapter: training-free) or "trained" (Tip-Adapter-F: the keys are
+            fine-tuned for 20 epochs, epoch e on view ``key_views + e`` of the training features,
+            minibatch order seeded by the adapter's ``random_state``).
+        key_views: augmented views averaged into each cache key (Tip-Adapter's 10; the views of
+            the training features are reused, cycling when there are fewer).
+        alphas, betas: the search grid (default: 25 and 40 log-spaced values in [0.1, 50]).
+
+    Attributes (after fit or load):
+        adapter_: the fitted ProLIPAdapter (W0 + delta and T).
+        cache_: the :class:`~prolip.training.tip_cache.TipCache` (keys, labels, α, β, the search's result).
+        classes_: labels, in the column order of ``predict_proba``.
+        alpha_, beta_: the α and β in use.
+        val_accuracy_: the validation accuracy of the chosen α, β (None when they were given).
+    """
+
+    def __init__(
+        self,
+        adapter: ProLIPAdapter,
+        *,
+        alpha: float | None = None,
+        beta: float | None = None,
+        keys: str = "cache",
+        key_views: int = AUGMENT_VIEWS,
+        alphas: Sequence[float] = ALPHAS,
+        betas: Sequence[float] = BETAS,
+    ) -> None:
+        self.adapter = adapter
+        self.alpha = alpha
+        self.beta = beta
+        self.keys = keys
+        self.key_views = key_views
+        self.alphas = alphas
+        self.betas = betas
+
+    # ------------------------------------------------------------------ learned attributes
+    def _fitted(self) -> tuple[ProLIPAdapter, TipCache]:
+        fitted = self.__dict__.get("_fit")
+        if fitted is None:
+            raise NotFittedError(
+                "This ProLIPTipAdapter is not fitted yet; call fit(images, labels, val_images, val_labels), "
+                "fit_features(...) or ProLIPTipAdapter.load(path) first."
+            )
+        return fitted
+
+    @property
+    def adapter_(self) -> ProLIPAdapter:
+        """The fitted ProLIPAdapter."""
+        return self._fitted()[0]
+
+    @property
+    def cache_(self) -> TipCache:
+        """The cache model: keys, their labels, α and β."""
+        return self._fitted()[1]
+
+    @property
+    def classes_(self) -> np.ndarray:
+        """Labels, in the column order of ``predict_proba``."""
+        return self.adapter_.classes_
+
+    @property
+    def alpha_(self) -> float:
+        """The cache's weight α in use."""
+        return self.cache_.alpha
+
+    @property
+    def beta_(self) -> float:
+        """The affinities' sharpness β in use."""
+        return self.cache_.beta
+
+    @property
+    def val_accuracy_(self) -> float | None:
+        """Validation accuracy of the chosen α, β; None when they were given."""
+        selection = self.cache_.selection
+        return None if selection is None else float(selection["val_accuracy"])
+
+    # ------------------------------------------------------------------ fitting
+    def _check(self, has_val: bool) -> None:
+        if (self.alpha is None) != (self.beta is None):
+            raise InputError(
+                f"give both alpha and beta, or neither (to search them); got alpha={self.alpha!r}, beta={self.beta!r}."
+            )
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
+                raise InputError(f"{name}={value!r} is invalid: it must be a number >= 0.")
+        if self.keys not in KEYS:
+            raise InputError(f"keys={self.keys!r} is invalid: it must be one of {list(KEYS)}.")
+        if not (isinstance(self.key_views, int) and self.key_views >= 1):
+            raise InputError(f"key_views={self.key_views!r} is invalid: it must be an integer >= 1.")
+        if self.alpha is None and not has_val:
+            raise InputError(
+                "ProLIPTipAdapter chooses alpha and beta on a validation set: pass val_images and val_labels "
+                "(or val_features and val_labels), or fix alpha= and beta=."
+            )
+
+    def fit(
+        self,
+        images: Sequence[ImageLike],
+        labels: Sequence[Hashable],
+        val_images: Sequence[ImageLike] | None = None,
+        val_labels: Sequence[Hashable] | None = None,
+        class_names: Mapping[Hashable, str] | Sequence[str] | None = None,
+    ) -> ProLIPTipAdapter:
+        """Extract the training views (and the validation images' plain views) once, then :meth:`fit_features`."""
+        self._check(val_images is not None)
+        check_lengths(images, labels)
+        features = self.adapter.extract_features(images)
+        labels = kept(label_list(labels), self.adapter.skipped_)
+        val_features = None
+        if val_images is not None:
+            check_lengths(val_images, val_labels)
+            val_features = self.adapter.extract_features(val_images, views=0)
+            val_labels = kept(label_list(val_labels), self.adapter.skipped_)
+        return self.fit_features(features, labels, val_features, val_labels, class_names)
+
+    def fit_features(
+        self,
+        features: torch.Tensor | CachedFeatures,
+        labels: Sequence[Hashable],
+        val_features: torch.Tensor | None = None,
+        val_labels: Sequence[Hashable] | None = None,
+        class_names: Mapping[Hashable, str] | Sequence[str] | None = None,
+    ) -> ProLIPTipAdapter:
+        """Fit on features from ``adapter.extract_features`` (training views; validation ``views=0``); returns self."""
+        self._check(val_features is not None)
+        self.__dict__.pop("_fit", None)  # a failed fit leaves the estimator unfitted
+        adapter = self.adapter
+        state = fit_projector(adapter.backbone, features, labels, class_names, adapter.get_params())
+        fitted = adapter_from_state(adapter, state)
+        projector = fitted.backbone.projector
+        weight, bias = state.adapted_weight(projector).cpu(), _bias(fitted)
+        n_views = features.shape[0]
+        with torch.no_grad():
+            total = sum(project(features[v % n_views].float(), weight, bias) for v in range(self.key_views))
+            keys = F.normalize(total, dim=-1)
+        key_labels = label_indices(labels, state.classes)
+        val = None
+        if self.alpha is None:
+            val = _validation(val_features, val_labels, state, projector.feature_width, weight, bias)
+
+        def choose(keys: torch.Tensor) -> tuple[float, float, dict[str, Any] | None]:
+            """α, β: the given ones, or the first best on the validation set with these keys."""
+            if val is None:
+                return float(self.alpha), float(self.beta), None
+            val_embeddings, val_y = val
+            alpha, beta, score = search_alpha_beta(
+                val_embeddings, val_y, state.classifier, keys, key_labels, state.logit_scale,
+                betas=self.betas, alphas=self.alphas,
+            )  # fmt: skip
+            return alpha, beta, {"val_accuracy": score, "alphas": list(self.alphas), "betas": list(self.betas)}
+
+        alpha, beta, selection = choose(keys)
+        if self.keys == "trained":
+            seed = secrets.randbits(63) if adapter.random_state is None else int(adapter.random_state)
+            keys = train_keys(
+                keys, lambda e: embed(features[(self.key_views + e) % n_views].float(), weight, bias), key_labels,
+                state.classifier, alpha=alpha, beta=beta, logit_scale=state.logit_scale,
+                generator=torch.Generator().manual_seed(seed),
+            )  # fmt: skip
+            alpha, beta, selection = choose(keys)
+        cache = TipCache(keys, key_labels, alpha, beta, self.key_views, self.keys == "trained", selection)
+        self._fit = (fitted, cache)
+        return self
+
+    # ------------------------------------------------------------------ inference
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Class logits ``[n, K]`` (CPU, fp32) of plain-view features ``[n, d_in]`` or ``[1, n, d_in]``.
+
+        ProLIP's logits plus the cache's term (with α = 0, ProLIP's alone).
+        """
+        adapter, cache = self._fitted()
+        x = check_features(features, adapter.backbone.projector.feature_width)
+        if x.shape[0] != 1:
+            raise InputError(f"features hold {x.shape[0]} views; pass test-time features [1, n, d] (views=0).")
+        weight = adapter.fitted_.adapted_weight(adapter.backbone.projector).cpu()
+        classifier, bias = adapter.classifier_, _bias(adapter)
+        with torch.inference_mode():
+            # A chunk of images at a time bounds the [images, cache size] affinity matrix.
+            return torch.cat([
+                adapter.logit_scale_ * f @ classifier.t() + cache.scores(f, classifier.shape[0])
+                for f in (embed(rows.float(), weight, bias) for rows in x[0].split(_CHUNK))
+            ])  # fmt: skip
+
+    def predict_features(self, features: torch.Tensor) -> np.ndarray:
+        """Predicted labels from plain-view features (``adapter_.extract_features(images, views=0)``)."""
+        return self.classes_[self.logits_from_features(features).argmax(dim=1).numpy()]
+
+    def predict_proba(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """Class probabilities ``(n, K)``; columns follow ``classes_``."""
+        features = self.adapter_.extract_features(images, views=0)
+        return torch.softmax(self.logits_from_features(features), dim=-1).numpy()
+
+    def predict(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """Predicted label of each image, values from ``classes_``."""
+        return self.predict_features(self.adapter_.extract_features(images, views=0))
+
+    def score(self, images: Sequence[ImageLike], labels: Sequence[Hashable]) -> float:
+        """Accuracy of :meth:`predict` on ``images`` against ``labels`` (readable images only)."""
+        check_lengths(images, labels)
+        predicted = self.predict(images)
+        return accuracy(predicted, kept(label_list(labels), self.adapter_.skipped_))
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike) -> None:
+        """Save the projector delta, T, the cache and metadata as one ``.safetensors`` file (kind ``tip_adapter``)."""
+        adapter, cache = self._fitted()
+        write_delta(path, dataclasses.replace(adapter.fitted_, cache=cache))
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        model: str | nn.Module | None = None,
+        pretrained: str | None = None,
+        *,
+        strict: bool = True,
+        trust_file_model: bool = False,
+        **overrides: Any,
+    ) -> ProLIPTipAdapter:
+        """Rebuild a fitted ProLIP + Tip-Adapter from a file written by :meth:`save`.
+
+        Arguments as :meth:`prolip.ProLIPAdapter.load` (``overrides`` are ProLIPAdapter parameters).
+        """
+        source = repr(os.fspath(path))
+        state = read_state(path)
+        if not isinstance(state, FittedState) or state.cache is None:
+            raise DeltaFileError(
+                f"{source} is not a ProLIP + Tip-Adapter file (kind {TIP_KIND!r}); load it with "
+                "prolip.ProLIPAdapter.load or prolip.RegularizedLinearAdapter.load."
+            )
+        cache = state.cache
+        adapter = ProLIPAdapter.from_state(
+            dataclasses.replace(state, cache=None), model, pretrained, strict=strict,
+            trust_file_model=trust_file_model, source=source, **overrides,
+        )  # fmt: skip
+        searched = cache.selection is not None
+        grid = {"alphas": cache.selection["alphas"], "betas": cache.selection["betas"]} if searched else {}
+        fixed = {} if searched else {"alpha": cache.alpha, "beta": cache.beta}
+        keys = "trained" if cache.trained_keys else "cache"
+        loaded = cls(adapter, keys=keys, key_views=cache.key_views, **fixed, **grid)
+        loaded._fit = (adapter, cache)  # its own class: the one place besides fit_features that sets it
+        return loaded
+
+    # ------------------------------------------------------------------ sharing
+    def push_to_hub(
+        self, repo_id: str, private: bool = False, token: str | None = None, metrics: dict[str, float] | None = None
+    ) -> str:
+        """Upload the file :meth:`save` writes and a generated model card to a Hugging Face Hub repository; returns its URL.
+
+        Needs ``huggingface_hub`` (imported only here).
+        """
+        from prolip.files import hub
+
+        adapter, cache = self._fitted()
+        state = dataclasses.replace(adapter.fitted_, cache=cache)
+        return hub.push_to_hub(state, repo_id, private=private, token=token, metrics=metrics)
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike, **kwargs: Any) -> ProLIPTipAdapter:
+        """Load from ``"hf-hub:user/repo"``, a folder holding ``prolip_delta.safetensors``, or the file itself.
+
+        Keyword arguments go to :meth:`load`.
+        """
+        from prolip.files import hub
+
+        return cls.load(hub.resolve(source), **kwargs)
+
+
+def _validation(
+    features: torch.Tensor | None,
+    labels: Sequence[Hashable] | None,
+    state: FittedState,
+    width: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation images' adapted embeddings ``[n, d_out]`` and class indices ``[n]``."""
+    val = check_features(features, width, "val_features")
+    val_y = label_indices(labels, state.classes, "val_labels")
+    if val.shape[0] != 1 or val.shape[1] != len(val_y):
+        raise InputError(
+            f"val_features are {tuple(val.shape)}; pass the plain view of each validation image "
+            f"([1, {len(val_y)}, d], extract_features(val_images, views=0)) with one label each."
+        )
+    with torch.no_grad():
+        return embed(val[0].float(), weight, bias), val_y
+
+
+def _bias(adapter: ProLIPAdapter) -> torch.Tensor | None:
+    """The projector's frozen bias, fp32 CPU, or None."""
+    bias = adapter.backbone.projector.bias
+    return None if bias is None else bias.detach().float().cpu()

@@ -1,0 +1,114 @@
+"""``ProLIPSearch``, the grid search as an estimator (the images half of :mod:`prolip.training.search`).
+
+The search itself (grid, tie rule) is :mod:`prolip.training.search`; this module wires it to images, the
+estimator and the delta file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from prolip.adapter import ProLIPAdapter
+from prolip.features.cache import CachedFeatures
+from prolip.features.images import kept
+from prolip.training.fit import fit_projector
+from prolip.training.fitted import FittedState
+from prolip.training.labels import check_lengths, label_list
+from prolip.training.search import PAPER_LAMBDAS, PAPER_LRS, check_grid
+
+
+def adapter_from_state(template: ProLIPAdapter, state: FittedState, **changes: Any) -> ProLIPAdapter:
+    """A new adapter with ``template``'s parameters (and ``changes``), fitted with ``state``.
+
+    It shares ``template``'s model object, so no second copy of the backbone is loaded; ``template``
+    itself is left as it was (scikit-learn's meta-estimators never fit the estimator they are given).
+    """
+    params = {**template.get_params(), **changes}
+    params.pop("model"), params.pop("pretrained")
+    return ProLIPAdapter.from_state(state, template.backbone.model, template.pretrained, **params)
+
+
+class ProLIPSearch:
+    """Few-shot validation around a :class:`~prolip.ProLIPAdapter`: fit at every (lr, λ), keep the best.
+
+    A meta-estimator in the spirit of scikit-learn's ``GridSearchCV``, with the validation set given
+    explicitly (the paper's N-shot validation draw) instead of cross-validation folds.
+
+    Args:
+        adapter: the (unfitted) adapter whose other parameters (model, views, epochs, ...) every
+            grid point uses; its ``lr`` and ``reg_lambda`` are what the search chooses.
+        lrs, reg_lambdas: the grid (default: the paper's).
+
+    Attributes (after fit):
+        best_estimator_: a fitted ProLIPAdapter at the chosen point (its delta file records the
+            grid and every validation accuracy under ``selection``).
+        best_params_: ``{"lr": ..., "reg_lambda": ...}``.
+        cv_results_: the grid and validation accuracies (:meth:`prolip.training.search.SearchResult.as_dict`).
+    """
+
+    def __init__(
+        self, adapter: ProLIPAdapter, *, lrs: Sequence[float] = PAPER_LRS, reg_lambdas: Sequence[float] = PAPER_LAMBDAS
+    ) -> None:
+        self.adapter = adapter
+        self.lrs = lrs
+        self.reg_lambdas = reg_lambdas
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor arguments, as scikit-learn's ``get_params``."""
+        return {"adapter": self.adapter, "lrs": self.lrs, "reg_lambdas": self.reg_lambdas}
+
+    def fit(
+        self,
+        images: Sequence[Any],
+        labels: Sequence[Hashable],
+        val_images: Sequence[Any],
+        val_labels: Sequence[Hashable],
+        class_names: Mapping[Hashable, str] | Sequence[str] | None = None,
+    ) -> ProLIPSearch:
+        """Extract the training views and the validation images' plain views once, then search; returns self."""
+        check_lengths(val_images, val_labels)
+        features = self.adapter.extract_features(images)
+        labels = kept(label_list(labels), self.adapter.skipped_)
+        val_features = self.adapter.extract_features(val_images, views=0)
+        val_labels = kept(label_list(val_labels), self.adapter.skipped_)
+        return self.fit_features(features, labels, val_features, val_labels, class_names)
+
+    def fit_features(
+        self,
+        features: torch.Tensor | CachedFeatures,
+        labels: Sequence[Hashable],
+        val_features: torch.Tensor,
+        val_labels: Sequence[Hashable],
+        class_names: Mapping[Hashable, str] | Sequence[str] | None = None,
+    ) -> ProLIPSearch:
+        """Search on features from ``adapter.extract_features`` (training views; validation ``views=0``); returns self."""
+        lrs, reg_lambdas = check_grid(self.lrs, self.reg_lambdas)
+        adapter = self.adapter
+        state = fit_projector(
+            adapter.backbone, features, labels, class_names, adapter.get_params(),
+            validation=(val_features, val_labels, lrs, reg_lambdas),
+        )  # fmt: skip
+        chosen = {"lr": state.selection["lr"], "reg_lambda": state.selection["reg_lambda"]}
+        self.best_estimator_ = adapter_from_state(adapter, state, **chosen)
+        self.best_params_ = {"lr": state.selection["lr"], "reg_lambda": state.selection["reg_lambda"]}
+        self.cv_results_ = dict(state.selection)
+        return self
+
+    def predict(self, images: Sequence[Any]) -> Any:
+        """``best_estimator_.predict``."""
+        return self.best_estimator_.predict(images)
+
+    def predict_proba(self, images: Sequence[Any]) -> Any:
+        """``best_estimator_.predict_proba``."""
+        return self.best_estimator_.predict_proba(images)
+
+    def score(self, images: Sequence[Any], labels: Sequence[Hashable]) -> float:
+        """``best_estimator_.score``."""
+        return self.best_estimator_.score(images, labels)
+
+    def save(self, path: Any) -> None:
+        """``best_estimator_.save``: the chosen delta, with the grid in its metadata."""
+        self.best_estimator_.save(path)
