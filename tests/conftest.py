@@ -83,6 +83,30 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+def assert_no_near_ties(logits: torch.Tensor, margin: float) -> None:
+    """Every row's top two ``logits`` are more than ``margin`` apart.
+
+    Two computation paths (other kernels, other matrix shapes) agree only to rounding, which differs
+    from one CPU to another: their predictions can differ only on a row whose top two logits are
+    that close. Tests that compare predictions or accuracies across paths check their data has none.
+    """
+    top2 = logits.topk(2, dim=-1).values
+    gap = float((top2[..., 0] - top2[..., 1]).min())
+    assert gap > margin, f"near-tie in the test data: a row's top two logits are {gap:.3g} apart (<= {margin})"
+
+
+def assert_same_argmax(predicted, logits: torch.Tensor, margin: float, classes=None) -> None:
+    """``predicted`` (labels from another computation path) are the argmax of ``logits`` (named by ``classes``).
+
+    Exact, on data without near-ties (:func:`assert_no_near_ties`), where rounding cannot flip a label.
+    """
+    assert_no_near_ties(logits, margin)
+    expected = logits.argmax(dim=-1).cpu().numpy()
+    if classes is not None:
+        expected = np.asarray(classes)[expected]
+    np.testing.assert_array_equal(np.asarray(predicted), expected)
+
+
 def edit_delta(path, out, meta=None, tensors=None):
     """A copy of the safetensors file ``path`` at ``out``, its metadata and tensors changed in place by
     ``meta(dict)`` and ``tensors(dict)``: how tests make damaged delta files."""

@@ -50,7 +50,7 @@ def _version(path: Path) -> int:
     contents = read_delta(path)
     version = int(contents.n_shots) - 1
     assert contents.delta.shape == SHAPE
-    assert bool((contents.delta == version).all()) and bool((contents.classifier == version).all())
+    assert bool((contents.delta == version).all()) and bool((contents.classifier == version).all())  # stored values
     return version
 
 

@@ -155,7 +155,9 @@ def test_the_search_keeps_the_most_accurate_point_with_the_reference_tie_rule():
     assert found.accuracy[1, 0] < 0.6 and found.accuracy[0, 0] == 1.0
     assert (found.lr, found.reg_lambda) == (1e-1, 0.0)
     alone = train_projector(features, labels, classifier, w0, None, lr=1e-1, reg_lambda=0.0, **{**kw, "verbose": False})
-    assert torch.equal(found.result.weight, alone.weight)  # the chosen point's own training, not a refit
+    # The chosen point's own training: trained beside the other point (batched products), it rounds otherwise than
+    # alone; weights of order 1 after 20 Adam steps at lr 0.1 move ~1e-6 under last-bit changes in the products.
+    torch.testing.assert_close(found.result.weight, alone.weight, rtol=1e-5, atol=1e-5)
     # Equal accuracies: the first point in grid order (learning rates outer, λ inner), as the reference loop.
     tie = search_projector(
         features, labels, val, labels, classifier, w0, None, lrs=(5e-2, 1e-1), reg_lambdas=(1e-3, 0.0), **kw
@@ -173,7 +175,7 @@ def test_the_search_keeps_the_most_accurate_point_with_the_reference_tie_rule():
 
 
 def test_search_estimator_records_the_grid_in_the_delta(checkpoints, tmp_path):
-    from conftest import colour_images, tiny_adapter
+    from conftest import assert_no_near_ties, colour_images, tiny_adapter
 
     images, labels = colour_images(3)
     val_images, val_labels = colour_images(2, seed=5)
@@ -182,13 +184,15 @@ def test_search_estimator_records_the_grid_in_the_delta(checkpoints, tmp_path):
     best = search.best_estimator_
     assert (best.lr, best.reg_lambda) == (search.best_params_["lr"], search.best_params_["reg_lambda"])
     grid = torch.tensor(search.cv_results_["val_accuracy"])
+    # The grid scored with W, best with W0 + (W − W0): equal to rounding, so equal accuracies without near-ties.
+    assert_no_near_ties(best.logits_from_features(best.extract_features(val_images, views=0)), margin=1e-3)
     assert grid.shape == (2, 2) and float(grid.max()) == best.score(val_images, val_labels)
     search.save(tmp_path / "d.safetensors")
     state = read_delta(tmp_path / "d.safetensors")
     assert state.selection == search.cv_results_ and state.hyperparameters["lr"] == best.lr
     loaded = ProLIPAdapter.load(tmp_path / "d.safetensors", pretrained=checkpoints["vit"], verbose=False)
     assert loaded.fitted_.selection == search.cv_results_
-    assert (loaded.predict(images) == search.predict(images)).all()
+    assert (loaded.predict(images) == search.predict(images)).all()  # exact: the stored delta and T read back
 
 
 def test_methods_take_arguments_in_their_names(suite, tmp_path):

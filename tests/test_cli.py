@@ -80,6 +80,7 @@ def test_fit_info_predict_eval(folder, delta):
         assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     adapter = ProLIPAdapter.load(delta, verbose=False)
     proba = adapter.predict_proba(images)
+    # Exact: the subprocess runs the same ops on the same shapes (the suite keeps torch's default thread count).
     assert [r["label"] for r in rows] == adapter.predict(images).tolist()
     for row, p in zip(rows, proba, strict=True):
         assert [row["probabilities"][str(c)] for c in adapter.classes_] == pytest.approx(p.tolist(), abs=1e-6)
@@ -103,7 +104,8 @@ def test_merge_gives_an_open_clip_checkpoint(delta, tmp_path):
     merged = open_clip.create_model(standin.MODEL_NAME, pretrained=str(out))
     base = open_clip.create_model(standin.MODEL_NAME, pretrained=str(standin.checkpoint_path()))
     delta_file = read_delta(delta)
-    # The projector is exactly W0 + delta from the file, in fp32; everything else is the base model.
+    # The projector is exactly W0 + delta from the file, in fp32; everything else is the base model. Bit-for-bit:
+    # the same elementwise fp32 addition (correctly rounded, the same on every CPU), and copies of the rest.
     assert merged.visual.proj.dtype == torch.float32
     assert torch.equal(merged.visual.proj, base.visual.proj.float() + delta_file.delta)
     assert delta_file.delta.abs().max() > 0
@@ -126,6 +128,7 @@ def test_csv_input_and_user_errors(folder, tmp_path):
     stamps = [p.stat().st_mtime_ns for p in entries]
     prolip("fit", str(csv), *common, "--cache-dir", str(cache), "--out", str(again), "--quiet")
     assert [p.stat().st_mtime_ns for p in entries] == stamps  # reused, not rewritten
+    # bit-for-bit: both fits train on the same fp16 features read back from the cache: the same ops and shapes
     assert torch.equal(read_delta(out).delta, read_delta(again).delta)
 
     for args, needle in (

@@ -53,7 +53,7 @@ def _expect(path: Path, match: str, error: type[Exception] = DeltaFileError, **l
 
 def test_the_valid_file_loads(valid, fitted):
     contents = read_delta(valid)
-    assert torch.equal(contents.delta, fitted.delta_)
+    assert torch.equal(contents.delta, fitted.delta_)  # bit-for-bit: a stored tensor read back
     assert contents.classes == ("blue", "green", "red") and contents.reg_lambda == fitted.reg_lambda_
     loaded = ProLIPAdapter.load(valid, trust_file_model=True, verbose=False)
     assert loaded.base_fingerprint_ == fitted.base_fingerprint_
@@ -223,7 +223,8 @@ def test_format_1_files_are_still_read_and_checked(valid, tmp_path, fitted):
 
     old = edit_delta(valid, tmp_path / "v1.safetensors", meta=lambda m: as_format_1(m, w0))
     loaded = ProLIPAdapter.load(old, trust_file_model=True, verbose=False)
-    assert torch.equal(loaded.delta_, fitted.delta_) and loaded.reg_lambda_ == fitted.reg_lambda_  # "auto": 1/N
+    # bit-for-bit: a stored tensor read back; λ is 1.0 / N on both sides ("auto")
+    assert torch.equal(loaded.delta_, fitted.delta_) and loaded.reg_lambda_ == fitted.reg_lambda_
     other = edit_delta(valid, tmp_path / "v1-other.safetensors", meta=lambda m: as_format_1(m, w0 + 1))
     with pytest.raises(FingerprintMismatchError, match="projector W0 differs"):
         ProLIPAdapter.load(other, trust_file_model=True)
@@ -259,7 +260,7 @@ def test_write_delta_round_trips_every_field(tmp_path, valid):
     copy = read_delta(tmp_path / "copy.safetensors")
     for field in dataclasses.fields(FittedState):
         mine, theirs = getattr(copy, field.name), getattr(contents, field.name)
-        same = (
+        same = (  # bit-for-bit: every field written and read back
             torch.equal(mine, theirs)
             if isinstance(mine, torch.Tensor)
             else np.array_equal(mine, theirs)

@@ -77,6 +77,7 @@ def test_without_a_process_group_it_is_a_cached_extraction(tmp_path):
     adapter = _adapter()
     features = extract_distributed(adapter, list(images[:4]), cache_dir=tmp_path)
     assert adapter.cache_dir == tmp_path and tuple(features.shape) == (VIEWS, 4, 128)
+    # bit-for-bit: the second call computes nothing; both read the same cache entries back
     assert torch.equal(
         features.to_tensor(), _adapter(cache_dir=tmp_path).extract_features(list(images[:4])).to_tensor()
     )

@@ -249,7 +249,8 @@ def test_fit_skips_unreadable_images_and_their_labels(checkpoints, data, tmp_pat
     assert list(adapter.classes_) == ["blue", "green", "red"]
     clean = tiny_adapter(checkpoints["vit"], epochs=3).fit(images, labels)
     assert adapter.n_shots_ == clean.n_shots_ == 4
-    assert torch.equal(adapter.delta_, clean.delta_)  # same images, same views, same labels
+    # bit-for-bit: the same 12 images in the same order, so the same batches, views, ops and shapes
+    assert torch.equal(adapter.delta_, clean.delta_)
     assert clean.skipped_ == []
 
 
@@ -268,6 +269,7 @@ def test_predict_and_extract_skip_unreadable_images(skipping, data, tmp_path):
         predicted = adapter.predict(mixed)
     assert [s.index for s in adapter.skipped_] == [1, 3]
     expected = adapter.predict_proba(kept)
+    # bit-for-bit here and below: the 3 readable images make the same batch as `kept`: the same ops and shapes
     np.testing.assert_array_equal(predicted, adapter.classes_[expected.argmax(1)])
     with pytest.warns(SkippedImagesWarning):
         proba = adapter.predict_proba(mixed)
@@ -318,7 +320,7 @@ def test_divergence_names_lr_and_lambda_and_leaves_nothing_fitted(checkpoints, d
         assert not hasattr(adapter, name), name
     with pytest.raises(NotFittedError):
         adapter.predict_features(features[:1])
-    assert torch.equal(adapter.backbone.projector.parameter.detach(), w0)  # bit-identical base model
+    assert torch.equal(adapter.backbone.projector.parameter.detach(), w0)  # bit-for-bit: untouched, vs a copy
 
 
 def test_loading_a_delta_with_bad_hyperparameters(fitted, tmp_path):

@@ -154,7 +154,7 @@ def test_changing_the_base_model_after_fit_rechecks_the_delta(checkpoints, other
     with pytest.raises(FingerprintMismatchError, match="projector W0 differs"):
         adapter.predict(images)  # it used to predict with the old W0 + delta
     adapter.set_params(pretrained=other_checkpoints["copy"])  # the same weights under another name
-    np.testing.assert_array_equal(adapter.predict_proba(images), proba)
+    np.testing.assert_array_equal(adapter.predict_proba(images), proba)  # bit-for-bit: the same ops and shapes
     adapter.set_params(device=None)  # rebuilt (on the best device: the CPU here), still consistent
     np.testing.assert_allclose(adapter.predict_proba(images), proba, atol=1e-6)
     adapter.set_params(precision="bf16")  # W0 now in bf16: the adapted weight is rebuilt from it
@@ -188,7 +188,7 @@ def test_merging_keeps_the_trained_update(checkpoints, colours):
     key = adapter.backbone.projector.key
     merged = adapter.merged_model()
     assert merged.state_dict()[key].dtype == torch.float32
-    assert torch.equal(merged.state_dict()[key], w0 + adapter.delta_)
+    assert torch.equal(merged.state_dict()[key], w0 + adapter.delta_)  # bit-for-bit: the same elementwise fp32 sum
     with pytest.warns(PrecisionWarning) as caught:
         kept = adapter.merged_model(precision=None)
     lost = (kept.state_dict()[key].float() - w0 - adapter.delta_).norm() / adapter.delta_.norm()
@@ -233,6 +233,7 @@ def test_a_file_cannot_choose_what_to_download_or_read(checkpoints, colours, tmp
     with pytest.raises(DeltaFileError, match=r"does not let a file choose.*trust_file_model=True"):
         ProLIPAdapter.load(path)
     trusted = ProLIPAdapter.load(path, trust_file_model=True, verbose=False)
+    # exact: the stored delta and T read back onto the same weights: the same ops on the same shapes
     np.testing.assert_array_equal(trusted.predict(images), adapter.predict(images))
     assert ProLIPAdapter.load(path, pretrained=checkpoints["vit"], verbose=False).pretrained == checkpoints["vit"]
 

@@ -65,6 +65,7 @@ def test_push_and_pull_round_trip(fake_hub, checkpoints, colours):
     with pytest.raises(ProLIPError, match="does not let a file choose"):
         ProLIPAdapter.from_pretrained("hf-hub:someone/colours")
     pulled = ProLIPAdapter.from_pretrained("hf-hub:someone/colours", pretrained=checkpoints["vit"], verbose=False)
+    # bit-for-bit: the stored delta and T read back onto the same weights: the same ops on the same shapes
     np.testing.assert_array_equal(pulled.predict_proba(images), adapter.predict_proba(images))
     with pytest.raises(ProLIPError, match="someone/missing"):
         ProLIPAdapter.from_pretrained("hf-hub:someone/missing")
@@ -80,7 +81,7 @@ def test_tip_adapter_push_and_pull_round_trip(fake_hub, checkpoints, colours):
     assert "# ProLIP + Tip-Adapter for test-vit-tiny" in card and "ProLIPTipAdapter.from_pretrained" in card
     assert f"cache of {len(labels)} adapted training embeddings" in card
     pulled = ProLIPTipAdapter.from_pretrained("hf-hub:someone/tip", pretrained=checkpoints["vit"], verbose=False)
-    np.testing.assert_array_equal(pulled.predict_proba(images), tip.predict_proba(images))
+    np.testing.assert_array_equal(pulled.predict_proba(images), tip.predict_proba(images))  # bit-for-bit: as above
     assert (pulled.alpha_, pulled.beta_) == (1.0, 2.0)
     with pytest.raises(ProLIPError, match=r"ProLIPTipAdapter\.load"):
         ProLIPAdapter.from_pretrained("hf-hub:someone/tip", pretrained=checkpoints["vit"])
@@ -95,6 +96,7 @@ def test_from_pretrained_local_folder_and_file(checkpoints, colours, tmp_path):
     by_folder = ProLIPAdapter.from_pretrained(folder, pretrained=checkpoints["vit"], verbose=False)
     by_file = ProLIPAdapter.from_pretrained(folder / DELTA_FILENAME, pretrained=checkpoints["vit"], verbose=False)
     expected = adapter.predict_proba(images)
+    # bit-for-bit: the stored delta and T read back onto the same weights: the same ops on the same shapes
     np.testing.assert_array_equal(by_folder.predict_proba(images), expected)
     np.testing.assert_array_equal(by_file.predict_proba(images), expected)
     with pytest.raises(ProLIPError, match="has no prolip_delta"):

@@ -30,7 +30,7 @@ def test_grayscale(tmp_path):
     arr = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
     out = _roundtrip(Image.fromarray(arr, mode="L"), tmp_path / "g.png")
     for c in range(3):
-        assert torch.equal(out[c], torch.from_numpy(arr))
+        assert torch.equal(out[c], torch.from_numpy(arr))  # exact: uint8 pixels
 
 
 def test_palette_with_and_without_transparency(tmp_path):
@@ -95,7 +95,7 @@ def test_exif_orientation_is_applied(tmp_path):
     top, bottom = out[:, 5, 10].tolist(), out[:, 35, 10].tolist()
     assert top == pytest.approx([255, 0, 0], abs=10) and bottom == pytest.approx([0, 0, 255], abs=10)
     # The same for an already-opened PIL image.
-    assert torch.equal(load_image(Image.open(tmp_path / "rot.jpg")), out)
+    assert torch.equal(load_image(Image.open(tmp_path / "rot.jpg")), out)  # exact: uint8 pixels, the same decoder
 
 
 _MEASURE = textwrap.dedent(

@@ -46,8 +46,9 @@ def test_predictions_equal_each_adapter_alone(saved, test_images, checkpoints):
     for name, path in saved.items():
         alone = ProLIPAdapter.load(path, pretrained=checkpoints["vit"], verbose=False)
         np.testing.assert_allclose(proba[name], alone.predict_proba(test_images), rtol=0, atol=1e-6)
+        # exact: the same features (one extraction, same batch), delta and T: the same ops on the same shapes
         np.testing.assert_array_equal(labels[name], alone.predict(test_images))
-        np.testing.assert_array_equal(clf.classes_[name], alone.classes_)
+        np.testing.assert_array_equal(clf.classes_[name], alone.classes_)  # labels, not computed
         assert proba[name].shape == (len(test_images), len(alone.classes_))
     assert set(labels["warmth"]) <= {"warm", "cool"} and set(labels["bright"]) <= {0, 1}
 

@@ -96,6 +96,8 @@ def test_tip_with_no_cache_weight_is_prolip_exactly(shifted):
         test.features[0], weight, problem.image_head.bias, problem.classes.classifier, problem.logit_scale
     )
     got = ProLIPTipAdapter(alpha=0.0, beta=1.0).fit(problem).logits(test, problem.classes)
+    # bit-for-bit: the same W (the same training run twice), (s · normalize(x W + b)) @ Tᵀ on the same [n, d] rows
+    # on both sides, and the cache adds an exact 0
     assert torch.equal(got, expected)
 
 
@@ -143,6 +145,7 @@ def test_trained_keys_are_tip_adapter_f_on_the_adapted_embeddings(shifted):
     problem, test = shifted
     expected = TipAdapterF().fit(adapted_problem(problem, prolip_weight(problem))).logits(test, problem.classes)
     fitted = ProLIPTipAdapter(keys="trained").fit(problem)
+    # bit-for-bit: the method is these calls, the same ops on the same shapes
     assert torch.equal(fitted.logits(test, problem.classes), expected) and fitted.info["keys"] == "trained"
 
 

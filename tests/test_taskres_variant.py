@@ -129,6 +129,7 @@ def test_save_load_predicts_identically(fitted, tmp_path, checkpoints):
     path = tmp_path / "taskres.safetensors"
     fitted.save(path)
     loaded = ProLIPAdapter.load(path, pretrained=checkpoints["vit"], verbose=False)
+    # bit-for-bit: stored tensors read back, then the same ops on the same shapes
     assert loaded.taskres_alpha == 0.5 and torch.equal(loaded.classifier_, fitted.classifier_)
     assert torch.equal(loaded.delta_, fitted.delta_)
     images = colour_images(2, seed=9)[0]
@@ -136,7 +137,7 @@ def test_save_load_predicts_identically(fitted, tmp_path, checkpoints):
     assert torch.equal(loaded.logits_from_features(features), fitted.logits_from_features(features))
     # The merged model holds W0 + delta; with the saved T it scores as the adapter does.
     merged = fitted.merged_model()
-    assert torch.equal(merged.visual.proj, fitted.backbone.model.visual.proj + fitted.delta_)
+    assert torch.equal(merged.visual.proj, fitted.backbone.model.visual.proj + fitted.delta_)  # the same fp32 sum
     expected = logits(features[0], merged.visual.proj.detach(), None, fitted.classifier_, fitted.logit_scale_)
     torch.testing.assert_close(expected, fitted.logits_from_features(features))
 

@@ -106,11 +106,13 @@ def test_keeps_exactly_the_lowest_entropy_views():
     dropped = [v for v in range(1, 30) if v not in kept[:, image].tolist()]
     swapped = features.clone()
     swapped[[dropped[0], dropped[1]], image] = features[[dropped[1], dropped[0]], image]
+    # bit-for-bit: the same ops on the same shapes; the swapped rows are scored but never kept, and rows never mix
     assert torch.equal(tta_logits(swapped, weight, bias, classifier, 10.0, settings), before)
     best = int(kept[0, image])
     replaced = features.clone()
     replaced[best, image] = features[dropped[-1], image]
     after = tta_logits(replaced, weight, bias, classifier, 10.0, settings)
+    # bit-for-bit for the other images: their rows and projector copies see the same ops on the same shapes
     assert not torch.allclose(after[image], before[image]) and torch.equal(after[1:], before[1:])
 
 
@@ -148,7 +150,7 @@ def test_reads_lazy_features_one_view_at_a_time():
     features, weight, bias, classifier = random_inputs(True, dtype=torch.float32, seed=4, n=5)
     settings = TestTimeSettings(rho=0.2, lr=2e-2)
     lazy = ViewByView(features)
-    assert torch.equal(
+    assert torch.equal(  # bit-for-bit: the same views, copied, through the same ops on the same shapes
         tta_logits(lazy, weight, bias, classifier, 10.0, settings),
         tta_logits(features, weight, bias, classifier, 10.0, settings),
     )
@@ -164,8 +166,7 @@ def test_settings_are_checked():
 
 # ---------------------------------------------------------------------------- the bench method
 @pytest.fixture(scope="module")
-def problem_and_views():
-    torch.set_num_threads(1)
+def problem_and_views(one_thread):  # one thread for the module, restored after it (it used to leak to later modules)
     problem, plain = make_problem(k=4, shots=4, seed=5)
     g = torch.Generator().manual_seed(6)
     crops = plain.features + 0.5 * torch.randn(63, *plain.features.shape[1:], generator=g)
@@ -177,11 +178,14 @@ def test_bench_method_with_no_step_is_zero_shot_or_prolip_exactly(problem_and_vi
     method = get_method("test-time-prolip")
     assert method.test_views == 63 and method.transfers
     frozen = type(method)(lr=0.0).fit(problem)
+    # bit-for-bit: lr 0 leaves each copy at W0 exactly, the change adds an exact 0, and the plain view's logits are
+    # (s · normalize(x W0 + b)) @ Tᵀ on the same [n, d] rows as zero-shot's
     assert torch.equal(frozen.logits(test, problem.classes), zero_shot_logits(problem, test))
     weight = prolip_weight(problem)
     expected = logits(
         test.features[0], weight, problem.image_head.bias, problem.classes.classifier, problem.logit_scale
     )
+    # bit-for-bit: the same prolip_weight, and the same ops on the same rows (as above)
     assert torch.equal(type(method)(start="prolip", lr=0.0).fit(problem).logits(test, problem.classes), expected)
     adapted = method.fit(problem).logits(test, problem.classes)
     assert not torch.allclose(adapted, zero_shot_logits(problem, test))
@@ -219,11 +223,12 @@ def test_predicts_images_deterministically_and_one_at_a_time(fitted):
     torch.testing.assert_close(features[:1], fitted.extract_features(images, views=0))
     proba = tt.predict_proba(images)
     assert proba.shape == (6, 3) and np.allclose(proba.sum(axis=1), 1, atol=1e-5)
-    assert np.array_equal(tt.predict(images), fitted.classes_[proba.argmax(axis=1)])
+    assert np.array_equal(tt.predict(images), fitted.classes_[proba.argmax(axis=1)])  # exact: the same logits
     np.testing.assert_allclose(TestTimeProLIP(fitted, views=8, rho=0.25, lr=5e-2).predict_proba(images), proba)
     alone = np.concatenate([tt.predict_proba([im]) for im in images])
     np.testing.assert_allclose(alone, proba, rtol=1e-5, atol=1e-6)
     other_views = TestTimeProLIP(fitted, views=8, rho=0.25, lr=5e-2, random_state=1).extract_features(images)
+    # bit-for-bit: the plain views are one views=0 extraction, which no seed enters
     assert torch.equal(other_views[0], features[0]) and not torch.equal(other_views[1:], features[1:])
 
 
@@ -231,6 +236,8 @@ def test_with_no_step_it_is_the_adapter_or_zero_shot_exactly(fitted):
     images = colour_images(1, seed=5)[0]
     tt = TestTimeProLIP(fitted, views=4, lr=0.0)
     features = tt.extract_features(images)
+    # bit-for-bit below: lr 0 leaves each copy at its start exactly and the change adds an exact 0, so each side is
+    # (s · normalize(x W + b)) @ Tᵀ on the same [n, d] rows, W the same W0 (+ delta)
     assert torch.equal(tt.logits_from_features(features), fitted.logits_from_features(features[:1]))
     backbone = fitted.backbone
     w0 = backbone.projector.to_in_out(backbone.projector.parameter).detach().float()

@@ -132,7 +132,7 @@ def test_the_untrained_text_side_is_the_zero_shot_classifier(checkpoints):
     features = image.extract_features(images)
     text = tiny_adapter(checkpoints["vit"], epochs=0, templates=templates, target="text")
     text.fit_features(features, labels)
-    assert torch.equal(text.text_delta_, torch.zeros_like(text.text_delta_))
+    assert torch.equal(text.text_delta_, torch.zeros_like(text.text_delta_))  # exact: W_t0 − W_t0 with no step
     torch.testing.assert_close(text.classifier_, image.fit_features(features, labels).classifier_)
 
 
@@ -148,6 +148,8 @@ def test_merged_model_applies_the_text_delta(fitted, target):
     original = zero_shot_classifier(base, adapter.backbone.tokenizer, adapter.class_names_, TEMPLATES, device=CPU)
     assert (original - adapter.classifier_).abs().max() > 1e-3
     torch.testing.assert_close(merged.text_projection.detach(), base.text_projection.detach() + adapter.text_delta_)
+    # bit-for-bit: elementwise fp32 sums and differences only (correctly rounded, the same on every CPU); the base
+    # model is compared with a copy
     visual = merged.visual.proj.detach() - base.visual.proj.detach()
     assert torch.equal(visual, torch.zeros_like(visual)) if target == "text" else torch.equal(visual, adapter.delta_)
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
@@ -163,6 +165,7 @@ def test_save_load_predicts_identically(fitted, target, tmp_path, checkpoints):
     expected = {"text_projection", CLASSIFIER_KEY} | ({"visual.proj"} if target == "image+text" else set())
     assert keys == expected and meta["target"] == target and meta["text_projector_key"] == "text_projection"
     loaded = ProLIPAdapter.load(path, pretrained=checkpoints["vit"], verbose=False)
+    # bit-for-bit: stored tensors read back onto the same weights, then the same ops on the same shapes
     assert loaded.target == target and torch.equal(loaded.text_delta_, adapter.text_delta_)
     images = colour_images(2, seed=9)[0]
     assert torch.equal(

@@ -58,6 +58,7 @@ def reference(adapter: ProLIPAdapter, features, labels, test, alpha, beta, key_v
 
 def test_the_projector_is_prolips_and_the_given_adapter_is_left_unfitted(checkpoints, data, fitted):
     plain = tiny_adapter(checkpoints["vit"], random_state=0).fit_features(data["features"], data["labels"])
+    # bit-for-bit: the same fit on the same features: the same ops on the same shapes
     assert torch.equal(fitted.adapter_.delta_, plain.delta_) and torch.equal(
         fitted.adapter_.classifier_, plain.classifier_
     )
@@ -84,6 +85,7 @@ def test_scores_match_the_written_out_cache_model(checkpoints, data):
 def test_with_no_cache_weight_it_is_prolip_exactly(checkpoints, data):
     tip = ProLIPTipAdapter(tiny_adapter(checkpoints["vit"], random_state=0), alpha=0.0, beta=1.0)
     tip.fit_features(data["features"], data["labels"])
+    # bit-for-bit: (s · normalize(x W)) @ Tᵀ on the same [n, d] rows on both sides, and the cache adds an exact 0
     assert torch.equal(tip.logits_from_features(data["test"]), tip.adapter_.logits_from_features(data["test"]))
 
 
@@ -112,6 +114,7 @@ def test_save_load_predicts_identically(fitted, data, tmp_path, checkpoints):
     assert meta["kind"] == TIP_KIND and {CACHE_KEYS_KEY, CACHE_LABELS_KEY, "visual.proj"} <= keys
     assert json.loads(meta["cache"])["alpha"] == fitted.alpha_
     loaded = ProLIPTipAdapter.load(path, pretrained=checkpoints["vit"], verbose=False)
+    # bit-for-bit here and below: stored tensors read back onto the same weights, the same ops on the same shapes
     assert torch.equal(loaded.logits_from_features(data["test"]), fitted.logits_from_features(data["test"]))
     assert (loaded.alpha_, loaded.beta_, loaded.val_accuracy_) == (fitted.alpha_, fitted.beta_, fitted.val_accuracy_)
     assert loaded.alpha is None and loaded.alphas == ALPHAS  # searched: the loaded estimator would search again
@@ -151,7 +154,7 @@ def test_train_keys_matches_a_written_out_tip_adapter_f_loop():
             loss.backward()
             optimizer.step()
             step += 1
-    assert float((got - start).abs().max()) > 1e-3 and torch.equal(start, views[0])  # trained; input untouched
+    assert float((got - start).abs().max()) > 1e-3 and torch.equal(start, views[0])  # trained; input untouched (a copy)
     torch.testing.assert_close(got, keys.detach(), rtol=1e-5, atol=1e-6)
 
 
@@ -172,6 +175,7 @@ def test_trained_keys_are_tip_adapter_f_on_the_adapted_embeddings(checkpoints, d
     path = tmp_path / "trained.safetensors"
     tip.save(path)
     loaded = ProLIPTipAdapter.load(path, pretrained=checkpoints["vit"], verbose=False)
+    # bit-for-bit: stored keys read back
     assert loaded.keys == "trained" and loaded.cache_.trained_keys and torch.equal(loaded.cache_.keys, tip.cache_.keys)
     # Searched α, β are chosen again after training, on validation only.
     searched = ProLIPTipAdapter(adapter, keys="trained").fit_features(

@@ -100,11 +100,11 @@ def test_w0_bias_and_features_are_only_read():
         logit_scale=100.0, lr=1e-2, reg_lambda=0.1, epochs=5, device=CPU, verbose=False,
     )  # fmt: skip
     for old, new in zip(before, (features, classifier, param.detach(), bias), strict=True):
-        assert torch.equal(old, new)
+        assert torch.equal(old, new)  # bit-for-bit: untouched, vs copies
     assert param.requires_grad and param.grad is None
     assert result.weight.dtype == torch.float32 and not result.weight.requires_grad
     assert result.weight.data_ptr() != param.data_ptr()
-    assert not torch.equal(result.weight, w0)
+    assert not torch.equal(result.weight, w0)  # it trained (far from W0, not a matter of rounding)
 
 
 def test_transposed_w0_as_stored_by_nn_linear():
@@ -116,7 +116,7 @@ def test_transposed_w0_as_stored_by_nn_linear():
     fast, slow = both(features, labels, classifier, linear.weight.t(), linear.bias, lr=1e-2, reg_lambda=0.5, epochs=10)
     assert_same(fast, slow, w0)
     assert fast.weight.is_contiguous() and fast.weight.shape == w0.shape
-    assert torch.equal(linear.weight, w0.t())
+    assert torch.equal(linear.weight, w0.t())  # bit-for-bit: untouched, vs the copy it was given
 
 
 def test_half_precision_features_train_in_fp32():

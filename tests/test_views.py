@@ -54,6 +54,7 @@ def test_crops_are_deterministic_per_seed():
     a = sample_crops([(50, 70)] * 3, views=10, config=CONFIG, seed=3)
     b = sample_crops([(50, 70)] * 3, views=10, config=CONFIG, seed=3)
     c = sample_crops([(50, 70)] * 3, views=10, config=CONFIG, seed=4)
+    # exact: integer boxes and boolean flips
     assert torch.equal(a.top, b.top) and torch.equal(a.width, b.width) and torch.equal(a.flip, b.flip)
     assert not (torch.equal(a.top, c.top) and torch.equal(a.width, c.width))
 
@@ -119,7 +120,7 @@ def test_batched_views_match_crop_then_resize(image_size, tolerance):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_crop_grid_is_affine_grid_bit_for_bit(threads):
+def test_crop_grid_is_affine_grid_to_rounding(threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -132,6 +133,9 @@ def test_crop_grid_is_affine_grid_bit_for_bit(threads):
             theta[:, 1, 1] = 0.05 + torch.rand(n, generator=g)
             theta[:, :, 2] = torch.rand(n, 2, generator=g) * 2 - 1
             expected = F.affine_grid(theta, [n, 3, side, side], align_corners=False)
-            assert torch.equal(crop_grid(theta, side), expected), side
+            # Not bit-for-bit: affine_grid's product is [N, side², 3] × [N, 3, 2], crop_grid's [N, side, 3] ×
+            # [N, 3, 2]; kernels for other shapes may fuse x·θ + t into one rounding or two. Coordinates are at
+            # most 2.05 in size (fp32 ulp 2.4e-7): 1e-6 is a few ulps, far below a pixel (2 / side).
+            torch.testing.assert_close(crop_grid(theta, side), expected, rtol=0, atol=1e-6, msg=f"side {side}")
     finally:
         torch.set_num_threads(previous)
