@@ -27,6 +27,7 @@ from prolip.errors import (
     UnsupportedModelError,
 )
 from prolip.features.cache import CachedFeatures
+from prolip.features.dataset_objects import dataset_images
 from prolip.model.towers import supported_models
 from prolip.variants.multitask import MultiTaskClassifier
 from prolip.variants.prolip_tip_adapter import ProLIPTipAdapter
@@ -58,5 +59,6 @@ __all__ = [
     "TrainingWarning",
     "UnsupportedModelError",
     "__version__",
+    "dataset_images",
     "supported_models",
 ]

@@ -21,6 +21,7 @@ from torch import nn
 from prolip.errors import InputError, NotFittedError
 from prolip.estimator import Estimator
 from prolip.features.cache import CachedFeatures, check_features
+from prolip.features.dataset_objects import labelled
 from prolip.features.extract import features_of
 from prolip.features.images import ImageLike, kept, load_for_model, report_skipped
 from prolip.files.delta import read_delta, write_delta
@@ -211,17 +212,18 @@ class ProLIPAdapter(Estimator, FittedAttributes):
     def fit(
         self,
         images: Sequence[ImageLike],
-        labels: Sequence[Hashable],
+        labels: Sequence[Hashable] | None = None,
         class_names: Mapping[Hashable, str] | Sequence[str] | None = None,
     ) -> ProLIPAdapter:
         """Fit on labelled images; returns self.
 
         Args:
-            images: file paths, PIL images, numpy arrays or CHW tensors.
-            labels: one hashable label per image. String labels double as class names.
+            images: file paths, PIL images, numpy arrays or CHW tensors, or a dataset object (docs/datasets.md).
+            labels: one hashable label per image (None: a dataset's own). String labels double as class names.
             class_names: text for each class in the prompts: a mapping label → text, or a
-                sequence indexed by integer labels. Default: the labels themselves.
+                sequence indexed by integer labels. Default: the labels themselves (a dataset's ClassLabel names).
         """
+        images, labels, class_names = labelled(images, labels, class_names, self.on_error)
         check_lengths(images, labels)
         labels = label_list(labels)
         encode_labels(labels)  # bad labels fail before the slow feature extraction
@@ -289,9 +291,10 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         self._fitted()
         return self.predict_features(self.extract_features(images, views=0))
 
-    def score(self, images: Sequence[ImageLike], labels: Sequence[Hashable]) -> float:
+    def score(self, images: Sequence[ImageLike], labels: Sequence[Hashable] | None = None) -> float:
         """Accuracy of :meth:`predict` on ``images`` against ``labels`` (readable images only, see ``on_error``)."""
         self._fitted()
+        images, labels, _ = labelled(images, labels, on_error=self.on_error)
         check_lengths(images, labels)
         labels = label_list(labels)
         features = self.extract_features(images, views=0)
