@@ -14,6 +14,7 @@ from PIL import Image
 from prolip import (
     ImageLoadError,
     InputError,
+    InputTypeError,
     MultiTaskClassifier,
     ProLIPSearch,
     ProLIPTipAdapter,
@@ -158,7 +159,7 @@ def test_imagefolder_and_search_and_tip_adapter(checkpoints, tmp_path):
     np.testing.assert_array_equal(tt.predict(ds), tt.predict(paths))
     tasks = MultiTaskClassifier({"colours": adapter})
     np.testing.assert_array_equal(tasks.predict(ds)["colours"], adapter.predict(paths))
-    with pytest.raises(InputError, match="labels is missing"):
+    with pytest.raises(InputTypeError, match="labels must be a sequence"):
         tiny_adapter(checkpoints["vit"]).fit(images)
 
 

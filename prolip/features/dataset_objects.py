@@ -223,7 +223,10 @@ def labelled(
     source = as_dataset_images(images)
     if source is None:
         if labels is None:
-            raise InputError("labels is missing: pass one label per image (only a dataset object carries its own).")
+            raise InputTypeError(
+                "labels must be a sequence with one label per image, not None; only a dataset object "
+                "(a torch or Hugging Face Dataset) brings its own labels."
+            )
         return Labelled(images, labels, class_names)
     if labels is not None:
         return Labelled(source, labels, class_names)
