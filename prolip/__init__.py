@@ -29,6 +29,7 @@ from prolip.errors import (
 from prolip.features.cache import CachedFeatures
 from prolip.features.dataset_objects import dataset_images
 from prolip.model.towers import supported_models
+from prolip.model.transformers_clip import from_transformers
 from prolip.variants.multitask import MultiTaskClassifier
 from prolip.variants.prolip_tip_adapter import ProLIPTipAdapter
 from prolip.variants.rla import RegularizedLinearAdapter
@@ -60,5 +61,6 @@ __all__ = [
     "UnsupportedModelError",
     "__version__",
     "dataset_images",
+    "from_transformers",
     "supported_models",
 ]

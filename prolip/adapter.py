@@ -47,7 +47,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
     Only ``delta_ = W − W0`` is learned, saved and shared; the base model is never modified.
 
     Args:
-        model: an open_clip model name (e.g. "ViT-B-32") or an already-built open_clip model.
+        model: an open_clip model name (e.g. "ViT-B-32") or model, or a transformers CLIP / SigLIP (docs/models.md).
         pretrained: open_clip pretrained tag, local checkpoint path, or None for random weights.
             Ignored when ``model`` is a model object.
         templates: prompt templates with one "{}" each; None means ["a photo of a {}."].

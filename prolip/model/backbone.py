@@ -20,7 +20,13 @@ from prolip.errors import InputError, ModelLoadError
 from prolip.model.fingerprint import Fingerprint
 from prolip.model.preprocessing import view_config_of
 from prolip.model.towers import Projector, TextProjector, find_projector, find_text_projector
-from prolip.model.transformers_clip import PREFIX, from_transformers, is_transformers_model, load_transformers
+from prolip.model.transformers_clip import (
+    PREFIX,
+    TransformersCLIP,
+    from_transformers,
+    is_transformers_model,
+    load_transformers,
+)
 from prolip.model.zeroshot import encode_prompts, zero_shot_classifier
 from prolip.params import PRECISIONS, check_params
 
@@ -46,7 +52,7 @@ def default_tokenizer(model: nn.Module) -> Callable[[list[str]], torch.Tensor]:
     """open_clip's standard tokenizer at the model's context length (a transformers model's own, wrapped)."""
     import open_clip
 
-    if hasattr(model, "hf"):  # prolip.model.transformers_clip.TransformersCLIP
+    if isinstance(model, TransformersCLIP):
         return model.tokenizer
 
     context_length = open_clip.get_model_tokenize_cfg(model).get("context_length", 77)
@@ -208,7 +214,8 @@ def build_backbone(
                 f"model of type {type(model).__name__} is not an open_clip CLIP model (it needs .visual and .encode_text)."
             )
         net = model
-        tok = default_tokenizer(model) if hasattr(model, "hf") or tokenizer is None else tokenizer
+        # A transformers model brings its own (from its processor, or the tokenizer it was wrapped with).
+        tok = default_tokenizer(model) if isinstance(model, TransformersCLIP) or tokenizer is None else tokenizer
     else:
         pretrained = os.fspath(pretrained) if pretrained is not None else None
         checkpoint = _resolve_pretrained(model, pretrained)
