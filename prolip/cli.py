@@ -408,6 +408,7 @@ def _merge(args: argparse.Namespace) -> None:
 
     from prolip.adapter import ProLIPAdapter
     from prolip.atomic import atomic_write
+    from prolip.model.transformers_clip import is_transformers_model
     from prolip.variants.rla import ModelRLA
 
     adapter = _load(args)
@@ -419,6 +420,11 @@ def _merge(args: argparse.Namespace) -> None:
             "model would predict without it. Use the file itself with 'prolip predict' or ProLIPTipAdapter.load."
         )
     merged = adapter.merged_model(precision=args.precision)
+    if is_transformers_model(merged):  # a Hugging Face model: a from_pretrained folder, not a checkpoint file
+        merged.save_pretrained(args.out)
+        if not args.quiet:
+            print(f"wrote {args.out}: the transformers model with its projector adapted; load it with from_pretrained")
+        return
     state = {k: v.detach().cpu().contiguous().clone() for k, v in merged.state_dict().items()}
     atomic_write(args.out, [save(state)])
     if not args.quiet:

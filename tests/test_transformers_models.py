@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import colour_images, missing
+from PIL import Image
 from test_fidelity import _photo
 
 from prolip import (
@@ -22,6 +23,7 @@ from prolip import (
     UnsupportedModelError,
     from_transformers,
 )
+from prolip.cli import main
 from prolip.features.images import load_image
 from prolip.features.views import plain_views
 from prolip.model.preprocessing import ViewConfig
@@ -197,6 +199,38 @@ def test_a_hf_transformers_name_loads_with_from_pretrained(clip_tokenizer, tmp_p
     np.testing.assert_array_equal(loaded.predict_proba(images), adapter.predict_proba(images))
     same = adapter_on(wrapped("clip", clip_tokenizer)).fit(images, labels)  # the same weights as an object
     assert torch.equal(same.delta_, adapter.delta_)
+
+
+def test_the_command_line_fits_and_merges_a_transformers_model(clip_tokenizer, tmp_path):
+    model, processor = tiny_model("clip")
+    folder = tmp_path / "clip"
+    for part in (model, processor, clip_tokenizer):
+        part.save_pretrained(folder)
+    data = tmp_path / "data"
+    images, labels = colour_images(2)
+    for k, (image, label) in enumerate(zip(images, labels, strict=True)):
+        (data / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(data / label / f"{k}.png")
+    delta, out = tmp_path / "delta.safetensors", tmp_path / "merged"
+    common = ["--device", "cpu", "-q"]
+    fit = [
+        "fit",
+        str(data),
+        "--model",
+        f"hf-transformers:{folder}",
+        "--views",
+        "2",
+        "--epochs",
+        "5",
+        "--out",
+        str(delta),
+    ]
+    assert main(fit + common) == 0
+    assert main(["merge", str(delta), "--out", str(out), "--trust-file-model", *common]) == 0
+    merged = transformers.CLIPModel.from_pretrained(out)
+    adapter = ProLIPAdapter.load(delta, trust_file_model=True, verbose=False)
+    expected = model.visual_projection.weight + adapter.delta_
+    torch.testing.assert_close(merged.visual_projection.weight, expected, atol=0, rtol=0)  # fp32 sum, stored as is
 
 
 @pytest.mark.parametrize("kind", KINDS)

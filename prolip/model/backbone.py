@@ -193,8 +193,8 @@ def build_backbone(
     cast and moved in place. ``device=None`` picks CUDA, then MPS, then the CPU.
 
     Hugging Face transformers models (:mod:`prolip.model.transformers_clip`): a name
-    ``"hf-transformers:<repo id or folder>"``, a ``TransformersCLIP`` from ``from_transformers``, or a
-    ``CLIPModel`` / ``SiglipModel`` with its processor as ``tokenizer``.
+    ``"hf-transformers:<repo id or folder>"`` (``pretrained`` is ignored), a ``TransformersCLIP`` from
+    ``from_transformers``, or a ``CLIPModel`` / ``SiglipModel`` with its processor as ``tokenizer``.
 
     Raises:
         ModelLoadError: the name, tag or checkpoint cannot be turned into a model.
@@ -204,8 +204,8 @@ def build_backbone(
 
     check_params({"model": model, "pretrained": pretrained, "precision": precision, "device": device})
     name = None
-    if isinstance(model, str) and model.startswith(PREFIX):
-        name, model = model, load_transformers(model, tokenizer)
+    if isinstance(model, str) and model.startswith(PREFIX):  # the name says it all: no pretrained tag
+        name, model, pretrained = model, load_transformers(model, tokenizer), None
     elif is_transformers_model(model):
         model = from_transformers(model, tokenizer)  # the processor passed as the tokenizer
     if isinstance(model, nn.Module):
