@@ -196,9 +196,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         check_params({"views": views})
         backbone = self.backbone
         plain_preprocess = self.preprocess if views == 0 else None
-        loaded = load_for_model(
-            images, on_error=self.on_error, draft_size=backbone.draft_size, as_pil=plain_preprocess is not None
-        )
+        loaded = load_for_model(images, self.on_error, backbone.draft_size, plain_preprocess is not None, self.verbose)
         self.skipped_ = loaded.skipped
         report_skipped(loaded)
         if self.cache_dir is not None and views and self.random_state is None:
@@ -223,7 +221,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
             class_names: text for each class in the prompts: a mapping label → text, or a
                 sequence indexed by integer labels. Default: the labels themselves (a dataset's ClassLabel names).
         """
-        images, labels, class_names = labelled(images, labels, class_names, self.on_error)
+        images, labels, class_names = labelled(images, labels, class_names, self.on_error, self.verbose)
         check_lengths(images, labels)
         labels = label_list(labels)
         encode_labels(labels)  # bad labels fail before the slow feature extraction

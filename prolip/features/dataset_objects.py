@@ -8,6 +8,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 
 from prolip.errors import ImageLoadError, InputError, InputTypeError, ProLIPError
 from prolip.params import ON_ERROR
@@ -69,8 +70,8 @@ class DatasetImages(Sequence):
                 "fix or remove that item, or pass on_error='skip'."
             ) from exc
 
-    def labels(self, on_error: str = "raise") -> list[Hashable]:
-        """Every item's label.
+    def labels(self, on_error: str = "raise", verbose: bool = False) -> list[Hashable]:
+        """Every item's label (``verbose``: a progress bar where items are read for it).
 
         Labels come from the label column (Hugging Face) or a ``targets`` attribute without reading
         any image; otherwise each item is read once, one at a time. An unreadable item raises with
@@ -83,7 +84,7 @@ class DatasetImages(Sequence):
         if self._read_labels is not None:
             return self._read_labels()
         labels: list[Hashable | None] = []
-        for i in range(self._length):
+        for i in tqdm(range(self._length), desc="reading labels", unit="item", disable=not verbose, leave=False):
             try:
                 labels.append(self._guarded(lambda j: _pair(self._read_item(j), j, self.description)[1], i))
             except ProLIPError as exc:
@@ -213,6 +214,7 @@ def labelled(
     labels: Sequence[Hashable] | None,
     class_names: Mapping[Hashable, str] | Sequence[str] | None = None,
     on_error: str = "raise",
+    verbose: bool = False,
 ) -> Labelled:
     """Images, labels and class names from what a user passed to ``fit`` or ``score``.
 
@@ -230,4 +232,5 @@ def labelled(
         return Labelled(images, labels, class_names)
     if labels is not None:
         return Labelled(source, labels, class_names)
-    return Labelled(source, source.labels(on_error), source.class_names if class_names is None else class_names)
+    names = source.class_names if class_names is None else class_names
+    return Labelled(source, source.labels(on_error, verbose), names)

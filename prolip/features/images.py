@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from prolip.errors import ImageLoadError, InputError, InputTypeError, ProLIPError, SkippedImagesWarning, warn
 from prolip.features.dataset_objects import DatasetImages, as_dataset_images
@@ -230,10 +231,13 @@ def load_images_skipping(
     draft_size: int | None = None,
     on_error: str = "skip",
     loader: Callable[[ImageLike, int], Any] | None = None,
+    verbose: bool = False,
 ) -> LoadedImages:
     """Load ``items``, leaving out (``on_error="skip"``) or raising on (``"raise"``) unusable ones.
 
     ``loader(item, index)`` loads one image; the default is :func:`load_image` with ``draft_size``.
+    A dataset object (:mod:`prolip.features.dataset_objects`) gives :class:`LazyImages` instead of a
+    list; ``verbose`` shows a progress bar over its first pass.
 
     Any per-image :class:`~prolip.errors.ProLIPError` (unreadable file, unusable array) counts as
     unusable; a wrong argument type for ``items`` itself always raises.
@@ -247,7 +251,7 @@ def load_images_skipping(
     items = _check_sequence(items)
     load_one = loader or functools.partial(load_image, draft_size=draft_size)
     if isinstance(items, DatasetImages):
-        return _load_lazily(items, load_one, on_error)
+        return _load_lazily(items, load_one, on_error, verbose)
     if on_error == "raise":
         return LoadedImages([load_one(item, i) for i, item in enumerate(items)], list(range(len(items))), [])
     images, kept, skipped = [], [], []
@@ -262,13 +266,15 @@ def load_images_skipping(
     return LoadedImages(images, kept, skipped)
 
 
-def _load_lazily(source: DatasetImages, load_one: Callable[[ImageLike, int], Any], on_error: str) -> LoadedImages:
+def _load_lazily(
+    source: DatasetImages, load_one: Callable[[ImageLike, int], Any], on_error: str, verbose: bool
+) -> LoadedImages:
     """A dataset object's images as :class:`LazyImages`; with ``on_error="skip"``, one pass first finds the
     unusable ones (each image is loaded and dropped), so that extraction never meets them."""
     if on_error == "raise":  # a bad image raises when extraction reaches it, named by its index
         return LoadedImages(LazyImages(source, range(len(source)), load_one), list(range(len(source))), [])
     kept, skipped = [], []
-    for i in range(len(source)):
+    for i in tqdm(range(len(source)), desc="checking images", unit="img", disable=not verbose, leave=False):
         try:
             load_one(source[i], i)
         except ProLIPError as exc:
@@ -279,13 +285,20 @@ def _load_lazily(source: DatasetImages, load_one: Callable[[ImageLike, int], Any
 
 
 def load_for_model(
-    items: Sequence[ImageLike], *, on_error: str, draft_size: int | None = None, as_pil: bool = False
+    items: Sequence[ImageLike],
+    on_error: str,
+    draft_size: int | None = None,
+    as_pil: bool = False,
+    verbose: bool = False,
 ) -> LoadedImages:
     """Load a user's images for a model: tensors, or full-resolution PIL images with ``as_pil``.
 
+    ``verbose`` shows a progress bar over a dataset object's first pass (``on_error="skip"``).
+
     Follow with :func:`report_skipped`, once the caller has recorded what was skipped.
     """
-    return load_images_skipping(items, draft_size, on_error=on_error, loader=load_pil_image if as_pil else None)
+    loader = load_pil_image if as_pil else None
+    return load_images_skipping(items, draft_size, on_error=on_error, loader=loader, verbose=verbose)
 
 
 def kept(items: Sequence[Any], skipped: Sequence[SkippedImage]) -> list[Any]:

@@ -158,6 +158,11 @@ class TransformersCLIP(nn.Module):
         self.logit_bias = getattr(hf, "logit_bias", None)
         self.tokenizer = tokenizer
 
+    def train(self, mode: bool = True) -> TransformersCLIP:
+        """Set the mode of the towers and of the transformers model itself (not a registered child)."""
+        self.hf.train(mode)
+        return super().train(mode)
+
     def encode_image(self, pixels: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """``get_image_features``, L2-normalised with ``normalize``."""
         out = _output_tensor(self.hf.get_image_features(pixel_values=pixels))

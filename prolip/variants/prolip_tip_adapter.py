@@ -160,7 +160,7 @@ class ProLIPTipAdapter(Estimator):
         """
         self._check(val_images is not None)
         on_error = self.adapter.on_error
-        images, labels, class_names = labelled(images, labels, class_names, on_error)
+        images, labels, class_names = labelled(images, labels, class_names, on_error, self.adapter.verbose)
         if val_images is not None:
             val_images, val_labels, _ = labelled(val_images, val_labels, on_error=on_error)
         check_lengths(images, labels)

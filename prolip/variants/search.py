@@ -75,7 +75,7 @@ class ProLIPSearch:
         ``val_labels`` is None (see :func:`prolip.features.dataset_objects.labelled`).
         """
         on_error = self.adapter.on_error
-        images, labels, class_names = labelled(images, labels, class_names, on_error)
+        images, labels, class_names = labelled(images, labels, class_names, on_error, self.adapter.verbose)
         val_images, val_labels, _ = labelled(val_images, val_labels, on_error=on_error)
         check_lengths(val_images, val_labels)
         features = self.adapter.extract_features(images)
