@@ -77,7 +77,11 @@ def _parser() -> argparse.ArgumentParser:
         help="instead of DATA: a Hugging Face dataset (save_to_disk folder or imagefolder; its train split)",
     )
     fit.add_argument("--out", required=True, help="where to write the delta (.safetensors)")
-    fit.add_argument("--model", default="ViT-B-32", help="open_clip model name (default: %(default)s)")
+    fit.add_argument(
+        "--model",
+        default="ViT-B-32",
+        help="open_clip model name, or hf-transformers:REPO_OR_FOLDER (default: %(default)s)",
+    )
     fit.add_argument("--pretrained", default="openai", help="open_clip tag or local checkpoint (default: %(default)s)")
     fit.add_argument("--shots", type=int, default=None, help="images drawn per class (default: all)")
     fit.add_argument("--seed", type=int, default=0, help="seed of the shot draw and the views (default: 0)")
