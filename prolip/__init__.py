@@ -27,7 +27,9 @@ from prolip.errors import (
     UnsupportedModelError,
 )
 from prolip.features.cache import CachedFeatures
+from prolip.features.dataset_objects import dataset_images
 from prolip.model.towers import supported_models
+from prolip.model.transformers_clip import from_transformers
 from prolip.variants.multitask import MultiTaskClassifier
 from prolip.variants.prolip_tip_adapter import ProLIPTipAdapter
 from prolip.variants.rla import RegularizedLinearAdapter
@@ -58,5 +60,7 @@ __all__ = [
     "TrainingWarning",
     "UnsupportedModelError",
     "__version__",
+    "dataset_images",
+    "from_transformers",
     "supported_models",
 ]

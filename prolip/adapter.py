@@ -21,6 +21,7 @@ from torch import nn
 from prolip.errors import InputError, NotFittedError
 from prolip.estimator import Estimator
 from prolip.features.cache import CachedFeatures, check_features
+from prolip.features.dataset_objects import labelled
 from prolip.features.extract import features_of
 from prolip.features.images import ImageLike, kept, load_for_model, report_skipped
 from prolip.files.delta import read_delta, write_delta
@@ -46,7 +47,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
     Only ``delta_ = W − W0`` is learned, saved and shared; the base model is never modified.
 
     Args:
-        model: an open_clip model name (e.g. "ViT-B-32") or an already-built open_clip model.
+        model: an open_clip model name (e.g. "ViT-B-32") or model, or a transformers CLIP / SigLIP (docs/models.md).
         pretrained: open_clip pretrained tag, local checkpoint path, or None for random weights.
             Ignored when ``model`` is a model object.
         templates: prompt templates with one "{}" each; None means ["a photo of a {}."].
@@ -195,9 +196,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         check_params({"views": views})
         backbone = self.backbone
         plain_preprocess = self.preprocess if views == 0 else None
-        loaded = load_for_model(
-            images, on_error=self.on_error, draft_size=backbone.draft_size, as_pil=plain_preprocess is not None
-        )
+        loaded = load_for_model(images, self.on_error, backbone.draft_size, plain_preprocess is not None, self.verbose)
         self.skipped_ = loaded.skipped
         report_skipped(loaded)
         if self.cache_dir is not None and views and self.random_state is None:
@@ -211,17 +210,18 @@ class ProLIPAdapter(Estimator, FittedAttributes):
     def fit(
         self,
         images: Sequence[ImageLike],
-        labels: Sequence[Hashable],
+        labels: Sequence[Hashable] | None = None,
         class_names: Mapping[Hashable, str] | Sequence[str] | None = None,
     ) -> ProLIPAdapter:
         """Fit on labelled images; returns self.
 
         Args:
-            images: file paths, PIL images, numpy arrays or CHW tensors.
-            labels: one hashable label per image. String labels double as class names.
+            images: file paths, PIL images, numpy arrays or CHW tensors, or a dataset object (docs/datasets.md).
+            labels: one hashable label per image (None: a dataset's own). String labels double as class names.
             class_names: text for each class in the prompts: a mapping label → text, or a
-                sequence indexed by integer labels. Default: the labels themselves.
+                sequence indexed by integer labels. Default: the labels themselves (a dataset's ClassLabel names).
         """
+        images, labels, class_names = labelled(images, labels, class_names, self.on_error, self.verbose)
         check_lengths(images, labels)
         labels = label_list(labels)
         encode_labels(labels)  # bad labels fail before the slow feature extraction
@@ -289,9 +289,10 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         self._fitted()
         return self.predict_features(self.extract_features(images, views=0))
 
-    def score(self, images: Sequence[ImageLike], labels: Sequence[Hashable]) -> float:
+    def score(self, images: Sequence[ImageLike], labels: Sequence[Hashable] | None = None) -> float:
         """Accuracy of :meth:`predict` on ``images`` against ``labels`` (readable images only, see ``on_error``)."""
         self._fitted()
+        images, labels, _ = labelled(images, labels, on_error=self.on_error)
         check_lengths(images, labels)
         labels = label_list(labels)
         features = self.extract_features(images, views=0)

@@ -69,9 +69,19 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     fit = command("fit", "Fit a ProLIP delta (or a variant) on a labelled image folder or path,label CSV.")
-    fit.add_argument("data", help="folder with one sub-folder per class, or a CSV file of path,label rows")
+    fit.add_argument("data", nargs="?", help="folder with one sub-folder per class, or a CSV file of path,label rows")
+    fit.add_argument(
+        "--hf-dataset",
+        metavar="DIR",
+        default=None,
+        help="instead of DATA: a Hugging Face dataset (save_to_disk folder or imagefolder; its train split)",
+    )
     fit.add_argument("--out", required=True, help="where to write the delta (.safetensors)")
-    fit.add_argument("--model", default="ViT-B-32", help="open_clip model name (default: %(default)s)")
+    fit.add_argument(
+        "--model",
+        default="ViT-B-32",
+        help="open_clip model name, or hf-transformers:REPO_OR_FOLDER (default: %(default)s)",
+    )
     fit.add_argument("--pretrained", default="openai", help="open_clip tag or local checkpoint (default: %(default)s)")
     fit.add_argument("--shots", type=int, default=None, help="images drawn per class (default: all)")
     fit.add_argument("--seed", type=int, default=0, help="seed of the shot draw and the views (default: 0)")
@@ -216,11 +226,17 @@ def _load(args: argparse.Namespace):
 def _fit(args: argparse.Namespace) -> None:
     from prolip.adapter import ProLIPAdapter
     from prolip.datasets.generic import read_labelled, sample_shots
+    from prolip.errors import InputError
     from prolip.params import TARGETS
 
-    paths, labels = read_labelled(args.data)
-    if args.shots is not None:
-        paths, labels = sample_shots(paths, labels, args.shots, seed=args.seed)
+    if (args.data is None) == (args.hf_dataset is None):
+        raise InputError("give either DATA (an image folder or CSV) or --hf-dataset DIR, not both or neither.")
+    if args.hf_dataset is not None:
+        paths, labels = _hf_training_set(args), None  # the dataset brings its labels (and ClassLabel names)
+    else:
+        paths, labels = read_labelled(args.data)
+        if args.shots is not None:
+            paths, labels = sample_shots(paths, labels, args.shots, seed=args.seed)
     adapter = ProLIPAdapter(
         args.model,
         args.pretrained,
@@ -257,6 +273,20 @@ def _fit(args: argparse.Namespace) -> None:
     fitted.save(args.out)
     if not args.quiet:
         print(f"saved {args.out}: {len(summary.classes_)} classes, {len(paths)} images (N={summary.n_shots_:g})")
+
+
+def _hf_training_set(args: argparse.Namespace):
+    """``--hf-dataset``: the dataset on disk, ``--shots`` per class drawn as for a folder."""
+    from prolip.datasets.generic import sample_shots
+    from prolip.datasets.hf_disk import load_hf_dataset
+    from prolip.features.dataset_objects import dataset_images
+
+    data = load_hf_dataset(args.hf_dataset)
+    if args.shots is None:
+        return data
+    labels = dataset_images(data).labels()
+    chosen, _ = sample_shots(list(range(len(labels))), labels, args.shots, seed=args.seed)
+    return data.select(chosen)
 
 
 def _predict(args: argparse.Namespace) -> None:
@@ -382,6 +412,7 @@ def _merge(args: argparse.Namespace) -> None:
 
     from prolip.adapter import ProLIPAdapter
     from prolip.atomic import atomic_write
+    from prolip.model.transformers_clip import is_transformers_model
     from prolip.variants.rla import ModelRLA
 
     adapter = _load(args)
@@ -393,6 +424,11 @@ def _merge(args: argparse.Namespace) -> None:
             "model would predict without it. Use the file itself with 'prolip predict' or ProLIPTipAdapter.load."
         )
     merged = adapter.merged_model(precision=args.precision)
+    if is_transformers_model(merged):  # a Hugging Face model: a from_pretrained folder, not a checkpoint file
+        merged.save_pretrained(args.out)
+        if not args.quiet:
+            print(f"wrote {args.out}: the transformers model with its projector adapted; load it with from_pretrained")
+        return
     state = {k: v.detach().cpu().contiguous().clone() for k, v in merged.state_dict().items()}
     atomic_write(args.out, [save(state)])
     if not args.quiet:

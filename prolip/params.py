@@ -76,7 +76,8 @@ def _device(value: Any) -> bool:
 
 CONSTRAINTS: dict[str, Constraint] = {
     "model": Constraint(
-        "an open_clip model name (see open_clip.list_models()) or an open_clip model object",
+        "an open_clip model name (see open_clip.list_models()), an open_clip model object, or a transformers "
+        "CLIPModel / SiglipModel (see docs/models.md)",
         lambda v: (isinstance(v, str) and bool(v)) or isinstance(v, nn.Module),
     ),
     "pretrained": Constraint(

@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from prolip.model.towers import FAMILIES, ModelReport, survey_models
+from prolip.model.towers.transformers_towers import TransformersClipProjector, TransformersSiglipProjector
 
 COMMAND = "HF_HUB_OFFLINE=1 .venv/bin/python scripts/list_models.py"
 
@@ -34,6 +35,37 @@ def _shape(report: ModelReport) -> str:
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+
+
+# The transformers families and their text projections' keys (text_projection, text_model.head).
+TRANSFORMERS_FAMILIES = (
+    ("CLIPModel", TransformersClipProjector, "text_projection.weight"),
+    ("SiglipModel", TransformersSiglipProjector, "text_model.head.weight"),
+)
+
+
+def transformers_section() -> list[str]:
+    """The page's section on Hugging Face transformers models (not open_clip configs, so not surveyed)."""
+    lines = [
+        "## Hugging Face transformers models",
+        "",
+        'A transformers `CLIPModel` or `SiglipModel` (`pip install "prolip[transformers]"`) is a backbone too: '
+        "pass `prolip.from_transformers(model, processor)` as `model=` (or the model itself with "
+        "`tokenizer=processor`; `from_transformers(model, tokenizer=..., image_processor=...)` takes them "
+        'apart), or the name `"hf-transformers:<repo id or folder>"`, which loads the model, its image '
+        "processor and its tokenizer with `from_pretrained` (the `hf-transformers:` prefix follows open_clip's "
+        "`hf-hub:`; a delta file naming such a model loads only with `trust_file_model=True`, see "
+        "[Untrusted files](security.md)). The test view follows the image processor (CLIP: shorter side, then "
+        "centre crop; SigLIP: both sides), the build-time check compares `x W0 + b + r` with the model's own "
+        "`get_image_features` (and `x W_t0 + b` with `get_text_features`), and `merged_model()` returns the "
+        "transformers model, ready for `save_pretrained`. The keys are the transformers model's own.",
+        "",
+    ]
+    rows = [
+        [model, f"`{f.family}`", f"`{f.key}`", "yes" if f.has_residual else "no", f"`{text_key}`"]
+        for model, f, text_key in TRANSFORMERS_FAMILIES
+    ]
+    return lines + _table(["model", "family", "projector key", "residual", "text projection key"], rows)
 
 
 def render(reports: list[ModelReport]) -> str:
@@ -110,6 +142,7 @@ def render(reports: list[ModelReport]) -> str:
         ]
     else:
         lines += ["Every config's text tower was built."]
+    lines += ["", *transformers_section()]
     lines += [
         "",
         "## Refused",

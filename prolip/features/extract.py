@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from prolip.errors import InputError
@@ -218,7 +219,7 @@ def fill_cache(
         len(hashes) - len(todo),
     )
     if todo:
-        subset = [images[first[h]] for h in todo]
+        subset = Subset(images, [first[h] for h in todo])  # by index: a lazy dataset's images are loaded one by one
         seeds = [image_seed(seed, h) for h in todo] if views else None
         desc = f"features ({views} views, cached)" if views else "features (test view, cached)"
         with tqdm(total=len(todo) * max(views, 1), desc=desc, unit="img", disable=not verbose, leave=False) as bar:

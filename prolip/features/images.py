@@ -11,8 +11,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from prolip.errors import ImageLoadError, InputError, InputTypeError, ProLIPError, SkippedImagesWarning, warn
+from prolip.features.dataset_objects import DatasetImages, as_dataset_images
 from prolip.params import ON_ERROR
 
 ImageLike = str | os.PathLike | Image.Image | torch.Tensor | np.ndarray
@@ -29,11 +31,28 @@ class SkippedImage(NamedTuple):
 
 
 class LoadedImages(NamedTuple):
-    """What :func:`load_images_skipping` returns."""
+    """What :func:`load_images_skipping` returns (``images``: a list, or :class:`LazyImages` for a dataset object)."""
 
-    images: list[torch.Tensor]
+    images: Sequence[Any]
     kept: list[int]
     skipped: list[SkippedImage]
+
+
+class LazyImages(Sequence):
+    """The kept images of a dataset object, each read and loaded only when asked for, so that a large dataset is
+    never held in memory at once (extraction asks for each image once per pass)."""
+
+    def __init__(self, source: DatasetImages, kept: Sequence[int], load_one: Callable[[ImageLike, int], Any]) -> None:
+        self._source, self._kept, self._load_one = source, kept, load_one
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def __getitem__(self, k: int | slice) -> Any:  # type: ignore[override]
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        i = self._kept[k]
+        return self._load_one(self._source[i], i)
 
 
 def _describe(item: object, index: int) -> str:
@@ -185,7 +204,10 @@ def load_pil_image(item: ImageLike, index: int = 0) -> Image.Image:
     return img
 
 
-def _check_sequence(items: object) -> list:
+def _check_sequence(items: object) -> Sequence:
+    source = as_dataset_images(items)
+    if source is not None:
+        return source
     if isinstance(items, (str, bytes, os.PathLike, Image.Image)) or (
         isinstance(items, (torch.Tensor, np.ndarray)) and items.ndim < 3
     ):
@@ -209,10 +231,13 @@ def load_images_skipping(
     draft_size: int | None = None,
     on_error: str = "skip",
     loader: Callable[[ImageLike, int], Any] | None = None,
+    verbose: bool = False,
 ) -> LoadedImages:
     """Load ``items``, leaving out (``on_error="skip"``) or raising on (``"raise"``) unusable ones.
 
     ``loader(item, index)`` loads one image; the default is :func:`load_image` with ``draft_size``.
+    A dataset object (:mod:`prolip.features.dataset_objects`) gives :class:`LazyImages` instead of a
+    list; ``verbose`` shows a progress bar over its first pass.
 
     Any per-image :class:`~prolip.errors.ProLIPError` (unreadable file, unusable array) counts as
     unusable; a wrong argument type for ``items`` itself always raises.
@@ -225,6 +250,8 @@ def load_images_skipping(
         raise InputError(f"on_error={on_error!r} must be one of {list(ON_ERROR)}.")
     items = _check_sequence(items)
     load_one = loader or functools.partial(load_image, draft_size=draft_size)
+    if isinstance(items, DatasetImages):
+        return _load_lazily(items, load_one, on_error, verbose)
     if on_error == "raise":
         return LoadedImages([load_one(item, i) for i, item in enumerate(items)], list(range(len(items))), [])
     images, kept, skipped = [], [], []
@@ -239,14 +266,39 @@ def load_images_skipping(
     return LoadedImages(images, kept, skipped)
 
 
+def _load_lazily(
+    source: DatasetImages, load_one: Callable[[ImageLike, int], Any], on_error: str, verbose: bool
+) -> LoadedImages:
+    """A dataset object's images as :class:`LazyImages`; with ``on_error="skip"``, one pass first finds the
+    unusable ones (each image is loaded and dropped), so that extraction never meets them."""
+    if on_error == "raise":  # a bad image raises when extraction reaches it, named by its index
+        return LoadedImages(LazyImages(source, range(len(source)), load_one), list(range(len(source))), [])
+    kept, skipped = [], []
+    for i in tqdm(range(len(source)), desc="checking images", unit="img", disable=not verbose, leave=False):
+        try:
+            load_one(source[i], i)
+        except ProLIPError as exc:
+            skipped.append(SkippedImage(i, f"{source.description} item", str(exc)))
+        else:
+            kept.append(i)
+    return LoadedImages(LazyImages(source, kept, load_one), kept, skipped)
+
+
 def load_for_model(
-    items: Sequence[ImageLike], *, on_error: str, draft_size: int | None = None, as_pil: bool = False
+    items: Sequence[ImageLike],
+    on_error: str,
+    draft_size: int | None = None,
+    as_pil: bool = False,
+    verbose: bool = False,
 ) -> LoadedImages:
     """Load a user's images for a model: tensors, or full-resolution PIL images with ``as_pil``.
 
+    ``verbose`` shows a progress bar over a dataset object's first pass (``on_error="skip"``).
+
     Follow with :func:`report_skipped`, once the caller has recorded what was skipped.
     """
-    return load_images_skipping(items, draft_size, on_error=on_error, loader=load_pil_image if as_pil else None)
+    loader = load_pil_image if as_pil else None
+    return load_images_skipping(items, draft_size, on_error=on_error, loader=loader, verbose=verbose)
 
 
 def kept(items: Sequence[Any], skipped: Sequence[SkippedImage]) -> list[Any]:

@@ -20,6 +20,13 @@ from prolip.errors import InputError, ModelLoadError
 from prolip.model.fingerprint import Fingerprint
 from prolip.model.preprocessing import view_config_of
 from prolip.model.towers import Projector, TextProjector, find_projector, find_text_projector
+from prolip.model.transformers_clip import (
+    PREFIX,
+    TransformersCLIP,
+    from_transformers,
+    is_transformers_model,
+    load_transformers,
+)
 from prolip.model.zeroshot import encode_prompts, zero_shot_classifier
 from prolip.params import PRECISIONS, check_params
 
@@ -42,8 +49,11 @@ def select_device(device: str | torch.device | None = None) -> torch.device:
 
 
 def default_tokenizer(model: nn.Module) -> Callable[[list[str]], torch.Tensor]:
-    """open_clip's standard tokenizer at the model's context length."""
+    """open_clip's standard tokenizer at the model's context length (a transformers model's own, wrapped)."""
     import open_clip
+
+    if isinstance(model, TransformersCLIP):
+        return model.tokenizer
 
     context_length = open_clip.get_model_tokenize_cfg(model).get("context_length", 77)
     return open_clip.SimpleTokenizer(context_length=context_length)
@@ -182,6 +192,10 @@ def build_backbone(
     checkpoint path, or None for random weights) or an already-built open_clip model, which is
     cast and moved in place. ``device=None`` picks CUDA, then MPS, then the CPU.
 
+    Hugging Face transformers models (:mod:`prolip.model.transformers_clip`): a name
+    ``"hf-transformers:<repo id or folder>"`` (``pretrained`` is ignored), a ``TransformersCLIP`` from
+    ``from_transformers``, or a ``CLIPModel`` / ``SiglipModel`` with its processor as ``tokenizer``.
+
     Raises:
         ModelLoadError: the name, tag or checkpoint cannot be turned into a model.
         UnsupportedModelError: the vision tower has no projector prolip can train.
@@ -189,13 +203,19 @@ def build_backbone(
     import open_clip
 
     check_params({"model": model, "pretrained": pretrained, "precision": precision, "device": device})
+    name = None
+    if isinstance(model, str) and model.startswith(PREFIX):  # the name says it all: no pretrained tag
+        name, model, pretrained = model, load_transformers(model, tokenizer), None
+    elif is_transformers_model(model):
+        model = from_transformers(model, tokenizer)  # the processor passed as the tokenizer
     if isinstance(model, nn.Module):
         if not hasattr(model, "encode_text") or not hasattr(model, "visual"):
             raise InputError(
                 f"model of type {type(model).__name__} is not an open_clip CLIP model (it needs .visual and .encode_text)."
             )
-        net, name = model, None
-        tok = tokenizer or default_tokenizer(model)
+        net = model
+        # A transformers model brings its own (from its processor, or the tokenizer it was wrapped with).
+        tok = default_tokenizer(model) if isinstance(model, TransformersCLIP) or tokenizer is None else tokenizer
     else:
         pretrained = os.fspath(pretrained) if pretrained is not None else None
         checkpoint = _resolve_pretrained(model, pretrained)

@@ -23,6 +23,7 @@ from prolip.estimator import Learned
 from prolip.model.backbone import Backbone, file_may_choose
 from prolip.model.fingerprint import Fingerprint, legacy_projector_hash
 from prolip.model.towers import LinearMap, Projector, find_projector, find_text_projector
+from prolip.model.transformers_clip import unwrap
 from prolip.params import PRECISIONS, check_params
 from prolip.training.labels import class_array
 from prolip.training.tip_cache import TipCache
@@ -155,7 +156,8 @@ class FittedState:
     def merged_copy(self, model: nn.Module, precision: str) -> nn.Module:
         """A copy of ``model`` in ``precision`` whose projectors are W0 + delta (``model`` is untouched).
 
-        Warns (PrecisionWarning) with the measured relative error of the merged update when the
+        For a transformers model (:mod:`prolip.model.transformers_clip`) the copy is the transformers
+        model itself, ready for ``save_pretrained``. Warns (PrecisionWarning) with the measured relative error of the merged update when the
         precision rounds it (fp16, bf16); fp32 keeps it exact.
         """
         check_params({"precision": precision})
@@ -167,7 +169,7 @@ class FittedState:
                 "Use merged_model(precision='fp32') to keep it exact.",
                 PrecisionWarning,
             )
-        return merged
+        return unwrap(merged)
 
     def merge_into(self, model: nn.Module) -> float:
         """Write W0 + delta into ``model``'s own projector parameter, and W_t0 + text delta into its text projection.

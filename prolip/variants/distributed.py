@@ -117,7 +117,7 @@ def extract_distributed(
     cache = feature_cache(
         backbone, params["cache_dir"], views=views, seed=params["random_state"], storage=params["cache_dtype"]
     )
-    loaded = load_for_model(images, on_error=params["on_error"], draft_size=backbone.draft_size)
+    loaded = load_for_model(images, params["on_error"], backbone.draft_size, verbose=params["verbose"])
     adapter.skipped_ = loaded.skipped  # as extract_features records them, so labels can be aligned
     report_skipped(loaded)
     images = loaded.images

@@ -27,6 +27,7 @@ from prolip.adapter import ProLIPAdapter
 from prolip.errors import DeltaFileError, InputError, NotFittedError
 from prolip.estimator import Estimator
 from prolip.features.cache import CachedFeatures, check_features
+from prolip.features.dataset_objects import labelled
 from prolip.features.images import ImageLike, kept
 from prolip.files.delta import TIP_KIND, read_state, write_delta
 from prolip.training.fit import fit_projector
@@ -147,13 +148,21 @@ class ProLIPTipAdapter(Estimator):
     def fit(
         self,
         images: Sequence[ImageLike],
-        labels: Sequence[Hashable],
+        labels: Sequence[Hashable] | None = None,
         val_images: Sequence[ImageLike] | None = None,
         val_labels: Sequence[Hashable] | None = None,
         class_names: Mapping[Hashable, str] | Sequence[str] | None = None,
     ) -> ProLIPTipAdapter:
-        """Extract the training views (and the validation images' plain views) once, then :meth:`fit_features`."""
+        """Extract the training views (and the validation images' plain views) once, then :meth:`fit_features`.
+
+        ``images`` and ``val_images`` may be dataset objects, whose labels are used when ``labels`` /
+        ``val_labels`` is None (see :func:`prolip.features.dataset_objects.labelled`).
+        """
         self._check(val_images is not None)
+        on_error = self.adapter.on_error
+        images, labels, class_names = labelled(images, labels, class_names, on_error, self.adapter.verbose)
+        if val_images is not None:
+            val_images, val_labels, _ = labelled(val_images, val_labels, on_error=on_error)
         check_lengths(images, labels)
         features = self.adapter.extract_features(images)
         labels = kept(label_list(labels), self.adapter.skipped_)
@@ -245,8 +254,9 @@ class ProLIPTipAdapter(Estimator):
         """Predicted label of each image, values from ``classes_``."""
         return self.predict_features(self.adapter_.extract_features(images, views=0))
 
-    def score(self, images: Sequence[ImageLike], labels: Sequence[Hashable]) -> float:
-        """Accuracy of :meth:`predict` on ``images`` against ``labels`` (readable images only)."""
+    def score(self, images: Sequence[ImageLike], labels: Sequence[Hashable] | None = None) -> float:
+        """Accuracy of :meth:`predict` on ``images`` against ``labels`` (readable images only; a dataset's own)."""
+        images, labels, _ = labelled(images, labels, on_error=self.adapter_.on_error)
         check_lengths(images, labels)
         predicted = self.predict(images)
         return accuracy(predicted, kept(label_list(labels), self.adapter_.skipped_))

@@ -29,6 +29,7 @@ from prolip.adapter import ProLIPAdapter
 from prolip.errors import InputError, InputTypeError, NotFittedError
 from prolip.estimator import Estimator, Learned
 from prolip.features.cache import check_features
+from prolip.features.dataset_objects import labelled
 from prolip.features.images import ImageLike, kept
 from prolip.files.delta import read_linear_adapter, write_delta
 from prolip.model.backbone import select_device
@@ -352,7 +353,7 @@ class ModelRLA:
         cls,
         extractor: ProLIPAdapter,
         images: Sequence[ImageLike],
-        labels: Sequence[Hashable],
+        labels: Sequence[Hashable] | None = None,
         class_names: Mapping[Hashable, str] | Sequence[str] | None = None,
     ) -> ModelRLA:
         """Fit an RLA on the embeddings of ``extractor.views`` views of each image, with T from the model's text tower.
@@ -360,6 +361,7 @@ class ModelRLA:
         The extractor's ``lr``, ``reg_lambda``, ``epochs``, ``templates``, ``device`` and
         ``verbose`` are the adapter's; s is the model's own logit scale.
         """
+        images, labels, class_names = labelled(images, labels, class_names, extractor.on_error, extractor.verbose)
         labels = label_list(labels)
         embeddings = model_embeddings(extractor, images)
         kept_labels = kept(labels, extractor.skipped_)

@@ -13,6 +13,7 @@ import torch
 
 from prolip.adapter import ProLIPAdapter
 from prolip.features.cache import CachedFeatures
+from prolip.features.dataset_objects import labelled
 from prolip.features.images import kept
 from prolip.training.fit import fit_projector
 from prolip.training.fitted import FittedState
@@ -63,12 +64,19 @@ class ProLIPSearch:
     def fit(
         self,
         images: Sequence[Any],
-        labels: Sequence[Hashable],
+        labels: Sequence[Hashable] | None,
         val_images: Sequence[Any],
-        val_labels: Sequence[Hashable],
+        val_labels: Sequence[Hashable] | None = None,
         class_names: Mapping[Hashable, str] | Sequence[str] | None = None,
     ) -> ProLIPSearch:
-        """Extract the training views and the validation images' plain views once, then search; returns self."""
+        """Extract the training views and the validation images' plain views once, then search; returns self.
+
+        ``images`` and ``val_images`` may be dataset objects, whose labels are used when ``labels`` /
+        ``val_labels`` is None (see :func:`prolip.features.dataset_objects.labelled`).
+        """
+        on_error = self.adapter.on_error
+        images, labels, class_names = labelled(images, labels, class_names, on_error, self.adapter.verbose)
+        val_images, val_labels, _ = labelled(val_images, val_labels, on_error=on_error)
         check_lengths(val_images, val_labels)
         features = self.adapter.extract_features(images)
         labels = kept(label_list(labels), self.adapter.skipped_)
@@ -105,7 +113,7 @@ class ProLIPSearch:
         """``best_estimator_.predict_proba``."""
         return self.best_estimator_.predict_proba(images)
 
-    def score(self, images: Sequence[Any], labels: Sequence[Hashable]) -> float:
+    def score(self, images: Sequence[Any], labels: Sequence[Hashable] | None = None) -> float:
         """``best_estimator_.score``."""
         return self.best_estimator_.score(images, labels)
 

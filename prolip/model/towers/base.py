@@ -9,7 +9,7 @@ this formula reproduces what open_clip itself computes.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import torch
@@ -194,3 +194,25 @@ def check_reproduces(
         "or timm version computes the tower differently from what prolip expects, so training that layer would be "
         "wrong; please report it with the model name and your open_clip and timm versions."
     )
+
+
+def captured(run: Callable[[], object], hooks: dict[str, tuple[nn.Module, bool]]) -> dict[str, torch.Tensor]:
+    """Run ``run()`` (e.g. a transformers forward pass); per name, the hooked module's first input or output.
+
+    ``hooks`` maps a name to ``(module, True)`` for the module's first input, ``(module, False)`` for its
+    (first) output.
+    """
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, (module, want_input) in hooks.items():
+
+        def hook(_m, args, out, name=name, want_input=want_input):
+            seen[name] = args[0] if want_input else (out[0] if isinstance(out, tuple) else out)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen

@@ -1,7 +1,8 @@
 """The registry of vision tower families, and ``find_projector``, which picks and checks one.
 
 Each family is a ``Projector`` subclass that recognises its towers by class (and, for timm towers,
-by the structure open_clip gave the head). A recognised tower is then run once on a random input:
+by the structure open_clip gave the head); Hugging Face transformers CLIP and SigLIP models join
+through :class:`prolip.model.transformers_clip.TransformersCLIP`. A recognised tower is then run once on a random input:
 unless ``x W0 + b + r`` reproduces ``encode_image``, the model is refused, so a change in open_clip
 or timm can never make prolip silently train the wrong layer.
 """
@@ -23,6 +24,7 @@ from prolip.model.towers.base import (
 from prolip.model.towers.modified_resnet import ModifiedResNetProjector
 from prolip.model.towers.timm_head import TimmLinearProjector, TimmMlpProjector
 from prolip.model.towers.timm_trunk import TimmClassifierProjector, TimmMapProjector
+from prolip.model.towers.transformers_towers import TransformersClipProjector, TransformersSiglipProjector
 from prolip.model.towers.vit import VisionTransformerProjector
 
 FAMILIES: tuple[type[Projector], ...] = (
@@ -32,6 +34,8 @@ FAMILIES: tuple[type[Projector], ...] = (
     TimmMlpProjector,
     TimmClassifierProjector,
     TimmMapProjector,
+    TransformersClipProjector,
+    TransformersSiglipProjector,
 )
 
 

@@ -14,7 +14,16 @@ import torch
 from torch import nn
 
 from prolip.errors import UnsupportedModelError
-from prolip.model.towers.base import CHECK_ROWS, LinearMap, check_device, check_generator, check_reproduces, eval_mode
+from prolip.model.towers.base import (
+    CHECK_ROWS,
+    LinearMap,
+    captured,
+    check_device,
+    check_generator,
+    check_reproduces,
+    eval_mode,
+)
+from prolip.model.transformers_clip import TransformersCLIP
 
 HF_CHECK_LENGTH = 16  # Hugging Face towers report their position table size, which may exceed what they accept
 
@@ -172,7 +181,65 @@ class HFTextProjector(TextProjector):
         return torch.randint(self.model.text.vocab_size, (CHECK_ROWS, length), generator=generator)
 
 
-TEXT_FAMILIES: tuple[type[TextProjector], ...] = (ClipTextProjector, TextTransformerProjector, HFTextProjector)
+class TransformersClipTextProjector(TextProjector):
+    """transformers ``CLIPModel``: ``text_projection`` on the text model's pooled output."""
+
+    family = "transformers_clip_text"
+    description = "transformers CLIPModel (text_projection)"
+
+    @classmethod
+    def recognises(cls, model: nn.Module) -> bool:
+        return isinstance(model, TransformersCLIP) and isinstance(model.text.text_projection, nn.Linear)
+
+    @property
+    def holder(self) -> tuple[nn.Module, str, str]:
+        return self.model.text, "text_projection", ""
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.text.text_model(input_ids=tokens).pooler_output
+
+    def sample_tokens(self, generator: torch.Generator) -> torch.Tensor:
+        return _sample_tokens(self.model, generator)
+
+
+class TransformersSiglipTextProjector(TextProjector):
+    """transformers ``SiglipModel``: the text model's ``head``, an ``nn.Linear`` on the last token."""
+
+    family = "transformers_siglip_text"
+    description = "transformers SiglipModel (text_model.head)"
+
+    @classmethod
+    def recognises(cls, model: nn.Module) -> bool:
+        return (
+            isinstance(model, TransformersCLIP)
+            and model.text.text_projection is None
+            and isinstance(getattr(model.text.text_model, "head", None), nn.Linear)
+        )
+
+    @property
+    def holder(self) -> tuple[nn.Module, str, str]:
+        return self.model.text.text_model, "head", "text_model."
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        text_model = self.model.text.text_model
+        return captured(lambda: text_model(input_ids=tokens), {"x": (text_model.head, True)})["x"]
+
+    def sample_tokens(self, generator: torch.Generator) -> torch.Tensor:
+        return _sample_tokens(self.model, generator)
+
+
+def _sample_tokens(model: TransformersCLIP, generator: torch.Generator) -> torch.Tensor:
+    length = min(model.text.context_length, HF_CHECK_LENGTH)
+    return torch.randint(model.text.vocab_size, (CHECK_ROWS, length), generator=generator)
+
+
+TEXT_FAMILIES: tuple[type[TextProjector], ...] = (
+    ClipTextProjector,
+    TextTransformerProjector,
+    HFTextProjector,
+    TransformersClipTextProjector,
+    TransformersSiglipTextProjector,
+)
 
 
 def find_text_projector(model: nn.Module, *, verify: bool = True) -> TextProjector:

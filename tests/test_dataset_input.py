@@ -1,0 +1,185 @@
+"""Dataset objects as image input: a torch Dataset of (image, label) and a Hugging Face datasets.Dataset, read lazily."""
+
+from __future__ import annotations
+
+import io
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from conftest import colour_images, missing, tiny_adapter
+from PIL import Image
+
+from prolip import (
+    ImageLoadError,
+    InputError,
+    InputTypeError,
+    MultiTaskClassifier,
+    ProLIPSearch,
+    ProLIPTipAdapter,
+    SkippedImagesWarning,
+    TestTimeProLIP,
+    dataset_images,
+)
+from prolip.cli import main
+from prolip.features.images import LazyImages, load_for_model
+
+try:
+    import datasets
+except ImportError as exc:  # an optional extra; scripts/setup.sh installs it
+    missing("datasets", str(exc))
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NAMES = ["red", "green", "blue"]
+
+
+def _pil(images):
+    return [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
+
+
+def _hf(images, labels, image_column="image", label_column="label"):
+    """A datasets.Dataset of PNG-encoded images with a ClassLabel column (names: red, green, blue)."""
+    features = datasets.Features({image_column: datasets.Image(), label_column: datasets.ClassLabel(names=NAMES)})
+    return datasets.Dataset.from_dict(
+        {image_column: _pil(images), label_column: [NAMES.index(lab) for lab in labels]}, features=features
+    )
+
+
+class Pairs(torch.utils.data.Dataset):
+    """A torch Dataset yielding (CHW uint8 tensor, label); item ``bad`` raises; counts the images alive at once."""
+
+    def __init__(self, images, labels, bad=None):
+        self.images, self.labels, self.bad = images, labels, bad
+        self.alive = self.most_alive = self.reads = 0
+
+    def __len__(self):
+        return len(self.images)
+
+    def _gone(self):
+        self.alive -= 1
+
+    def __getitem__(self, i):
+        if i == self.bad:
+            raise OSError("disk read failed")
+        self.reads += 1
+        image = self.images[i].clone()  # a fresh object per read, as a dataset decoding a file gives
+        self.alive += 1
+        self.most_alive = max(self.most_alive, self.alive)
+        weakref.finalize(image, self._gone)
+        return image, self.labels[i]
+
+
+def test_hf_dataset_fits_like_the_list_and_names_classes_from_classlabel(checkpoints):
+    images, labels = colour_images(3)
+    ds = _hf(images, labels)
+    from_list = tiny_adapter(checkpoints["vit"]).fit(images, [NAMES.index(lab) for lab in labels], NAMES)
+    from_ds = tiny_adapter(checkpoints["vit"]).fit(ds)
+    # Same pixels (PNG is lossless), same operations on the same shapes: bit-identical.
+    assert torch.equal(from_ds.delta_, from_list.delta_)
+    assert list(from_ds.classes_) == [0, 1, 2] and list(from_ds.class_names_) == NAMES
+    np.testing.assert_array_equal(from_ds.predict_proba(ds), from_list.predict_proba(images))
+    assert from_ds.score(ds) == from_list.score(images, [NAMES.index(lab) for lab in labels])
+    assert torch.equal(from_ds.extract_features(ds, views=0), from_list.extract_features(images, views=0))
+
+
+def test_columns_are_configurable(checkpoints):
+    images, labels = colour_images(2)
+    ds = _hf(images, labels, image_column="picture", label_column="kind").add_column("other", [0] * len(images))
+    with pytest.raises(InputError, match="no column 'photo'"):
+        dataset_images(ds, image_column="photo")
+    chosen = dataset_images(ds, image_column="picture", label_column="kind")
+    assert chosen.labels() == [NAMES.index(lab) for lab in labels] and chosen.class_names == NAMES
+    adapter = tiny_adapter(checkpoints["vit"], epochs=2).fit(chosen)
+    assert list(adapter.class_names_) == NAMES
+    plain = datasets.Dataset.from_dict({"pixels": _pil(images), "y": labels})  # an Image column, no ClassLabel
+    with pytest.raises(InputError, match="label_column="):
+        tiny_adapter(checkpoints["vit"]).fit(plain)
+
+
+def test_torch_dataset_is_read_lazily_and_fits_like_the_list(checkpoints):
+    images, labels = colour_images(4)
+    pairs = Pairs(images, labels)
+    loaded = load_for_model(pairs, on_error="raise")
+    assert isinstance(loaded.images, LazyImages) and pairs.reads == 0  # nothing read before extraction asks
+    adapter = tiny_adapter(checkpoints["vit"], batch_size=2).fit(pairs)
+    # Never the whole dataset at once: at most a batch of images (and the one being read) is alive.
+    assert pairs.most_alive <= 3 < len(images)
+    reference = tiny_adapter(checkpoints["vit"], batch_size=2).fit(images, labels)
+    assert torch.equal(adapter.delta_, reference.delta_)
+    assert list(adapter.classes_) == ["blue", "green", "red"]
+    np.testing.assert_array_equal(adapter.predict(pairs), reference.predict(images))
+
+
+@pytest.mark.parametrize("kind", ["torch", "hf"])
+def test_a_bad_item_is_named_by_its_index_and_skipped_on_request(kind, checkpoints):
+    images, labels = colour_images(3)
+    if kind == "torch":
+        data = Pairs(images, labels, bad=4)
+    else:
+        encoded = [io.BytesIO() for _ in images]
+        for im, buf in zip(_pil(images), encoded, strict=True):
+            im.save(buf, format="PNG")
+        raw = [{"bytes": buf.getvalue(), "path": None} for buf in encoded]
+        raw[4] = {"bytes": b"not an image at all", "path": None}
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=NAMES)})
+        data = datasets.Dataset.from_dict({"image": raw, "label": [NAMES.index(x) for x in labels]}, features=features)
+    with pytest.raises(ImageLoadError, match="image 4 "):
+        tiny_adapter(checkpoints["vit"]).fit(data)
+    skipping = tiny_adapter(checkpoints["vit"], on_error="skip")
+    with pytest.warns(SkippedImagesWarning, match="image 4"):
+        skipping.fit(data)
+    assert [s.index for s in skipping.skipped_] == [4]
+    keep = [i for i in range(len(images)) if i != 4]
+    expected_labels = [labels[i] if kind == "torch" else NAMES.index(labels[i]) for i in keep]
+    names = None if kind == "torch" else NAMES
+    reference = tiny_adapter(checkpoints["vit"]).fit([images[i] for i in keep], expected_labels, names)
+    assert torch.equal(skipping.delta_, reference.delta_)
+    with pytest.warns(SkippedImagesWarning):
+        assert skipping.predict(data).shape == (len(images) - 1,)
+
+
+def test_imagefolder_and_search_and_tip_adapter(checkpoints, tmp_path):
+    images, labels = colour_images(3)
+    for k, (im, lab) in enumerate(zip(_pil(images), labels, strict=True)):
+        (tmp_path / lab).mkdir(exist_ok=True)
+        im.save(tmp_path / lab / f"{k}.png")
+    ds = datasets.load_dataset("imagefolder", data_dir=str(tmp_path), split="train")
+    assert sorted(ds.features["label"].names) == sorted(NAMES)
+    adapter = tiny_adapter(checkpoints["vit"]).fit(ds)
+    assert sorted(adapter.class_names_) == sorted(NAMES)
+
+    search = ProLIPSearch(tiny_adapter(checkpoints["vit"]), lrs=[1e-2], reg_lambdas=[0.1, 1.0]).fit(ds, None, ds)
+    assert search.score(ds) == search.best_estimator_.score(ds)
+    tip = ProLIPTipAdapter(tiny_adapter(checkpoints["vit"]), alpha=1.0, beta=1.0).fit(ds)
+    assert 0.0 <= tip.score(ds) <= 1.0
+    paths = [str(p) for p in sorted(tmp_path.rglob("*.png"))]
+    assert paths == [row["image"].filename for row in ds]  # the same files in the same order
+    tt = TestTimeProLIP(adapter, views=4, random_state=0)
+    np.testing.assert_array_equal(tt.predict(ds), tt.predict(paths))
+    tasks = MultiTaskClassifier({"colours": adapter})
+    np.testing.assert_array_equal(tasks.predict(ds)["colours"], adapter.predict(paths))
+    with pytest.raises(InputTypeError, match="labels must be a sequence"):
+        tiny_adapter(checkpoints["vit"]).fit(images)
+
+
+@pytest.mark.parametrize("layout", ["save_to_disk", "imagefolder"])
+def test_cli_fit_reads_a_hf_dataset_folder(layout, checkpoints, tmp_path, capsys):
+    images, labels = colour_images(3)
+    folder = tmp_path / "data"
+    if layout == "save_to_disk":
+        _hf(images, labels).save_to_disk(str(folder))
+    else:
+        for k, (im, lab) in enumerate(zip(_pil(images), labels, strict=True)):
+            (folder / lab).mkdir(parents=True, exist_ok=True)
+            im.save(folder / lab / f"{k}.png")
+    out = tmp_path / "delta.safetensors"
+    argv = ["fit", "--hf-dataset", str(folder), "--model", "test-vit-tiny", "--pretrained", checkpoints["vit"]]
+    argv += ["--views", "2", "--epochs", "3", "--shots", "2", "--out", str(out), "--device", "cpu", "-q"]
+    assert main(argv) == 0
+    from prolip import ProLIPAdapter
+
+    loaded = ProLIPAdapter.load(out, pretrained=checkpoints["vit"], verbose=False)
+    assert sorted(loaded.class_names_) == sorted(NAMES) and loaded.n_shots_ == 2
+    assert main(["fit", str(folder), "--hf-dataset", str(folder), "--out", str(out)]) != 0
+    assert "not both" in capsys.readouterr().err

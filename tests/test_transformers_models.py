@@ -1,0 +1,273 @@
+"""Hugging Face transformers CLIPModel / SiglipModel backbones, on tiny random configs built offline."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import string
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import colour_images, missing
+from PIL import Image
+from test_fidelity import _photo
+
+from prolip import (
+    DeltaFileError,
+    FingerprintMismatchError,
+    InputError,
+    ProLIPAdapter,
+    UnsupportedModelError,
+    from_transformers,
+)
+from prolip.cli import main
+from prolip.features.images import load_image
+from prolip.features.views import plain_views
+from prolip.model.preprocessing import ViewConfig
+from prolip.model.towers import find_projector, find_text_projector
+from prolip.model.towers.base import TOLERANCE
+from prolip.model.transformers_clip import preprocess_cfg_of
+
+try:
+    import transformers
+except ImportError as exc:  # an optional extra; scripts/setup.sh installs it
+    missing("transformers", str(exc))
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+KINDS = ["clip", "siglip"]
+SIDE = 32
+TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+@pytest.fixture(scope="module")
+def clip_tokenizer(tmp_path_factory):
+    """A real CLIPTokenizer over a tiny character vocabulary (no Hub): ids 0 and 1 are start and end."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + ".":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
+def simple_tokenizer(texts: list[str]) -> torch.Tensor:
+    """SigLIP's tokenizer needs files from the Hub: a deterministic stand-in, ids in 1..63, 16 per prompt."""
+    return torch.tensor([[(sum(map(ord, t)) * (i + 7)) % 63 + 1 for i in range(16)] for t in texts])
+
+
+def tiny_model(kind: str, seed: int = 0):
+    """A random tiny CLIPModel or SiglipModel (eval mode) and its image processor."""
+    text = dict(TOWER, vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(TOWER, image_size=SIDE, patch_size=8)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if kind == "clip":
+            config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=24)
+            model = transformers.CLIPModel(config)
+            processor = transformers.CLIPImageProcessor(
+                size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE}
+            )
+        else:
+            model = transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision))
+            processor = transformers.SiglipImageProcessor(size={"height": SIDE, "width": SIDE})
+    return model.eval(), processor
+
+
+def wrapped(kind: str, clip_tokenizer, seed: int = 0):
+    model, image_processor = tiny_model(kind, seed)
+    if kind == "clip":  # a loaded model with its processor
+        return from_transformers(
+            model, transformers.CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer)
+        )
+    return from_transformers(model, tokenizer=simple_tokenizer, image_processor=image_processor)
+
+
+def adapter_on(model, **kwargs):
+    params = dict(views=3, epochs=20, lr=1e-2, device="cpu", verbose=False)
+    return ProLIPAdapter(model, **(params | kwargs))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_towers_reproduce_the_models_own_features(kind, clip_tokenizer):
+    model = wrapped(kind, clip_tokenizer)
+    projector, text = find_projector(model), find_text_projector(model)  # each runs the build-time check
+    expected_keys = {"clip": ("visual_projection.weight", "text_projection.weight")}
+    assert (projector.key, text.key) == expected_keys.get(
+        kind, ("vision_model.head.mlp.fc2.weight", "text_model.head.weight")
+    )
+    assert projector.has_residual == (kind == "siglip")
+    hf = model.hf
+    pixels = torch.randn(3, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(1))
+    tokens = simple_tokenizer(["a", "b c", "d."])
+    with torch.no_grad():
+        image = hf.get_image_features(pixel_values=pixels).pooler_output
+        words = hf.get_text_features(input_ids=tokens).pooler_output
+        got_image = projector.embed(*projector.features(pixels))
+        got_text = text.embed(text.features(tokens))
+    for expected, got in ((image, got_image), (words, got_text)):
+        relative = ((got - expected).norm(dim=-1) / expected.norm(dim=-1)).max()
+        assert relative < TOLERANCE[torch.float32]  # the open_clip towers' tolerance
+    if kind == "siglip":  # the check can fail: a head whose output is not x W + b + r is refused
+        head = hf.vision_model.head
+
+        def no_residual(self, hidden):
+            attended = self.attention(self.probe.repeat(hidden.shape[0], 1, 1), hidden, hidden)[0]
+            return self.mlp(self.layernorm(attended))[:, 0]
+
+        head.forward = types.MethodType(no_residual, head)
+        with pytest.raises(UnsupportedModelError, match="could not reproduce"):
+            find_projector(model)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fit_save_load_merge_and_from_pretrained(kind, clip_tokenizer, tmp_path):
+    images, labels = colour_images(3)
+    model = wrapped(kind, clip_tokenizer)
+    adapter = adapter_on(model).fit(images, labels)
+    assert adapter.fitted_.projector_family == f"transformers_{kind}"
+    proba = adapter.predict_proba(images)
+
+    path = tmp_path / "delta.safetensors"
+    adapter.save(path)
+    loaded = ProLIPAdapter.load(path, model=model, verbose=False)
+    np.testing.assert_array_equal(loaded.predict_proba(images), proba)
+    with pytest.raises(FingerprintMismatchError):
+        ProLIPAdapter.load(path, model=wrapped(kind, clip_tokenizer, seed=1), verbose=False)
+
+    merged = loaded.merged_model()
+    assert type(merged) is type(model.hf) and merged is not model.hf
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = type(model.hf).from_pretrained(tmp_path / "merged").eval()
+    processor = tiny_model(kind)[1]
+    pixels = torch.as_tensor(
+        processor([im.permute(1, 2, 0).numpy() for im in images], return_tensors="np")["pixel_values"]
+    )
+    projector = adapter.backbone.projector
+    with torch.no_grad():
+        embeddings = F.normalize(reloaded.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        expected = adapter.logits_from_features(projector.pack(*projector.features(pixels)))
+    logits = adapter.logit_scale_ * embeddings @ adapter.classifier_.T
+    # nn.Linear with W0 + delta against x @ (W0 + delta): another summation order, fp32 rounding only.
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(
+        adapter.classes_[logits.argmax(1).numpy()], adapter.classes_[expected.argmax(1).numpy()]
+    )
+    # The base model is untouched.
+    assert torch.equal(projector.parameter, find_projector(model, verify=False).parameter)
+    assert not torch.equal(
+        projector.parameter,
+        find_projector(transformers_wrapped(reloaded, kind, clip_tokenizer), verify=False).parameter,
+    )
+
+
+def transformers_wrapped(model, kind, clip_tokenizer):
+    processor = tiny_model(kind)[1]
+    tokenizer = clip_tokenizer if kind == "clip" else simple_tokenizer
+    return from_transformers(model, tokenizer=tokenizer, image_processor=processor)
+
+
+def test_a_text_delta_merges_into_the_text_projection(clip_tokenizer, tmp_path):
+    images, labels = colour_images(2)
+    model = wrapped("siglip", clip_tokenizer)
+    adapter = adapter_on(model, target="image+text").fit(images, labels)
+    merged = adapter.merged_model()
+    base = model.hf.text_model.head.weight
+    assert torch.allclose(merged.text_model.head.weight, base + adapter.text_delta_, atol=1e-6)
+    assert not torch.equal(merged.text_model.head.weight, base)
+
+
+def test_a_hf_transformers_name_loads_with_from_pretrained(clip_tokenizer, tmp_path):
+    model, processor = tiny_model("clip")
+    folder = tmp_path / "clip"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    clip_tokenizer.save_pretrained(folder)
+    name = f"hf-transformers:{folder}"
+    images, labels = colour_images(2)
+    adapter = adapter_on(name, pretrained=None).fit(images, labels)
+    path = tmp_path / "delta.safetensors"
+    adapter.save(path)
+    assert adapter.fitted_.model_name == name
+    with pytest.raises(DeltaFileError, match="trust_file_model"):
+        ProLIPAdapter.load(path, verbose=False)  # a file may not choose what transformers loads
+    loaded = ProLIPAdapter.load(path, trust_file_model=True, verbose=False)
+    np.testing.assert_array_equal(loaded.predict_proba(images), adapter.predict_proba(images))
+    same = adapter_on(wrapped("clip", clip_tokenizer)).fit(images, labels)  # the same weights as an object
+    assert torch.equal(same.delta_, adapter.delta_)
+
+
+def test_the_command_line_fits_and_merges_a_transformers_model(clip_tokenizer, tmp_path):
+    model, processor = tiny_model("clip")
+    folder = tmp_path / "clip"
+    for part in (model, processor, clip_tokenizer):
+        part.save_pretrained(folder)
+    data = tmp_path / "data"
+    images, labels = colour_images(2)
+    for k, (image, label) in enumerate(zip(images, labels, strict=True)):
+        (data / label).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(data / label / f"{k}.png")
+    delta, out = tmp_path / "delta.safetensors", tmp_path / "merged"
+    common = ["--device", "cpu", "-q"]
+    fit = [
+        "fit",
+        str(data),
+        "--model",
+        f"hf-transformers:{folder}",
+        "--views",
+        "2",
+        "--epochs",
+        "5",
+        "--out",
+        str(delta),
+    ]
+    assert main(fit + common) == 0
+    assert main(["merge", str(delta), "--out", str(out), "--trust-file-model", *common]) == 0
+    merged = transformers.CLIPModel.from_pretrained(out)
+    adapter = ProLIPAdapter.load(delta, trust_file_model=True, verbose=False)
+    expected = model.visual_projection.weight + adapter.delta_
+    torch.testing.assert_close(merged.visual_projection.weight, expected, atol=0, rtol=0)  # fp32 sum, stored as is
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_test_view_is_the_image_processors(kind, clip_tokenizer, tmp_path):
+    """As tests/test_fidelity.py checks open_clip's transform: the plain view against the processor's pixels."""
+    if kind == "clip":
+        processor = transformers.CLIPImageProcessor()  # OpenAI's: shorter side 224, centre crop, bicubic
+    else:
+        processor = transformers.SiglipImageProcessor(size={"height": 224, "width": 224})  # squash
+    config = ViewConfig(**preprocess_cfg_of(processor))
+    assert config.resize_mode == {"clip": "shortest", "siglip": "squash"}[kind]
+    pil = _photo(1500, 2000)
+    reference = torch.as_tensor(processor(pil, return_tensors="np")["pixel_values"][0])
+    diff = (plain_views([load_image(pil)], config)[0] - reference).abs()
+    # Measured (normalised units): mean 0.002-0.004, max 0.007-0.013, from the resampling kernels.
+    assert diff.mean() < 0.006 and diff.max() < 0.03, (float(diff.mean()), float(diff.max()))
+    wrong = dataclasses.replace(config, resize_mode="squash" if kind == "clip" else "shortest")
+    assert (plain_views([load_image(pil)], wrong)[0] - reference).abs().mean() > 0.05  # the test can fail
+
+    # And the tiny model's test-view features are those of its processor's pixels.
+    model = wrapped(kind, clip_tokenizer)
+    adapter = adapter_on(model, views=0)
+    image = _photo(90, 120, seed=1)
+    pixels = torch.as_tensor(tiny_model(kind)[1](image, return_tensors="np")["pixel_values"])
+    with torch.no_grad():
+        expected = adapter.backbone.projector.pack(*adapter.backbone.projector.features(pixels))[0]
+    got = adapter.extract_features([image], views=0)[0, 0]
+    # Measured: cosine 0.99999+ (CLIP), 0.9998-0.99996 (SigLIP's random head amplifies pixel rounding);
+    # the other resize mode gives 0.35-0.998.
+    assert F.cosine_similarity(got, expected, dim=0) > 0.9995
+
+
+def test_a_raw_model_takes_its_processor_as_the_tokenizer(clip_tokenizer):
+    model, image_processor = tiny_model("clip")
+    with pytest.raises(InputError, match="needs its processor"):
+        adapter_on(model, tokenizer=simple_tokenizer).fit(*colour_images(2))
+    processor = transformers.CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer)
+    images, labels = colour_images(2)
+    raw = adapter_on(model, tokenizer=processor).fit(images, labels)
+    assert torch.equal(raw.delta_, adapter_on(wrapped("clip", clip_tokenizer)).fit(images, labels).delta_)
