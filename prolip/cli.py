@@ -16,8 +16,9 @@ _EXAMPLES = {
     "  prolip fit photos/ --shots 16 --variant text --out pets-text.safetensors\n"
     "  prolip fit photos/ --shots 16 --variant image+tip-adapter --val photos_val/ --out pets-tip.safetensors",
     "predict": "example:\n  prolip predict pets.safetensors cat1.jpg dog2.png --json\n"
+    "  prolip predict pets.safetensors photos/ more.csv  # folders (recursively) and CSV files of paths\n"
     "  prolip predict pets.safetensors cat1.jpg --test-time --tt-views 64 --tt-lr 5e-3",
-    "eval": "example:\n  prolip eval pets.safetensors photos_test/",
+    "eval": "example:\n  prolip eval pets.safetensors photos_test/\n  prolip eval pets.safetensors photos_test/ extra.csv",
     "info": "example:\n  prolip info pets.safetensors",
     "models": "example:\n  prolip models\n  prolip models --all --json > models.json",
     "bench": "example:\n  prolip bench few-shot --data-root ~/data --datasets caltech101 dtd --model RN50 --pretrained openai \\\n"
@@ -112,7 +113,9 @@ def _parser() -> argparse.ArgumentParser:
 
     predict = command("predict", "Predict the class of images with a saved delta.")
     predict.add_argument("delta", help="delta file written by 'prolip fit' or ProLIPAdapter.save")
-    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument(
+        "images", nargs="+", help="image files, folders of images (recursively) and/or CSV files of paths"
+    )
     predict.add_argument("--json", action="store_true", help="print JSON with per-class probabilities")
     _base_options(predict)
     tt = predict.add_argument_group("test-time ProLIP (see docs/test_time.md)")
@@ -132,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = command("eval", "Accuracy, per-class accuracy and confusion matrix on labelled images.")
     evaluate.add_argument("delta", help="delta file")
-    evaluate.add_argument("data", help="folder with one sub-folder per class, or a path,label CSV")
+    evaluate.add_argument("data", nargs="+", help="folders with one sub-folder per class and/or path,label CSV files")
     _base_options(evaluate)
 
     info = command("info", "Show a delta file's base model, classes, hyperparameters and fingerprint.")
@@ -260,6 +263,8 @@ def _fit(args: argparse.Namespace) -> None:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    from prolip.datasets.generic import read_images
+
     adapter = _load(args)
     predictor = adapter
     if args.test_time:
@@ -283,7 +288,8 @@ def _predict(args: argparse.Namespace) -> None:
             random_state=args.tt_seed,
             verbose=not args.quiet,
         )
-    proba = predictor.predict_proba(args.images)
+    images = read_images(args.images)
+    proba = predictor.predict_proba(images)
     classes = adapter.classes_.tolist()
     if args.json:
         rows = [
@@ -292,11 +298,11 @@ def _predict(args: argparse.Namespace) -> None:
                 "label": classes[p.argmax()],
                 "probabilities": dict(zip(map(str, classes), p.tolist(), strict=True)),
             }
-            for path, p in zip(args.images, proba, strict=True)
+            for path, p in zip(images, proba, strict=True)
         ]
         print(json.dumps(rows, indent=2))
     else:
-        for path, p in zip(args.images, proba, strict=True):
+        for path, p in zip(images, proba, strict=True):
             print(f"{path}\t{classes[p.argmax()]}\t{p.max():.3f}")
 
 
@@ -304,11 +310,16 @@ def _eval(args: argparse.Namespace) -> None:
     from prolip.datasets.generic import read_labelled
 
     adapter = _load(args)
-    paths, labels = read_labelled(args.data)
+    paths, labels = [], []
+    for source in args.data:
+        more_paths, more_labels = read_labelled(source)
+        paths, labels = paths + more_paths, labels + more_labels
     classes = [str(c) for c in adapter.classes_.tolist()]
     unknown = sorted(set(labels) - set(classes))
     if unknown:
-        raise ProLIPError(f"{args.data!r} has labels the delta does not know: {unknown}; its classes are {classes}.")
+        raise ProLIPError(
+            f"{' '.join(map(repr, args.data))} hold labels the delta does not know: {unknown}; its classes are {classes}."
+        )
     predicted = [str(p) for p in adapter.predict(paths)]
     index = {c: k for k, c in enumerate(classes)}
     confusion = [[0] * len(classes) for _ in classes]
