@@ -29,6 +29,7 @@ from prolip.errors import (
 from prolip.features.cache import CachedFeatures
 from prolip.model.towers import supported_models
 from prolip.variants.multitask import MultiTaskClassifier
+from prolip.variants.open_vocab import OpenVocabularyClassifier
 from prolip.variants.prolip_tip_adapter import ProLIPTipAdapter
 from prolip.variants.rla import RegularizedLinearAdapter
 from prolip.variants.search import ProLIPSearch
@@ -45,6 +46,7 @@ __all__ = [
     "ModelLoadError",
     "MultiTaskClassifier",
     "NotFittedError",
+    "OpenVocabularyClassifier",
     "PrecisionWarning",
     "ProLIPAdapter",
     "ProLIPError",

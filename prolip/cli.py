@@ -1,4 +1,4 @@
-"""The ``prolip`` command line: fit, predict, eval, info, models, bench and merge."""
+"""The ``prolip`` command line: fit, predict, eval, info, models, bench, merge and export."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ _EXAMPLES = {
     "  prolip fit photos/ --shots 16 --variant image+tip-adapter --val photos_val/ --out pets-tip.safetensors",
     "predict": "example:\n  prolip predict pets.safetensors cat1.jpg dog2.png --json\n"
     "  prolip predict pets.safetensors photos/ more.csv  # folders (recursively) and CSV files of paths\n"
+    "  prolip predict pets.safetensors photos/ --classes hamster rabbit --template 'a photo of a {}, a pet.'\n"
     "  prolip predict pets.safetensors cat1.jpg --test-time --tt-views 64 --tt-lr 5e-3",
     "eval": "example:\n  prolip eval pets.safetensors photos_test/\n  prolip eval pets.safetensors photos_test/ extra.csv",
     "info": "example:\n  prolip info pets.safetensors",
@@ -25,6 +26,8 @@ _EXAMPLES = {
     "      --out-dir runs/rn50-few-shot",
     "merge": "example:\n  prolip merge pets.safetensors --out ViT-B-32-pets.safetensors\n"
     "  python -c \"import open_clip; open_clip.create_model('ViT-B-32', pretrained='ViT-B-32-pets.safetensors')\"",
+    "export": "example:\n  prolip export pets.safetensors --format onnx --out pets.onnx   # and pets.json beside it\n"
+    "  prolip export pets.safetensors --format pt2 --out pets.pt2",
 }
 
 
@@ -118,6 +121,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--json", action="store_true", help="print JSON with per-class probabilities")
     _base_options(predict)
+    vocab = predict.add_argument_group("open vocabulary: score any class names with the adapted projector")
+    names = vocab.add_mutually_exclusive_group()
+    names.add_argument("--classes", nargs="+", metavar="NAME", help="class names to score instead of the delta's")
+    names.add_argument("--classes-file", help="file of class names to score, one per line ('#' comments)")
+    vocab.add_argument(
+        "--template",
+        action="append",
+        dest="templates",
+        help="prompt template with {} (repeatable; default: the delta's)",
+    )
     tt = predict.add_argument_group("test-time ProLIP (see docs/test_time.md)")
     tt.add_argument("--test-time", action="store_true", help="adapt a projector copy to each image, then predict it")
     tt.add_argument("--tt-views", type=int, default=64, help="views per image, plain included (default: %(default)s)")
@@ -183,6 +196,14 @@ def _parser() -> argparse.ArgumentParser:
         help="of the written model (default: %(default)s)",
     )
     _base_options(merge)
+
+    export = command("export", "Write a standalone classifier file: preprocessed images to class probabilities.")
+    export.add_argument("delta", help="delta file")
+    export.add_argument("--out", required=True, help="the file to write (its JSON description goes beside it)")
+    export.add_argument(
+        "--format", default="onnx", choices=["onnx", "pt2"], help="ONNX or torch.export (default: %(default)s)"
+    )
+    _base_options(export)
     return parser
 
 
@@ -267,6 +288,8 @@ def _predict(args: argparse.Namespace) -> None:
 
     adapter = _load(args)
     predictor = adapter
+    if args.classes or args.classes_file or args.templates:
+        predictor = _open_vocabulary(args, adapter)
     if args.test_time:
         from prolip.adapter import ProLIPAdapter
         from prolip.variants.test_time import TestTimeProLIP
@@ -290,7 +313,7 @@ def _predict(args: argparse.Namespace) -> None:
         )
     images = read_images(args.images)
     proba = predictor.predict_proba(images)
-    classes = adapter.classes_.tolist()
+    classes = predictor.classes_.tolist()
     if args.json:
         rows = [
             {
@@ -304,6 +327,19 @@ def _predict(args: argparse.Namespace) -> None:
     else:
         for path, p in zip(images, proba, strict=True):
             print(f"{path}\t{classes[p.argmax()]}\t{p.max():.3f}")
+
+
+def _open_vocabulary(args: argparse.Namespace, adapter):
+    """``--classes``/``--classes-file``/``--template``: the delta's adapted projector scoring those names."""
+    from prolip.adapter import ProLIPAdapter
+    from prolip.datasets.templates import read_class_names
+    from prolip.variants.open_vocab import OpenVocabularyClassifier
+
+    if args.test_time or not isinstance(adapter, ProLIPAdapter):
+        what = "--test-time" if args.test_time else f"{args.delta!r} ({type(adapter).__name__})"
+        raise ProLIPError(f"--classes, --classes-file and --template score a plain ProLIP delta; not with {what}.")
+    names = read_class_names(args.classes_file) if args.classes_file else args.classes or adapter.class_names_
+    return OpenVocabularyClassifier(adapter, names, args.templates)
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -410,6 +446,20 @@ def _merge(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}: the full model with its projector adapted; load it with open_clip pretrained=PATH")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from prolip.adapter import ProLIPAdapter
+
+    adapter = _load(args)
+    if not isinstance(adapter, ProLIPAdapter):
+        raise ProLIPError(
+            f"{args.delta!r} holds a {type(adapter).__name__}, not a plain ProLIP delta; only those export "
+            "(a linear adapter or a Tip-Adapter cache is not part of the vision tower)."
+        )
+    model, sidecar = adapter.export(args.out, args.format)
+    if not args.quiet:
+        print(f"wrote {model} ({args.format}: images [B, 3, H, W] to class probabilities) and {sidecar}")
+
+
 def _models(args: argparse.Namespace) -> None:
     import dataclasses
 
@@ -469,6 +519,7 @@ _COMMANDS = {
     "models": _models,
     "bench": _bench,
     "merge": _merge,
+    "export": _export,
 }
 
 
