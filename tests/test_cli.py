@@ -171,6 +171,25 @@ def test_csv_input_and_user_errors(folder, tmp_path):
         assert len(done.stderr.strip().splitlines()) == 1
 
 
+def test_export_writes_a_standalone_classifier(folder, delta, tmp_path):
+    from prolip.features.images import load_images
+    from prolip.features.views import plain_views
+
+    out = tmp_path / "blobs.pt2"
+    done = prolip("export", str(delta), "--format", "pt2", "--out", str(out))
+    assert "blobs.json" in done.stdout
+    adapter = ProLIPAdapter.load(delta, verbose=False)
+    images = [str(p) for p in sorted(folder.rglob("*.png"))][:4]
+    pixels = plain_views(load_images(images), adapter.backbone.view_config)
+    probabilities = torch.export.load(out).module()(pixels).detach().numpy()
+    assert np.abs(probabilities - adapter.predict_proba(images)).max() <= 1e-4
+    described = json.loads((tmp_path / "blobs.json").read_text())
+    assert described["classes"] == ["bottom", "top"]
+    assert described["preprocessing"]["size"] == adapter.backbone.view_config.size
+    done = prolip("export", str(delta), "--format", "tflite", "--out", str(out), check=False)
+    assert done.returncode == 1 and "invalid choice: 'tflite'" in done.stderr
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -207,7 +226,7 @@ def test_open_clip_chatter_only_with_verbose(delta, folder):
     assert "Loaded" in loud.stderr or "model config" in loud.stderr.lower()
 
 
-@pytest.mark.parametrize("command", ["fit", "predict", "eval", "info", "models", "bench", "merge"])
+@pytest.mark.parametrize("command", ["fit", "predict", "eval", "info", "models", "bench", "merge", "export"])
 def test_every_subcommand_has_help_with_an_example(command, capsys):
     from prolip.cli import main
 
