@@ -286,6 +286,7 @@ def _fit(args: argparse.Namespace) -> None:
 def _predict(args: argparse.Namespace) -> None:
     from prolip.datasets.generic import read_images
 
+    images = read_images(args.images)  # a bad folder or CSV fails before the model loads
     adapter = _load(args)
     predictor = adapter
     if args.classes or args.classes_file or args.templates:
@@ -311,7 +312,6 @@ def _predict(args: argparse.Namespace) -> None:
             random_state=args.tt_seed,
             verbose=not args.quiet,
         )
-    images = read_images(args.images)
     proba = predictor.predict_proba(images)
     classes = predictor.classes_.tolist()
     if args.json:
@@ -345,11 +345,11 @@ def _open_vocabulary(args: argparse.Namespace, adapter):
 def _eval(args: argparse.Namespace) -> None:
     from prolip.datasets.generic import read_labelled
 
-    adapter = _load(args)
     paths, labels = [], []
     for source in args.data:
         more_paths, more_labels = read_labelled(source)
         paths, labels = paths + more_paths, labels + more_labels
+    adapter = _load(args)
     classes = [str(c) for c in adapter.classes_.tolist()]
     unknown = sorted(set(labels) - set(classes))
     if unknown:
