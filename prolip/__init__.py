@@ -31,6 +31,7 @@ from prolip.features.dataset_objects import dataset_images
 from prolip.model.towers import supported_models
 from prolip.model.transformers_clip import from_transformers
 from prolip.variants.multitask import MultiTaskClassifier
+from prolip.variants.open_vocab import OpenVocabularyClassifier
 from prolip.variants.prolip_tip_adapter import ProLIPTipAdapter
 from prolip.variants.rla import RegularizedLinearAdapter
 from prolip.variants.search import ProLIPSearch
@@ -47,6 +48,7 @@ __all__ = [
     "ModelLoadError",
     "MultiTaskClassifier",
     "NotFittedError",
+    "OpenVocabularyClassifier",
     "PrecisionWarning",
     "ProLIPAdapter",
     "ProLIPError",

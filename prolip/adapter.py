@@ -25,6 +25,7 @@ from prolip.features.dataset_objects import labelled
 from prolip.features.extract import features_of
 from prolip.features.images import ImageLike, kept, load_for_model, report_skipped
 from prolip.files.delta import read_delta, write_delta
+from prolip.files.export import export_classifier
 from prolip.model.backbone import Backbone, build_backbone
 from prolip.params import check_params, restore_params
 from prolip.training.fit import SAVED_PARAMS, fit_projector
@@ -254,8 +255,8 @@ class ProLIPAdapter(Estimator, FittedAttributes):
             self._weight = (backbone, state, state.adapted_weight(backbone.projector))
         return self._weight[2]
 
-    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Class logits ``[n, K]`` (CPU, fp32) of pre-projection test features ``[n, d_in]`` or ``[1, n, d_in]``."""
+    def logits_from_features(self, features: torch.Tensor, classifier: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[n, K]`` (CPU, fp32) of test features ``[n, d_in]`` or ``[1, n, d_in]`` (T: ``classifier_`` or given)."""
         state, projector = self._fitted(), self.backbone.projector
         x = check_features(features, projector.feature_width)
         if x.shape[0] != 1:
@@ -263,12 +264,9 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         device, bias = self.backbone.device, projector.bias
         with torch.inference_mode():
             out = logits(
-                x[0].to(device, torch.float32),
-                self._adapted_weight(),
-                None if bias is None else bias.float(),
-                state.classifier.to(device),
-                state.logit_scale,
-            )
+                x[0].to(device, torch.float32), self._adapted_weight(), None if bias is None else bias.float(),
+                (state.classifier if classifier is None else classifier).to(device), state.logit_scale,
+            )  # fmt: skip
         return out.cpu()
 
     def predict_features(self, features: torch.Tensor) -> np.ndarray:
@@ -309,6 +307,10 @@ class ProLIPAdapter(Estimator, FittedAttributes):
                 error of the merged update.
         """
         return self._fitted().merged_copy(self.backbone.model, precision if precision is not None else self.precision)
+
+    def export(self, path: str | os.PathLike, format: str = "onnx") -> tuple[os.PathLike, os.PathLike]:
+        """Write a standalone classifier (``onnx`` or ``pt2``) and its JSON; see :func:`prolip.files.export.export_classifier`."""
+        return export_classifier(self._fitted(), self.backbone, path, format)
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> None:

@@ -1,4 +1,4 @@
-"""The ``prolip`` command line: fit, predict, eval, info, models, bench and merge."""
+"""The ``prolip`` command line: fit, predict, eval, info, models, bench, merge and export."""
 
 from __future__ import annotations
 
@@ -16,14 +16,18 @@ _EXAMPLES = {
     "  prolip fit photos/ --shots 16 --variant text --out pets-text.safetensors\n"
     "  prolip fit photos/ --shots 16 --variant image+tip-adapter --val photos_val/ --out pets-tip.safetensors",
     "predict": "example:\n  prolip predict pets.safetensors cat1.jpg dog2.png --json\n"
+    "  prolip predict pets.safetensors photos/ more.csv  # folders (recursively) and CSV files of paths\n"
+    "  prolip predict pets.safetensors photos/ --classes hamster rabbit --template 'a photo of a {}, a pet.'\n"
     "  prolip predict pets.safetensors cat1.jpg --test-time --tt-views 64 --tt-lr 5e-3",
-    "eval": "example:\n  prolip eval pets.safetensors photos_test/",
+    "eval": "example:\n  prolip eval pets.safetensors photos_test/\n  prolip eval pets.safetensors photos_test/ extra.csv",
     "info": "example:\n  prolip info pets.safetensors",
     "models": "example:\n  prolip models\n  prolip models --all --json > models.json",
     "bench": "example:\n  prolip bench few-shot --data-root ~/data --datasets caltech101 dtd --model RN50 --pretrained openai \\\n"
     "      --out-dir runs/rn50-few-shot",
     "merge": "example:\n  prolip merge pets.safetensors --out ViT-B-32-pets.safetensors\n"
     "  python -c \"import open_clip; open_clip.create_model('ViT-B-32', pretrained='ViT-B-32-pets.safetensors')\"",
+    "export": "example:\n  prolip export pets.safetensors --format onnx --out pets.onnx   # and pets.json beside it\n"
+    "  prolip export pets.safetensors --format pt2 --out pets.pt2",
 }
 
 
@@ -122,9 +126,21 @@ def _parser() -> argparse.ArgumentParser:
 
     predict = command("predict", "Predict the class of images with a saved delta.")
     predict.add_argument("delta", help="delta file written by 'prolip fit' or ProLIPAdapter.save")
-    predict.add_argument("images", nargs="+", help="image files")
+    predict.add_argument(
+        "images", nargs="+", help="image files, folders of images (recursively) and/or CSV files of paths"
+    )
     predict.add_argument("--json", action="store_true", help="print JSON with per-class probabilities")
     _base_options(predict)
+    vocab = predict.add_argument_group("open vocabulary: score any class names with the adapted projector")
+    names = vocab.add_mutually_exclusive_group()
+    names.add_argument("--classes", nargs="+", metavar="NAME", help="class names to score instead of the delta's")
+    names.add_argument("--classes-file", help="file of class names to score, one per line ('#' comments)")
+    vocab.add_argument(
+        "--template",
+        action="append",
+        dest="templates",
+        help="prompt template with {} (repeatable; default: the delta's)",
+    )
     tt = predict.add_argument_group("test-time ProLIP (see docs/test_time.md)")
     tt.add_argument("--test-time", action="store_true", help="adapt a projector copy to each image, then predict it")
     tt.add_argument("--tt-views", type=int, default=64, help="views per image, plain included (default: %(default)s)")
@@ -142,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
 
     evaluate = command("eval", "Accuracy, per-class accuracy and confusion matrix on labelled images.")
     evaluate.add_argument("delta", help="delta file")
-    evaluate.add_argument("data", help="folder with one sub-folder per class, or a path,label CSV")
+    evaluate.add_argument("data", nargs="+", help="folders with one sub-folder per class and/or path,label CSV files")
     _base_options(evaluate)
 
     info = command("info", "Show a delta file's base model, classes, hyperparameters and fingerprint.")
@@ -190,6 +206,14 @@ def _parser() -> argparse.ArgumentParser:
         help="of the written model (default: %(default)s)",
     )
     _base_options(merge)
+
+    export = command("export", "Write a standalone classifier file: preprocessed images to class probabilities.")
+    export.add_argument("delta", help="delta file")
+    export.add_argument("--out", required=True, help="the file to write (its JSON description goes beside it)")
+    export.add_argument(
+        "--format", default="onnx", choices=["onnx", "pt2"], help="ONNX or torch.export (default: %(default)s)"
+    )
+    _base_options(export)
     return parser
 
 
@@ -290,8 +314,13 @@ def _hf_training_set(args: argparse.Namespace):
 
 
 def _predict(args: argparse.Namespace) -> None:
+    from prolip.datasets.generic import read_images
+
+    images = read_images(args.images)  # a bad folder or CSV fails before the model loads
     adapter = _load(args)
     predictor = adapter
+    if args.classes or args.classes_file or args.templates:
+        predictor = _open_vocabulary(args, adapter)
     if args.test_time:
         from prolip.adapter import ProLIPAdapter
         from prolip.variants.test_time import TestTimeProLIP
@@ -313,8 +342,8 @@ def _predict(args: argparse.Namespace) -> None:
             random_state=args.tt_seed,
             verbose=not args.quiet,
         )
-    proba = predictor.predict_proba(args.images)
-    classes = adapter.classes_.tolist()
+    proba = predictor.predict_proba(images)
+    classes = predictor.classes_.tolist()
     if args.json:
         rows = [
             {
@@ -322,23 +351,41 @@ def _predict(args: argparse.Namespace) -> None:
                 "label": classes[p.argmax()],
                 "probabilities": dict(zip(map(str, classes), p.tolist(), strict=True)),
             }
-            for path, p in zip(args.images, proba, strict=True)
+            for path, p in zip(images, proba, strict=True)
         ]
         print(json.dumps(rows, indent=2))
     else:
-        for path, p in zip(args.images, proba, strict=True):
+        for path, p in zip(images, proba, strict=True):
             print(f"{path}\t{classes[p.argmax()]}\t{p.max():.3f}")
+
+
+def _open_vocabulary(args: argparse.Namespace, adapter):
+    """``--classes``/``--classes-file``/``--template``: the delta's adapted projector scoring those names."""
+    from prolip.adapter import ProLIPAdapter
+    from prolip.datasets.templates import read_class_names
+    from prolip.variants.open_vocab import OpenVocabularyClassifier
+
+    if args.test_time or not isinstance(adapter, ProLIPAdapter):
+        what = "--test-time" if args.test_time else f"{args.delta!r} ({type(adapter).__name__})"
+        raise ProLIPError(f"--classes, --classes-file and --template score a plain ProLIP delta; not with {what}.")
+    names = read_class_names(args.classes_file) if args.classes_file else args.classes or adapter.class_names_
+    return OpenVocabularyClassifier(adapter, names, args.templates)
 
 
 def _eval(args: argparse.Namespace) -> None:
     from prolip.datasets.generic import read_labelled
 
+    paths, labels = [], []
+    for source in args.data:
+        more_paths, more_labels = read_labelled(source)
+        paths, labels = paths + more_paths, labels + more_labels
     adapter = _load(args)
-    paths, labels = read_labelled(args.data)
     classes = [str(c) for c in adapter.classes_.tolist()]
     unknown = sorted(set(labels) - set(classes))
     if unknown:
-        raise ProLIPError(f"{args.data!r} has labels the delta does not know: {unknown}; its classes are {classes}.")
+        raise ProLIPError(
+            f"{' '.join(map(repr, args.data))} hold labels the delta does not know: {unknown}; its classes are {classes}."
+        )
     predicted = [str(p) for p in adapter.predict(paths)]
     index = {c: k for k, c in enumerate(classes)}
     confusion = [[0] * len(classes) for _ in classes]
@@ -435,6 +482,20 @@ def _merge(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}: the full model with its projector adapted; load it with open_clip pretrained=PATH")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from prolip.adapter import ProLIPAdapter
+
+    adapter = _load(args)
+    if not isinstance(adapter, ProLIPAdapter):
+        raise ProLIPError(
+            f"{args.delta!r} holds a {type(adapter).__name__}, not a plain ProLIP delta; only those export "
+            "(a linear adapter or a Tip-Adapter cache is not part of the vision tower)."
+        )
+    model, sidecar = adapter.export(args.out, args.format)
+    if not args.quiet:
+        print(f"wrote {model} ({args.format}: images [B, 3, H, W] to class probabilities) and {sidecar}")
+
+
 def _models(args: argparse.Namespace) -> None:
     import dataclasses
 
@@ -494,6 +555,7 @@ _COMMANDS = {
     "models": _models,
     "bench": _bench,
     "merge": _merge,
+    "export": _export,
 }
 
 

@@ -18,6 +18,11 @@ TINY = {
     "bench_search.py": (["--classes", "3", "--shots", "2", "--epochs", "2", "--repeats", "1"], "search / fits:"),
     "bench_test_time.py": (["--images", "1", "--views", "2", "--classes", "3", *SMALL], "test-time / views:"),
     "bench_extraction.py": (["--images", "1", "--views", "1", *SMALL], "extract_features views=1"),
+    # The stand-in's tiny ViT: ONNX export takes most of the time, and grows with the model.
+    "bench_export.py": (
+        ["--model", "prolip-standin-vit", "--batches", "1", "2", "--classes", "3", "--repeats", "1"],
+        "onnx",
+    ),
     "bench_multitask.py": (["--tasks", "1", "2", "--classes", "3", "--images", "2", *SMALL], "heads ms"),
 }
 # bench_memory.py extracts 30 and 300 views per image in child processes whatever the sizes: too slow here.

@@ -95,6 +95,38 @@ def test_fit_info_predict_eval(folder, delta):
     assert "per-class accuracy:" in report and "confusion matrix" in report
 
 
+def test_predict_and_eval_take_folders_csv_files_and_mixed_lists(folder, delta, tmp_path):
+    import shutil
+
+    photos = tmp_path / "photos"
+    shutil.copytree(folder, photos / "nested")  # class folders one level deeper, and notes.txt
+    (photos / "readme.md").write_text("not an image")
+    expected = [str(p) for p in sorted(photos.rglob("*.png"))]
+    done = prolip("predict", str(delta), str(photos), "--json")
+    rows = json.loads(done.stdout)
+    assert [r["image"] for r in rows] == expected  # recursively, image files only, sorted
+    assert "skipped 2 files that are not image files" in done.stderr
+    adapter = ProLIPAdapter.load(delta, verbose=False)
+    assert [r["label"] for r in rows] == adapter.predict(expected).tolist()
+
+    listed = tmp_path / "some.csv"
+    listed.write_text("path\n" + "".join(f"{os.path.relpath(p, tmp_path)}\n" for p in expected[:3]))
+    single = str(folder / "top" / "0.png")
+    mixed = prolip("predict", str(delta), single, str(listed), str(photos / "nested" / "top"), "--quiet")
+    lines = mixed.stdout.splitlines()
+    order = [single, *expected[:3], *(p for p in expected if "/nested/top/" in p)]
+    assert [line.split("\t")[0] for line in lines] == order
+    assert [line.split("\t")[1] for line in lines] == adapter.predict(order).tolist()
+
+    labelled = tmp_path / "labelled.csv"
+    labelled.write_text("".join(f"{p},{p.parent.name}\n" for p in sorted((folder / "top").glob("*.png"))))
+    report = prolip("eval", str(delta), str(folder / "top" / ".."), str(labelled), "--quiet").stdout
+    paths = [str(p) for p in sorted(folder.rglob("*.png"))] + [str(p) for p in sorted((folder / "top").glob("*.png"))]
+    labels = [os.path.basename(os.path.dirname(p)) for p in paths]
+    n = len(paths)
+    assert f"accuracy: {adapter.score(paths, labels):.4f} (" in report and f"/{n})" in report
+
+
 def test_merge_gives_an_open_clip_checkpoint(delta, tmp_path):
     import open_clip
 
@@ -142,6 +174,25 @@ def test_csv_input_and_user_errors(folder, tmp_path):
         assert len(done.stderr.strip().splitlines()) == 1
 
 
+def test_export_writes_a_standalone_classifier(folder, delta, tmp_path):
+    from prolip.features.images import load_images
+    from prolip.features.views import plain_views
+
+    out = tmp_path / "blobs.pt2"
+    done = prolip("export", str(delta), "--format", "pt2", "--out", str(out))
+    assert "blobs.json" in done.stdout
+    adapter = ProLIPAdapter.load(delta, verbose=False)
+    images = [str(p) for p in sorted(folder.rglob("*.png"))][:4]
+    pixels = plain_views(load_images(images), adapter.backbone.view_config)
+    probabilities = torch.export.load(out).module()(pixels).detach().numpy()
+    assert np.abs(probabilities - adapter.predict_proba(images)).max() <= 1e-4
+    described = json.loads((tmp_path / "blobs.json").read_text())
+    assert described["classes"] == ["bottom", "top"]
+    assert described["preprocessing"]["size"] == adapter.backbone.view_config.size
+    done = prolip("export", str(delta), "--format", "tflite", "--out", str(out), check=False)
+    assert done.returncode == 1 and "invalid choice: 'tflite'" in done.stderr
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -178,7 +229,7 @@ def test_open_clip_chatter_only_with_verbose(delta, folder):
     assert "Loaded" in loud.stderr or "model config" in loud.stderr.lower()
 
 
-@pytest.mark.parametrize("command", ["fit", "predict", "eval", "info", "models", "bench", "merge"])
+@pytest.mark.parametrize("command", ["fit", "predict", "eval", "info", "models", "bench", "merge", "export"])
 def test_every_subcommand_has_help_with_an_example(command, capsys):
     from prolip.cli import main
 

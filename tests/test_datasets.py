@@ -374,6 +374,42 @@ def test_generic_reader_errors(tmp_path):
         read_dataset("nothing-here", tmp_path)
 
 
+def test_read_images_from_folders_csv_files_and_mixed_lists(tmp_path, caplog):
+    from prolip.datasets.generic import read_images, read_labelled
+
+    for name in ("b/2.png", "a/deep/er/1.JPG", "a/0.png", "z.webp"):
+        touch(tmp_path / "photos" / name)
+    for name in ("a/notes.txt", "b/.DS_Store", "readme"):
+        touch(tmp_path / "photos" / name)
+    photos = tmp_path / "photos"
+    with caplog.at_level("INFO", logger="prolip.datasets.generic"):
+        listed = read_images([photos])
+    # Recursively, image files only (any case of suffix), sorted by path; the others counted.
+    assert listed == [str(photos / p) for p in ("a/0.png", "a/deep/er/1.JPG", "b/2.png", "z.webp")]
+    assert "skipped 3 files that are not image files" in caplog.text
+    (tmp_path / "list.csv").write_text("path,label\nphotos/b/2.png,dog\n/abs/x.png,cat\n")
+    (tmp_path / "bare.csv").write_text("photos/z.webp\n")
+    mixed = read_images([str(tmp_path / "one.png"), tmp_path / "list.csv", photos / "b", tmp_path / "bare.csv"])
+    assert mixed == [
+        str(tmp_path / "one.png"), str(photos / "b" / "2.png"), "/abs/x.png", str(photos / "b" / "2.png"),
+        str(photos / "z.webp"),
+    ]  # fmt: skip
+    assert read_images(str(photos / "z.webp")) == [str(photos / "z.webp")]
+    touch(tmp_path / "empty" / "notes.txt")
+    with pytest.raises(InputError, match="holds no image files"):
+        read_images([tmp_path / "empty"])
+    (tmp_path / "blank.csv").write_text("path\n")
+    with pytest.raises(InputError, match="has no path rows"):
+        read_images([tmp_path / "blank.csv"])
+    with pytest.raises(InputError, match="no images given"):
+        read_images([])
+    # The labelled reader counts what it leaves out of a class-folder tree too.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="prolip.datasets.generic"):
+        _, labels = read_labelled(photos)
+    assert labels == ["a", "a", "b"] and "skipped 4 files" in caplog.text
+
+
 def test_read_templates(tmp_path):
     (tmp_path / "t.txt").write_text("a photo of a {}.\n  # comment\n\n  itap of a {}.  \n")
     assert read_templates(tmp_path / "t.txt") == ("a photo of a {}.", "itap of a {}.")

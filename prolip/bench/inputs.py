@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from prolip.bench.problem import Classes, ImageHead, TextHead
 from prolip.errors import UnsupportedModelError
 from prolip.model.backbone import Backbone
+from prolip.training.open_vocab import class_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +29,13 @@ def image_head(backbone: Backbone) -> ImageHead:
 def class_set(backbone: Backbone, names: Sequence[str], templates: Sequence[str]) -> Classes:
     """The classes ``names`` under ``templates``: T from open_clip, and the text head when the tower has one.
 
+    T is the library's open-vocabulary classifier (:func:`prolip.training.open_vocab.class_classifier`),
+    so new classes are scored here exactly as ``OpenVocabularyClassifier`` scores them.
+
     The text head (pre-projection features of every (class, template) prompt and the projection)
     is what text-side methods train; towers whose text projection prolip cannot locate get None.
     """
-    classifier = backbone.classifier(names, templates)
+    classifier = class_classifier(backbone, names, templates)
     try:
         projector = backbone.text_projector
     except UnsupportedModelError as exc:

@@ -1,4 +1,4 @@
-"""Prompt-template files: one template per line, each with one ``{}`` for the class name."""
+"""Prompt-template files (one template per line, each with one ``{}`` for the class name) and class-name files."""
 
 from __future__ import annotations
 
@@ -7,6 +7,27 @@ from pathlib import Path
 
 from prolip.errors import InputError
 from prolip.model.zeroshot import check_templates
+
+
+def _read_lines(path: Path, what: str) -> list[str]:
+    """The stripped lines of a UTF-8 text file, without blank lines and ``#`` comments."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {what} file {str(path)!r}: {exc}") from None
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    """Read class names from a UTF-8 text file, one per line (blank lines and ``#`` comments skipped).
+
+    Raises:
+        InputError: the file is missing or unreadable, or holds no name.
+    """
+    names = _read_lines(Path(path), "class names")
+    if not names:
+        raise InputError(f"class names file {os.fspath(path)!r} holds no name; write one class name per line.")
+    return names
 
 
 def read_templates(path: str | os.PathLike) -> tuple[str, ...]:
@@ -19,11 +40,7 @@ def read_templates(path: str | os.PathLike) -> tuple[str, ...]:
             exactly one ``{}``.
     """
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read templates file {str(path)!r}: {exc}") from None
-    templates = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    templates = _read_lines(path, "templates")
     if not templates:
         raise InputError(
             f"templates file {str(path)!r} holds no template; write one per line, e.g. 'a photo of a {{}}.'"

@@ -8,6 +8,7 @@ cost of a task is two small matrix products, not another pass through the vision
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,7 @@ import torch
 from prolip.adapter import ProLIPAdapter
 from prolip.errors import InputError, InputTypeError
 from prolip.features.images import ImageLike
+from prolip.variants.open_vocab import OpenVocabularyClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,8 @@ class MultiTaskClassifier:
                 base = adapter
             self._adapters[name] = adapter
         self._base = base
+        # What scores each task: the adapter itself, or an open-vocabulary view of it (with_classes).
+        self._heads: dict[str, ProLIPAdapter | OpenVocabularyClassifier] = dict(self._adapters)
         logger.info("multi-task classifier with %d tasks: %s", len(self._adapters), ", ".join(self._adapters))
 
     @property
@@ -107,11 +111,24 @@ class MultiTaskClassifier:
     @property
     def classes_(self) -> dict[str, np.ndarray]:
         """Each task's labels, in the column order of its :meth:`predict_proba` output."""
-        return {name: adapter.classes_ for name, adapter in self._adapters.items()}
+        return {name: head.classes_ for name, head in self._heads.items()}
+
+    def with_classes(self, class_names: Sequence[str], templates: Sequence[str] | None = None) -> MultiTaskClassifier:
+        """The same tasks, each scoring ``class_names`` with its adapted projector (open vocabulary).
+
+        Each task's T of the names is built as :class:`~prolip.variants.open_vocab.OpenVocabularyClassifier`
+        builds it (its own trained text projection, if any; ``templates=None``: each task's fitted
+        templates). The trunk still runs once per image. This classifier is left unchanged.
+        """
+        view = copy.copy(self)
+        view._heads = {
+            name: OpenVocabularyClassifier(adapter, class_names, templates) for name, adapter in self._adapters.items()
+        }
+        return view
 
     def _logits(self, images: Sequence[ImageLike]) -> dict[str, torch.Tensor]:
         features = self._base.extract_features(images, views=0)  # the trunk's only pass
-        return {name: adapter.logits_from_features(features) for name, adapter in self._adapters.items()}
+        return {name: head.logits_from_features(features) for name, head in self._heads.items()}
 
     def predict_proba(self, images: Sequence[ImageLike]) -> dict[str, np.ndarray]:
         """Class probabilities of every task: ``{task: (n, K_task) array}``, columns as ``classes_[task]``."""
@@ -120,7 +137,7 @@ class MultiTaskClassifier:
     def predict(self, images: Sequence[ImageLike]) -> dict[str, np.ndarray]:
         """Predicted labels of every task: ``{task: (n,) array of values from classes_[task]}``."""
         return {
-            name: self._adapters[name].classes_[out.argmax(dim=1).numpy()] for name, out in self._logits(images).items()
+            name: self._heads[name].classes_[out.argmax(dim=1).numpy()] for name, out in self._logits(images).items()
         }
 
     def __repr__(self) -> str:
