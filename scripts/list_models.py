@@ -58,7 +58,8 @@ def transformers_section() -> list[str]:
         "[Untrusted files](security.md)). The test view follows the image processor (CLIP: shorter side, then "
         "centre crop; SigLIP: both sides), the build-time check compares `x W0 + b + r` with the model's own "
         "`get_image_features` (and `x W_t0 + b` with `get_text_features`), and `merged_model()` returns the "
-        "transformers model, ready for `save_pretrained`. The keys are the transformers model's own.",
+        "transformers model, ready for `save_pretrained`; `export` writes its vision side as a standalone classifier. The "
+        "keys are the transformers model's own.",
         "",
     ]
     rows = [

@@ -31,6 +31,7 @@ from prolip._version import __version__
 from prolip.atomic import atomic_write
 from prolip.errors import InputError, UnsupportedModelError
 from prolip.model.backbone import Backbone
+from prolip.model.transformers_clip import image_tower
 from prolip.training.fitted import FittedState
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,8 @@ class StandaloneClassifier(nn.Module):
 
 def standalone_classifier(state: FittedState, backbone: Backbone) -> StandaloneClassifier:
     """The fitted classifier as one fp32 CPU module on the merged vision tower (the base model is untouched)."""
-    merged = state.merged_copy(backbone.model, "fp32")
-    return StandaloneClassifier(merged.visual.cpu().eval(), state.classifier, state.logit_scale).eval()
+    visual = image_tower(state.merged_copy(backbone.model, "fp32"))
+    return StandaloneClassifier(visual.cpu().eval(), state.classifier, state.logit_scale).eval()
 
 
 def export_classifier(

@@ -229,3 +229,11 @@ def load_transformers(name: str, tokenizer: Any = None) -> TransformersCLIP:
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model of a :class:`TransformersCLIP`; any other model as it is."""
     return model.hf if isinstance(model, TransformersCLIP) else model
+
+
+def image_tower(model: nn.Module) -> nn.Module:
+    """The module mapping pixels to image embeddings: open_clip's ``visual``, or a transformers model's vision side."""
+    if hasattr(model, "visual"):
+        return model.visual
+    clip = type(model).__name__ == "CLIPModel"
+    return TransformersVision(type(model).__name__, model.vision_model, model.visual_projection if clip else None, {})
