@@ -19,9 +19,8 @@ import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
-from prolip.atomic import atomic_write
+from prolip.atomic import atomic_write, read_json
 from prolip.datasets.dataset import Dataset, Item
 from prolip.errors import InputError
 
@@ -171,10 +170,7 @@ def read_draw(path: str | os.PathLike, dataset: Dataset) -> Draw:
             name, labels or class names do not match ``dataset``).
     """
     where = str(path)
-    try:
-        record = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read draw file {where!r}: {exc}") from None
+    record = read_json(path, InputError, "prolip draw file")
     if not isinstance(record, dict) or record.get("format") != DRAW_FORMAT:
         raise InputError(f"{where!r} is not a prolip draw file (no 'format': {DRAW_FORMAT!r}).")
     if record.get("format_version") != DRAW_VERSION:
