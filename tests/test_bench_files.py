@@ -129,3 +129,28 @@ def test_a_resume_on_other_data_is_refused_and_damaged_draws_are_rewritten(suite
     path.write_text(whole[: len(whole) // 2])
     bench(suite, out, methods=["zero-shot", "prolip"])
     assert path.read_text() == whole
+
+
+def _edited_suite(suite, tmp_path, split, keep):
+    root = tmp_path / "edited"
+    shutil.copytree(suite / "eurosat", root / "eurosat")
+    path = root / "eurosat" / "split_zhou_EuroSAT.json"
+    data = json.loads(path.read_text())
+    data[split] = data[split][:keep]
+    path.write_text(json.dumps(data))
+    return root
+
+
+def test_an_empty_validation_draw_skips_what_needs_it_with_a_warning_in_the_table(suite, tmp_path):
+    root = _edited_suite(suite, tmp_path, "val", 0)  # 4 training images per class, all drawn at N=4
+    cells = bench(root, tmp_path / "out", shots=[4], methods=["prolip", "prolip-val", "linear-probe:c=1"])
+    assert sorted(c["method"] for c in cells) == ["linear-probe:c=1", "prolip"]
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "Warning: 1 cell(s) skipped" in table and "prolip-val on eurosat, N=4, seed 1" in table
+
+
+def test_a_dataset_without_test_images_is_refused_before_any_work(suite, tmp_path):
+    root = _edited_suite(suite, tmp_path, "test", 0)
+    with pytest.raises(InputError, match="no test images"):
+        bench(root, tmp_path / "out")
+    assert not (tmp_path / "out" / "draws").exists()

@@ -237,8 +237,11 @@ def _ordered(values: Iterable[Any]) -> list[Any]:
     return list(dict.fromkeys(values))
 
 
-def render_table(setting: str, cells: Sequence[Mapping[str, Any]]) -> str:
-    """``table.md``: the paper-style tables of ``setting`` (accuracy %, mean ± std over seeds), and costs."""
+def render_table(setting: str, cells: Sequence[Mapping[str, Any]], skipped: Sequence[str] = ()) -> str:
+    """``table.md``: the paper-style tables of ``setting`` (accuracy %, mean ± std over seeds), and costs.
+
+    ``skipped`` lists the cells this run could not compute, and why: they are warned about under the tables.
+    """
     methods = _ordered(c["method"] for c in cells)
     shots = sorted({int(c["shots"]) for c in cells})
     by: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
@@ -293,6 +296,9 @@ def render_table(setting: str, cells: Sequence[Mapping[str, Any]]) -> str:
         for m in methods
     ]
     out += _table(["method", *(f"N={n}" for n in shots)], rows)
+    if skipped:
+        out += ["", f"**Warning: {len(skipped)} cell(s) skipped** (not in the tables above):", ""]
+        out += [f"- {line}" for line in skipped]
     return "\n".join(out) + "\n"
 
 

@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 
 from prolip.atomic import atomic_write
 from prolip.bench.inputs import class_set, image_head
+from prolip.bench.method_tools import EmptyValidationError
 from prolip.bench.methods import FittedMethod, Method, get_method
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.bench.results import ResultsFile, render_plot, render_table
-from prolip.bench.settings import DEFAULT_SEEDS, DEFAULT_SHOTS, Target, plan
+from prolip.bench.settings import DEFAULT_SEEDS, DEFAULT_SHOTS, Job, Target, plan
 from prolip.bench.store import FeatureStore
 from prolip.datasets import Dataset, Draw, draw_shots, draw_validation, read_draw, write_draw
 from prolip.errors import InputError
@@ -100,7 +101,10 @@ def run_bench(
     }  # fmt: skip
     results = ResultsFile(out / "results.json", config)
     head, scale = image_head(backbone), backbone.logit_scale
-    for job in tqdm(list(plan(setting, data_root, datasets, source)), desc="datasets", disable=not verbose):
+    jobs = list(plan(setting, data_root, datasets, source))
+    _check_splits(jobs)
+    skipped: list[str] = []
+    for job in tqdm(jobs, desc="datasets", disable=not verbose):
         train_classes = class_set(backbone, job.train.classnames, templates or job.train.templates)
         tests = _Tests(
             store, job.targets, train_classes, lambda ds: class_set(backbone, ds.classnames, templates or ds.templates)
@@ -127,7 +131,12 @@ def run_bench(
                 for name in tqdm(pending, desc=f"{job.key} N={n} seed {seed}", leave=False, disable=not verbose):
                     method = chosen[name]
                     start = time.perf_counter()
-                    fitted = method.fit(problem)
+                    try:
+                        fitted = method.fit(problem)
+                    except EmptyValidationError as exc:  # e.g. ImageNet at 8 shots has no images left for val
+                        skipped.append(f"{name} on {job.key}, N={n}, seed {seed}: {exc}")
+                        logger.warning("skipped %s", skipped[-1])
+                        continue
                     seconds = time.perf_counter() - start
                     accuracy = {t.name: tests.score(fitted, method, t) for t in job.targets}
                     results.add(
@@ -137,7 +146,7 @@ def run_bench(
                     )  # fmt: skip
                     logger.debug("%s N=%d seed %d %s: %s (%.2f s)", job.key, n, seed, name, accuracy, seconds)
     try:
-        atomic_write(out / "table.md", [render_table(setting, results.cells).encode("utf-8")])
+        atomic_write(out / "table.md", [render_table(setting, results.cells, skipped).encode("utf-8")])
         plotted = render_plot(setting, results.cells, out / "plot.png")
     except OSError as exc:
         raise InputError(
@@ -157,6 +166,19 @@ def _check(shots: Sequence[int], seeds: Sequence[int], methods: Sequence[str], v
         raise InputError(f"seeds={list(seeds)} must be integers >= 0, e.g. 1 2 3.")
     if not methods or len(set(methods)) != len(methods):
         raise InputError(f"methods={list(methods)} must be distinct method names.")
+
+
+def _check_splits(jobs: Sequence[Job]) -> None:
+    """Refuse, before any work, a training dataset without training images or a test set without test images."""
+    for job in jobs:
+        if not job.train.train:
+            raise InputError(f"dataset {job.train.name!r} has no training images to draw shots from.")
+        for target in job.targets:
+            if not target.dataset.test:
+                raise InputError(
+                    f"dataset {target.dataset.name!r} has no test images to score {target.name!r} on; "
+                    "add its test split, or leave the dataset out."
+                )
 
 
 def _make_folder(folder: Path, what: str) -> None:

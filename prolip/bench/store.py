@@ -29,7 +29,7 @@ from prolip.atomic import atomic_write, read_json
 from prolip.bench.problem import FeatureSet
 from prolip.datasets import Item
 from prolip.errors import FeatureCacheError, InputError
-from prolip.features.cache import CachedFeatures
+from prolip.features.cache import CachedFeatures, FeatureCache
 from prolip.features.extract import feature_cache, fill_cache, image_hash
 from prolip.features.images import load_image
 from prolip.model.backbone import Backbone
@@ -146,13 +146,34 @@ class FeatureStore:
 
     def features(self, items: Sequence[Item], views: int, seed: int = 0, what: str = "images") -> FeatureSet:
         """Features of ``items``: ``views`` augmented views (seeded by ``seed``), or the plain view for 0."""
+        if not items:  # an empty validation draw: the methods that need one are skipped by the runner
+            empty = torch.zeros(max(views, 1), 0, self.backbone.projector.feature_width)
+            return FeatureSet(empty, torch.zeros(0, dtype=torch.long), self.d_in)
         cache = feature_cache(self.backbone, self.cache_dir, views=views, seed=seed, storage=self.storage)
         cache.open()
         keys = [self._index_key(item.path) for item in items]
         hashes: list[str | None] = [self._index.get(k) for k in keys]
         todo = [i for i, h in enumerate(hashes) if h is None or not cache.has(h)]
-        desc = f"{what} ({views} views)" if views else f"{what} (test view)"
-        for start in tqdm(range(0, len(todo), CHUNK), desc=desc, unit="chunk", disable=not self.verbose or not todo):
+        self._extract(
+            items, todo, keys, hashes, cache, what=f"{what} ({views} views)" if views else f"{what} (test view)"
+        )
+
+        def recompute(damaged: list[str]) -> None:  # entries that failed their checksum were deleted
+            bad = set(damaged)
+            self._extract(items, [i for i, h in enumerate(hashes) if h in bad], keys, hashes, cache, what=what)
+
+        labels = torch.tensor([item.label for item in items], dtype=torch.long)
+        features = cache.features(hashes, recompute)
+        if 4 * features.shape.numel() <= IN_MEMORY_BYTES:  # small sets: one read, not one per training step
+            features = features.to_tensor()
+        return FeatureSet(features, labels, self.d_in)
+
+    def _extract(
+        self, items: Sequence[Item], todo: list[int], keys: list[str], hashes: list[str | None], cache: FeatureCache,
+        what: str,
+    ) -> None:  # fmt: skip
+        """Decode and hash the images ``todo``, and cache their features: a chunk of images at a time."""
+        for start in tqdm(range(0, len(todo), CHUNK), desc=what, unit="chunk", disable=not self.verbose or not todo):
             chunk = todo[start : start + CHUNK]
             images = [load_image(items[i].path, i, self.backbone.draft_size) for i in chunk]
             chunk_hashes = [image_hash(im) for im in images]
@@ -161,11 +182,6 @@ class FeatureStore:
             fill_cache(self.backbone, images, cache, batch_size=self.batch_size, verbose=False, hashes=chunk_hashes)
         if todo:
             self._write_index()
-        labels = torch.tensor([item.label for item in items], dtype=torch.long)
-        features = cache.features(hashes)
-        if 4 * features.shape.numel() <= IN_MEMORY_BYTES:  # small sets: one read, not one per training step
-            features = features.to_tensor()
-        return FeatureSet(features, labels, self.d_in)
 
     def test_views(self, items: Sequence[Item], views: int, seed: int, what: str = "test") -> FeatureSet:
         """The plain view then ``views`` augmented views of each item: ``[1 + views, n, width]``."""
