@@ -56,11 +56,21 @@ def _integer(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _number(value: Any) -> bool:
+def number(value: Any) -> bool:
+    """True for a finite real number (not a bool)."""
     return (
         isinstance(value, (int, float, np.integer, np.floating))
         and not isinstance(value, bool)
         and math.isfinite(value)
+    )
+
+
+def positive_numbers(values: Any, low: float | None) -> bool:
+    """True for a non-empty list of finite numbers, each > ``low`` (or >= 0 when ``low`` is None)."""
+    return (
+        isinstance(values, (list, tuple))
+        and len(values) > 0
+        and all(number(v) and (v >= 0 if low is None else v > low) for v in values)
     )
 
 
@@ -87,14 +97,14 @@ CONSTRAINTS: dict[str, Constraint] = {
         "None or a non-empty list of strings with exactly one '{}' each, such as ['a photo of a {}.']",
         lambda v: v is None or valid_templates(v),
     ),
-    "lr": Constraint("a positive number, e.g. 1e-3", lambda v: _number(v) and v > 0),
-    "reg_lambda": Constraint("'auto' (1/N) or a number >= 0", lambda v: v == "auto" or (_number(v) and v >= 0)),
+    "lr": Constraint("a positive number, e.g. 1e-3", lambda v: number(v) and v > 0),
+    "reg_lambda": Constraint("'auto' (1/N) or a number >= 0", lambda v: v == "auto" or (number(v) and v >= 0)),
     "epochs": Constraint("an integer >= 0", lambda v: _integer(v) and v >= 0),
     "views": Constraint("an integer >= 0 (0: train on the plain view)", lambda v: _integer(v) and v >= 0),
     "batch_size": Constraint("an integer >= 1", lambda v: _integer(v) and v >= 1),
     "device": Constraint("None or a torch device such as 'cuda', 'cuda:1', 'mps' or 'cpu'", _device),
     "precision": Constraint(f"one of {sorted(PRECISIONS)}", lambda v: isinstance(v, str) and v in PRECISIONS),
-    "logit_scale": Constraint("None or a positive number", lambda v: v is None or (_number(v) and v > 0)),
+    "logit_scale": Constraint("None or a positive number", lambda v: v is None or (number(v) and v > 0)),
     "random_state": Constraint("None or an integer", lambda v: v is None or _integer(v)),
     "verbose": Constraint("True or False", lambda v: isinstance(v, (bool, np.bool_))),
     "preprocess": Constraint("None or a callable (PIL image -> tensor)", lambda v: v is None or callable(v)),
@@ -106,7 +116,7 @@ CONSTRAINTS: dict[str, Constraint] = {
         f"one of {list(TARGETS)}: the projector(s) to train", lambda v: isinstance(v, str) and v in TARGETS
     ),
     "taskres_alpha": Constraint(
-        "None (no residual) or a positive number, TaskRes's α (e.g. 0.5)", lambda v: v is None or (_number(v) and v > 0)
+        "None (no residual) or a positive number, TaskRes's α (e.g. 0.5)", lambda v: v is None or (number(v) and v > 0)
     ),
 }
 

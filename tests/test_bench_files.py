@@ -154,3 +154,28 @@ def test_a_dataset_without_test_images_is_refused_before_any_work(suite, tmp_pat
     with pytest.raises(InputError, match="no test images"):
         bench(root, tmp_path / "out")
     assert not (tmp_path / "out" / "draws").exists()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "prolip:lr=abc",
+        "prolip:reg_lambda=-5",
+        "linear-probe:c=0",
+        "clip-adapter:ratio=5",
+        "tip-adapter-f:epochs=-1",
+        "prolip+taskres:alpha=-1",
+        "tip-adapter:alpha=1,beta=0",
+        "test-time-prolip:rho=2",
+        "prolip-val:lrs=[]",
+    ],
+)
+def test_bad_method_arguments_are_refused_before_any_work(tmp_path, spec):
+    from prolip.bench.methods import get_method
+
+    key = spec.split(":")[1].split("=")[0]
+    with pytest.raises(InputError, match=f"{key}=.* is invalid: it must be"):
+        get_method(spec)
+    with pytest.raises(InputError, match="is invalid"):
+        bench(tmp_path / "no-data", tmp_path / "out", methods=["zero-shot", spec])
+    assert not (tmp_path / "out").exists()

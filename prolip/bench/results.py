@@ -20,6 +20,7 @@ import numpy as np
 
 from prolip.atomic import atomic_write, file_lock, read_json
 from prolip.errors import InputError
+from prolip.params import number
 
 FORMAT = "prolip-bench"
 VERSION = 1
@@ -31,10 +32,6 @@ _CELL_KEYS = ("dataset", "shots", "seed", "method", "accuracy", "fit_seconds", "
 
 def _is_int(value: Any, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _cell_fault(cell: Any) -> str | None:
@@ -51,10 +48,10 @@ def _cell_fault(cell: Any) -> str | None:
         return f"has shots={cell['shots']!r} and seed={cell['seed']!r}; they must be integers >= 1 and >= 0"
     accuracy = cell["accuracy"]
     if not isinstance(accuracy, dict) or not all(
-        isinstance(k, str) and (v is None or (_is_number(v) and 0 <= v <= 1)) for k, v in accuracy.items()
+        isinstance(k, str) and (v is None or (number(v) and 0 <= v <= 1)) for k, v in accuracy.items()
     ):
         return f"has accuracy={accuracy!r}; it must map test sets to fractions in [0, 1] or null"
-    if not _is_number(cell["fit_seconds"]) or cell["fit_seconds"] < 0:
+    if not number(cell["fit_seconds"]) or cell["fit_seconds"] < 0:
         return f"has fit_seconds={cell['fit_seconds']!r}, not a number of seconds"
     if not isinstance(cell["info"], dict):
         return f"has info={cell['info']!r}, not an object"
