@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -284,7 +285,14 @@ def _predict(args: argparse.Namespace) -> None:
             verbose=not args.quiet,
         )
     proba = predictor.predict_proba(args.images)
+    import numpy as np
+
     classes = adapter.classes_.tolist()
+    if not np.isfinite(np.asarray(proba, dtype=np.float64)).all():  # never print NaN (invalid JSON) as a result
+        raise ProLIPError(
+            f"{args.delta!r} gives non-finite probabilities on these images; the file holds values "
+            "no training produces (see docs/format.md): it is damaged or was edited."
+        )
     if args.json:
         rows = [
             {
@@ -294,10 +302,10 @@ def _predict(args: argparse.Namespace) -> None:
             }
             for path, p in zip(args.images, proba, strict=True)
         ]
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, allow_nan=False))
     else:
         for path, p in zip(args.images, proba, strict=True):
-            print(f"{path}\t{classes[p.argmax()]}\t{p.max():.3f}")
+            _say(f"{path}\t{classes[p.argmax()]}\t{p.max():.3f}")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -320,7 +328,7 @@ def _eval(args: argparse.Namespace) -> None:
     width = max(len(c) for c in classes)
     for k, c in enumerate(classes):
         total = sum(confusion[k])
-        print(
+        _say(
             f"  {c:<{width}}  {confusion[k][k] / total:.4f} ({confusion[k][k]}/{total})"
             if total
             else f"  {c:<{width}}  -"
@@ -329,7 +337,12 @@ def _eval(args: argparse.Namespace) -> None:
     cell = max(5, *(len(str(v)) for row in confusion for v in row)) + 1
     print(" " * (width + 2) + "".join(f"{k:>{cell}}" for k in range(len(classes))))
     for k, c in enumerate(classes):
-        print(f"  {c:<{width}}" + "".join(f"{v:>{cell}}" for v in confusion[k]) + f"   [{k}]")
+        _say(f"  {c:<{width}}" + "".join(f"{v:>{cell}}" for v in confusion[k]) + f"   [{k}]")
+
+
+def _say(line: str) -> None:
+    """Print a line that holds text from a file, its control characters escaped (no terminal escape sequences)."""
+    print("".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in line))
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -337,44 +350,44 @@ def _info(args: argparse.Namespace) -> None:
     from prolip.training.fitted import LinearAdapterState
 
     state, meta = read_state(args.delta), read_metadata(args.delta)
-    print(f"file:              {args.delta}")
-    print(f"format:            {meta['format']} v{meta['format_version']} (prolip {meta['prolip_version']})")
+    _say(f"file:              {args.delta}")
+    _say(f"format:            {meta['format']} v{meta['format_version']} (prolip {meta['prolip_version']})")
     if isinstance(state, LinearAdapterState):
-        print("kind:              linear_adapter (regularised linear adapter on image embeddings)")
-        print(f"embeddings of:     {state.model_name or '(outside open_clip)'}  pretrained={state.pretrained or '-'}")
-        print(f"adapter:           A = I + delta, {tuple(state.delta.shape)}")
+        _say("kind:              linear_adapter (regularised linear adapter on image embeddings)")
+        _say(f"embeddings of:     {state.model_name or '(outside open_clip)'}  pretrained={state.pretrained or '-'}")
+        _say(f"adapter:           A = I + delta, {tuple(state.delta.shape)}")
     else:
         legacy = f"SHA-256 {state.legacy_hash} (format 1)"
         base = state.fingerprint.summary() if state.fingerprint is not None else legacy
         shape = "(not trained)" if state.delta is None else tuple(state.delta.shape)
         kind = "projector" if state.cache is None else "tip_adapter (ProLIP + Tip-Adapter)"
-        print(f"kind:              {kind} (target {state.target})")
-        print(f"base model:        {state.model_name or '(a model object)'}  pretrained={state.pretrained or '-'}")
-        print(f"projector:         {state.projector_key} {shape} ({state.projector_family})")
-        print(f"base fingerprint:  {base}")
+        _say(f"kind:              {kind} (target {state.target})")
+        _say(f"base model:        {state.model_name or '(a model object)'}  pretrained={state.pretrained or '-'}")
+        _say(f"projector:         {state.projector_key} {shape} ({state.projector_family})")
+        _say(f"base fingerprint:  {base}")
         if state.text_delta is not None:
             text = f"{state.text_projector_key} {tuple(state.text_delta.shape)} ({state.text_projector_family})"
-            print(f"text projection:   {text}")
-            print(f"text fingerprint:  {state.text_fingerprint.summary('W_t0')}")
+            _say(f"text projection:   {text}")
+            _say(f"text fingerprint:  {state.text_fingerprint.summary('W_t0')}")
         if state.cache is not None:
             cache = state.cache
             chosen = "given" if cache.selection is None else f"val accuracy {cache.selection['val_accuracy']:.4f}"
-            print(f"tip-adapter cache: {tuple(cache.keys.shape)} keys (mean of {cache.key_views} views)")
-            print(f"cache alpha, beta: {cache.alpha:g}, {cache.beta:g} ({chosen})")
-    print(
+            _say(f"tip-adapter cache: {tuple(cache.keys.shape)} keys (mean of {cache.key_views} views)")
+            _say(f"cache alpha, beta: {cache.alpha:g}, {cache.beta:g} ({chosen})")
+    _say(
         f"classes ({len(state.classes)}):       "
         + ", ".join(
             f"{c!s}" + (f" ({n})" if str(c) != n else "") for c, n in zip(state.classes, state.class_names, strict=True)
         )
     )
-    print(f"templates:         {list(state.templates)}")
-    print(f"shots per class:   {state.n_shots:g}")
-    print(f"lambda used:       {state.reg_lambda:g}")
-    print(f"logit scale:       {state.logit_scale:g}")
-    print(f"hyperparameters:   {json.dumps(dict(state.hyperparameters))}")
+    _say(f"templates:         {list(state.templates)}")
+    _say(f"shots per class:   {state.n_shots:g}")
+    _say(f"lambda used:       {state.reg_lambda:g}")
+    _say(f"logit scale:       {state.logit_scale:g}")
+    _say(f"hyperparameters:   {json.dumps(dict(state.hyperparameters))}")
     for name, delta in (("delta", state.delta), ("text delta", getattr(state, "text_delta", None))):
         if delta is not None:
-            print(f"{name + ' norm:':<19}{float(delta.norm()):.6g}")
+            _say(f"{name + ' norm:':<19}{float(delta.norm()):.6g}")
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -486,7 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ProLIPError as exc:
         print(f"prolip {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except BrokenPipeError:  # the reader left (`prolip info FILE | head -1`): stop quietly, as `cat` would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush must not fail again
+        return 128 + 13  # killed by SIGPIPE, as the shell reports it
+    except OSError as exc:  # a missing file, a full disk, a read-only folder: one line, not a traceback
         print(f"prolip {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

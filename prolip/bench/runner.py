@@ -87,6 +87,7 @@ def run_bench(
     shots = tuple(DEFAULT_SHOTS.get(setting, (16,)) if shots is None else shots)
     seeds = tuple(DEFAULT_SEEDS if seeds is None else seeds)
     _check(shots, seeds, methods, views, epochs)
+    check_params({"batch_size": batch_size, "precision": precision, "device": device})
     templates = None if templates is None else tuple(check_templates(templates))
     chosen = {name: get_method(name) for name in methods}  # unknown names fail before any work
     out = Path(out_dir)
