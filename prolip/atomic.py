@@ -179,10 +179,10 @@ def read_json(path: str | os.PathLike, error: type[ProLIPError], what: str) -> A
         with open(where, encoding="utf-8") as f:
             return json.load(f)
     except RecursionError:
-        raise error(f"{where!r} is not a valid {what}: its JSON is nested too deeply.") from None
+        raise error(f"cannot read the {what} {where!r}: its JSON is nested too deeply.") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError and the int-digits limit are ValueErrors
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-        raise error(f"cannot read {where!r} as a {what}: {reason}.") from None
+        raise error(f"cannot read the {what} {where!r}: {reason}.") from None
 
 
 @contextlib.contextmanager

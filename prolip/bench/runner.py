@@ -28,7 +28,7 @@ from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.bench.results import ResultsFile, render_plot, render_table
 from prolip.bench.settings import DEFAULT_SEEDS, DEFAULT_SHOTS, Job, Target, plan
 from prolip.bench.store import FeatureStore
-from prolip.datasets import Dataset, Draw, draw_shots, draw_validation, read_draw, write_draw
+from prolip.datasets import Dataset, Draw, draw_json, draw_shots, draw_validation
 from prolip.errors import InputError
 from prolip.model.backbone import build_backbone
 from prolip.model.zeroshot import check_templates
@@ -199,15 +199,18 @@ def _write_draw(draw: Draw, out: Path, dataset: Dataset) -> None:
     """Write the draw's JSON, unless the file there already holds this draw; a damaged or stale one is rewritten."""
     path = out / "draws" / f"{_draw_name(draw, dataset)}.json"
     _make_folder(path.parent, "the draws folder")
-    if path.exists():
+    data = draw_json(draw, dataset)
+    if path.is_file():
         try:
-            if read_draw(path, dataset) == draw:
+            if path.read_bytes() == data:
                 return
-        except InputError as exc:
-            logger.warning("rewriting the damaged draw file (%s)", exc)
-        else:
-            logger.warning("rewriting the draw file %s: it held another draw", path)
-    write_draw(draw, path, dataset)
+        except OSError:
+            pass
+        logger.warning("rewriting the draw file %s: it was damaged or held another draw", path)
+    try:
+        atomic_write(path, [data])
+    except OSError as exc:
+        raise InputError(f"cannot write the draw file {str(path)!r} ({exc.strerror or exc}).") from None
 
 
 class _Tests:
