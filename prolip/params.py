@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,13 +35,33 @@ ON_ERROR = ("raise", "skip")
 """What to do with an image that cannot be read (``on_error``)."""
 
 
+TEMPLATE_RULE = "exactly one '{}' field (empty: the class name) and otherwise literal text ('{{' and '}}' for braces)"
+"""What a prompt template must be, in words (errors quote it)."""
+
+
+def valid_template(template: object) -> bool:
+    """True for a string that ``template.format(name)`` fills safely: :data:`TEMPLATE_RULE`.
+
+    Named, numbered, attribute, index, conversion and format-spec fields (``{x}``, ``{0}``,
+    ``{.__class__}``, ``{!r}``, ``{:>9}``) are refused: they fail in ``str.format`` or reach into the
+    class name's attributes.
+    """
+    if not isinstance(template, str):
+        return False
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError:  # a lone '{' or '}'
+        return False
+    return fields == [("", "", None)]
+
+
 def valid_templates(templates: object) -> bool:
-    """True for a non-empty sequence of strings that each hold exactly one ``{}`` slot."""
+    """True for a non-empty sequence of templates that each pass :func:`valid_template` (the one rule, used everywhere)."""
     return (
         isinstance(templates, Sequence)
         and not isinstance(templates, str)
         and len(templates) > 0
-        and all(isinstance(t, str) and t.count("{}") == 1 for t in templates)
+        and all(valid_template(t) for t in templates)
     )
 
 
@@ -94,7 +115,7 @@ CONSTRAINTS: dict[str, Constraint] = {
         lambda v: v is None or isinstance(v, (str, os.PathLike)),
     ),
     "templates": Constraint(
-        "None or a non-empty list of strings with exactly one '{}' each, such as ['a photo of a {}.']",
+        f"None or a non-empty list of strings with {TEMPLATE_RULE} each, such as ['a photo of a {{}}.']",
         lambda v: v is None or valid_templates(v),
     ),
     "lr": Constraint("a positive number, e.g. 1e-3", lambda v: number(v) and v > 0),

@@ -43,7 +43,7 @@ from prolip._version import __version__
 from prolip.atomic import atomic_write, read_safetensors_header, remove_stale_temps, temp_prefix
 from prolip.errors import DeltaFileError, InputTypeError
 from prolip.model.fingerprint import Fingerprint
-from prolip.params import TARGETS
+from prolip.params import TARGETS, TEMPLATE_RULE, valid_template
 from prolip.training.fitted import FittedState, LinearAdapterState
 from prolip.training.tip_cache import TipCache
 
@@ -221,9 +221,9 @@ def _parse_metadata(path: str, raw: dict[str, str]) -> dict[str, Any]:
     if not (
         isinstance(templates, list)
         and (templates or kind == LINEAR_ADAPTER_KIND)
-        and all(isinstance(t, str) for t in templates)
+        and all(valid_template(t) for t in templates)
     ):
-        raise bad("templates", "a non-empty JSON list of strings")
+        raise bad("templates", f"a non-empty JSON list of strings with {TEMPLATE_RULE} each")
     if not isinstance(meta["hyperparameters"], dict):
         raise bad("hyperparameters", "a JSON object")
     for key, low in (("n_shots", 0), ("logit_scale", 0), ("reg_lambda", None)):
