@@ -39,6 +39,16 @@ TEMPLATE_RULE = "exactly one '{}' field (empty: the class name) and otherwise li
 """What a prompt template must be, in words (errors quote it)."""
 
 
+MAX_LOGIT_SCALE = 1e3
+"""The largest logit scale s accepted (CLIP's own is clamped at 100): larger ones only overflow softmax."""
+
+MAX_TIP_WEIGHT = 1e3
+"""The largest Tip-Adapter α and β a file may hold (the searched grids end at 50)."""
+
+MAX_ABS_ENTRY = 1e4
+"""The largest magnitude of an entry of a stored tensor (deltas, T, cache keys): training moves weights of order 1."""
+
+
 def valid_template(template: object) -> bool:
     """True for a string that ``template.format(name)`` fills safely: :data:`TEMPLATE_RULE`.
 
@@ -125,7 +135,10 @@ CONSTRAINTS: dict[str, Constraint] = {
     "batch_size": Constraint("an integer >= 1", lambda v: _integer(v) and v >= 1),
     "device": Constraint("None or a torch device such as 'cuda', 'cuda:1', 'mps' or 'cpu'", _device),
     "precision": Constraint(f"one of {sorted(PRECISIONS)}", lambda v: isinstance(v, str) and v in PRECISIONS),
-    "logit_scale": Constraint("None or a positive number", lambda v: v is None or (number(v) and v > 0)),
+    "logit_scale": Constraint(
+        f"None or a positive number <= {MAX_LOGIT_SCALE:g}",
+        lambda v: v is None or (number(v) and 0 < v <= MAX_LOGIT_SCALE),
+    ),
     "random_state": Constraint("None or an integer", lambda v: v is None or _integer(v)),
     "verbose": Constraint("True or False", lambda v: isinstance(v, (bool, np.bool_))),
     "preprocess": Constraint("None or a callable (PIL image -> tensor)", lambda v: v is None or callable(v)),
