@@ -61,3 +61,46 @@ def test_extreme_tip_adapter_weights_are_refused(tip_file, tmp_path, key):
     bad = edit_delta(tip_file, tmp_path / "bad.safetensors", meta=meta)
     with pytest.raises(DeltaFileError, match=r"alpha and beta in \[0, 1000\]"):
         read_state(bad)
+
+
+# ---------------------------------------------------------------------------- linear-adapter (RLA) files
+@pytest.fixture(scope="module")
+def rla_file(checkpoints, tmp_path_factory):
+    from prolip.variants.rla import ModelRLA
+
+    path = tmp_path_factory.mktemp("rla") / "rla.safetensors"
+    ModelRLA.fit(tiny_adapter(checkpoints["vit"], epochs=3), *colour_images(2)).rla.save(path)
+    return path
+
+
+def test_an_rla_file_records_the_base_fingerprint_and_is_checked_against_it(rla_file, checkpoints):
+    from conftest import TINY_MODELS
+
+    from prolip import FingerprintMismatchError
+    from prolip.variants.rla import ModelRLA
+
+    assert read_state(rla_file).fingerprint is not None
+    loaded = ModelRLA.load(rla_file, trust_file_model=True, device="cpu", verbose=False)
+    assert loaded.predict(colour_images(1)[0]).shape == (3,)
+    with pytest.raises(FingerprintMismatchError, match="different base model"):  # same config, random weights
+        ModelRLA.load(rla_file, model=TINY_MODELS["vit"], pretrained=None, device="cpu", verbose=False)
+
+
+def test_an_rla_file_naming_a_base_without_weights_is_refused(rla_file, tmp_path):
+    from prolip.variants.rla import ModelRLA
+
+    bad = edit_delta(rla_file, tmp_path / "bad.safetensors", meta=lambda m: m.update(pretrained=""))
+    with pytest.raises(DeltaFileError, match="without pretrained weights"):
+        ModelRLA.load(bad, trust_file_model=True, device="cpu", verbose=False)
+
+
+def test_an_rla_file_of_another_width_is_refused_at_load_naming_both_widths(rla_file, checkpoints):
+    from conftest import TINY_MODELS
+
+    from prolip.variants.rla import ModelRLA
+
+    assert read_state(rla_file).delta.shape[0] == 24  # test-timm-map-tiny embeds with width 64
+    with pytest.raises(DeltaFileError, match=r"adapts embeddings of width 24, but .* with width 64"):
+        ModelRLA.load(
+            rla_file, model=TINY_MODELS["timm_map"], pretrained=checkpoints["timm_map"], device="cpu", verbose=False
+        )

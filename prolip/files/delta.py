@@ -122,6 +122,8 @@ def write_delta(path: str | os.PathLike, state: FittedState | LinearAdapterState
     if isinstance(state, LinearAdapterState):
         header["kind"] = LINEAR_ADAPTER_KIND
         tensors = {LINEAR_ADAPTER_KEY: state.delta}
+        if state.fingerprint is not None:
+            header["base_fingerprint"] = json.dumps(state.fingerprint.as_dict())
     else:
         header.update(
             kind=KIND if state.cache is None else TIP_KIND,
@@ -250,6 +252,8 @@ def _parse_metadata(path: str, raw: dict[str, str]) -> dict[str, Any]:
         meta[key] = value
     if kind != LINEAR_ADAPTER_KIND:
         _parse_projector_metadata(path, raw, meta, version, bad)
+    elif "base_fingerprint" in raw:  # written when the embeddings came from a model prolip built (ModelRLA)
+        meta["fingerprint"] = _fingerprint(path, raw, "base_fingerprint", bad)
     if kind == TIP_KIND:
         meta["cache"] = _load_json(path, "cache", raw["cache"])
         if not _valid_cache(meta["cache"]):
@@ -401,7 +405,9 @@ def read_state(path: str | os.PathLike) -> FittedState | LinearAdapterState:
         "loss_history": np.empty(0, dtype=np.float32),
     }
     if meta["kind"] == LINEAR_ADAPTER_KIND:
-        return LinearAdapterState(delta=tensors["delta"], reg_lambda=meta["reg_lambda"], **common)
+        return LinearAdapterState(
+            delta=tensors["delta"], reg_lambda=meta["reg_lambda"], fingerprint=meta.get("fingerprint"), **common
+        )
     reg_lambda = meta.get("reg_lambda")
     if reg_lambda is None:  # format 1 did not record it: what the stored hyperparameter implies
         stored = meta["hyperparameters"].get("reg_lambda", "auto")
