@@ -76,3 +76,36 @@ def test_draw_files_cannot_point_outside_the_dataset(tmp_path):
     path.write_text(json.dumps(record))
     with pytest.raises(InputError, match=re.escape("item 0: image path '../elsewhere.png' is not inside")):
         read_draw(path, dataset)
+
+
+def test_empty_class_names_are_refused(tmp_path):
+    with pytest.raises(InputError, match="class 1 has an empty name"):
+        entries = [["a.jpg", 0, "bumpy"], ["b.jpg", 1, " "]]
+        read_coop("dtd", dtd(tmp_path, text=json.dumps({"train": entries, "val": entries, "test": entries})))
+    folder = tmp_path / "imagenet"
+    from PIL import Image
+
+    for wnid in ("n01", "n02"):
+        for split in ("train", "val"):
+            (folder / "images" / split / wnid).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(folder / "images" / split / wnid / "x.png")
+    (folder / "classnames.txt").write_text("n01 tench\nn02 \n")
+    with pytest.raises(InputError, match="empty name"):
+        read_coop("imagenet", tmp_path)
+
+
+def test_float_tiffs_in_0_1_are_scaled_and_nan_pixels_refused(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from prolip.errors import ImageLoadError
+    from prolip.features.images import load_image
+
+    pixels = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(pixels, mode="F").save(tmp_path / "f.tiff")
+    from_file = load_image(str(tmp_path / "f.tiff"))
+    assert from_file.max() == 255 and bool((from_file == load_image(np.repeat(pixels[..., None], 3, -1))).all())
+    pixels[2, 3] = np.nan
+    Image.fromarray(pixels, mode="F").save(tmp_path / "nan.tiff")
+    with pytest.raises(ImageLoadError, match="NaN or Inf pixels"):
+        load_image(str(tmp_path / "nan.tiff"))

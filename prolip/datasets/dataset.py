@@ -58,6 +58,12 @@ class Dataset:
         object.__setattr__(self, "class_ids", tuple(self.class_ids) or self.classnames)
         if not self.classnames:
             raise InputError(f"dataset {self.name!r} has no classes.")
+        empty = [label for label, name in enumerate(self.classnames) if not (isinstance(name, str) and name.strip())]
+        if empty:  # every prompt of such a class would be the bare template
+            raise InputError(
+                f"dataset {self.name!r}: class {empty[0]} has an empty name ({len(empty)} empty in all); give every "
+                "class its name (classnames.txt lines are '<folder> <class name>')."
+            )
         if len(self.class_ids) != len(self.classnames):
             raise InputError(
                 f"dataset {self.name!r}: {len(self.class_ids)} class_ids for {len(self.classnames)} classes."
