@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from prolip.errors import ProLIPError
 
@@ -260,7 +262,46 @@ def _fit(args: argparse.Namespace) -> None:
         print(f"saved {args.out}: {len(summary.classes_)} classes, {len(paths)} images (N={summary.n_shots_:g})")
 
 
+def _escaped(text: str) -> str:
+    """``text`` with its control characters escaped (``\\x1b``, ``\\n``): no terminal escape sequences, no forged lines."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _say(line: str) -> None:
+    """Print a line that holds text from a file, its control characters escaped."""
+    print(_escaped(line))
+
+
+class _EscapingStdout:
+    """sys.stdout for commands that print text from files: each ``print`` argument escaped, its line end kept."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+
+    def write(self, text: str) -> int:
+        return self.out.write(text if text == "\n" else _escaped(text))  # print writes its end separately
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.out, name)
+
+
+def _escaping_output(command: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
+    """Run ``command`` with its printed text escaped (:class:`_EscapingStdout`)."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> None:
+        out, sys.stdout = sys.stdout, _EscapingStdout(sys.stdout)
+        try:
+            command(args)
+        finally:
+            sys.stdout = out
+
+    return run
+
+
 def _predict(args: argparse.Namespace) -> None:
+    import numpy as np
+
     adapter = _load(args)
     predictor = adapter
     if args.test_time:
@@ -285,8 +326,6 @@ def _predict(args: argparse.Namespace) -> None:
             verbose=not args.quiet,
         )
     proba = predictor.predict_proba(args.images)
-    import numpy as np
-
     classes = adapter.classes_.tolist()
     if not np.isfinite(np.asarray(proba, dtype=np.float64)).all():  # never print NaN (invalid JSON) as a result
         raise ProLIPError(
@@ -308,6 +347,7 @@ def _predict(args: argparse.Namespace) -> None:
             _say(f"{path}\t{classes[p.argmax()]}\t{p.max():.3f}")
 
 
+@_escaping_output
 def _eval(args: argparse.Namespace) -> None:
     from prolip.datasets.generic import read_labelled
 
@@ -328,7 +368,7 @@ def _eval(args: argparse.Namespace) -> None:
     width = max(len(c) for c in classes)
     for k, c in enumerate(classes):
         total = sum(confusion[k])
-        _say(
+        print(
             f"  {c:<{width}}  {confusion[k][k] / total:.4f} ({confusion[k][k]}/{total})"
             if total
             else f"  {c:<{width}}  -"
@@ -337,57 +377,53 @@ def _eval(args: argparse.Namespace) -> None:
     cell = max(5, *(len(str(v)) for row in confusion for v in row)) + 1
     print(" " * (width + 2) + "".join(f"{k:>{cell}}" for k in range(len(classes))))
     for k, c in enumerate(classes):
-        _say(f"  {c:<{width}}" + "".join(f"{v:>{cell}}" for v in confusion[k]) + f"   [{k}]")
+        print(f"  {c:<{width}}" + "".join(f"{v:>{cell}}" for v in confusion[k]) + f"   [{k}]")
 
 
-def _say(line: str) -> None:
-    """Print a line that holds text from a file, its control characters escaped (no terminal escape sequences)."""
-    print("".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in line))
-
-
+@_escaping_output
 def _info(args: argparse.Namespace) -> None:
     from prolip.files.delta import read_metadata, read_state
     from prolip.training.fitted import LinearAdapterState
 
     state, meta = read_state(args.delta), read_metadata(args.delta)
-    _say(f"file:              {args.delta}")
-    _say(f"format:            {meta['format']} v{meta['format_version']} (prolip {meta['prolip_version']})")
+    print(f"file:              {args.delta}")
+    print(f"format:            {meta['format']} v{meta['format_version']} (prolip {meta['prolip_version']})")
     if isinstance(state, LinearAdapterState):
-        _say("kind:              linear_adapter (regularised linear adapter on image embeddings)")
-        _say(f"embeddings of:     {state.model_name or '(outside open_clip)'}  pretrained={state.pretrained or '-'}")
-        _say(f"adapter:           A = I + delta, {tuple(state.delta.shape)}")
+        print("kind:              linear_adapter (regularised linear adapter on image embeddings)")
+        print(f"embeddings of:     {state.model_name or '(outside open_clip)'}  pretrained={state.pretrained or '-'}")
+        print(f"adapter:           A = I + delta, {tuple(state.delta.shape)}")
     else:
         legacy = f"SHA-256 {state.legacy_hash} (format 1)"
         base = state.fingerprint.summary() if state.fingerprint is not None else legacy
         shape = "(not trained)" if state.delta is None else tuple(state.delta.shape)
         kind = "projector" if state.cache is None else "tip_adapter (ProLIP + Tip-Adapter)"
-        _say(f"kind:              {kind} (target {state.target})")
-        _say(f"base model:        {state.model_name or '(a model object)'}  pretrained={state.pretrained or '-'}")
-        _say(f"projector:         {state.projector_key} {shape} ({state.projector_family})")
-        _say(f"base fingerprint:  {base}")
+        print(f"kind:              {kind} (target {state.target})")
+        print(f"base model:        {state.model_name or '(a model object)'}  pretrained={state.pretrained or '-'}")
+        print(f"projector:         {state.projector_key} {shape} ({state.projector_family})")
+        print(f"base fingerprint:  {base}")
         if state.text_delta is not None:
             text = f"{state.text_projector_key} {tuple(state.text_delta.shape)} ({state.text_projector_family})"
-            _say(f"text projection:   {text}")
-            _say(f"text fingerprint:  {state.text_fingerprint.summary('W_t0')}")
+            print(f"text projection:   {text}")
+            print(f"text fingerprint:  {state.text_fingerprint.summary('W_t0')}")
         if state.cache is not None:
             cache = state.cache
             chosen = "given" if cache.selection is None else f"val accuracy {cache.selection['val_accuracy']:.4f}"
-            _say(f"tip-adapter cache: {tuple(cache.keys.shape)} keys (mean of {cache.key_views} views)")
-            _say(f"cache alpha, beta: {cache.alpha:g}, {cache.beta:g} ({chosen})")
-    _say(
+            print(f"tip-adapter cache: {tuple(cache.keys.shape)} keys (mean of {cache.key_views} views)")
+            print(f"cache alpha, beta: {cache.alpha:g}, {cache.beta:g} ({chosen})")
+    print(
         f"classes ({len(state.classes)}):       "
         + ", ".join(
             f"{c!s}" + (f" ({n})" if str(c) != n else "") for c, n in zip(state.classes, state.class_names, strict=True)
         )
     )
-    _say(f"templates:         {list(state.templates)}")
-    _say(f"shots per class:   {state.n_shots:g}")
-    _say(f"lambda used:       {state.reg_lambda:g}")
-    _say(f"logit scale:       {state.logit_scale:g}")
-    _say(f"hyperparameters:   {json.dumps(dict(state.hyperparameters))}")
+    print(f"templates:         {list(state.templates)}")
+    print(f"shots per class:   {state.n_shots:g}")
+    print(f"lambda used:       {state.reg_lambda:g}")
+    print(f"logit scale:       {state.logit_scale:g}")
+    print(f"hyperparameters:   {json.dumps(dict(state.hyperparameters))}")
     for name, delta in (("delta", state.delta), ("text delta", getattr(state, "text_delta", None))):
         if delta is not None:
-            _say(f"{name + ' norm:':<19}{float(delta.norm()):.6g}")
+            print(f"{name + ' norm:':<19}{float(delta.norm()):.6g}")
 
 
 def _merge(args: argparse.Namespace) -> None:
