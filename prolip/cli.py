@@ -267,11 +267,6 @@ def _escaped(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
-def _say(line: str) -> None:
-    """Print a line that holds text from a file, its control characters escaped."""
-    print(_escaped(line))
-
-
 class _EscapingStdout:
     """sys.stdout for commands that print text from files: each ``print`` argument escaped, its line end kept."""
 
@@ -344,7 +339,7 @@ def _predict(args: argparse.Namespace) -> None:
         print(json.dumps(rows, indent=2, allow_nan=False))
     else:
         for path, p in zip(args.images, proba, strict=True):
-            _say(f"{path}\t{classes[p.argmax()]}\t{p.max():.3f}")
+            print(f"{_escaped(path)}\t{_escaped(str(classes[p.argmax()]))}\t{p.max():.3f}")  # tabs kept as separators
 
 
 @_escaping_output
