@@ -436,6 +436,12 @@ def _merge(args: argparse.Namespace) -> None:
             f"{args.delta!r} holds ProLIP + Tip-Adapter: its cache model is not a weight of the model, and a merged "
             "model would predict without it. Use the file itself with 'prolip predict' or ProLIPTipAdapter.load."
         )
+    if adapter.taskres_alpha is not None:
+        raise ProLIPError(
+            f"{args.delta!r} holds ProLIP + TaskRes: its residual lives in the stored classifier, not in a weight of "
+            "the model, and a merged model would predict without it. Use the file itself with 'prolip predict' "
+            "or ProLIPAdapter.load."
+        )
     merged = adapter.merged_model(precision=args.precision)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in merged.state_dict().items()}
     atomic_write(args.out, [save(state)])

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from prolip.errors import DeltaFileError, FingerprintMismatchError, InputError, PrecisionWarning, warn
+from prolip.errors import DeltaFileError, FingerprintMismatchError, PrecisionWarning, warn
 from prolip.estimator import Learned
 from prolip.model.backbone import Backbone, file_may_choose
 from prolip.model.fingerprint import Fingerprint, legacy_projector_hash
@@ -157,19 +157,8 @@ class FittedState:
 
         Warns (PrecisionWarning) with the measured relative error of the merged update when the
         precision rounds it (fp16, bf16); fp32 keeps it exact.
-
-        Raises:
-            InputError: the fit trained a TaskRes residual (``taskres_alpha``): it lives in the stored
-                classifier, not in a weight of the model, so a merged model would predict without it
-                (refused, as ProLIP + Tip-Adapter's cache model is).
         """
         check_params({"precision": precision})
-        if self.hyperparameters.get("taskres_alpha") is not None:
-            raise InputError(
-                "this fit trained a TaskRes residual on the classifier: it is not a weight of the model, and a "
-                "merged model would predict without it. Use the delta file itself (prolip predict, "
-                "ProLIPAdapter.load) instead of a merged model."
-            )
         merged = copy.deepcopy(model).to(PRECISIONS[precision])
         lost = self.merge_into(merged)
         if lost > 0:
