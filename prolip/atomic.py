@@ -165,3 +165,49 @@ def read_safetensors_header(
     if not isinstance(header, dict):
         raise error(f"{path!r} could not be read as a safetensors {what} (malformed header); the file is corrupt.")
     return header, 8 + n
+
+
+def read_json(path: str | os.PathLike, error: type[ProLIPError], what: str) -> Any:
+    """The parsed JSON of ``path``, or ``error`` naming the file, what it should be and the fault.
+
+    Every fault of a hostile or damaged file (unreadable, not UTF-8, invalid JSON, nesting deep enough
+    to exhaust the parser's recursion, an integer with more digits than Python converts) is one
+    ``error``, never a bare ``OSError``, ``RecursionError`` or ``ValueError``.
+    """
+    where = os.fspath(path)
+    try:
+        with open(where, encoding="utf-8") as f:
+            return json.load(f)
+    except RecursionError:
+        raise error(f"cannot read the {what} {where!r}: its JSON is nested too deeply.") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError and the int-digits limit are ValueErrors
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise error(f"cannot read the {what} {where!r}: {reason}.") from None
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Any:
+    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block, across processes.
+
+    An advisory OS lock (``flock`` on POSIX, ``msvcrt.locking`` on Windows): the OS drops it when the
+    holder exits or is killed, so a crashed run never leaves the file locked. Processes that take
+    the lock wait for each other; readers that do not take it are unaffected.
+    """
+    fd = os.open(os.fspath(path), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if os.name == "nt":  # pragma: no cover - exercised on Windows only
+            import msvcrt
+
+            while True:
+                try:
+                    msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:  # LK_LOCK gives up after 10 s: keep waiting
+                    continue
+        else:
+            import fcntl
+
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

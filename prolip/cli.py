@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from prolip.errors import ProLIPError
 
@@ -313,7 +316,40 @@ def _hf_training_set(args: argparse.Namespace):
     return data.select(chosen)
 
 
+def _escaped(text: str) -> str:
+    """``text`` with its control characters escaped (``\\x1b``, ``\\n``): no terminal escape sequences, no forged lines."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+class _EscapingStdout:
+    """sys.stdout for commands that print text from files: each ``print`` argument escaped, its line end kept."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+
+    def write(self, text: str) -> int:
+        return self.out.write(text if text == "\n" else _escaped(text))  # print writes its end separately
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.out, name)
+
+
+def _escaping_output(command: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
+    """Run ``command`` with its printed text escaped (:class:`_EscapingStdout`)."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> None:
+        out, sys.stdout = sys.stdout, _EscapingStdout(sys.stdout)
+        try:
+            command(args)
+        finally:
+            sys.stdout = out
+
+    return run
+
+
 def _predict(args: argparse.Namespace) -> None:
+    import numpy as np
     from prolip.datasets.generic import read_images
 
     images = read_images(args.images)  # a bad folder or CSV fails before the model loads
@@ -344,6 +380,11 @@ def _predict(args: argparse.Namespace) -> None:
         )
     proba = predictor.predict_proba(images)
     classes = predictor.classes_.tolist()
+    if not np.isfinite(np.asarray(proba, dtype=np.float64)).all():  # never print NaN (invalid JSON) as a result
+        raise ProLIPError(
+            f"{args.delta!r} gives non-finite probabilities on these images; the file holds values "
+            "no training produces (see docs/format.md): it is damaged or was edited."
+        )
     if args.json:
         rows = [
             {
@@ -353,10 +394,10 @@ def _predict(args: argparse.Namespace) -> None:
             }
             for path, p in zip(images, proba, strict=True)
         ]
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, allow_nan=False))
     else:
         for path, p in zip(images, proba, strict=True):
-            print(f"{path}\t{classes[p.argmax()]}\t{p.max():.3f}")
+            print(f"{_escaped(path)}\t{_escaped(str(classes[p.argmax()]))}\t{p.max():.3f}")  # tabs kept as separators
 
 
 def _open_vocabulary(args: argparse.Namespace, adapter):
@@ -372,6 +413,7 @@ def _open_vocabulary(args: argparse.Namespace, adapter):
     return OpenVocabularyClassifier(adapter, names, args.templates)
 
 
+@_escaping_output
 def _eval(args: argparse.Namespace) -> None:
     from prolip.datasets.generic import read_labelled
 
@@ -409,6 +451,7 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"  {c:<{width}}" + "".join(f"{v:>{cell}}" for v in confusion[k]) + f"   [{k}]")
 
 
+@_escaping_output
 def _info(args: argparse.Namespace) -> None:
     from prolip.files.delta import read_metadata, read_state
     from prolip.training.fitted import LinearAdapterState
@@ -469,6 +512,12 @@ def _merge(args: argparse.Namespace) -> None:
         raise ProLIPError(
             f"{args.delta!r} holds ProLIP + Tip-Adapter: its cache model is not a weight of the model, and a merged "
             "model would predict without it. Use the file itself with 'prolip predict' or ProLIPTipAdapter.load."
+        )
+    if adapter.taskres_alpha is not None:
+        raise ProLIPError(
+            f"{args.delta!r} holds ProLIP + TaskRes: its residual lives in the stored classifier, not in a weight of "
+            "the model, and a merged model would predict without it. Use the file itself with 'prolip predict' "
+            "or ProLIPAdapter.load."
         )
     merged = adapter.merged_model(precision=args.precision)
     if is_transformers_model(merged):  # a Hugging Face model: a from_pretrained folder, not a checkpoint file
@@ -584,7 +633,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ProLIPError as exc:
         print(f"prolip {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except BrokenPipeError:  # the reader left (`prolip info FILE | head -1`): stop quietly, as `cat` would
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush must not fail again
+        return 128 + 13  # killed by SIGPIPE, as the shell reports it
+    except OSError as exc:  # a missing file, a full disk, a read-only folder: one line, not a traceback
         print(f"prolip {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

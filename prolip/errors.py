@@ -59,6 +59,14 @@ class FeatureCacheError(ProLIPError, ValueError):
     """A feature cache file or folder cannot be written, or holds something it should not."""
 
 
+class DamagedCacheEntryError(FeatureCacheError):
+    """A feature cache entry failed its checks and was deleted; ``image_hash`` names the image to extract again."""
+
+    def __init__(self, message: str, image_hash: str) -> None:
+        super().__init__(message)
+        self.image_hash = image_hash
+
+
 class TrainingWarning(ProLIPWarning):
     """Training finished but looks wrong (e.g. the loss ended far above where it started)."""
 

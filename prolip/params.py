@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,13 +35,43 @@ ON_ERROR = ("raise", "skip")
 """What to do with an image that cannot be read (``on_error``)."""
 
 
+TEMPLATE_RULE = "exactly one '{}' field (empty: the class name) and otherwise literal text ('{{' and '}}' for braces)"
+"""What a prompt template must be, in words (errors quote it)."""
+
+
+MAX_LOGIT_SCALE = 1e3
+"""The largest logit scale s accepted (CLIP's own is clamped at 100): larger ones only overflow softmax."""
+
+MAX_TIP_WEIGHT = 1e3
+"""The largest Tip-Adapter α and β a file may hold (the searched grids end at 50)."""
+
+MAX_ABS_ENTRY = 1e4
+"""The largest magnitude of an entry of a stored tensor (deltas, T, cache keys): training moves weights of order 1."""
+
+
+def valid_template(template: object) -> bool:
+    """True for a string that ``template.format(name)`` fills safely: :data:`TEMPLATE_RULE`.
+
+    Named, numbered, attribute, index, conversion and format-spec fields (``{x}``, ``{0}``,
+    ``{.__class__}``, ``{!r}``, ``{:>9}``) are refused: they fail in ``str.format`` or reach into the
+    class name's attributes.
+    """
+    if not isinstance(template, str):
+        return False
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError:  # a lone '{' or '}'
+        return False
+    return fields == [("", "", None)]
+
+
 def valid_templates(templates: object) -> bool:
-    """True for a non-empty sequence of strings that each hold exactly one ``{}`` slot."""
+    """True for a non-empty sequence of templates that each pass :func:`valid_template` (the one rule, used everywhere)."""
     return (
         isinstance(templates, Sequence)
         and not isinstance(templates, str)
         and len(templates) > 0
-        and all(isinstance(t, str) and t.count("{}") == 1 for t in templates)
+        and all(valid_template(t) for t in templates)
     )
 
 
@@ -56,11 +87,21 @@ def _integer(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
-def _number(value: Any) -> bool:
+def number(value: Any) -> bool:
+    """True for a finite real number (not a bool)."""
     return (
         isinstance(value, (int, float, np.integer, np.floating))
         and not isinstance(value, bool)
         and math.isfinite(value)
+    )
+
+
+def positive_numbers(values: Any, low: float | None) -> bool:
+    """True for a non-empty list of finite numbers, each > ``low`` (or >= 0 when ``low`` is None)."""
+    return (
+        isinstance(values, (list, tuple))
+        and len(values) > 0
+        and all(number(v) and (v >= 0 if low is None else v > low) for v in values)
     )
 
 
@@ -85,17 +126,20 @@ CONSTRAINTS: dict[str, Constraint] = {
         lambda v: v is None or isinstance(v, (str, os.PathLike)),
     ),
     "templates": Constraint(
-        "None or a non-empty list of strings with exactly one '{}' each, such as ['a photo of a {}.']",
+        f"None or a non-empty list of strings with {TEMPLATE_RULE} each, such as ['a photo of a {{}}.']",
         lambda v: v is None or valid_templates(v),
     ),
-    "lr": Constraint("a positive number, e.g. 1e-3", lambda v: _number(v) and v > 0),
-    "reg_lambda": Constraint("'auto' (1/N) or a number >= 0", lambda v: v == "auto" or (_number(v) and v >= 0)),
+    "lr": Constraint("a positive number, e.g. 1e-3", lambda v: number(v) and v > 0),
+    "reg_lambda": Constraint("'auto' (1/N) or a number >= 0", lambda v: v == "auto" or (number(v) and v >= 0)),
     "epochs": Constraint("an integer >= 0", lambda v: _integer(v) and v >= 0),
     "views": Constraint("an integer >= 0 (0: train on the plain view)", lambda v: _integer(v) and v >= 0),
     "batch_size": Constraint("an integer >= 1", lambda v: _integer(v) and v >= 1),
     "device": Constraint("None or a torch device such as 'cuda', 'cuda:1', 'mps' or 'cpu'", _device),
     "precision": Constraint(f"one of {sorted(PRECISIONS)}", lambda v: isinstance(v, str) and v in PRECISIONS),
-    "logit_scale": Constraint("None or a positive number", lambda v: v is None or (_number(v) and v > 0)),
+    "logit_scale": Constraint(
+        f"None or a positive number <= {MAX_LOGIT_SCALE:g}",
+        lambda v: v is None or (number(v) and 0 < v <= MAX_LOGIT_SCALE),
+    ),
     "random_state": Constraint("None or an integer", lambda v: v is None or _integer(v)),
     "verbose": Constraint("True or False", lambda v: isinstance(v, (bool, np.bool_))),
     "preprocess": Constraint("None or a callable (PIL image -> tensor)", lambda v: v is None or callable(v)),
@@ -107,7 +151,7 @@ CONSTRAINTS: dict[str, Constraint] = {
         f"one of {list(TARGETS)}: the projector(s) to train", lambda v: isinstance(v, str) and v in TARGETS
     ),
     "taskres_alpha": Constraint(
-        "None (no residual) or a positive number, TaskRes's α (e.g. 0.5)", lambda v: v is None or (_number(v) and v > 0)
+        "None (no residual) or a positive number, TaskRes's α (e.g. 0.5)", lambda v: v is None or (number(v) and v > 0)
     ),
 }
 

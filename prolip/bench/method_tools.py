@@ -46,10 +46,14 @@ def check_classes(classes: Classes, trained: list[str], method: str) -> None:
         )
 
 
+class EmptyValidationError(InputError):
+    """A method selects a hyperparameter on the validation draw, and the draw is empty: the bench skips that cell."""
+
+
 def check_val(val: FeatureSet, method: str, fixed: str) -> None:
     """Refuse a selection on an empty validation draw; ``fixed`` names the argument that avoids it."""
     if val.labels.numel() == 0:
-        raise InputError(
+        raise EmptyValidationError(
             f"{method} selects {fixed} on the validation draw, but problem.val holds no images; "
             f"give the problem a validation draw or fix {fixed} when creating the method."
         )

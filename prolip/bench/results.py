@@ -18,53 +18,194 @@ from typing import Any
 
 import numpy as np
 
-from prolip.atomic import atomic_write
+from prolip.atomic import atomic_write, file_lock, read_json
 from prolip.errors import InputError
+from prolip.params import number
 
 FORMAT = "prolip-bench"
 VERSION = 1
+LOCK_SUFFIX = ".lock"
+"""``results.json.lock`` beside the file: what :func:`add_cells` locks while it merges."""
+
+_CELL_KEYS = ("dataset", "shots", "seed", "method", "accuracy", "fit_seconds", "info")
+
+
+def _is_int(value: Any, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _cell_fault(cell: Any) -> str | None:
+    """What is wrong with one cell, or None."""
+    if not isinstance(cell, dict):
+        return f"is a {type(cell).__name__}, not an object"
+    missing = [k for k in _CELL_KEYS if k not in cell]
+    if missing:
+        return f"lacks {missing}"
+    for key in ("dataset", "method"):
+        if not isinstance(cell[key], str) or not cell[key]:
+            return f"has {key}={cell[key]!r}, not a name"
+    if not _is_int(cell["shots"], 1) or not _is_int(cell["seed"], 0):
+        return f"has shots={cell['shots']!r} and seed={cell['seed']!r}; they must be integers >= 1 and >= 0"
+    accuracy = cell["accuracy"]
+    if not isinstance(accuracy, dict) or not all(
+        isinstance(k, str) and (v is None or (number(v) and 0 <= v <= 1)) for k, v in accuracy.items()
+    ):
+        return f"has accuracy={accuracy!r}; it must map test sets to fractions in [0, 1] or null"
+    if not number(cell["fit_seconds"]) or cell["fit_seconds"] < 0:
+        return f"has fit_seconds={cell['fit_seconds']!r}, not a number of seconds"
+    if not isinstance(cell["info"], dict):
+        return f"has info={cell['info']!r}, not an object"
+    return None
+
+
+def read_results(path: str | os.PathLike) -> dict[str, Any]:
+    """The checked contents of a ``results.json``: ``{"format", "format_version", "config", "draws", "cells"}``.
+
+    ``draws`` (absent from files of older versions: read as empty) maps each draw the cells were
+    computed on to the digest of its items (:func:`prolip.bench.store.FeatureStore.draw_digest`).
+
+    Raises:
+        InputError: one line naming the file and its first fault (unreadable, not JSON, nested too deeply,
+            not a bench results file, a cell of the wrong shape, a duplicate cell).
+    """
+    where = str(path)
+    data = read_json(path, InputError, "bench results file")
+    fault = None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        fault = f"it is not a {FORMAT!r} file"
+    elif data.get("format_version") != VERSION:
+        fault = f"format_version is {data.get('format_version')!r}; this prolip reads {VERSION}"
+    elif not isinstance(data.get("config"), dict):
+        fault = "'config' is not an object"
+    elif not isinstance(data.get("cells"), list):
+        fault = "'cells' is not a list"
+    elif not isinstance(data.setdefault("draws", {}), dict) or not all(
+        isinstance(v, str) for v in data["draws"].values()
+    ):
+        fault = "'draws' is not an object of digests"
+    else:
+        seen = set()
+        for i, cell in enumerate(data["cells"]):
+            fault = _cell_fault(cell)
+            if fault is None and cell_key(cell) in seen:
+                fault = "is a second copy of an earlier cell"
+            if fault is not None:
+                fault = f"cells[{i}] {fault}"
+                break
+            seen.add(cell_key(cell))
+    if fault is not None:
+        raise InputError(
+            f"{where!r} is not a valid bench results file: {fault}; move it away or use another --out-dir."
+        )
+    return data
+
+
+def cell_key(cell: Mapping[str, Any]) -> tuple[str, int, int, str]:
+    """What identifies a cell: training dataset, N, seed, method."""
+    return cell["dataset"], int(cell["shots"]), int(cell["seed"]), cell["method"]
+
+
+def _check_config(where: str, data: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    if data["config"] != config:
+        raise InputError(
+            f"{where!r} holds results of another bench configuration ({data['config']}); "
+            "use another --out-dir, or delete it to start over."
+        )
+
+
+def _check_draws(where: str, known: Mapping[str, str], draws: Mapping[str, str]) -> None:
+    for name, digest in draws.items():
+        if known.get(name, digest) != digest:
+            raise InputError(
+                f"{where!r} holds cells computed on other data: draw {name!r} has other images, labels or image "
+                "contents now; use another --out-dir, or delete it to start over."
+            )
+
+
+def add_cells(
+    path: str | os.PathLike,
+    config: Mapping[str, Any],
+    cells: Sequence[Mapping[str, Any]] = (),
+    draws: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Add finished ``cells`` (and the ``draws`` digests they were computed on) to ``results.json`` at ``path``.
+
+    The one way results are written, safe with any number of processes (or ranks) writing one file:
+    under an exclusive lock on ``<path>.lock`` it re-reads the file (checked by :func:`read_results`),
+    refuses another configuration or a draw whose digest differs from the recorded one, adds the
+    cells not yet there (a cell already present is kept: the first finished copy wins), and replaces
+    the file atomically (:func:`prolip.atomic.atomic_write`). A cell another process finished is
+    therefore never lost, and a crash leaves the previous complete file.
+
+    Returns:
+        Every cell now in the file (this process's and the others').
+
+    Raises:
+        InputError: the file is damaged, holds another configuration or other data, or cannot be
+            written (full disk, read-only folder), naming the file.
+    """
+    path, draws = Path(path), dict(draws or {})
+    for i, cell in enumerate(cells):
+        fault = _cell_fault(cell)
+        if fault is not None:
+            raise InputError(f"cell {i} to add to {str(path)!r} {fault}.")
+    try:
+        with file_lock(path.with_name(path.name + LOCK_SUFFIX)):
+            if path.exists():
+                data = read_results(path)
+                _check_config(str(path), data, config)
+                _check_draws(str(path), data["draws"], draws)
+            else:
+                data = {"format": FORMAT, "format_version": VERSION, "config": dict(config), "draws": {}, "cells": []}
+            data["draws"].update(draws)
+            done = {cell_key(c) for c in data["cells"]}
+            data["cells"] += [dict(c) for c in cells if cell_key(c) not in done]
+            text = json.dumps(data, indent=1, default=_json_default)
+            atomic_write(path, [text.encode()])
+    except OSError as exc:
+        raise InputError(
+            f"cannot write the bench results {str(path)!r} ({exc.strerror or exc}); check that its folder is "
+            "writable and the disk has free space. The cells finished before are kept in it."
+        ) from None
+    return data["cells"]
 
 
 class ResultsFile:
-    """``results.json`` of one bench run: its configuration and the finished cells.
+    """``results.json`` of one bench run: its configuration, the draws' digests and the finished cells.
 
     Opening an existing file with another configuration (what changes a cell's value: setting,
-    model, weights, views, steps, templates, precision) is refused, so a resumed run never mixes
-    results of different settings, models or hyperparameters; more datasets, shots, seeds or
-    methods simply add cells.
+    model, weights, data root, views, steps, templates, precision) is refused, and so is a draw whose
+    items' digest differs from the one the cells were computed on, so a resumed run never mixes
+    results of different settings, models, data or hyperparameters; more datasets, shots, seeds or
+    methods simply add cells. Cells are added with :func:`add_cells`, so runs sharing the file keep
+    each other's cells.
     """
 
     def __init__(self, path: str | os.PathLike, config: Mapping[str, Any]) -> None:
         self.path, self.config = Path(path), dict(config)
         self.cells: list[dict[str, Any]] = []
+        self.draws: dict[str, str] = {}
         if self.path.exists():
-            try:
-                data = json.loads(self.path.read_text())
-            except ValueError as exc:
-                raise InputError(f"{str(self.path)!r} is not a readable results file ({exc}); move it away.") from None
-            if data.get("format") != FORMAT or data.get("config") != self.config:
-                raise InputError(
-                    f"{str(self.path)!r} holds results of another bench configuration ({data.get('config')}); "
-                    "use another --out-dir, or delete it to start over."
-                )
-            self.cells = list(data["cells"])
-        self._done = {self.key(c) for c in self.cells}
+            data = read_results(self.path)
+            _check_config(str(self.path), data, self.config)
+            self.cells, self.draws = data["cells"], data["draws"]
+        self._done = {cell_key(c) for c in self.cells}
 
-    @staticmethod
-    def key(cell: Mapping[str, Any]) -> tuple[str, int, int, str]:
-        """What identifies a cell: training dataset, N, seed, method."""
-        return cell["dataset"], int(cell["shots"]), int(cell["seed"]), cell["method"]
+    key = staticmethod(cell_key)
 
     def done(self, dataset: str, shots: int, seed: int, method: str) -> bool:
-        """Whether that cell is already in the file."""
+        """Whether that cell is in the file (as last read or written by this process)."""
         return (dataset, shots, seed, method) in self._done
 
-    def add(self, cell: dict[str, Any]) -> None:
-        """Record a finished cell and rewrite the file atomically."""
-        self.cells.append(cell)
-        self._done.add(self.key(cell))
-        data = {"format": FORMAT, "format_version": VERSION, "config": self.config, "cells": self.cells}
-        atomic_write(self.path, [json.dumps(data, indent=1, default=_json_default).encode()])
+    def check_draw(self, name: str, digest: str) -> None:
+        """Refuse (InputError) if the file's cells were computed on draw ``name`` with other items."""
+        _check_draws(str(self.path), self.draws, {name: digest})
+
+    def add(self, cell: dict[str, Any], draws: Mapping[str, str] | None = None) -> None:
+        """Record a finished cell computed on ``draws`` (name -> digest), merged into the file under its lock."""
+        self.cells = add_cells(self.path, self.config, [cell], draws)
+        self.draws.update(draws or {})
+        self._done = {cell_key(c) for c in self.cells}
 
 
 def _json_default(value: Any) -> Any:
@@ -93,8 +234,11 @@ def _ordered(values: Iterable[Any]) -> list[Any]:
     return list(dict.fromkeys(values))
 
 
-def render_table(setting: str, cells: Sequence[Mapping[str, Any]]) -> str:
-    """``table.md``: the paper-style tables of ``setting`` (accuracy %, mean ± std over seeds), and costs."""
+def render_table(setting: str, cells: Sequence[Mapping[str, Any]], skipped: Sequence[str] = ()) -> str:
+    """``table.md``: the paper-style tables of ``setting`` (accuracy %, mean ± std over seeds), and costs.
+
+    ``skipped`` lists the cells this run could not compute, and why: they are warned about under the tables.
+    """
     methods = _ordered(c["method"] for c in cells)
     shots = sorted({int(c["shots"]) for c in cells})
     by: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
@@ -149,6 +293,9 @@ def render_table(setting: str, cells: Sequence[Mapping[str, Any]]) -> str:
         for m in methods
     ]
     out += _table(["method", *(f"N={n}" for n in shots)], rows)
+    if skipped:
+        out += ["", f"**Warning: {len(skipped)} cell(s) skipped** (not in the tables above):", ""]
+        out += [f"- {line}" for line in skipped]
     return "\n".join(out) + "\n"
 
 

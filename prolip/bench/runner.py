@@ -20,13 +20,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from prolip.atomic import atomic_write
 from prolip.bench.inputs import class_set, image_head
+from prolip.bench.method_tools import EmptyValidationError
 from prolip.bench.methods import FittedMethod, Method, get_method
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.bench.results import ResultsFile, render_plot, render_table
-from prolip.bench.settings import DEFAULT_SEEDS, DEFAULT_SHOTS, Target, plan
+from prolip.bench.settings import DEFAULT_SEEDS, DEFAULT_SHOTS, Job, Target, plan
 from prolip.bench.store import FeatureStore
-from prolip.datasets import Dataset, draw_shots, draw_validation, write_draw
+from prolip.datasets import Dataset, Draw, draw_json, draw_shots, draw_validation
 from prolip.errors import InputError
 from prolip.model.backbone import build_backbone
 from prolip.model.zeroshot import check_templates
@@ -85,20 +87,25 @@ def run_bench(
     shots = tuple(DEFAULT_SHOTS.get(setting, (16,)) if shots is None else shots)
     seeds = tuple(DEFAULT_SEEDS if seeds is None else seeds)
     _check(shots, seeds, methods, views, epochs)
+    check_params({"batch_size": batch_size, "precision": precision, "device": device})
     templates = None if templates is None else tuple(check_templates(templates))
     chosen = {name: get_method(name) for name in methods}  # unknown names fail before any work
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _make_folder(out, "--out-dir")
     backbone = build_backbone(model, pretrained, precision=precision, device=device)
     store = FeatureStore(backbone, cache_dir or out / "cache", batch_size=batch_size, verbose=verbose)
     # What changes a cell's value; datasets, shots, seeds and methods can grow between resumed runs.
     config = {
         "setting": setting, "model": model, "pretrained": pretrained, "source": source, "views": views,
         "epochs": epochs, "templates": list(templates) if templates else None, "precision": precision,
+        "data_root": os.path.abspath(os.path.expanduser(os.fspath(data_root))),
     }  # fmt: skip
     results = ResultsFile(out / "results.json", config)
     head, scale = image_head(backbone), backbone.logit_scale
-    for job in tqdm(list(plan(setting, data_root, datasets, source)), desc="datasets", disable=not verbose):
+    jobs = list(plan(setting, data_root, datasets, source))
+    _check_splits(jobs)
+    skipped: list[str] = []
+    for job in tqdm(jobs, desc="datasets", disable=not verbose):
         train_classes = class_set(backbone, job.train.classnames, templates or job.train.templates)
         tests = _Tests(
             store, job.targets, train_classes, lambda ds: class_set(backbone, ds.classnames, templates or ds.templates)
@@ -106,10 +113,14 @@ def run_bench(
         for seed in tqdm(seeds, desc=f"{job.key} draws", leave=False, disable=not verbose):
             _write_draw(draw_shots(job.train, max(shots), seed), out, job.train)
             for n in shots:
+                train, val = draw_shots(job.train, n, seed), draw_validation(job.train, n, seed)
+                # What identifies the data of these cells; a resumed run on other data is refused here.
+                draws = {_draw_name(d, job.train): store.draw_digest(d.items, job.train.root) for d in (train, val)}
+                for name, digest in draws.items():
+                    results.check_draw(name, digest)
                 pending = [name for name in methods if not results.done(job.key, n, seed, name)]
                 if not pending:
                     continue
-                train, val = draw_shots(job.train, n, seed), draw_validation(job.train, n, seed)
                 _write_draw(val, out, job.train)
                 problem = Problem(
                     train=store.features(train.items, views, seed, what=f"{job.key} N={n} train"),
@@ -121,16 +132,29 @@ def run_bench(
                 for name in tqdm(pending, desc=f"{job.key} N={n} seed {seed}", leave=False, disable=not verbose):
                     method = chosen[name]
                     start = time.perf_counter()
-                    fitted = method.fit(problem)
+                    try:
+                        fitted = method.fit(problem)
+                    except EmptyValidationError as exc:  # e.g. ImageNet at 8 shots has no images left for val
+                        skipped.append(f"{name} on {job.key}, N={n}, seed {seed}: {exc}")
+                        logger.warning("skipped %s", skipped[-1])
+                        continue
                     seconds = time.perf_counter() - start
                     accuracy = {t.name: tests.score(fitted, method, t) for t in job.targets}
                     results.add(
                         {"dataset": job.key, "shots": n, "seed": seed, "method": name, "accuracy": accuracy,
-                         "fit_seconds": seconds, "info": fitted.info}
+                         "fit_seconds": seconds, "info": fitted.info},
+                        draws,
                     )  # fmt: skip
                     logger.debug("%s N=%d seed %d %s: %s (%.2f s)", job.key, n, seed, name, accuracy, seconds)
-    (out / "table.md").write_text(render_table(setting, results.cells), encoding="utf-8")
-    if not render_plot(setting, results.cells, out / "plot.png"):
+    try:
+        atomic_write(out / "table.md", [render_table(setting, results.cells, skipped).encode("utf-8")])
+        plotted = render_plot(setting, results.cells, out / "plot.png")
+    except OSError as exc:
+        raise InputError(
+            f"cannot write table.md / plot.png in {str(out)!r} ({exc.strerror or exc}); every cell is kept in "
+            "results.json: free space or make the folder writable, and rerun to render them."
+        ) from None
+    if not plotted:
         logger.info("matplotlib is not installed: no plot.png (pip install matplotlib)")
     return results.cells
 
@@ -145,11 +169,48 @@ def _check(shots: Sequence[int], seeds: Sequence[int], methods: Sequence[str], v
         raise InputError(f"methods={list(methods)} must be distinct method names.")
 
 
-def _write_draw(draw: Any, out: Path, dataset: Dataset) -> None:
-    path = out / "draws" / dataset.name / f"{draw.role}-seed{draw.seed}-{draw.shots}shot.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        write_draw(draw, path, dataset)
+def _check_splits(jobs: Sequence[Job]) -> None:
+    """Refuse, before any work, a training dataset without training images or a test set without test images."""
+    for job in jobs:
+        if not job.train.train:
+            raise InputError(f"dataset {job.train.name!r} has no training images to draw shots from.")
+        for target in job.targets:
+            if not target.dataset.test:
+                raise InputError(
+                    f"dataset {target.dataset.name!r} has no test images to score {target.name!r} on; "
+                    "add its test split, or leave the dataset out."
+                )
+
+
+def _make_folder(folder: Path, what: str) -> None:
+    """Create ``folder``, or one InputError naming it (a regular file there, a read-only file system)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the folder {str(folder)!r} ({what}): {exc.strerror or exc}.") from None
+
+
+def _draw_name(draw: Draw, dataset: Dataset) -> str:
+    """The draw's file name under ``draws/`` (without .json): what results.json records its digest under."""
+    return f"{dataset.name}/{draw.role}-seed{draw.seed}-{draw.shots}shot"
+
+
+def _write_draw(draw: Draw, out: Path, dataset: Dataset) -> None:
+    """Write the draw's JSON, unless the file there already holds this draw; a damaged or stale one is rewritten."""
+    path = out / "draws" / f"{_draw_name(draw, dataset)}.json"
+    _make_folder(path.parent, "the draws folder")
+    data = draw_json(draw, dataset)
+    if path.is_file():
+        try:
+            if path.read_bytes() == data:
+                return
+        except OSError:
+            pass
+        logger.warning("rewriting the draw file %s: it was damaged or held another draw", path)
+    try:
+        atomic_write(path, [data])
+    except OSError as exc:
+        raise InputError(f"cannot write the draw file {str(path)!r} ({exc.strerror or exc}).") from None
 
 
 class _Tests:

@@ -6,12 +6,16 @@ test-time methods. The cache is keyed per image content (:mod:`prolip.features.c
 overlapping seeds and a resumed run reuse what is already there; images are decoded and hashed
 in chunks, so memory holds one chunk of images, never a whole test split. Feature sets small
 enough are read into memory once; larger ones (ImageNet's training views) stay on disk and are
-read one view at a time. A small index from
-(path, size, mtime) to content hash lets a rerun skip decoding images whose features are cached.
+read one view at a time. A small index from the SHA-256 of each image *file* to the hash of its
+decoded pixels lets a rerun skip decoding images whose features are cached: a file rewritten with
+other bytes (whatever its size and mtime) is decoded again. The index carries a checksum of its
+entries; an index that fails it (damaged, edited, shuffled, nested too deeply) is dropped with a
+warning and rebuilt by decoding the images again, never used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,17 +25,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from prolip.atomic import atomic_write
+from prolip.atomic import atomic_write, read_json
 from prolip.bench.problem import FeatureSet
 from prolip.datasets import Item
-from prolip.features.cache import CachedFeatures
+from prolip.errors import FeatureCacheError, InputError
+from prolip.features.cache import CachedFeatures, FeatureCache
 from prolip.features.extract import feature_cache, fill_cache, image_hash
 from prolip.features.images import load_image
 from prolip.model.backbone import Backbone
 
 logger = logging.getLogger(__name__)
 
-INDEX_NAME = "bench-image-index.json"
+INDEX_NAME = "bench-image-index-v2.json"
+INDEX_FORMAT = "prolip-bench-image-index"
+FILE_HASH_BLOCK = 1 << 20
 CHUNK = 256  # images decoded and held at once
 IN_MEMORY_BYTES = 256 << 20  # feature sets up to this size (as float32) are read into memory once
 
@@ -67,36 +74,106 @@ class FeatureStore:
     ) -> None:  # fmt: skip
         self.backbone, self.cache_dir = backbone, Path(cache_dir)
         self.batch_size, self.storage, self.verbose = batch_size, storage, verbose
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(
+                f"cannot use {str(self.cache_dir)!r} as the feature cache folder ({exc.strerror or exc}); give a "
+                "writable folder with --cache-dir."
+            ) from None
         self._index_path = self.cache_dir / INDEX_NAME
         self._index: dict[str, str] = self._read_index()
+        self._file_hashes: dict[str, str] = {}
         projector = backbone.projector
         self.d_in = projector.in_features if projector.has_residual else None
 
+    @staticmethod
+    def _index_checksum(entries: dict[str, str]) -> str:
+        return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
     def _read_index(self) -> dict[str, str]:
-        try:
-            index = json.loads(self._index_path.read_text())
-        except (OSError, ValueError):
+        if not self._index_path.exists():
             return {}
-        return index if isinstance(index, dict) and all(isinstance(v, str) for v in index.values()) else {}
+        try:
+            data = read_json(self._index_path, FeatureCacheError, "bench image index")
+        except FeatureCacheError as exc:
+            logger.warning("%s; rebuilding it", exc)
+            return {}
+        entries = data.get("entries") if isinstance(data, dict) and data.get("format") == INDEX_FORMAT else None
+        if (
+            not isinstance(entries, dict)
+            or not all(isinstance(v, str) for v in entries.values())
+            or data.get("sha256") != self._index_checksum(entries)
+        ):
+            logger.warning("the bench image index %s is damaged (its checksum fails); rebuilding it", self._index_path)
+            return {}
+        return entries
 
     def _write_index(self) -> None:
-        atomic_write(self._index_path, [json.dumps(self._index).encode()])
+        data = {"format": INDEX_FORMAT, "entries": self._index, "sha256": self._index_checksum(self._index)}
+        try:
+            atomic_write(self._index_path, [json.dumps(data).encode()])
+        except OSError as exc:
+            raise FeatureCacheError(
+                f"cannot write {str(self._index_path)!r} ({exc.strerror or exc}); check that the cache folder is "
+                "writable and the disk has free space."
+            ) from None
 
-    @staticmethod
-    def _index_key(path: str) -> str:
-        stat = os.stat(path)
-        return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    def file_hash(self, path: str) -> str:
+        """SHA-256 of the bytes of the image file ``path`` (once per run and path)."""
+        if path not in self._file_hashes:
+            digest = hashlib.sha256()
+            try:
+                with open(path, "rb") as f:
+                    while block := f.read(FILE_HASH_BLOCK):
+                        digest.update(block)
+            except OSError as exc:
+                raise InputError(f"cannot read image file {path!r} ({exc.strerror or exc}).") from None
+            self._file_hashes[path] = digest.hexdigest()
+        return self._file_hashes[path]
+
+    def _index_key(self, path: str) -> str:
+        # The decoded pixels depend on the file's bytes and on the draft size the backbone decodes at.
+        return f"{self.file_hash(path)}|{self.backbone.draft_size}"
+
+    def draw_digest(self, items: Sequence[Item], root: str | os.PathLike) -> str:
+        """SHA-256 identifying a draw's data: each item's path (relative to ``root``), label and file bytes."""
+        digest = hashlib.sha256()
+        for item in items:
+            relative = os.path.relpath(item.path, root).replace(os.sep, "/")
+            digest.update(f"{relative}\0{item.label}\0{self.file_hash(item.path)}\n".encode())
+        return digest.hexdigest()
 
     def features(self, items: Sequence[Item], views: int, seed: int = 0, what: str = "images") -> FeatureSet:
         """Features of ``items``: ``views`` augmented views (seeded by ``seed``), or the plain view for 0."""
+        if not items:  # an empty validation draw: the methods that need one are skipped by the runner
+            empty = torch.zeros(max(views, 1), 0, self.backbone.projector.feature_width)
+            return FeatureSet(empty, torch.zeros(0, dtype=torch.long), self.d_in)
         cache = feature_cache(self.backbone, self.cache_dir, views=views, seed=seed, storage=self.storage)
         cache.open()
         keys = [self._index_key(item.path) for item in items]
         hashes: list[str | None] = [self._index.get(k) for k in keys]
         todo = [i for i, h in enumerate(hashes) if h is None or not cache.has(h)]
-        desc = f"{what} ({views} views)" if views else f"{what} (test view)"
-        for start in tqdm(range(0, len(todo), CHUNK), desc=desc, unit="chunk", disable=not self.verbose or not todo):
+        self._extract(
+            items, todo, keys, hashes, cache, what=f"{what} ({views} views)" if views else f"{what} (test view)"
+        )
+
+        def recompute(damaged: list[str]) -> None:  # entries that failed their checksum were deleted
+            bad = set(damaged)
+            self._extract(items, [i for i, h in enumerate(hashes) if h in bad], keys, hashes, cache, what=what)
+
+        labels = torch.tensor([item.label for item in items], dtype=torch.long)
+        features = cache.features(hashes, recompute)
+        if 4 * features.shape.numel() <= IN_MEMORY_BYTES:  # small sets: one read, not one per training step
+            features = features.to_tensor()
+        return FeatureSet(features, labels, self.d_in)
+
+    def _extract(
+        self, items: Sequence[Item], todo: list[int], keys: list[str], hashes: list[str | None], cache: FeatureCache,
+        what: str,
+    ) -> None:  # fmt: skip
+        """Decode and hash the images ``todo``, and cache their features: a chunk of images at a time."""
+        for start in tqdm(range(0, len(todo), CHUNK), desc=what, unit="chunk", disable=not self.verbose or not todo):
             chunk = todo[start : start + CHUNK]
             images = [load_image(items[i].path, i, self.backbone.draft_size) for i in chunk]
             chunk_hashes = [image_hash(im) for im in images]
@@ -105,11 +182,6 @@ class FeatureStore:
             fill_cache(self.backbone, images, cache, batch_size=self.batch_size, verbose=False, hashes=chunk_hashes)
         if todo:
             self._write_index()
-        labels = torch.tensor([item.label for item in items], dtype=torch.long)
-        features = cache.features(hashes)
-        if 4 * features.shape.numel() <= IN_MEMORY_BYTES:  # small sets: one read, not one per training step
-            features = features.to_tensor()
-        return FeatureSet(features, labels, self.d_in)
 
     def test_views(self, items: Sequence[Item], views: int, seed: int, what: str = "test") -> FeatureSet:
         """The plain view then ``views`` augmented views of each item: ``[1 + views, n, width]``."""

@@ -15,7 +15,16 @@ The layouts are in docs/datasets.md. Nothing here downloads anything except
 from prolip.datasets.catalog import read_dataset
 from prolip.datasets.coop import COOP_DATASETS, COOP_LAYOUTS, IMAGENET_VARIANTS, PAPER_DATASETS, CoOpLayout, read_coop
 from prolip.datasets.dataset import SPLIT_NAMES, Dataset, Item
-from prolip.datasets.draws import DRAW_FORMAT, DRAW_VERSION, Draw, draw_shots, draw_validation, read_draw, write_draw
+from prolip.datasets.draws import (
+    DRAW_FORMAT,
+    DRAW_VERSION,
+    Draw,
+    draw_json,
+    draw_shots,
+    draw_validation,
+    read_draw,
+    write_draw,
+)
 from prolip.datasets.fashion_mnist import (
     DEBIAN_FASHION_MNIST_DIR,
     FASHION_MNIST_CLASSES,
@@ -51,6 +60,7 @@ __all__ = [
     "apply_shift",
     "base_new_split",
     "default_data_root",
+    "draw_json",
     "draw_shots",
     "draw_validation",
     "export_image_folder",

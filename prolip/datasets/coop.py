@@ -7,14 +7,14 @@ with the dataset's CoOp prompt. docs/datasets.md shows every layout.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
-from prolip.datasets.dataset import SPLIT_NAMES, Dataset, Item, classnames_of
+from prolip.atomic import read_json
+from prolip.datasets.dataset import SPLIT_NAMES, Dataset, Item, classnames_of, path_inside
 from prolip.datasets.generic import read_labelled
 from prolip.errors import InputError
 
@@ -81,7 +81,7 @@ def _split_json_items(split: object, key: str, image_dir: Path, path: Path) -> t
         ok = ok and isinstance(entry[0], str) and isinstance(entry[2], str)
         if not ok or not isinstance(entry[1], int) or isinstance(entry[1], bool):
             raise InputError(f"{str(path)!r}: {key}[{i}] = {entry!r} is not [image path, integer label, class name].")
-        items.append(Item(os.path.join(image_dir, entry[0]), entry[1], entry[2]))
+        items.append(Item(path_inside(image_dir, entry[0], f"{str(path)!r}: {key}[{i}]"), entry[1], entry[2]))
     return tuple(items)
 
 
@@ -90,10 +90,7 @@ def _read_split_json(name: str, layout: CoOpLayout, data_root: Path) -> Dataset:
     image_dir = folder / layout.images
     split_path = folder / str(layout.split_file)
     _require(name, files=[split_path], folders=[image_dir])
-    try:
-        split = json.loads(split_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read the split file {str(split_path)!r}: {exc}") from None
+    split = read_json(split_path, InputError, "split file")
     splits = {key: _split_json_items(split, key, image_dir, split_path) for key in SPLIT_NAMES}
     classnames = classnames_of(chain(*splits.values()), where=str(split_path))
     return Dataset(name, folder, classnames, (layout.template,), **splits)
@@ -116,7 +113,8 @@ def _read_aircraft(name: str, layout: CoOpLayout, data_root: Path) -> Dataset:
             image, _, variant = line.strip().partition(" ")  # "<image id> <variant, may contain spaces>"
             if variant not in label_of:
                 raise InputError(f"{str(path)!r} line {line_no}: variant {variant!r} is not in {str(variants_path)!r}.")
-            items.append(Item(os.path.join(image_dir, f"{image}.jpg"), label_of[variant], variant))
+            where = f"{str(path)!r} line {line_no}"
+            items.append(Item(path_inside(image_dir, f"{image}.jpg", where), label_of[variant], variant))
         splits[key] = tuple(items)
     return Dataset(name, folder, classnames, (layout.template,), **splits)
 

@@ -58,6 +58,12 @@ class Dataset:
         object.__setattr__(self, "class_ids", tuple(self.class_ids) or self.classnames)
         if not self.classnames:
             raise InputError(f"dataset {self.name!r} has no classes.")
+        empty = [label for label, name in enumerate(self.classnames) if not (isinstance(name, str) and name.strip())]
+        if empty:  # every prompt of such a class would be the bare template
+            raise InputError(
+                f"dataset {self.name!r}: class {empty[0]} has an empty name ({len(empty)} empty in all); give every "
+                "class its name (classnames.txt lines are '<folder> <class name>')."
+            )
         if len(self.class_ids) != len(self.classnames):
             raise InputError(
                 f"dataset {self.name!r}: {len(self.class_ids)} class_ids for {len(self.classnames)} classes."
@@ -94,11 +100,29 @@ class Dataset:
             return Path(text).as_posix()
 
 
+def path_inside(folder: str | os.PathLike, relative: str, where: str) -> str:
+    """``folder/relative``, after checking that ``relative`` names a file inside ``folder``.
+
+    A split or draw file names images relative to its dataset's folder; an absolute path, a drive,
+    or a ``..`` component would let the file point anywhere on the disk, and is refused.
+
+    Raises:
+        InputError: naming ``where`` (the file and entry) and the path.
+    """
+    parts = relative.replace("\\", "/").split("/")
+    if not relative or os.path.isabs(relative) or ".." in parts or os.path.splitdrive(relative)[0] or "\0" in relative:
+        raise InputError(
+            f"{where}: image path {relative!r} is not inside the dataset folder {os.fspath(folder)!r}; "
+            "entries must be relative paths without '..'."
+        )
+    return os.path.join(folder, relative)
+
+
 def classnames_of(items: Iterable[Item], where: str) -> tuple[str, ...]:
     """The class name of each label 0..K−1, as the items carry them (CoOp's split files hold no class list).
 
     Raises:
-        InputError: a label carries two names, or some label in 0..max is carried by no item.
+        InputError: a label carries two names, or the labels are not 0..K−1 (each used) for K distinct labels.
     """
     names: dict[int, str] = {}
     for item in items:
@@ -107,9 +131,11 @@ def classnames_of(items: Iterable[Item], where: str) -> tuple[str, ...]:
             raise InputError(f"{where}: label {item.label} is called both {known!r} and {item.classname!r}.")
     if not names:
         raise InputError(f"{where}: holds no items.")
-    missing = sorted(set(range(max(names) + 1)) - names.keys())
-    if missing or min(names) < 0:
+    k = len(names)
+    if min(names) < 0 or max(names) >= k:  # K distinct labels that are not 0..K-1: some label is out of range
+        shown = sorted(names)[:3] + (["..."] if k > 6 else []) + sorted(names)[max(3, k - 3) :]
         raise InputError(
-            f"{where}: labels must be 0..K-1, each used; labels {missing} are unused, lowest is {min(names)}."
+            f"{where}: labels must be 0..K-1 with each used, and the {k} labels used are {shown}; "
+            f"{min(names) if min(names) < 0 else max(names)} is out of range."
         )
     return tuple(names[label] for label in range(len(names)))

@@ -19,13 +19,21 @@ import logging
 import os
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
-from prolip.atomic import atomic_write
-from prolip.datasets.dataset import Dataset, Item
+from prolip.atomic import atomic_write, read_json
+from prolip.datasets.dataset import Dataset, Item, path_inside
 from prolip.errors import InputError
 
-__all__ = ["DRAW_FORMAT", "DRAW_VERSION", "Draw", "draw_shots", "draw_validation", "read_draw", "write_draw"]
+__all__ = [
+    "DRAW_FORMAT",
+    "DRAW_VERSION",
+    "Draw",
+    "draw_json",
+    "draw_shots",
+    "draw_validation",
+    "read_draw",
+    "write_draw",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -138,12 +146,10 @@ def draw_validation(dataset: Dataset, shots: int, seed: int) -> Draw:
     return Draw(dataset.name, "val", "train", shots, seed, _take(dataset, "train", seed, shots, 2 * shots))
 
 
-def write_draw(draw: Draw, path: str | os.PathLike, dataset: Dataset) -> None:
-    """Write ``draw`` as JSON to ``path`` (atomically), its image paths relative to ``dataset.root``.
-
-    The file is ``{"format": "prolip-draw", "format_version": 1, "dataset", "role", "source",
-    "shots", "seed", "items": [[path, label, class name], ...]}``, items as in CoOp's split files.
-    """
+def draw_json(draw: Draw, dataset: Dataset) -> bytes:
+    """The bytes :func:`write_draw` writes: ``{"format": "prolip-draw", "format_version": 1, "dataset", "role",
+    "source", "shots", "seed", "items": [[path, label, class name], ...]}``, items as in CoOp's split
+    files, image paths relative to ``dataset.root``."""
     record = {
         "format": DRAW_FORMAT,
         "format_version": DRAW_VERSION,
@@ -154,9 +160,13 @@ def write_draw(draw: Draw, path: str | os.PathLike, dataset: Dataset) -> None:
         "seed": draw.seed,
         "items": [[dataset.relative_path(item.path), item.label, item.classname] for item in draw.items],
     }
-    data = json.dumps(record, indent=1, ensure_ascii=False).encode("utf-8")
+    return json.dumps(record, indent=1, ensure_ascii=False).encode("utf-8")
+
+
+def write_draw(draw: Draw, path: str | os.PathLike, dataset: Dataset) -> None:
+    """Write ``draw`` as JSON to ``path`` (atomically): :func:`draw_json`."""
     try:
-        atomic_write(path, [data])
+        atomic_write(path, [draw_json(draw, dataset)])
     except OSError as exc:
         raise InputError(
             f"cannot write draw file {str(path)!r} ({exc}); check that its folder exists and is writable."
@@ -171,10 +181,7 @@ def read_draw(path: str | os.PathLike, dataset: Dataset) -> Draw:
             name, labels or class names do not match ``dataset``).
     """
     where = str(path)
-    try:
-        record = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read draw file {where!r}: {exc}") from None
+    record = read_json(path, InputError, "prolip draw file")
     if not isinstance(record, dict) or record.get("format") != DRAW_FORMAT:
         raise InputError(f"{where!r} is not a prolip draw file (no 'format': {DRAW_FORMAT!r}).")
     if record.get("format_version") != DRAW_VERSION:
@@ -188,7 +195,7 @@ def read_draw(path: str | os.PathLike, dataset: Dataset) -> Draw:
         ok = isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and isinstance(entry[1], int)
         if not ok or not 0 <= entry[1] < dataset.num_classes or entry[2] != dataset.classnames[entry[1]]:
             raise InputError(f"{where!r}: item {i} = {entry!r} does not match the classes of dataset {dataset.name!r}.")
-        items.append(Item(str(dataset.root / entry[0]), entry[1], entry[2]))
+        items.append(Item(path_inside(dataset.root, entry[0], f"{where!r}: item {i}"), entry[1], entry[2]))
     try:
         return Draw(
             dataset.name, record["role"], record["source"], int(record["shots"]), int(record["seed"]), tuple(items)

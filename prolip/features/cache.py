@@ -21,10 +21,19 @@ and make reading one view of all ``n`` images a single contiguous read, so train
 Every file is written with :func:`prolip.atomic.atomic_write` in first-writer-wins mode: a file,
 once in place, never changes. Readers therefore see complete files or none, and any number of
 processes can fill one cache at once.
+
+What the cache guarantees: an entry's header records the SHA-256 of its feature bytes, checked
+whenever the entry is read; a pack records one SHA-256 per view, checked whenever that view is
+read. Damage (a truncated file, a flipped bit, finite or not, a file of another key) is therefore
+detected, the damaged entry deleted and recomputed (:meth:`FeatureCache.features` with
+``recompute``), and a damaged pack rebuilt: damaged features are never used. The checksums are
+not a signature: whoever can write the cache folder can write features with matching checksums,
+so the folder is trusted as much as the code (see docs/security.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -33,7 +42,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,7 +51,7 @@ import numpy as np
 import torch
 
 from prolip.atomic import atomic_write, read_safetensors_header, remove_stale_temps
-from prolip.errors import FeatureCacheError, InputError, InputTypeError
+from prolip.errors import DamagedCacheEntryError, FeatureCacheError, InputError, InputTypeError
 from prolip.features.views import VIEWS_VERSION
 from prolip.model.preprocessing import ViewConfig
 from prolip.params import STORAGE_DTYPES
@@ -54,6 +63,8 @@ CACHE_VERSION = 1
 _ST_DTYPE = {"fp16": "F16", "fp32": "F32"}
 _NP_DTYPE = {"fp16": np.float16, "fp32": np.float32}
 _TENSOR = "features"
+_CHECKSUM = "sha256"  # entries: SHA-256 of the feature bytes
+_VIEW_CHECKSUMS = "view_sha256"  # packs: SHA-256 of each view's bytes, comma-separated
 _MAX_HEADER_BYTES = 1 << 20  # our headers are a few hundred bytes
 PACK_BUFFER_BYTES = 64 << 20  # memory used while building a pack, whatever its size
 
@@ -112,8 +123,14 @@ def _header_bytes(shape: Sequence[int], storage: str, metadata: dict[str, str]) 
     return struct.pack("<Q", len(text)) + text
 
 
-def _check_file(path: Path, shape: Sequence[int], storage: str, metadata: dict[str, str]) -> int:
-    """Verify a cache file's header against what it should hold; return where its data starts."""
+def _digest(data: Any) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_file(
+    path: Path, shape: Sequence[int], storage: str, metadata: dict[str, str], checksum: str = _CHECKSUM
+) -> tuple[int, str]:
+    """Verify a cache file's header against what it should hold; return where its data starts and its checksum."""
     header, start = read_safetensors_header(path, FeatureCacheError, _MAX_HEADER_BYTES, "feature cache file")
     info = header.get(_TENSOR, {})
     nbytes = int(np.prod(shape)) * np.dtype(_NP_DTYPE[storage]).itemsize
@@ -124,6 +141,7 @@ def _check_file(path: Path, shape: Sequence[int], storage: str, metadata: dict[s
         and info.get("data_offsets") == [0, nbytes]
         and path.stat().st_size == start + nbytes
         and all(meta.get(k) == v for k, v in metadata.items())
+        and isinstance(meta.get(checksum), str)
     )
     if not ok:
         raise FeatureCacheError(
@@ -131,7 +149,7 @@ def _check_file(path: Path, shape: Sequence[int], storage: str, metadata: dict[s
             f"for this key (found {info.get('dtype')} {info.get('shape')} in {path.stat().st_size} bytes); "
             "delete it to recompute."
         )
-    return start
+    return start, meta[checksum]
 
 
 def _mapped_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -210,7 +228,7 @@ class FeatureCache:
             return False
         try:
             _check_file(path, (self.rows, self.width), self.key.storage, self._entry_meta(image_hash))
-        except (FeatureCacheError, OSError) as exc:
+        except (FeatureCacheError, OSError) as exc:  # the checksum is checked when the entry is read
             logger.warning("ignoring damaged cache entry %s (%s); it will be recomputed", path, exc)
             return False
         return True
@@ -231,41 +249,72 @@ class FeatureCache:
                 f"features of image {image_hash[:12]} exceed the fp16 range (|x| > 65504); use cache_dtype='fp32'."
             )
         path = self.entry_path(image_hash)
-        header = _header_bytes(expected, self.key.storage, self._entry_meta(image_hash))
+        data = stored.numpy().data
+        meta = {**self._entry_meta(image_hash), _CHECKSUM: _digest(data)}
+        header = _header_bytes(expected, self.key.storage, meta)
         try:
             path.parent.mkdir(exist_ok=True)
             damaged = path.exists() and not self.has(image_hash)
-            atomic_write(path, [header, stored.numpy().data], exclusive=not damaged)
+            atomic_write(path, [header, data], exclusive=not damaged)
         except OSError as exc:
             raise FeatureCacheError(f"cannot write cache entry {str(path)!r} ({exc.strerror or exc}).") from exc
 
     def read(self, image_hash: str) -> torch.Tensor:
-        """One image's stored features ``[V, d_in]``, in the storage dtype."""
+        """One image's stored features ``[V, d_in]``, in the storage dtype, after checking their checksum.
+
+        Raises:
+            DamagedCacheEntryError: the entry fails its checks; it is deleted, so that it is recomputed.
+        """
         path = self.entry_path(image_hash)
         shape = (self.rows, self.width)
         try:
-            start = _check_file(path, shape, self.key.storage, self._entry_meta(image_hash))
+            start, checksum = _check_file(path, shape, self.key.storage, self._entry_meta(image_hash))
             data = np.fromfile(path, dtype=_NP_DTYPE[self.key.storage], offset=start)
         except FileNotFoundError:
             raise FeatureCacheError(
                 f"cache entry {str(path)!r} is missing; extract the features of image {image_hash[:12]} first."
             ) from None
-        return torch.from_numpy(data).reshape(shape)
+        except FeatureCacheError as exc:
+            fault = str(exc)
+        else:
+            if _digest(data.data) == checksum:
+                return torch.from_numpy(data).reshape(shape)
+            fault = f"cache entry {str(path)!r} fails its checksum"
+        with contextlib.suppress(OSError):  # gone already, or read-only: the error still says what to do
+            path.unlink()
+        raise DamagedCacheEntryError(f"{fault}; it was damaged and is deleted: extract the image again.", image_hash)
 
-    def features(self, image_hashes: Sequence[str]) -> CachedFeatures:
+    def features(
+        self, image_hashes: Sequence[str], recompute: Callable[[list[str]], None] | None = None
+    ) -> CachedFeatures:
         """Lazy ``[V, n, d_in]`` features of the images with these hashes, in this order.
+
+        With ``recompute``, the pack is built now, checking every entry's checksum; a damaged entry
+        is deleted and ``recompute(hashes)`` called to extract those images again, before any is used.
 
         Raises:
             FeatureCacheError: some images have no entry yet (names the first few).
         """
-        missing = [h for h in dict.fromkeys(image_hashes) if not self.has(h)]
-        if missing:
-            shown = ", ".join(h[:12] for h in missing[:5])
-            raise FeatureCacheError(
-                f"{len(missing)} of the images have no cached features under {str(self.folder)!r} "
-                f"(first: {shown}); extract them first."
-            )
-        return CachedFeatures(self, list(image_hashes))
+        while True:
+            missing = [h for h in dict.fromkeys(image_hashes) if not self.has(h)]
+            if missing and recompute is not None:
+                recompute(missing)
+                missing = [h for h in missing if not self.has(h)]
+            if missing:
+                shown = ", ".join(h[:12] for h in missing[:5])
+                raise FeatureCacheError(
+                    f"{len(missing)} of the images have no cached features under {str(self.folder)!r} "
+                    f"(first: {shown}); extract them first."
+                )
+            features = CachedFeatures(self, list(image_hashes))
+            if recompute is None:
+                return features
+            try:
+                features.prepare()
+            except DamagedCacheEntryError as exc:
+                logger.warning("%s; recomputing it", exc)
+                continue  # the entry is deleted: the next round recomputes it
+            return features
 
 
 class CachedFeatures:
@@ -289,6 +338,7 @@ class CachedFeatures:
         self.pack_path = cache.folder / "packs" / f"{set_digest[:32]}.safetensors"
         self._pack_meta = {**cache._meta, "images": set_digest}
         self._data_start: int | None = None
+        self._view_checksums: list[str] = []
 
     dtype = torch.float32
     device = torch.device("cpu")
@@ -306,17 +356,22 @@ class CachedFeatures:
         """As ``torch.Tensor.size``."""
         return self.shape if dim is None else self.shape[dim]
 
-    def _ensure_pack(self) -> int:
-        if self._data_start is None:
-            check = (self.pack_path, self.shape, self.cache.key.storage, self._pack_meta)
-            if not self.pack_path.exists():
-                self._build_pack()
+    def prepare(self) -> None:
+        """Build (or check) the pack now, rather than at the first view read."""
+        self._ensure_pack()
+
+    def _ensure_pack(self, rebuild: bool = False) -> int:
+        if self._data_start is None or rebuild:
+            check = (self.pack_path, self.shape, self.cache.key.storage, self._pack_meta, _VIEW_CHECKSUMS)
+            if rebuild or not self.pack_path.exists():
+                self._build_pack(overwrite=rebuild)
             try:
-                self._data_start = _check_file(*check)
+                self._data_start, checksums = _check_file(*check)
             except FeatureCacheError as exc:
                 logger.warning("rebuilding damaged feature pack (%s)", exc)
                 self._build_pack(overwrite=True)
-                self._data_start = _check_file(*check)
+                self._data_start, checksums = _check_file(*check)
+            self._view_checksums = checksums.split(",")
         return self._data_start
 
     def _build_pack(self, overwrite: bool = False) -> None:
@@ -325,17 +380,25 @@ class CachedFeatures:
         storage = self.cache.key.storage
         itemsize = np.dtype(_NP_DTYPE[storage]).itemsize
         block = max(1, PACK_BUFFER_BYTES // (views * d * itemsize))
-        header = _header_bytes(self.shape, storage, self._pack_meta)
+        # The header holds each view's checksum, known only at the end: a placeholder of the same length first.
+        placeholder = _header_bytes(
+            self.shape, storage, {**self._pack_meta, _VIEW_CHECKSUMS: ",".join(["0" * 64] * views)}
+        )
+        hashers = [hashlib.sha256() for _ in range(views)]
 
         def write(f: Any) -> None:
-            f.write(header)
-            f.truncate(len(header) + views * n * d * itemsize)
+            f.write(placeholder)
+            f.truncate(len(placeholder) + views * n * d * itemsize)
             for start in range(0, n, block):
                 hashes = self.image_hashes[start : start + block]
                 buf = np.stack([self.cache.read(h).numpy() for h in hashes], axis=1)  # [V, b, d]
                 for v in range(views):  # row v of these images is one contiguous run in the pack
-                    f.seek(len(header) + (v * n + start) * d * itemsize)
+                    f.seek(len(placeholder) + (v * n + start) * d * itemsize)
                     f.write(buf[v].data)
+                    hashers[v].update(np.ascontiguousarray(buf[v]).data)
+            checksums = ",".join(h.hexdigest() for h in hashers)
+            f.seek(0)
+            f.write(_header_bytes(self.shape, storage, {**self._pack_meta, _VIEW_CHECKSUMS: checksums}))
 
         try:
             atomic_write(self.pack_path, writer=write, exclusive=not overwrite)
@@ -345,8 +408,8 @@ class CachedFeatures:
             ) from exc
         logger.debug("packed %d cached images into %s", n, self.pack_path)
 
-    def __getitem__(self, view: int) -> torch.Tensor:
-        """View ``view`` of every image: float32 CPU ``[n, d_in]``, read from disk."""
+    def __getitem__(self, view: int, _rebuilt: bool = False) -> torch.Tensor:
+        """View ``view`` of every image: float32 CPU ``[n, d_in]``, read from disk (its checksum checked)."""
         if isinstance(view, torch.Tensor) and view.numel() == 1:
             view = int(view)
         if not isinstance(view, (int, np.integer)) or isinstance(view, bool):
@@ -367,6 +430,12 @@ class CachedFeatures:
             got = f.readinto(target.numpy().reshape(-1).view(np.uint8))
         if got != n * d * itemsize:
             raise FeatureCacheError(f"feature pack {str(self.pack_path)!r} is truncated; delete it to rebuild.")
+        if _digest(target.numpy().data) != self._view_checksums[v]:
+            if not _rebuilt:
+                logger.warning("feature pack %s fails its checksum at view %d; rebuilding it", self.pack_path, v)
+                self._ensure_pack(rebuild=True)
+                return self.__getitem__(view, _rebuilt=True)
+            raise FeatureCacheError(f"feature pack {str(self.pack_path)!r} fails its checksum; delete it to rebuild.")
         if target is not out:
             out.copy_(target)
         # The sum is a cheap test (it cannot overflow for fp16 values); the search is exact.

@@ -248,5 +248,8 @@ def features_of(
         )
     cache = feature_cache(backbone, cache_dir, views=views, seed=seed, storage=cache_dtype)
     hashes = [image_hash(im) for im in images]
-    fill_cache(backbone, images, cache, batch_size=batch_size, verbose=verbose, hashes=hashes)
-    return cache.features(hashes)
+
+    def recompute(_: list[str]) -> None:  # what lacks a valid entry (never computed, or damaged and deleted)
+        fill_cache(backbone, images, cache, batch_size=batch_size, verbose=verbose, hashes=hashes)
+
+    return cache.features(hashes, recompute)

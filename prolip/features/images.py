@@ -61,11 +61,19 @@ def _describe(item: object, index: int) -> str:
     return f"image {index} ({type(item).__name__})"
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB: transparency over white, 16-bit and float scaled to 8 bits."""
+def _to_rgb(img: Image.Image, what: str) -> Image.Image:
+    """Convert any PIL mode to RGB: transparency over white, 16-bit and float scaled to 8 bits.
+
+    Float images follow the rule of float arrays in memory: values in [0, 1] are scaled by 255, and
+    NaN or Inf pixels are refused (ImageLoadError naming ``what``), never silently made 0.
+    """
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         arr = np.asarray(img, dtype=np.float32)  # float32 holds 16-bit values exactly, at half float64's memory
+        if img.mode == "F" and not np.isfinite(arr).all():
+            raise ImageLoadError(f"{what} is a floating-point image with NaN or Inf pixels; fix or remove it.")
         top = arr.max(initial=0.0)
+        if img.mode == "F" and arr.min(initial=0.0) >= 0 and top <= 1:
+            arr = arr * 255.0  # a float image in [0, 1], as float arrays in memory are read
         # 16-bit data is rescaled; data that already fits in 8 bits is kept as is.
         arr = arr * (255.0 / 65535.0) if top > 255 else arr
         img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
@@ -172,7 +180,7 @@ def _pil_image(item: ImageLike, index: int, draft_size: int | None) -> Image.Ima
             f"{_describe(item, index)} is not a supported image; pass a file path, a PIL image, "
             "a numpy HWC array or a CHW tensor."
         )
-    return _to_rgb(img)
+    return _to_rgb(img, _describe(item, index))
 
 
 def load_image(item: ImageLike, index: int = 0, draft_size: int | None = None) -> torch.Tensor:

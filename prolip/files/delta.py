@@ -43,7 +43,7 @@ from prolip._version import __version__
 from prolip.atomic import atomic_write, read_safetensors_header, remove_stale_temps, temp_prefix
 from prolip.errors import DeltaFileError, InputTypeError
 from prolip.model.fingerprint import Fingerprint
-from prolip.params import TARGETS
+from prolip.params import MAX_ABS_ENTRY, MAX_LOGIT_SCALE, MAX_TIP_WEIGHT, TARGETS, TEMPLATE_RULE, valid_template
 from prolip.training.fitted import FittedState, LinearAdapterState
 from prolip.training.tip_cache import TipCache
 
@@ -122,6 +122,8 @@ def write_delta(path: str | os.PathLike, state: FittedState | LinearAdapterState
     if isinstance(state, LinearAdapterState):
         header["kind"] = LINEAR_ADAPTER_KIND
         tensors = {LINEAR_ADAPTER_KEY: state.delta}
+        if state.fingerprint is not None:
+            header["base_fingerprint"] = json.dumps(state.fingerprint.as_dict())
     else:
         header.update(
             kind=KIND if state.cache is None else TIP_KIND,
@@ -205,8 +207,12 @@ def _parse_metadata(path: str, raw: dict[str, str]) -> dict[str, Any]:
         raise bad("kind", f"one of {list(KIND_METADATA)}")
     meta["kind"] = kind
     classes = meta["classes"]
-    if not (isinstance(classes, list) and classes and all(isinstance(c, _LABEL_TYPES) for c in classes)):
-        raise bad("classes", "a non-empty JSON list of strings, numbers or booleans")
+    if not (
+        isinstance(classes, list)
+        and classes
+        and all(isinstance(c, _LABEL_TYPES) and not (isinstance(c, float) and not math.isfinite(c)) for c in classes)
+    ):  # json reads Infinity and NaN as floats: labels that would make --json invalid
+        raise bad("classes", "a non-empty JSON list of strings, finite numbers or booleans")
     try:
         unique = len(set(classes)) == len(classes)
     except TypeError:
@@ -221,9 +227,9 @@ def _parse_metadata(path: str, raw: dict[str, str]) -> dict[str, Any]:
     if not (
         isinstance(templates, list)
         and (templates or kind == LINEAR_ADAPTER_KIND)
-        and all(isinstance(t, str) for t in templates)
+        and all(valid_template(t) for t in templates)
     ):
-        raise bad("templates", "a non-empty JSON list of strings")
+        raise bad("templates", f"a non-empty JSON list of strings with {TEMPLATE_RULE} each")
     if not isinstance(meta["hyperparameters"], dict):
         raise bad("hyperparameters", "a JSON object")
     for key, low in (("n_shots", 0), ("logit_scale", 0), ("reg_lambda", None)):
@@ -233,15 +239,28 @@ def _parse_metadata(path: str, raw: dict[str, str]) -> dict[str, Any]:
             value = float(raw[key])
         except ValueError:
             raise bad(key, "a number") from None
-        if not (math.isfinite(value) and (value >= 0 if low is None else value > low)):
-            raise bad(key, "a finite positive number" if low is not None else "a finite number >= 0")
+        high = MAX_LOGIT_SCALE if key == "logit_scale" else math.inf
+        if not (math.isfinite(value) and (value >= 0 if low is None else value > low) and value <= high):
+            raise bad(
+                key,
+                f"a positive number <= {high:g}"
+                if key == "logit_scale"
+                else "a finite positive number"
+                if low is not None
+                else "a finite number >= 0",
+            )
         meta[key] = value
     if kind != LINEAR_ADAPTER_KIND:
         _parse_projector_metadata(path, raw, meta, version, bad)
+    elif "base_fingerprint" in raw:  # written when the embeddings came from a model prolip built (ModelRLA)
+        meta["fingerprint"] = _fingerprint(path, raw, "base_fingerprint", bad)
     if kind == TIP_KIND:
         meta["cache"] = _load_json(path, "cache", raw["cache"])
         if not _valid_cache(meta["cache"]):
-            raise bad("cache", "a JSON object with alpha >= 0, beta >= 0, key_views >= 1, trained_keys and selection")
+            raise bad(
+                "cache",
+                f"a JSON object with alpha and beta in [0, {MAX_TIP_WEIGHT:g}], key_views >= 1, trained_keys and selection",
+            )
     return meta
 
 
@@ -319,7 +338,7 @@ def _valid_cache(cache: Any) -> bool:
     """Whether a recorded cache is well formed: α, β finite numbers >= 0, key_views an integer >= 1, trained_keys a bool."""
 
     def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= MAX_TIP_WEIGHT
 
     return (
         isinstance(cache, dict)
@@ -386,7 +405,9 @@ def read_state(path: str | os.PathLike) -> FittedState | LinearAdapterState:
         "loss_history": np.empty(0, dtype=np.float32),
     }
     if meta["kind"] == LINEAR_ADAPTER_KIND:
-        return LinearAdapterState(delta=tensors["delta"], reg_lambda=meta["reg_lambda"], **common)
+        return LinearAdapterState(
+            delta=tensors["delta"], reg_lambda=meta["reg_lambda"], fingerprint=meta.get("fingerprint"), **common
+        )
     reg_lambda = meta.get("reg_lambda")
     if reg_lambda is None:  # format 1 did not record it: what the stored hyperparameter implies
         stored = meta["hyperparameters"].get("reg_lambda", "auto")
@@ -506,6 +527,12 @@ def _read(path: str | os.PathLike, tensors: bool) -> tuple[dict[str, Any], dict[
         ) from exc
     if not all(torch.isfinite(t).all() for t in loaded.values()):
         raise DeltaFileError(f"{path!r} holds NaN or Inf values; it is damaged.")
+    extreme = [role for role, t in loaded.items() if t.is_floating_point() and t.abs().max() > MAX_ABS_ENTRY]
+    if extreme:
+        raise DeltaFileError(
+            f"{path!r} holds {extreme[0]} entries beyond ±{MAX_ABS_ENTRY:g}, which no training produces; "
+            "it is damaged or was edited."
+        )
     labels = loaded.get("cache_labels")
     if (
         labels is not None

@@ -38,9 +38,21 @@ mode): cheap for huge photos, and the antialiased resize that follows hides the 
 
 
 def select_device(device: str | torch.device | None = None) -> torch.device:
-    """The device to use: the one given, else CUDA, then Apple MPS, then the CPU."""
+    """The device to use: the one given, else CUDA, then Apple MPS, then the CPU.
+
+    Raises:
+        InputError: the device given is not there (CUDA without a GPU or past the last one, MPS off a Mac).
+    """
     if device is not None:
-        return torch.device(device)
+        chosen = torch.device(device)
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"device={str(device)!r}: torch sees no CUDA GPU here; use device 'cpu'.")
+        if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise InputError(f"device={str(device)!r}: there are {torch.cuda.device_count()} CUDA GPUs (0..n-1).")
+        mps = getattr(torch.backends, "mps", None)
+        if chosen.type == "mps" and (mps is None or not mps.is_available()):
+            raise InputError(f"device={str(device)!r}: Apple MPS is not available here; use device 'cpu'.")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

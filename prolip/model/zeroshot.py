@@ -9,18 +9,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from prolip.errors import InputError
-from prolip.params import valid_templates
+from prolip.params import TEMPLATE_RULE, valid_templates
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
 def check_templates(templates: Sequence[str] | None) -> list[str]:
-    """``templates`` as a list (None: :data:`DEFAULT_TEMPLATES`), after checking each has one ``{}`` slot."""
+    """``templates`` as a list (None: :data:`DEFAULT_TEMPLATES`), after checking each (:func:`prolip.params.valid_template`)."""
     if templates is None:
         return list(DEFAULT_TEMPLATES)
     if not valid_templates(templates):
         raise InputError(
-            f"templates={templates!r} must be a non-empty list of strings with exactly one '{{}}' each, "
+            f"templates={templates!r} must be a non-empty list of strings with {TEMPLATE_RULE} each, "
             "such as ['a photo of a {}.']."
         )
     return list(templates)

@@ -250,6 +250,8 @@ class LinearAdapterState:
             they came from elsewhere.
         pretrained: that model's pretrained tag or checkpoint, or "".
         loss_history: training loss per step (empty for a loaded file).
+        fingerprint: sketches of that model's vision tower (as projector files record), or None for
+            embeddings from elsewhere; checked by :meth:`check_base` before the model embeds anything.
     """
 
     delta: torch.Tensor
@@ -264,6 +266,7 @@ class LinearAdapterState:
     model_name: str = ""
     pretrained: str = ""
     loss_history: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.float32))
+    fingerprint: Fingerprint | None = None
 
     def adapter_matrix(self) -> torch.Tensor:
         """A = I + delta, float32 CPU ``[d, d]``."""
@@ -279,9 +282,36 @@ class LinearAdapterState:
                 f"{source} was fitted on embeddings from outside open_clip (it names no model); compute the "
                 "embeddings of new images yourself and use RegularizedLinearAdapter.predict, or pass model=."
             )
+        if not self.pretrained and pretrained is None:
+            raise DeltaFileError(
+                f"{source} names base model {self.model_name!r} without pretrained weights: prolip would embed "
+                "images with randomly initialised weights. Pass pretrained= (the weights the file was fitted on)."
+            )
         return recorded_base_model(
             self.model_name, self.pretrained, pretrained, trust_file_model=trust_file_model, source=source
         )
+
+    def check_base(self, backbone: Backbone, *, source: str) -> None:
+        """Refuse a model whose embeddings this adapter was not fitted on: another width, or another fingerprint.
+
+        Raises:
+            DeltaFileError: the model's embedding width is not the adapter's.
+            FingerprintMismatchError: the model's vision tower differs from the one the file records.
+        """
+        width, d = backbone.projector.out_features, self.delta.shape[0]
+        if width != d:
+            raise DeltaFileError(
+                f"{source} adapts embeddings of width {d}, but the model {backbone.name or '(object)'!r} "
+                f"embeds images with width {width}; load it onto the model it was fitted on."
+            )
+        if self.fingerprint is None:
+            return
+        problem = self.fingerprint.mismatch(backbone.fingerprint)
+        if problem is not None:
+            raise FingerprintMismatchError(
+                f"{source} was fitted on embeddings of a different base model: {problem}. Recorded: "
+                f"{self.fingerprint.summary()}; given model: {backbone.fingerprint.summary()}."
+            )
 
 
 class FittedAttributes:

@@ -33,6 +33,7 @@ from prolip.features.dataset_objects import labelled
 from prolip.features.images import ImageLike, kept
 from prolip.files.delta import read_linear_adapter, write_delta
 from prolip.model.backbone import select_device
+from prolip.model.fingerprint import Fingerprint
 from prolip.model.zeroshot import average_prompts, check_templates, prompts
 from prolip.params import check_params, restore_params
 from prolip.training.fitted import LinearAdapterState
@@ -128,6 +129,7 @@ class RegularizedLinearAdapter(Estimator):
         class_names: Mapping[Hashable, str] | Sequence[str] | None = None,
         text_encoder: TextEncoder | None = None,
         source: tuple[str, str] | None = None,
+        fingerprint: Fingerprint | None = None,
     ) -> RegularizedLinearAdapter:
         """Fit A on image embeddings and labels; returns self.
 
@@ -145,6 +147,8 @@ class RegularizedLinearAdapter(Estimator):
             source: ``(model name, pretrained)`` of the open_clip model whose ``encode_image``
                 made the embeddings, recorded in the saved file so that ``prolip predict`` can
                 embed new images; None for embeddings from elsewhere.
+            fingerprint: that model's :attr:`~prolip.model.backbone.Backbone.fingerprint`, recorded
+                with ``source`` so that loading checks the embedding model's weights.
 
         Raises:
             InputError: neither or both of ``classifier`` and ``text_encoder``; shapes that do not fit.
@@ -186,6 +190,7 @@ class RegularizedLinearAdapter(Estimator):
             )  # fmt: skip
             delta, losses = result.weight - identity, result.losses
         model_name, pretrained = source or ("", "")
+        fingerprint = fingerprint if model_name else None
         self._state = LinearAdapterState(
             delta=delta.contiguous(),
             classifier=t,
@@ -199,6 +204,7 @@ class RegularizedLinearAdapter(Estimator):
             model_name=model_name,
             pretrained=pretrained,
             loss_history=losses.numpy(),
+            fingerprint=fingerprint,
         )
         logger.info("fitted a linear adapter: %d classes, N=%.3g, lambda=%.3g", len(classes), n_shots, reg_lambda)
         return self
@@ -377,7 +383,10 @@ class ModelRLA:
                 return backbone.model.encode_text(backbone.tokenizer(texts).to(backbone.device)).float().cpu()
 
         source = backbone.recorded
-        rla.fit_embeddings(embeddings, kept_labels, class_names=class_names, text_encoder=encode_text, source=source)
+        rla.fit_embeddings(
+            embeddings, kept_labels, class_names=class_names, text_encoder=encode_text, source=source,
+            fingerprint=backbone.fingerprint if source[0] else None,
+        )  # fmt: skip
         return cls(rla, extractor)
 
     @classmethod
@@ -400,4 +409,6 @@ class ModelRLA:
             model, pretrained = rla.fitted_.base_model(
                 pretrained, trust_file_model=trust_file_model, source=repr(os.fspath(path))
             )
-        return cls(rla, ProLIPAdapter(model, pretrained, **extractor_params))
+        extractor = ProLIPAdapter(model, pretrained, **extractor_params)
+        rla.fitted_.check_base(extractor.backbone, source=repr(os.fspath(path)))  # before it embeds any image
+        return cls(rla, extractor)

@@ -20,6 +20,7 @@ from prolip.features.extract import extract_features
 from prolip.features.images import ImageLike, load_for_model, report_skipped
 from prolip.model.backbone import Backbone
 from prolip.model.zeroshot import check_templates
+from prolip.params import CONSTRAINTS, check_params
 from prolip.training.test_time import TestTimeSettings, tta_logits
 
 logger = logging.getLogger(__name__)
@@ -86,6 +87,11 @@ class TestTimeProLIP:
         )
         if not (isinstance(views, int) and views >= 1):
             raise InputError(f"views={views!r} must be an integer >= 1 (the plain view and views - 1 crops).")
+        check_params({"batch_size": batch_size, "random_state": random_state, "verbose": verbose})
+        if random_state is None:  # the crops are seeded per image from it: there is no unseeded mode
+            raise InputError("random_state=None is invalid: it must be an integer (the seed of the crops and flips).")
+        if chunk_size is not None and not (CONSTRAINTS["batch_size"].check(chunk_size)):
+            raise InputError(f"chunk_size={chunk_size!r} is invalid: it must be None or an integer >= 1.")
         self.views, self.batch_size, self.chunk_size = views, batch_size, chunk_size
         self.random_state, self.verbose = random_state, verbose
         if isinstance(model, ProLIPAdapter):
@@ -105,6 +111,17 @@ class TestTimeProLIP:
             if start == "adapted":
                 raise InputError(
                     "start='adapted' needs a fitted ProLIPAdapter; a backbone starts from W0 ('pretrained')."
+                )
+            if (
+                isinstance(class_names, (str, bytes))
+                or not isinstance(class_names, Sequence)
+                or not class_names
+                or not all(isinstance(n, str) and n for n in class_names)
+                or len(set(class_names)) != len(class_names)
+            ):  # a string is a sequence of characters, not of class names
+                raise InputError(
+                    f"class_names={class_names!r} must be a non-empty list of distinct non-empty strings, "
+                    "e.g. ['cat', 'dog']."
                 )
             self.backbone, start, adapted = model, "pretrained", None
             self.classes_ = np.asarray(list(class_names))

@@ -17,6 +17,7 @@ import torch
 
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.errors import InputError
+from prolip.params import CONSTRAINTS, Constraint, number, positive_numbers
 
 
 class FittedMethod(ABC):
@@ -68,11 +69,42 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def _optional(constraint: Constraint, default: str) -> Constraint:
+    return Constraint(f"None ({default}) or {constraint.expected}", lambda v: v is None or constraint.check(v))
+
+
+_AT_LEAST_ZERO = Constraint("a number >= 0", lambda v: number(v) and v >= 0)
+ARGUMENT_CONSTRAINTS: dict[str, Constraint] = {
+    "lr": CONSTRAINTS["lr"],
+    "prolip_lr": CONSTRAINTS["lr"],
+    "reg_lambda": Constraint(
+        "None or 'auto' (the method's default, 1/N for ProLIP) or a number >= 0",
+        lambda v: v is None or v == "auto" or _AT_LEAST_ZERO.check(v),
+    ),
+    "epochs": _optional(CONSTRAINTS["epochs"], "the method's default"),
+    "batch_size": CONSTRAINTS["batch_size"],
+    "max_iter": Constraint("an integer >= 1", CONSTRAINTS["batch_size"].check),
+    "c": _optional(Constraint("a positive number", lambda v: number(v) and v > 0), "chosen on val"),
+    "ratio": _optional(Constraint("a fraction in [0, 1]", lambda v: number(v) and 0 <= v <= 1), "chosen on val"),
+    "alpha": _optional(_AT_LEAST_ZERO, "the method's default or chosen on val"),
+    "beta": _optional(Constraint("a positive number", lambda v: number(v) and v > 0), "chosen on val"),
+    "rho": Constraint("a fraction in (0, 1]", lambda v: number(v) and 0 < v <= 1),
+    "steps": CONSTRAINTS["epochs"],
+    "weight_decay": _optional(_AT_LEAST_ZERO, "the optimiser's default"),
+    "lrs": Constraint("a non-empty list of positive numbers, e.g. [1e-3,1e-2]", lambda v: positive_numbers(v, 0)),
+    "reg_lambdas": Constraint("a non-empty list of numbers >= 0, e.g. [0,0.1]", lambda v: positive_numbers(v, None)),
+    **{name: Constraint("a name", lambda v: isinstance(v, str)) for name in ("start", "optimizer", "keys", "form")},
+}
+"""What every bench method argument must be, by name (an argument means the same in every method that takes it):
+checked by :func:`get_method` when a method is built, before the bench does any work."""
+
+
 def get_method(spec: str) -> Method:
     """A new instance of the method named by ``spec``: ``NAME`` or ``NAME:key=value,key=value``.
 
     The second form sets constructor arguments (values read as JSON numbers, strings otherwise),
-    e.g. ``prolip:lr=1e-2,reg_lambda=0`` — how the paper's learning-rate × λ table is run.
+    e.g. ``prolip:lr=1e-2,reg_lambda=0`` — how the paper's learning-rate × λ table is run. Each
+    argument is checked against :data:`ARGUMENT_CONSTRAINTS` here, before any extraction.
     """
     name, _, arguments = spec.partition(":")
     if name not in METHODS:
@@ -86,6 +118,10 @@ def get_method(spec: str) -> Method:
             kwargs[key] = json.loads(text)
         except ValueError:
             kwargs[key] = text
+    for key, value in kwargs.items():
+        constraint = ARGUMENT_CONSTRAINTS.get(key)
+        if constraint is not None and not constraint.check(value):
+            raise InputError(f"bench method {spec!r}: {key}={value!r} is invalid: it must be {constraint.expected}.")
     try:
         return METHODS[name](**kwargs)
     except TypeError as exc:

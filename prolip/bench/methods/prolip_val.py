@@ -6,6 +6,7 @@ with the best accuracy on ``problem.val`` (never the test set), ties as :mod:`pr
 
 from __future__ import annotations
 
+from prolip.bench.method_tools import check_val
 from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.methods.prolip import AdaptedProjector
 from prolip.bench.problem import Problem
@@ -27,6 +28,7 @@ class ProLIPVal(Method):
 
     def fit(self, problem: Problem) -> FittedMethod:
         head = problem.image_head
+        check_val(problem.val, self.name, "lrs and reg_lambdas (use the method prolip)")
         found = search_projector(
             problem.train.features, problem.train.labels, problem.val.features, problem.val.labels,
             problem.classes.classifier, head.w0, head.bias, logit_scale=problem.logit_scale, epochs=problem.epochs,
