@@ -350,6 +350,7 @@ def _escaping_output(command: Callable[[argparse.Namespace], None]) -> Callable[
 
 def _predict(args: argparse.Namespace) -> None:
     import numpy as np
+
     from prolip.datasets.generic import read_images
 
     images = read_images(args.images)  # a bad folder or CSV fails before the model loads
