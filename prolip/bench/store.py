@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from prolip.atomic import atomic_write
 from prolip.bench.problem import FeatureSet
 from prolip.datasets import Item
-from prolip.features.cache import CachedFeatures
+from prolip.features.cache import CachedFeatures, FeatureCache
 from prolip.features.extract import feature_cache, fill_cache, image_hash
 from prolip.features.images import load_image
 from prolip.model.backbone import Backbone
@@ -88,23 +88,58 @@ class FeatureStore:
         stat = os.stat(path)
         return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
 
-    def features(self, items: Sequence[Item], views: int, seed: int = 0, what: str = "images") -> FeatureSet:
-        """Features of ``items``: ``views`` augmented views (seeded by ``seed``), or the plain view for 0."""
+    def cache(self, views: int, seed: int = 0) -> FeatureCache:
+        """The feature cache of one view setting (``views=0``: the plain view)."""
         cache = feature_cache(self.backbone, self.cache_dir, views=views, seed=seed, storage=self.storage)
         cache.open()
+        return cache
+
+    def known_hash(self, path: str) -> str | None:
+        """The content hash of the image at ``path`` if this cache's index knows it (without reading the image)."""
+        return self._index.get(self._index_key(path))
+
+    def extract(
+        self, items: Sequence[Item], views: int, seed: int = 0, what: str = "images", *, rank: int = 0,
+        world_size: int = 1,
+    ) -> list[str]:  # fmt: skip
+        """Fill the cache with the features of ``items`` it lacks; return every item's content hash.
+
+        Images whose features are cached are not read. With ``world_size > 1`` this process
+        computes only its share of the others (:func:`~prolip.features.extract.fill_cache`'s
+        ``rank``): every process of the job calls this with the same items, and together they
+        fill the cache. Returns the hashes of ``items`` in order.
+        """
+        return self._fill(self.cache(views, seed), items, what, rank, world_size)
+
+    def _fill(self, cache: FeatureCache, items: Sequence[Item], what: str, rank: int, world_size: int) -> list[str]:
+        views = cache.key.views
         keys = [self._index_key(item.path) for item in items]
         hashes: list[str | None] = [self._index.get(k) for k in keys]
         todo = [i for i, h in enumerate(hashes) if h is None or not cache.has(h)]
         desc = f"{what} ({views} views)" if views else f"{what} (test view)"
+        computed = 0
         for start in tqdm(range(0, len(todo), CHUNK), desc=desc, unit="chunk", disable=not self.verbose or not todo):
             chunk = todo[start : start + CHUNK]
             images = [load_image(items[i].path, i, self.backbone.draft_size) for i in chunk]
             chunk_hashes = [image_hash(im) for im in images]
             for i, h in zip(chunk, chunk_hashes, strict=True):
                 hashes[i] = self._index[keys[i]] = h
-            fill_cache(self.backbone, images, cache, batch_size=self.batch_size, verbose=False, hashes=chunk_hashes)
+            computed += len(
+                fill_cache(
+                    self.backbone, images, cache, batch_size=self.batch_size, verbose=False, hashes=chunk_hashes,
+                    rank=rank, world_size=world_size,
+                )  # fmt: skip
+            )
         if todo:
             self._write_index()
+        if world_size > 1:
+            logger.info("rank %d of %d computed %d of %d images (%s)", rank, world_size, computed, len(items), desc)
+        return hashes  # type: ignore[return-value]  # every entry is set above
+
+    def features(self, items: Sequence[Item], views: int, seed: int = 0, what: str = "images") -> FeatureSet:
+        """Features of ``items``: ``views`` augmented views (seeded by ``seed``), or the plain view for 0."""
+        cache = self.cache(views, seed)
+        hashes = self._fill(cache, items, what, 0, 1)
         labels = torch.tensor([item.label for item in items], dtype=torch.long)
         features = cache.features(hashes)
         if 4 * features.shape.numel() <= IN_MEMORY_BYTES:  # small sets: one read, not one per training step
