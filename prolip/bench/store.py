@@ -124,12 +124,11 @@ class FeatureStore:
             chunk_hashes = [image_hash(im) for im in images]
             for i, h in zip(chunk, chunk_hashes, strict=True):
                 hashes[i] = self._index[keys[i]] = h
-            computed += len(
-                fill_cache(
-                    self.backbone, images, cache, batch_size=self.batch_size, verbose=False, hashes=chunk_hashes,
-                    rank=rank, world_size=world_size,
-                )  # fmt: skip
-            )
+            done = fill_cache(
+                self.backbone, images, cache, batch_size=self.batch_size, verbose=False, hashes=chunk_hashes,
+                rank=rank, world_size=world_size,
+            )  # fmt: skip
+            computed += len(done)
         if todo:
             self._write_index()
         if world_size > 1:

@@ -563,7 +563,8 @@ class _Adam:
     def __init__(self, groups: Sequence[tuple[list[torch.Tensor], float]], epochs: int) -> None:
         self.optimizer = _adam_for([{"params": params, "lr": lr} for params, lr in groups], groups[0][1])
         self.schedules = [[_cosine_lr(lr, step, epochs) for step in range(epochs)] for _, lr in groups]
-        self._calls: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], dict]] = []
+        self._calls: list[tuple[list[torch.Tensor], ...]] = []  # per group: params, moments, steps
+        self._settings: list[dict] = []  # per group: the rest of the functional form's arguments
 
     def step(self, step: int) -> None:
         """Adam's update of every parameter from its ``.grad``, at the learning rate of ``step``."""
@@ -583,8 +584,10 @@ class _Adam:
                     "decoupled_weight_decay": group["decoupled_weight_decay"],
                 }  # fmt: skip
                 avgs, squares = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-                self._calls.append((params, avgs, squares, [s["step"] for s in states], settings))
+                self._calls.append((params, avgs, squares, [s["step"] for s in states]))
+                self._settings.append(settings)
             return
-        for (params, avgs, squares, steps, settings), schedule in zip(self._calls, self.schedules, strict=True):
-            grads = [p.grad for p in params]
-            adam(params, grads, avgs, squares, [], steps, lr=schedule[step], **settings)
+        for (params, avgs, squares, steps), settings, schedule in zip(
+            self._calls, self._settings, self.schedules, strict=True
+        ):
+            adam(params, [p.grad for p in params], avgs, squares, [], steps, lr=schedule[step], **settings)
