@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -446,7 +447,7 @@ def _bench(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         verbose=not args.quiet,
     )
-    if not args.quiet:
+    if not args.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 prints
         print((Path(args.out_dir) / "table.md").read_text(encoding="utf-8"))
 
 

@@ -101,17 +101,20 @@ class FeatureStore:
     def extract(
         self, items: Sequence[Item], views: int, seed: int = 0, what: str = "images", *, rank: int = 0,
         world_size: int = 1,
-    ) -> list[str]:  # fmt: skip
-        """Fill the cache with the features of ``items`` it lacks; return every item's content hash.
+    ) -> int:  # fmt: skip
+        """Fill the cache with the features of ``items`` it lacks; return how many images this process computed.
 
         Images whose features are cached are not read. With ``world_size > 1`` this process
         computes only its share of the others (:func:`~prolip.features.extract.fill_cache`'s
         ``rank``): every process of the job calls this with the same items, and together they
-        fill the cache. Returns the hashes of ``items`` in order.
+        fill the cache.
         """
-        return self._fill(self.cache(views, seed), items, what, rank, world_size)
+        return self._fill(self.cache(views, seed), items, what, rank, world_size)[1]
 
-    def _fill(self, cache: FeatureCache, items: Sequence[Item], what: str, rank: int, world_size: int) -> list[str]:
+    def _fill(
+        self, cache: FeatureCache, items: Sequence[Item], what: str, rank: int, world_size: int
+    ) -> tuple[list[str], int]:
+        """Every item's content hash, and the number of images computed into ``cache``."""
         views = cache.key.views
         keys = [self._index_key(item.path) for item in items]
         hashes: list[str | None] = [self._index.get(k) for k in keys]
@@ -131,14 +134,13 @@ class FeatureStore:
             computed += len(done)
         if todo:
             self._write_index()
-        if world_size > 1:
-            logger.info("rank %d of %d computed %d of %d images (%s)", rank, world_size, computed, len(items), desc)
-        return hashes  # type: ignore[return-value]  # every entry is set above
+        logger.debug("rank %d of %d computed %d of %d images (%s)", rank, world_size, computed, len(items), desc)
+        return hashes, computed  # type: ignore[return-value]  # every hash is set above
 
     def features(self, items: Sequence[Item], views: int, seed: int = 0, what: str = "images") -> FeatureSet:
         """Features of ``items``: ``views`` augmented views (seeded by ``seed``), or the plain view for 0."""
         cache = self.cache(views, seed)
-        hashes = self._fill(cache, items, what, 0, 1)
+        hashes, _ = self._fill(cache, items, what, 0, 1)
         labels = torch.tensor([item.label for item in items], dtype=torch.long)
         features = cache.features(hashes)
         if 4 * features.shape.numel() <= IN_MEMORY_BYTES:  # small sets: one read, not one per training step
