@@ -89,3 +89,38 @@ def test_cells_are_dealt_round_robin():
     assert set().union(*shares) == set(cells) and sum(map(len, shares)) == len(cells)
     assert [len(s) for s in shares] == [5, 5, 4, 4]
     assert deal(cells, 0, 1) == set(cells)
+
+
+def test_the_plan_counts_what_the_run_then_does(suite, tmp_path, capsys):
+    from prolip.bench.estimate import estimate_bench
+    from prolip.bench.runner import run_bench
+    from prolip.cli import main
+
+    kw = {"data_root": suite, "out_dir": tmp_path, "model": standin.MODEL_NAME, "pretrained": standin.PRETRAINED_TAG}
+    kw |= {"datasets": ["dtd", "eurosat"], "shots": [1, 2], "seeds": [1], "methods": ["zero-shot", "prolip"]}
+    kw |= {"views": 2}
+    before = estimate_bench("few-shot", **kw, probe=False)
+    assert not (tmp_path / "cache").exists()  # a dry run writes nothing
+    assert before.cells == {"zero-shot": 4, "prolip": 4} and before.done == 0
+    assert all(s.cached == 0 for s in before.settings) and before.cached_bytes == 0
+    run_bench("few-shot", **kw, epochs=3, templates=standin.TEMPLATES, verbose=False)
+    # Each view setting's folder holds one entry per image the plan counted, and the cache's size is the plan's.
+    folders = {}
+    for settings in (tmp_path / "cache").rglob("settings.json"):
+        key = json.loads(settings.read_text())
+        folders[key["views"], key["seed"]] = len(list(settings.parent.glob("entries/*/*.safetensors")))
+    assert folders == {(s.views, s.seed): s.images for s in before.settings}
+    files = [p for p in (tmp_path / "cache").rglob("*.safetensors")]
+    on_disk = sum(p.stat().st_size for p in files)
+    assert before.cache_bytes <= on_disk <= before.cache_bytes + 1024 * len(files)  # headers aside
+    after = estimate_bench("few-shot", **kw, probe=False)
+    assert after.passes == 0 and after.images == 0 and after.cells == {} and after.done == 8
+    assert after.cached_bytes == sum(s.images * s.rows for s in before.settings) * after.width * after.value_bytes
+    # The command line prints the figures, with an estimated time from the probe.
+    args = ["bench", "few-shot", "--data-root", str(suite), "--datasets", "dtd", "--shots", "1", "--seeds", "5",
+            "--model", standin.MODEL_NAME, "--pretrained", standin.PRETRAINED_TAG, "--out-dir", str(tmp_path),
+            "--views", "2", "--plan"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "2 views, seed 5: 10 images, 0 cached, 20 passes" in printed  # a new 1-shot draw of 10 classes
+    assert "estimated extraction time with 1 such device(s)" in printed and "passes/s" in printed
