@@ -28,8 +28,9 @@ from prolip.bench.runner import DEFAULT_METHODS
 from prolip.bench.settings import DEFAULT_SEEDS, DEFAULT_SHOTS, plan
 from prolip.bench.store import FeatureStore
 from prolip.bench.workload import feature_requests, job_cells
+from prolip.datasets import Item
 from prolip.features.cache import check_storage
-from prolip.features.extract import extract_features, feature_cache
+from prolip.features.extract import extract_features
 from prolip.model.backbone import Backbone, build_backbone
 
 PROBE_IMAGES, PROBE_VIEWS = 4, 4
@@ -187,17 +188,16 @@ def estimate_bench(
         # The configuration check is the run's business: the plan counts any finished cell of these keys.
         done = {ResultsFile.key(c) for c in json.loads((out / "results.json").read_text()).get("cells", [])}
     cells = [c for job in jobs for c in job_cells(job, shots, seeds, methods) if c not in done]
-    images: dict[tuple[int, int], dict[str, None]] = {}  # per view setting, the distinct image paths
+    images: dict[tuple[int, int], dict[str, Item]] = {}  # per view setting, the distinct images by path
     pack_rows = 0
     for job in jobs:  # every feature set of the run, finished cells' too: what exists is what is cached
         for request in feature_requests(job, shots, seeds, views, test_views):
-            images.setdefault((request.views, request.seed), {}).update(dict.fromkeys(i.path for i in request.items))
+            images.setdefault((request.views, request.seed), {}).update((i.path, i) for i in request.items)
             pack_rows += len(request.items) * max(request.views, 1)
     settings = []
-    for (v, seed), paths in images.items():
-        cache = feature_cache(backbone, root, views=v, seed=seed)
-        hashes = [store.known_hash(p) for p in paths] if store is not None else []
-        settings.append(ViewSetting(v, seed, len(paths), sum(h is not None and cache.has(h) for h in hashes)))
+    for (v, seed), distinct in images.items():
+        missing = len(store.missing(list(distinct.values()), v, seed)) if store is not None else len(distinct)
+        settings.append(ViewSetting(v, seed, len(distinct), len(distinct) - missing))
     result = BenchPlan(
         settings=settings,
         pack_rows=pack_rows,

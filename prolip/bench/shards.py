@@ -3,8 +3,9 @@
 A run in P processes (ranks) has two phases, with the feature cache (a folder every rank reaches:
 local on one machine, a shared file system across machines) as the meeting point:
 
-1. **Extraction.** Every rank walks the same list of feature sets (:func:`~prolip.bench.workload.feature_requests`),
-   decodes and hashes the images the cache lacks, and computes the views of its share of them
+1. **Extraction.** Every rank lists the run's feature sets (:func:`~prolip.bench.workload.feature_requests`),
+   merges them per view setting, decides which images the cache lacks (before any rank writes),
+   decodes and hashes those, and computes the views of its share of them
    (:func:`~prolip.features.extract.fill_cache`'s ``rank``/``world_size``: distinct images at positions
    ``rank, rank + P, ...`` of each chunk); then all wait at a barrier.
 2. **Cells.** The pending cells, in the order a single process runs them, are dealt round-robin:
@@ -38,6 +39,7 @@ import torch.distributed as dist
 from prolip.bench.results import ResultsFile, _json_default
 from prolip.bench.store import FeatureStore
 from prolip.bench.workload import CellKey, FeatureRequest
+from prolip.datasets import Item
 from prolip.errors import InputError
 from prolip.variants.distributed import barrier, init_distributed, rank_and_world_size
 
@@ -73,11 +75,22 @@ def deal(cells: Iterable[CellKey], rank: int, world_size: int) -> set[CellKey]:
 
 
 def extract_share(store: FeatureStore, requests: Iterable[FeatureRequest], rank: int, world_size: int) -> None:
-    """Compute this rank's share of every request's missing features into the cache, then wait for the others."""
-    computed = passes = 0
+    """Compute this rank's share of the features the cache lacks for ``requests``, then wait for the others.
+
+    The requests are merged per view setting (one list of distinct images each), and what the
+    cache lacks is decided before any rank writes (a barrier), so every rank walks the same lists
+    and the shares (:func:`~prolip.features.extract.fill_cache`'s ``rank``) cover every image once.
+    """
+    sets: dict[tuple[int, int], dict[str, Item]] = {}
     for request in requests:
-        done = store.extract(request.items, request.views, request.seed, request.what, rank=rank, world_size=world_size)
-        computed, passes = computed + done, passes + done * max(request.views, 1)
+        sets.setdefault((request.views, request.seed), {}).update((item.path, item) for item in request.items)
+    work = [(views, seed, store.missing(list(items.values()), views, seed)) for (views, seed), items in sets.items()]
+    barrier()  # every rank has decided what is missing before any rank writes
+    computed = passes = 0
+    for views, seed, items in work:
+        what = f"{views} views, seed {seed}" if views else "plain view"
+        done = store.extract(items, views, seed, what, rank=rank, world_size=world_size)
+        computed, passes = computed + done, passes + done * max(views, 1)
     logger.info("rank %d of %d computed %d images' features (%d trunk passes)", rank, world_size, computed, passes)
     barrier()  # every rank's share is in the cache past this point
 

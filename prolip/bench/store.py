@@ -98,27 +98,39 @@ class FeatureStore:
         """The content hash of the image at ``path`` if this cache's index knows it (without reading the image)."""
         return self._index.get(self._index_key(path))
 
+    def missing(self, items: Sequence[Item], views: int, seed: int = 0) -> list[Item]:
+        """The items whose features for ``views`` and ``seed`` the cache lacks (or whose content is not indexed yet).
+
+        Only looks: nothing is read but the cache's entries' headers, nothing written.
+        """
+        cache = feature_cache(self.backbone, self.cache_dir, views=views, seed=seed, storage=self.storage)
+        return [item for item in items if (h := self.known_hash(item.path)) is None or not cache.has(h)]
+
     def extract(
         self, items: Sequence[Item], views: int, seed: int = 0, what: str = "images", *, rank: int = 0,
         world_size: int = 1,
     ) -> int:  # fmt: skip
-        """Fill the cache with the features of ``items`` it lacks; return how many images this process computed.
+        """Compute this process's share of the features of ``items`` into the cache; return how many it computed.
 
-        Images whose features are cached are not read. With ``world_size > 1`` this process
-        computes only its share of the others (:func:`~prolip.features.extract.fill_cache`'s
-        ``rank``): every process of the job calls this with the same items, and together they
-        fill the cache.
+        Every item is read and hashed (pass :meth:`missing`'s list). With ``world_size > 1`` this
+        process computes only its share of the images not cached yet
+        (:func:`~prolip.features.extract.fill_cache`'s ``rank``): every process of the job calls
+        this with the same items, and together they fill the cache.
         """
-        return self._fill(self.cache(views, seed), items, what, rank, world_size)[1]
+        return self._fill(self.cache(views, seed), items, what, rank, world_size, check=False)[1]
 
     def _fill(
-        self, cache: FeatureCache, items: Sequence[Item], what: str, rank: int, world_size: int
+        self, cache: FeatureCache, items: Sequence[Item], what: str, rank: int, world_size: int, check: bool = True
     ) -> tuple[list[str], int]:
-        """Every item's content hash, and the number of images computed into ``cache``."""
+        """Every item's content hash, and the number of images computed into ``cache``.
+
+        ``check``: skip reading the items the index and the cache already have (a decision that
+        depends on what other processes have written so far, so not for a shared extraction).
+        """
         views = cache.key.views
         keys = [self._index_key(item.path) for item in items]
         hashes: list[str | None] = [self._index.get(k) for k in keys]
-        todo = [i for i, h in enumerate(hashes) if h is None or not cache.has(h)]
+        todo = [i for i, h in enumerate(hashes) if not check or h is None or not cache.has(h)]
         desc = f"{what} ({views} views)" if views else f"{what} (test view)"
         computed = 0
         for start in tqdm(range(0, len(todo), CHUNK), desc=desc, unit="chunk", disable=not self.verbose or not todo):
