@@ -3,7 +3,8 @@
 The loss has a closed-form gradient, so the loop does without autograd: a step is four matrix
 products, a few passes over [n, d_out] and [n, K] arrays into preallocated buffers, and one
 ``torch.optim.Adam(fused=True)`` step (a single pass over W, its gradient and both moments; CPU
-support since torch 2.4; ``foreach`` where a device lacks the fused kernel). That keeps a fit
+support since torch 2.4; ``foreach`` where a device lacks the fused kernel), after the first
+called through its public functional form ``torch.optim.adam.adam`` on the state torch built. That keeps a fit
 close to the cost of its matrix products even when they are small (few shots, few classes),
 where per-op overhead and passes over the [d_in, d_out] matrix would otherwise dominate.
 """
@@ -18,6 +19,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.optim.adam import adam as adam_update
 from tqdm.auto import tqdm
 
 from prolip.errors import InputError, TrainingDivergedError, TrainingWarning, warn
@@ -399,8 +401,9 @@ def _loss_and_gradient(
     _product(x, weight, state.z, add=bias)
     torch.linalg.vector_norm(state.z, dim=2, keepdim=True, out=state.norm).clamp_min_(_NORM_EPS)
     torch.div(state.z, state.norm, out=state.u)
-    torch.matmul(state.u, classes.forward, out=state.scores)
-    k = state.scores.shape[2]
+    k, d_out = state.scores.shape[2], state.u.shape[2]
+    # T is shared by every grid point: one plain product over all G·n rows (what matmul would do, without its dispatch).
+    torch.mm(state.u.view(-1, d_out), classes.forward, out=state.scores.view(-1, k))
     if k >= _FUSED_SOFTMAX_CLASSES:  # torch's fused kernel: one pass, 2-5x faster on wide rows
         rows = state.scores.view(-1, k)
         torch.log_softmax(rows, dim=1, out=rows)
@@ -410,12 +413,13 @@ def _loss_and_gradient(
         torch.sum(torch.exp(state.scores, out=state.exp), dim=2, keepdim=True, out=state.shifted)
         state.scores.sub_(state.shifted.log_())
     picked = state.picked if state.picked is not None else labels.view(1, -1, 1).expand(g, -1, 1)
-    torch.mean(state.scores.gather(2, picked), dim=(1, 2), out=out).neg_()  # cross-entropy, averaged
+    torch.gather(state.scores, 2, picked, out=state.dot)  # dot is free until the backward pass
+    torch.mean(state.dot, dim=(1, 2), out=out).neg_()  # cross-entropy, averaged
     # n · dCE/dlogits = softmax − onehot; the 1/n is in classes.backward.
     state.scores.exp_().scatter_add_(2, picked, state.minus_one)
     if frozen:
         return
-    torch.matmul(state.scores, classes.backward, out=state.du)
+    torch.mm(state.scores.view(-1, k), classes.backward, out=state.du.view(-1, d_out))
     # Through the normalisation: dL/dz = (du − u (u·du)) / ‖z‖.
     torch.sum(torch.mul(state.u, state.du, out=state.z), dim=2, keepdim=True, out=state.dot)
     state.du.addcmul_(state.u, state.dot, value=-1).div_(state.norm)
@@ -568,16 +572,15 @@ class _Adam:
 
     def step(self, step: int) -> None:
         """Adam's update of every parameter from its ``.grad``, at the learning rate of ``step``."""
-        from torch.optim.adam import adam
-
         if not self._calls:  # the first step: torch.optim.Adam itself, which creates the state
             for group, schedule in zip(self.optimizer.param_groups, self.schedules, strict=True):
                 group["lr"] = schedule[step]
             self.optimizer.step()
             for group in self.optimizer.param_groups:
                 params, states = group["params"], [self.optimizer.state[p] for p in group["params"]]
+                beta1, beta2 = group["betas"]
                 settings = {
-                    "amsgrad": group["amsgrad"], "has_complex": False, "beta1": group["betas"][0], "beta2": group["betas"][1],
+                    "amsgrad": group["amsgrad"], "has_complex": False, "beta1": beta1, "beta2": beta2,
                     "weight_decay": group["weight_decay"], "eps": group["eps"], "maximize": group["maximize"],
                     "foreach": group["foreach"], "capturable": group["capturable"],
                     "differentiable": group["differentiable"], "fused": group["fused"],
@@ -590,4 +593,4 @@ class _Adam:
         for (params, avgs, squares, steps), settings, schedule in zip(
             self._calls, self._settings, self.schedules, strict=True
         ):
-            adam(params, [p.grad for p in params], avgs, squares, [], steps, lr=schedule[step], **settings)
+            adam_update(params, [p.grad for p in params], avgs, squares, [], steps, lr=schedule[step], **settings)
