@@ -91,8 +91,8 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=300)
     parser.add_argument("--epochs", type=int, default=50, help="training steps per fit")
     parser.add_argument("--train", type=int, default=16, help="train images per class in the suite")
-    parser.add_argument("--val", type=int, default=16, help="val images per class")
-    parser.add_argument("--test", type=int, default=100, help="test images per class")
+    parser.add_argument("--val", type=int, default=4, help="val images per class")
+    parser.add_argument("--test", type=int, default=10, help="test images per class")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads of the runs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
