@@ -89,8 +89,10 @@ def main() -> None:
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1])
     parser.add_argument("--views", type=int, default=300)
-    parser.add_argument("--epochs", type=int, default=50, help="training steps per fit")
-    parser.add_argument("--train", type=int, default=16, help="train images per class in the suite")
+    parser.add_argument("--epochs", type=int, default=20, help="training steps per fit")
+    parser.add_argument(
+        "--train", type=int, default=32, help="train images per class (ImageNet draws validation from them)"
+    )
     parser.add_argument("--val", type=int, default=4, help="val images per class")
     parser.add_argument("--test", type=int, default=10, help="test images per class")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads of the runs")
