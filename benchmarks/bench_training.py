@@ -9,6 +9,10 @@ in one run, interleaved, best of ``--repeats``:
 * autograd: the plain autograd + ``torch.optim.Adam`` + ``CosineAnnealingLR`` loop that the
   tests use as the reference (``tests/reference_training.py``).
 
+* baseline (with ``--baseline FILE``): ``train_projector`` from another version of
+  ``prolip/training/loop.py`` (e.g. ``git show <commit>:prolip/training/loop.py > /tmp/loop_before.py``),
+  timed interleaved with the others, so a before/after ratio comes from one run.
+
 A step costs the same whichever view it uses, so 4 views stand in for the paper's 300. K=1000
 runs 5 steps by default (a step there is ~60 GFLOP; 300 would take minutes per method); the
 ratio is per step, so it does not depend on the step count.
@@ -19,9 +23,11 @@ Run: ``.venv/bin/python benchmarks/bench_training.py [--threads 1]`` (2–4 minu
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +62,18 @@ def matmul_floor(
             optimizer.step()
 
 
-def bench(k: int, steps: int, repeats: int, device: torch.device) -> dict[str, float]:
+def load_loop(path: str) -> ModuleType:
+    """Another version of ``prolip/training/loop.py``, as a module of its own (it imports the rest of prolip)."""
+    spec = importlib.util.spec_from_file_location("baseline_loop", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench(
+    k: int, steps: int, repeats: int, device: torch.device, baseline: ModuleType | None = None
+) -> dict[str, float]:
     """Best-of-``repeats`` seconds of each method for K=k classes."""
     gen = torch.Generator().manual_seed(k)
     n = SHOTS * k
@@ -73,6 +90,10 @@ def bench(k: int, steps: int, repeats: int, device: torch.device) -> dict[str, f
         ),
         "autograd": lambda: reference_train(features, labels, classifier, w0, None, **train),
     }
+    if baseline is not None:
+        methods["baseline"] = lambda: baseline.train_projector(
+            features, labels, classifier, w0, None, device=device, verbose=False, **train
+        )
     return best_of(methods, repeats, device)
 
 
@@ -83,7 +104,9 @@ def main() -> None:
     parser.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--steps", type=int, nargs="+", default=[300, 300, 5], help="steps per size")
     parser.add_argument("--repeats", type=int, nargs="+", default=[5, 3, 3], help="repetitions per size")
+    parser.add_argument("--baseline", default=None, help="another version of prolip/training/loop.py to compare")
     args = parser.parse_args()
+    baseline = load_loop(args.baseline) if args.baseline else None
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,11 +116,17 @@ def main() -> None:
         f"{'prolip/floor':>12} {'prolip/(floor+adam)':>19} {'autograd/floor':>14}"
     )
     for k, steps, repeats in zip(args.classes, args.steps, args.repeats, strict=True):
-        t = bench(k, steps, repeats, device)
+        t = bench(k, steps, repeats, device, baseline)
+        compared = (
+            f" baseline {t['baseline']:.3f} s, baseline/floor {t['baseline'] / t['floor']:.2f}, "
+            f"baseline/(floor+adam) {t['baseline'] / t['floor+adam']:.2f}, prolip/baseline {t['prolip'] / t['baseline']:.3f}"
+            if baseline
+            else ""
+        )
         print(
             f"{k:>5} {SHOTS * k:>6} {steps:>5} {t['floor']:>8.3f} {t['floor+adam']:>8.3f} {t['prolip']:>9.3f} "
             f"{t['autograd']:>10.3f} {t['prolip'] / t['floor']:>12.2f} {t['prolip'] / t['floor+adam']:>19.2f} "
-            f"{t['autograd'] / t['floor']:>14.2f}",
+            f"{t['autograd'] / t['floor']:>14.2f}{compared}",
             flush=True,
         )
 

@@ -198,6 +198,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
     bench.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="(default: %(default)s)")
+    bench.add_argument(
+        "--plan", action="store_true", help="dry run: print images, trunk passes, cells, cache size and time, and exit"
+    )
 
     merge = command("merge", "Write a full open_clip state dict whose projector is W0 + delta.")
     merge.add_argument("delta", help="delta file")
@@ -573,6 +576,9 @@ def _bench(args: argparse.Namespace) -> None:
     from prolip.bench.runner import DEFAULT_METHODS, run_bench
     from prolip.datasets import read_templates
 
+    if args.plan:
+        _bench_plan(args)
+        return
     run_bench(
         args.setting,
         data_root=args.data_root,
@@ -593,8 +599,32 @@ def _bench(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         verbose=not args.quiet,
     )
-    if not args.quiet:
+    if not args.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 prints
         print((Path(args.out_dir) / "table.md").read_text(encoding="utf-8"))
+
+
+def _bench_plan(args: argparse.Namespace) -> None:
+    from prolip.bench.estimate import estimate_bench
+    from prolip.bench.runner import DEFAULT_METHODS
+
+    found = estimate_bench(
+        args.setting,
+        data_root=args.data_root,
+        out_dir=args.out_dir,
+        model=args.model,
+        pretrained=args.pretrained,
+        datasets=args.datasets,
+        shots=args.shots,
+        seeds=args.seeds,
+        methods=args.methods or DEFAULT_METHODS,
+        source=args.source,
+        cache_dir=args.cache_dir,
+        views=args.views,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+    )
+    print(found.report(int(os.environ.get("WORLD_SIZE", 1))))
 
 
 _COMMANDS = {

@@ -24,6 +24,27 @@ TINY = {
         "onnx",
     ),
     "bench_multitask.py": (["--tasks", "1", "2", "--classes", "3", "--images", "2", *SMALL], "heads ms"),
+    "bench_suite_memory.py": (
+        [
+            "--counts",
+            "1",
+            "2",
+            "--shots",
+            "1",
+            "--views",
+            "2",
+            "--epochs",
+            "2",
+            "--train",
+            "2",
+            "--val",
+            "2",
+            "--test",
+            "2",
+        ],
+        "peak RSS MB",
+    ),
+    "bench_protocol.py": (["--models", "ViT-S-32", "--probe-images", "1", "--seeds", "1"], "hours P=8"),
 }
 # bench_memory.py extracts 30 and 300 views per image in child processes whatever the sizes: too slow here.
 SLOW = {"bench_memory.py"}

@@ -5,7 +5,9 @@ draw is written as JSON; for each N, the draw's augmented views, its plain views
 validation draw come from the feature cache (:mod:`prolip.bench.store`), and every method is
 trained on that one :class:`~prolip.bench.problem.Problem`, timed, and scored on each test set.
 Cells are written as they finish (:mod:`prolip.bench.results`): an interrupted run resumes where
-it stopped. ``table.md`` and ``plot.png`` are rendered at the end.
+it stopped. ``table.md`` and ``plot.png`` are rendered at the end. Under ``torchrun`` the processes
+share the extraction and the cells out (:mod:`prolip.bench.shards`). Memory holds one problem's
+features and one test set's at a time, so it does not grow with the number of datasets.
 """
 
 from __future__ import annotations
@@ -25,9 +27,20 @@ from prolip.bench.inputs import class_set, image_head
 from prolip.bench.method_tools import EmptyValidationError
 from prolip.bench.methods import FittedMethod, Method, get_method
 from prolip.bench.problem import Classes, FeatureSet, Problem
-from prolip.bench.results import ResultsFile, render_plot, render_table
+from prolip.bench.results import render_plot, render_table
 from prolip.bench.settings import DEFAULT_SEEDS, DEFAULT_SHOTS, Job, Target, plan
+from prolip.bench.shards import (
+    CellWriter,
+    deal,
+    extract_share,
+    finish_results,
+    join_job,
+    leave_job,
+    open_results,
+    pending_cells,
+)
 from prolip.bench.store import FeatureStore
+from prolip.bench.workload import TEST_VIEW_SEED, CellKey, feature_requests, job_cells
 from prolip.datasets import Dataset, Draw, draw_json, draw_shots, draw_validation
 from prolip.errors import InputError
 from prolip.model.backbone import build_backbone
@@ -37,7 +50,6 @@ from prolip.params import check_params
 logger = logging.getLogger(__name__)
 
 DEFAULT_METHODS = ("zero-shot", "prolip", "prolip-val", "linear-probe")
-TEST_VIEW_SEED = 0  # augmented test views (test-time methods) are the same for every draw
 
 
 def run_bench(
@@ -92,7 +104,9 @@ def run_bench(
     chosen = {name: get_method(name) for name in methods}  # unknown names fail before any work
     out = Path(out_dir)
     _make_folder(out, "--out-dir")
-    backbone = build_backbone(model, pretrained, precision=precision, device=device)
+    rank, world, rank_device, created = join_job()  # under torchrun: this process's share (prolip.bench.shards)
+    verbose = verbose and rank == 0
+    backbone = build_backbone(model, pretrained, precision=precision, device=device or rank_device)
     store = FeatureStore(backbone, cache_dir or out / "cache", batch_size=batch_size, verbose=verbose)
     # What changes a cell's value; datasets, shots, seeds and methods can grow between resumed runs.
     config = {
@@ -100,11 +114,23 @@ def run_bench(
         "epochs": epochs, "templates": list(templates) if templates else None, "precision": precision,
         "data_root": os.path.abspath(os.path.expanduser(os.fspath(data_root))),
     }  # fmt: skip
-    results = ResultsFile(out / "results.json", config)
-    head, scale = image_head(backbone), backbone.logit_scale
+    results = open_results(out / "results.json", config, rank)
+    record = CellWriter(results, rank)
     jobs = list(plan(setting, data_root, datasets, source))
     _check_splits(jobs)
     skipped: list[str] = []
+    # Every pending cell, in the order one process runs them; under torchrun each rank runs its share.
+    pending = pending_cells(results, [c for job in jobs for c in job_cells(job, shots, seeds, methods)])
+    mine = deal(pending, rank, world)
+    if world > 1:  # the whole run's missing features first, shared out; the cells then only read the cache
+        test_views = [m.test_views for m in chosen.values()]
+        extract_share(
+            store,
+            (r for job in jobs for r in feature_requests(job, shots, seeds, views, test_views, _wanting(job, pending))),
+            rank,
+            world,
+        )
+    head, scale = image_head(backbone), backbone.logit_scale
     for job in tqdm(jobs, desc="datasets", disable=not verbose):
         train_classes = class_set(backbone, job.train.classnames, templates or job.train.templates)
         tests = _Tests(
@@ -118,8 +144,8 @@ def run_bench(
                 draws = {_draw_name(d, job.train): store.draw_digest(d.items, job.train.root) for d in (train, val)}
                 for name, digest in draws.items():
                     results.check_draw(name, digest)
-                pending = [name for name in methods if not results.done(job.key, n, seed, name)]
-                if not pending:
+                todo = [name for name in methods if (job.key, n, seed, name) in mine]
+                if not todo:
                     continue
                 _write_draw(val, out, job.train)
                 problem = Problem(
@@ -129,7 +155,7 @@ def run_bench(
                     classes=train_classes, image_head=head, logit_scale=scale, shots=n, seed=seed, epochs=epochs,
                     device=backbone.device,
                 )  # fmt: skip
-                for name in tqdm(pending, desc=f"{job.key} N={n} seed {seed}", leave=False, disable=not verbose):
+                for name in tqdm(todo, desc=f"{job.key} N={n} seed {seed}", leave=False, disable=not verbose):
                     method = chosen[name]
                     start = time.perf_counter()
                     try:
@@ -140,23 +166,26 @@ def run_bench(
                         continue
                     seconds = time.perf_counter() - start
                     accuracy = {t.name: tests.score(fitted, method, t) for t in job.targets}
-                    results.add(
+                    record(
                         {"dataset": job.key, "shots": n, "seed": seed, "method": name, "accuracy": accuracy,
                          "fit_seconds": seconds, "info": fitted.info},
                         draws,
                     )  # fmt: skip
                     logger.debug("%s N=%d seed %d %s: %s (%.2f s)", job.key, n, seed, name, accuracy, seconds)
-    try:
-        atomic_write(out / "table.md", [render_table(setting, results.cells, skipped).encode("utf-8")])
-        plotted = render_plot(setting, results.cells, out / "plot.png")
-    except OSError as exc:
-        raise InputError(
-            f"cannot write table.md / plot.png in {str(out)!r} ({exc.strerror or exc}); every cell is kept in "
-            "results.json: free space or make the folder writable, and rerun to render them."
-        ) from None
-    if not plotted:
-        logger.info("matplotlib is not installed: no plot.png (pip install matplotlib)")
-    return results.cells
+    cells = finish_results(results, rank)
+    if rank == 0:
+        try:
+            atomic_write(out / "table.md", [render_table(setting, cells, skipped).encode("utf-8")])
+            plotted = render_plot(setting, cells, out / "plot.png")
+        except OSError as exc:
+            raise InputError(
+                f"cannot write table.md / plot.png in {str(out)!r} ({exc.strerror or exc}); every cell is kept in "
+                "results.json: free space or make the folder writable, and rerun to render them."
+            ) from None
+        if not plotted:
+            logger.info("matplotlib is not installed: no plot.png (pip install matplotlib)")
+    leave_job(created)
+    return cells
 
 
 def _check(shots: Sequence[int], seeds: Sequence[int], methods: Sequence[str], views: int, epochs: int) -> None:
@@ -213,6 +242,12 @@ def _write_draw(draw: Draw, out: Path, dataset: Dataset) -> None:
         raise InputError(f"cannot write the draw file {str(path)!r} ({exc.strerror or exc}).") from None
 
 
+def _wanting(job: Job, cells: Sequence[CellKey]) -> Any:
+    """Whether problem ``(n, seed)`` of ``job`` has a cell in ``cells``."""
+    keys = {(n, seed) for key, n, seed, _ in cells if key == job.key}
+    return lambda n, seed: (n, seed) in keys
+
+
 class _Tests:
     """Each target's test features and classes, made on first use, and the scoring rules."""
 
@@ -225,6 +260,9 @@ class _Tests:
     def _get(self, target: Target, test_views: int) -> tuple[FeatureSet, Classes]:
         key = (target.name, test_views)
         if key not in self._cache:
+            # One target's features at a time (its plain and augmented test views): memory stays flat
+            # however many targets a job scores (cross-dataset: every dataset's test split).
+            self._cache = {k: v for k, v in self._cache.items() if k[0] == target.name}
             items = target.dataset.test
             what = f"{target.name} test"
             features = (

@@ -144,44 +144,93 @@ class FeatureStore:
             digest.update(f"{relative}\0{item.label}\0{self.file_hash(item.path)}\n".encode())
         return digest.hexdigest()
 
-    def features(self, items: Sequence[Item], views: int, seed: int = 0, what: str = "images") -> FeatureSet:
-        """Features of ``items``: ``views`` augmented views (seeded by ``seed``), or the plain view for 0."""
-        if not items:  # an empty validation draw: the methods that need one are skipped by the runner
-            empty = torch.zeros(max(views, 1), 0, self.backbone.projector.feature_width)
-            return FeatureSet(empty, torch.zeros(0, dtype=torch.long), self.d_in)
+    def cache(self, views: int, seed: int = 0) -> FeatureCache:
+        """The feature cache of one view setting (``views=0``: the plain view)."""
         cache = feature_cache(self.backbone, self.cache_dir, views=views, seed=seed, storage=self.storage)
         cache.open()
+        return cache
+
+    def known_hash(self, path: str) -> str | None:
+        """The content hash of the image at ``path`` if this cache's index knows it (without reading the image)."""
+        return self._index.get(self._index_key(path))
+
+    def missing(self, items: Sequence[Item], views: int, seed: int = 0) -> list[Item]:
+        """The items whose features for ``views`` and ``seed`` the cache lacks (or whose content is not indexed yet).
+
+        Only looks: nothing is read but the cache's entries' headers, nothing written.
+        """
+        cache = feature_cache(self.backbone, self.cache_dir, views=views, seed=seed, storage=self.storage)
+        return [item for item in items if (h := self.known_hash(item.path)) is None or not cache.has(h)]
+
+    def extract(
+        self, items: Sequence[Item], views: int, seed: int = 0, what: str = "images", *, rank: int = 0,
+        world_size: int = 1,
+    ) -> int:  # fmt: skip
+        """Compute this process's share of the features of ``items`` into the cache; return how many it computed.
+
+        Every item is read and hashed (pass :meth:`missing`'s list). With ``world_size > 1`` this
+        process computes only its share of the images not cached yet
+        (:func:`~prolip.features.extract.fill_cache`'s ``rank``): every process of the job calls
+        this with the same items, and together they fill the cache.
+        """
+        return self._fill(self.cache(views, seed), items, what, rank, world_size, check=False)[1]
+
+    def _fill(
+        self, cache: FeatureCache, items: Sequence[Item], what: str, rank: int, world_size: int, check: bool = True
+    ) -> tuple[list[str], int]:
+        """Every item's content hash, and the number of images computed into ``cache``.
+
+        ``check``: skip reading the items the index and the cache already have (a decision that
+        depends on what other processes have written so far, so not for a shared extraction).
+        """
+        views = cache.key.views
         keys = [self._index_key(item.path) for item in items]
         hashes: list[str | None] = [self._index.get(k) for k in keys]
-        todo = [i for i, h in enumerate(hashes) if h is None or not cache.has(h)]
-        self._extract(
-            items, todo, keys, hashes, cache, what=f"{what} ({views} views)" if views else f"{what} (test view)"
-        )
-
-        def recompute(damaged: list[str]) -> None:  # entries that failed their checksum were deleted
-            bad = set(damaged)
-            self._extract(items, [i for i, h in enumerate(hashes) if h in bad], keys, hashes, cache, what=what)
-
-        labels = torch.tensor([item.label for item in items], dtype=torch.long)
-        features = cache.features(hashes, recompute)
-        if 4 * features.shape.numel() <= IN_MEMORY_BYTES:  # small sets: one read, not one per training step
-            features = features.to_tensor()
-        return FeatureSet(features, labels, self.d_in)
+        todo = [i for i, h in enumerate(hashes) if not check or h is None or not cache.has(h)]
+        desc = f"{what} ({views} views)" if views else f"{what} (test view)"
+        computed = self._extract(items, todo, keys, hashes, cache, desc, rank, world_size)
+        logger.debug("rank %d of %d computed %d of %d images (%s)", rank, world_size, computed, len(items), desc)
+        return hashes, computed  # type: ignore[return-value]  # every hash is set above
 
     def _extract(
         self, items: Sequence[Item], todo: list[int], keys: list[str], hashes: list[str | None], cache: FeatureCache,
-        what: str,
-    ) -> None:  # fmt: skip
-        """Decode and hash the images ``todo``, and cache their features: a chunk of images at a time."""
+        what: str, rank: int = 0, world_size: int = 1,
+    ) -> int:  # fmt: skip
+        """Decode and hash the images ``todo``, and cache this rank's share of their features: a chunk at a time."""
+        computed = 0
         for start in tqdm(range(0, len(todo), CHUNK), desc=what, unit="chunk", disable=not self.verbose or not todo):
             chunk = todo[start : start + CHUNK]
             images = [load_image(items[i].path, i, self.backbone.draft_size) for i in chunk]
             chunk_hashes = [image_hash(im) for im in images]
             for i, h in zip(chunk, chunk_hashes, strict=True):
                 hashes[i] = self._index[keys[i]] = h
-            fill_cache(self.backbone, images, cache, batch_size=self.batch_size, verbose=False, hashes=chunk_hashes)
+            done = fill_cache(
+                self.backbone, images, cache, batch_size=self.batch_size, verbose=False, hashes=chunk_hashes,
+                rank=rank, world_size=world_size,
+            )  # fmt: skip
+            computed += len(done)
         if todo:
             self._write_index()
+        return computed
+
+    def features(self, items: Sequence[Item], views: int, seed: int = 0, what: str = "images") -> FeatureSet:
+        """Features of ``items``: ``views`` augmented views (seeded by ``seed``), or the plain view for 0."""
+        if not items:  # an empty validation draw: the methods that need one are skipped by the runner
+            empty = torch.zeros(max(views, 1), 0, self.backbone.projector.feature_width)
+            return FeatureSet(empty, torch.zeros(0, dtype=torch.long), self.d_in)
+        cache = self.cache(views, seed)
+        hashes, _ = self._fill(cache, items, what, 0, 1)
+
+        def recompute(damaged: list[str]) -> None:  # entries that failed their checksum were deleted
+            bad = set(damaged)
+            keys = [self._index_key(item.path) for item in items]
+            self._extract(items, [i for i, h in enumerate(hashes) if h in bad], keys, hashes, cache, what)
+
+        labels = torch.tensor([item.label for item in items], dtype=torch.long)
+        features = cache.features(hashes, recompute)
+        if 4 * features.shape.numel() <= IN_MEMORY_BYTES:  # small sets: one read, not one per training step
+            features = features.to_tensor()
+        return FeatureSet(features, labels, self.d_in)
 
     def test_views(self, items: Sequence[Item], views: int, seed: int, what: str = "test") -> FeatureSet:
         """The plain view then ``views`` augmented views of each item: ``[1 + views, n, width]``."""

@@ -3,7 +3,8 @@
 The loss has a closed-form gradient, so the loop does without autograd: a step is four matrix
 products, a few passes over [n, d_out] and [n, K] arrays into preallocated buffers, and one
 ``torch.optim.Adam(fused=True)`` step (a single pass over W, its gradient and both moments; CPU
-support since torch 2.4; ``foreach`` where a device lacks the fused kernel). That keeps a fit
+support since torch 2.4; ``foreach`` where a device lacks the fused kernel), after the first
+called through its public functional form ``torch.optim.adam.adam`` on the state torch built. That keeps a fit
 close to the cost of its matrix products even when they are small (few shots, few classes),
 where per-op overhead and passes over the [d_in, d_out] matrix would otherwise dominate.
 """
@@ -18,6 +19,7 @@ from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.optim.adam import adam as adam_update
 from tqdm.auto import tqdm
 
 from prolip.errors import InputError, TrainingDivergedError, TrainingWarning, warn
@@ -203,6 +205,10 @@ class _State:
         self.minus_one = torch.full((g, n, 1), -1.0, **opts)
         self.offset = torch.empty(n, d_out, **opts)  # b + r, for towers with a per-image residual
         self.grad = torch.empty_like(weight)  # holds W − W0 first when regularised
+        self.shifted = torch.empty(g, n, 1, **opts)  # each row's max, then its logsumexp (few classes)
+        self.exp = torch.empty(g, n, k if k < _FUSED_SOFTMAX_CLASSES else 0, **opts)  # exp(logit − max) (few classes)
+        self.penalty = torch.empty(g, **opts)  # ‖W − W0‖² per point
+        self.picked: torch.Tensor | None = None  # the labels as gather/scatter indices, set once by the loop
 
 
 def train_projector(
@@ -278,7 +284,7 @@ def train_projector(
     image = weight[0]
     image.grad = state.grad[0]  # the loop writes the gradient there; Adam reads it
     trained = ([image] if train_image else []) + [side_weight]
-    optimizer = _adam_for(trained, lr)
+    optimizer = _Adam([(trained, lr)], epochs)
     lambdas = torch.full((1, 1, 1), float(reg_lambda), device=device)
     history = torch.empty(epochs, 1, device=device)  # preallocated: no per-step allocations
     with torch.no_grad():
@@ -295,9 +301,7 @@ def train_projector(
                 2 * float(reg_lambda), state, history[step], frozen=not train_image,
             )  # fmt: skip
             history[step] += _side_gradient(side, side_weight, classifier, logit_scale / n, reg_lambda, state)
-            for group in optimizer.param_groups:
-                group["lr"] = _cosine_lr(lr, step, epochs)
-            optimizer.step()
+            optimizer.step(step)
     losses = _check_training(history[:, 0], trained, lr=lr, reg_lambda=reg_lambda)
     return TrainResult(
         weight=image.detach().cpu() if train_image else None,
@@ -340,7 +344,8 @@ def train_grid(
     scaled = classifier.detach().to(device, torch.float32) * logit_scale
     classes = _Classifier(forward=scaled.t(), backward=scaled / n)
     state = _State(g, n, k, weight)
-    optimizer = _adam(weight, state.grad, lrs)
+    state.picked = y.view(1, -1, 1).expand(g, -1, 1)
+    optimizer = _adam(weight, state.grad, lrs, epochs)
     history = torch.empty(epochs, g, device=device)  # preallocated: no per-step allocations
     n_views, d_in, d_out = features.shape[0], w0.shape[0], w0.shape[1]
     if features.shape[-1] not in (d_in, d_in + d_out):
@@ -359,9 +364,7 @@ def train_grid(
             _loss_and_gradient(
                 x, weight, w0, offset, classes, y, lambdas if regularised else None, uniform, state, history[step]
             )
-            for group in optimizer.param_groups:
-                group["lr"] = _cosine_lr(group["base_lr"], step, epochs)
-            optimizer.step()
+            optimizer.step(step)
     # One check at the end keeps the loop free of device synchronisations.
     finite = torch.isfinite(history).all(dim=0) & torch.isfinite(weight).flatten(1).all(dim=1)
     history, weight, finite = history.cpu(), weight.cpu(), finite.tolist()
@@ -398,20 +401,25 @@ def _loss_and_gradient(
     _product(x, weight, state.z, add=bias)
     torch.linalg.vector_norm(state.z, dim=2, keepdim=True, out=state.norm).clamp_min_(_NORM_EPS)
     torch.div(state.z, state.norm, out=state.u)
-    torch.matmul(state.u, classes.forward, out=state.scores)
-    k = state.scores.shape[2]
+    k, d_out = state.scores.shape[2], state.u.shape[2]
+    # T is shared by every grid point: one plain product over all G·n rows (what matmul would do, without its dispatch).
+    torch.mm(state.u.view(-1, d_out), classes.forward, out=state.scores.view(-1, k))
     if k >= _FUSED_SOFTMAX_CLASSES:  # torch's fused kernel: one pass, 2-5x faster on wide rows
         rows = state.scores.view(-1, k)
         torch.log_softmax(rows, dim=1, out=rows)
-    else:  # written out: the fused kernel is slow on rows shorter than its vector width
-        state.scores.sub_(torch.logsumexp(state.scores, dim=2, keepdim=True))
-    picked = labels.view(1, -1, 1).expand(g, -1, 1)
-    torch.mean(state.scores.gather(2, picked), dim=(1, 2), out=out).neg_()  # cross-entropy, averaged
+    else:  # written out into buffers: the fused kernel is slow on rows shorter than its vector width
+        torch.amax(state.scores, dim=2, keepdim=True, out=state.shifted)
+        state.scores.sub_(state.shifted)  # ≤ 0, so exp cannot overflow; logits are finite here
+        torch.sum(torch.exp(state.scores, out=state.exp), dim=2, keepdim=True, out=state.shifted)
+        state.scores.sub_(state.shifted.log_())
+    picked = state.picked if state.picked is not None else labels.view(1, -1, 1).expand(g, -1, 1)
+    torch.gather(state.scores, 2, picked, out=state.dot)  # dot is free until the backward pass
+    torch.mean(state.dot, dim=(1, 2), out=out).neg_()  # cross-entropy, averaged
     # n · dCE/dlogits = softmax − onehot; the 1/n is in classes.backward.
     state.scores.exp_().scatter_add_(2, picked, state.minus_one)
     if frozen:
         return
-    torch.matmul(state.scores, classes.backward, out=state.du)
+    torch.mm(state.scores.view(-1, k), classes.backward, out=state.du.view(-1, d_out))
     # Through the normalisation: dL/dz = (du − u (u·du)) / ‖z‖.
     torch.sum(torch.mul(state.u, state.du, out=state.z), dim=2, keepdim=True, out=state.dot)
     state.du.addcmul_(state.u, state.dot, value=-1).div_(state.norm)
@@ -420,7 +428,7 @@ def _loss_and_gradient(
         return
     # dL/dW = xᵀ dz + 2λ(W − W0): W − W0 goes into grad, and the product adds onto it in place.
     torch.sub(weight, w0, out=state.grad)
-    norms = torch.linalg.vector_norm(state.grad.view(g, -1), dim=1)
+    norms = torch.linalg.vector_norm(state.grad.view(g, -1), dim=1, out=state.penalty)
     out.addcmul_(norms.square_(), lambdas.view(-1))  # λ‖W − W0‖² per point
     if uniform is None:
         state.grad.mul_(2 * lambdas)
@@ -533,15 +541,56 @@ def _adam_for(params: list[torch.Tensor] | list[dict], lr: float) -> torch.optim
         return torch.optim.Adam(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, foreach=True)
 
 
-def _adam(weight: torch.Tensor, grad: torch.Tensor, lrs: Sequence[float]) -> torch.optim.Adam:
-    """Adam with the paper's settings on each point's W, fused where the device has the kernel, else ``foreach``.
+def _adam(weight: torch.Tensor, grad: torch.Tensor, lrs: Sequence[float], epochs: int) -> _Adam:
+    """Adam with the paper's settings and the cosine schedule on each point's W.
 
-    One parameter group per distinct learning rate (its points' W side by side in one kernel call);
-    each group's ``"base_lr"`` is what the cosine schedule scales.
+    One parameter group per distinct learning rate (its points' W side by side in one kernel call).
     """
     groups: dict[float, list[torch.Tensor]] = {}
     for i, lr in enumerate(lrs):
         point = weight[i]
         point.grad = grad[i]  # the loop writes the gradient there; Adam reads it
         groups.setdefault(lr, []).append(point)
-    return _adam_for([{"params": params, "lr": lr, "base_lr": lr} for lr, params in groups.items()], lrs[0])
+    return _Adam([(params, lr) for lr, params in groups.items()], epochs)
+
+
+class _Adam:
+    """The paper's Adam over fixed parameter groups ``(params, lr)``, with its cosine schedule computed once.
+
+    ``torch.optim.Adam`` builds the state (and picks the fused kernel, or ``foreach`` where the device
+    lacks it) on the first step; later steps call its public functional form, ``torch.optim.adam.adam``,
+    on that state with the group's own settings: the same kernel on the same tensors, so the same numbers,
+    without ``Optimizer.step``'s bookkeeping per call (hooks, profiler records, state look-ups).
+    Gradients are read from each parameter's ``.grad`` at every step (autograd may replace it).
+    """
+
+    def __init__(self, groups: Sequence[tuple[list[torch.Tensor], float]], epochs: int) -> None:
+        self.optimizer = _adam_for([{"params": params, "lr": lr} for params, lr in groups], groups[0][1])
+        self.schedules = [[_cosine_lr(lr, step, epochs) for step in range(epochs)] for _, lr in groups]
+        self._calls: list[tuple[list[torch.Tensor], ...]] = []  # per group: params, moments, steps
+        self._settings: list[dict] = []  # per group: the rest of the functional form's arguments
+
+    def step(self, step: int) -> None:
+        """Adam's update of every parameter from its ``.grad``, at the learning rate of ``step``."""
+        if not self._calls:  # the first step: torch.optim.Adam itself, which creates the state
+            for group, schedule in zip(self.optimizer.param_groups, self.schedules, strict=True):
+                group["lr"] = schedule[step]
+            self.optimizer.step()
+            for group in self.optimizer.param_groups:
+                params, states = group["params"], [self.optimizer.state[p] for p in group["params"]]
+                beta1, beta2 = group["betas"]
+                settings = {
+                    "amsgrad": group["amsgrad"], "has_complex": False, "beta1": beta1, "beta2": beta2,
+                    "weight_decay": group["weight_decay"], "eps": group["eps"], "maximize": group["maximize"],
+                    "foreach": group["foreach"], "capturable": group["capturable"],
+                    "differentiable": group["differentiable"], "fused": group["fused"],
+                    "decoupled_weight_decay": group["decoupled_weight_decay"],
+                }  # fmt: skip
+                avgs, squares = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+                self._calls.append((params, avgs, squares, [s["step"] for s in states]))
+                self._settings.append(settings)
+            return
+        for (params, avgs, squares, steps), settings, schedule in zip(
+            self._calls, self._settings, self.schedules, strict=True
+        ):
+            adam_update(params, [p.grad for p in params], avgs, squares, [], steps, lr=schedule[step], **settings)

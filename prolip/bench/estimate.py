@@ -1,0 +1,212 @@
+"""``prolip bench --plan``: what a run will do, before it does it, and how long its extraction will take here.
+
+The plan lists the run's feature sets (:func:`~prolip.bench.workload.feature_requests`) and counts,
+per view setting (a feature cache folder), the distinct images it reads and how many of them the
+cache already holds (images the cache's index does not know yet count as missing: the plan reads
+no image), the trunk passes left (one per view of each missing image), the cache's size on disk
+(its entries, plus the view-major *pack* written for every feature set read:
+:class:`~prolip.features.cache.CachedFeatures`), the cells to train per method, and an estimated
+extraction time from a short probe of the trunk on this machine (``passes / (P × rate)`` for P
+processes). Nothing is written but the probe's own throwaway features, in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from prolip.bench.methods import get_method
+from prolip.bench.results import ResultsFile
+from prolip.bench.runner import DEFAULT_METHODS
+from prolip.bench.settings import DEFAULT_SEEDS, DEFAULT_SHOTS, plan
+from prolip.bench.store import FeatureStore
+from prolip.bench.workload import feature_requests, job_cells
+from prolip.datasets import Item
+from prolip.features.cache import check_storage
+from prolip.features.extract import extract_features
+from prolip.model.backbone import Backbone, build_backbone
+
+PROBE_IMAGES, PROBE_VIEWS = 4, 4
+
+
+@dataclass(frozen=True)
+class ViewSetting:
+    """One view setting's images: ``views`` augmented views seeded by ``seed`` (0: the plain view)."""
+
+    views: int
+    seed: int
+    images: int
+    cached: int
+
+    @property
+    def rows(self) -> int:
+        """Rows (trunk passes) per image."""
+        return max(self.views, 1)
+
+
+@dataclass
+class BenchPlan:
+    """The figures of a bench run (see the module's docstring).
+
+    Attributes:
+        settings: per view setting, distinct images and how many are cached.
+        pack_rows: rows in the packs of every feature set read (one set per problem and split).
+        width: stored values per row (the trunk's output width).
+        value_bytes: bytes per stored value (2 for the fp16 cache).
+        cells: cells to train, per method.
+        done: cells already in ``results.json``.
+        passes_per_second: the trunk's measured throughput here (augmented views), None if not probed.
+        probe: what the probe ran, in words.
+    """
+
+    settings: list[ViewSetting]
+    pack_rows: int
+    width: int
+    value_bytes: int
+    cells: Mapping[str, int] = field(default_factory=dict)
+    done: int = 0
+    passes_per_second: float | None = None
+    probe: str = ""
+
+    @property
+    def images(self) -> int:
+        """Distinct images to extract (summed over view settings)."""
+        return sum(s.images - s.cached for s in self.settings)
+
+    @property
+    def passes(self) -> int:
+        """Trunk passes left: one per view of each missing image."""
+        return sum((s.images - s.cached) * s.rows for s in self.settings)
+
+    @property
+    def cache_bytes(self) -> int:
+        """The cache's size on disk once the run is done: entries and packs (headers left out)."""
+        rows = sum(s.images * s.rows for s in self.settings) + self.pack_rows
+        return rows * self.width * self.value_bytes
+
+    @property
+    def cached_bytes(self) -> int:
+        """The entries already on disk (packs left out)."""
+        return sum(s.cached * s.rows for s in self.settings) * self.width * self.value_bytes
+
+    def seconds(self, processes: int = 1) -> float | None:
+        """Estimated extraction time with ``processes`` devices like this one: passes / (P × rate)."""
+        return None if not self.passes_per_second else self.passes / (processes * self.passes_per_second)
+
+    def report(self, processes: int = 1) -> str:
+        """The plan as text: one figure a line."""
+        lines = ["prolip bench plan (a dry run: nothing extracted or trained)"]
+        for s in self.settings:
+            what = f"{s.views} views, seed {s.seed}" if s.views else "plain view"
+            lines.append(f"  {what}: {s.images} images, {s.cached} cached, {(s.images - s.cached) * s.rows} passes")
+        lines.append(f"images to extract: {self.images} ({self.passes} trunk passes)")
+        lines.append(f"cells to train: {sum(self.cells.values())} ({self.done} already done)")
+        lines += [f"  {name}: {count}" for name, count in self.cells.items()]
+        lines.append(f"feature cache on disk: {_size(self.cache_bytes)} when done, {_size(self.cached_bytes)} exists")
+        if self.passes_per_second:
+            lines.append(f"trunk throughput here: {self.passes_per_second:.1f} passes/s ({self.probe})")
+            for p in sorted({1, processes}):
+                lines.append(f"estimated extraction time with {p} such device(s): {_duration(self.seconds(p))}")
+            lines.append("with P devices like it: passes / (P × throughput); training is not included")
+        return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    raise AssertionError  # unreachable: TB ends the loop
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds:.0f} s"
+
+
+def probe_throughput(backbone: Backbone, *, batch_size: int = 64, images: int = PROBE_IMAGES) -> float:
+    """Trunk passes per second of augmented views on ``backbone``'s device, from random images.
+
+    One warm-up pass, then ``images`` images × :data:`PROBE_VIEWS` views timed, as the bench
+    extracts them (decoding left out).
+    """
+    gen = torch.Generator().manual_seed(0)
+    side = backbone.draft_size
+    pixels = [torch.randint(0, 256, (3, side, side), dtype=torch.uint8, generator=gen) for _ in range(images)]
+    extract_features(backbone, pixels[:1], 1, seed=0, batch_size=batch_size, verbose=False)  # warm-up
+    if backbone.device.type == "cuda":
+        torch.cuda.synchronize(backbone.device)
+    start = time.perf_counter()
+    extract_features(backbone, pixels, PROBE_VIEWS, seed=0, batch_size=batch_size, verbose=False)
+    if backbone.device.type == "cuda":
+        torch.cuda.synchronize(backbone.device)
+    return images * PROBE_VIEWS / (time.perf_counter() - start)
+
+
+def estimate_bench(
+    setting: str,
+    *,
+    data_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    model: str,
+    pretrained: str | None,
+    datasets: Sequence[str] | None = None,
+    shots: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    source: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    views: int = 300,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    batch_size: int = 64,
+    probe: bool = True,
+) -> BenchPlan:
+    """The plan of :func:`~prolip.bench.runner.run_bench` with the same arguments (see :class:`BenchPlan`).
+
+    ``probe=False`` skips the throughput probe. The datasets' file lists are read; images, the results file and
+    the cache are only looked at.
+    """
+    shots = tuple(DEFAULT_SHOTS.get(setting, (16,)) if shots is None else shots)
+    seeds = tuple(DEFAULT_SEEDS if seeds is None else seeds)
+    test_views = [get_method(name).test_views for name in methods]
+    backbone = build_backbone(model, pretrained, precision=precision, device=device)
+    out = Path(out_dir)
+    root = Path(cache_dir) if cache_dir is not None else out / "cache"
+    store = FeatureStore(backbone, root, batch_size=batch_size, verbose=False) if root.is_dir() else None
+    jobs = list(plan(setting, data_root, datasets, source))
+    done: set = set()
+    if (out / "results.json").exists():
+        # The configuration check is the run's business: the plan counts any finished cell of these keys.
+        done = {ResultsFile.key(c) for c in json.loads((out / "results.json").read_text()).get("cells", [])}
+    cells = [c for job in jobs for c in job_cells(job, shots, seeds, methods) if c not in done]
+    images: dict[tuple[int, int], dict[str, Item]] = {}  # per view setting, the distinct images by path
+    pack_rows = 0
+    for job in jobs:  # every feature set of the run, finished cells' too: what exists is what is cached
+        for request in feature_requests(job, shots, seeds, views, test_views):
+            images.setdefault((request.views, request.seed), {}).update((i.path, i) for i in request.items)
+            pack_rows += len(request.items) * max(request.views, 1)
+    settings = []
+    for (v, seed), distinct in images.items():
+        missing = len(store.missing(list(distinct.values()), v, seed)) if store is not None else len(distinct)
+        settings.append(ViewSetting(v, seed, len(distinct), len(distinct) - missing))
+    result = BenchPlan(
+        settings=settings,
+        pack_rows=pack_rows,
+        width=backbone.projector.feature_width,
+        value_bytes=check_storage("fp16").itemsize,
+        cells=dict(Counter(name for *_, name in cells)),
+        done=len(done),
+    )
+    if probe:
+        result.passes_per_second = probe_throughput(backbone, batch_size=batch_size)
+        result.probe = f"{PROBE_IMAGES} images × {PROBE_VIEWS} views of {model} on {backbone.device}"
+    return result
