@@ -24,7 +24,7 @@ from prolip.bench.inputs import class_set, image_head
 from prolip.bench.methods import FittedMethod, Method, get_method
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.bench.results import ResultsFile, render_plot, render_table
-from prolip.bench.settings import DEFAULT_SEEDS, DEFAULT_SHOTS, Target, plan
+from prolip.bench.settings import DEFAULT_SEEDS, DEFAULT_SHOTS, METHOD_DEFAULTS, Target, plan
 from prolip.bench.store import FeatureStore
 from prolip.datasets import Dataset, draw_shots, draw_validation, write_draw
 from prolip.errors import InputError
@@ -86,7 +86,8 @@ def run_bench(
     seeds = tuple(DEFAULT_SEEDS if seeds is None else seeds)
     _check(shots, seeds, methods, views, epochs)
     templates = None if templates is None else tuple(check_templates(templates))
-    chosen = {name: get_method(name) for name in methods}  # unknown names fail before any work
+    defaults = METHOD_DEFAULTS.get(setting, {})  # the official scripts' values where the setting has its own
+    chosen = {name: get_method(name, defaults) for name in methods}  # unknown names fail before any work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     backbone = build_backbone(model, pretrained, precision=precision, device=device)
@@ -126,7 +127,7 @@ def run_bench(
                     accuracy = {t.name: tests.score(fitted, method, t) for t in job.targets}
                     results.add(
                         {"dataset": job.key, "shots": n, "seed": seed, "method": name, "accuracy": accuracy,
-                         "fit_seconds": seconds, "info": fitted.info}
+                         "fit_seconds": seconds, "info": {**method.hyperparameters(), **fitted.info}}
                     )  # fmt: skip
                     logger.debug("%s N=%d seed %d %s: %s (%.2f s)", job.key, n, seed, name, accuracy, seconds)
     (out / "table.md").write_text(render_table(setting, results.cells), encoding="utf-8")

@@ -9,6 +9,7 @@ The bench times ``fit`` and reports it beside the accuracy.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -55,6 +56,20 @@ class Method(ABC):
     def fit(self, problem: Problem) -> FittedMethod:
         """Train on ``problem`` (selecting hyperparameters on ``problem.val`` only, never on test data)."""
 
+    def hyperparameters(self) -> dict[str, Any]:
+        """The method's arguments as set (its attributes, dataclasses flattened), as JSON values.
+
+        The bench records them in every cell's ``info``, under what the fit itself reports
+        (a λ resolved from 1/N, a point chosen on validation), so each cell says how it was trained.
+        """
+        out: dict[str, Any] = {}
+        for key, value in vars(self).items():
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                out.update(dataclasses.asdict(value))
+            else:
+                out[key] = list(value) if isinstance(value, tuple) else value
+        return out
+
 
 METHODS: dict[str, type[Method]] = {}
 """Every registered method class, by name."""
@@ -68,16 +83,18 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def get_method(spec: str) -> Method:
+def get_method(spec: str, defaults: dict[str, dict[str, Any]] | None = None) -> Method:
     """A new instance of the method named by ``spec``: ``NAME`` or ``NAME:key=value,key=value``.
 
     The second form sets constructor arguments (values read as JSON numbers, strings otherwise),
     e.g. ``prolip:lr=1e-2,reg_lambda=0`` — how the paper's learning-rate × λ table is run.
+    ``defaults`` (method name → arguments) are used for the arguments the spec does not set (a
+    setting's official values, :data:`prolip.bench.settings.METHOD_DEFAULTS`).
     """
     name, _, arguments = spec.partition(":")
     if name not in METHODS:
         raise InputError(f"unknown bench method {name!r}; available: {sorted(METHODS)}.")
-    kwargs = {}
+    kwargs = dict((defaults or {}).get(name, {}))
     for pair in filter(None, arguments.split(",")):
         key, sep, text = pair.partition("=")
         if not sep or not key:
