@@ -43,8 +43,11 @@ class ProLIP(Method):
 
     def fit(self, problem: Problem) -> FittedMethod:
         reg_lambda = reg_lambda_of(problem, self.reg_lambda)
-        fitted = AdaptedProjector(
-            problem.image_head, prolip_weight(problem, self.lr, reg_lambda, self.train_dtype), problem.logit_scale
-        )
-        fitted.info = {"lr": self.lr, "reg_lambda": reg_lambda}
+        head = problem.image_head
+        weight = prolip_weight(problem, self.lr, reg_lambda, self.train_dtype)
+        fitted = AdaptedProjector(head, weight, problem.logit_scale)
+        # W0 as the training stored it: fp16 rounds it first, and updates below half a step are lost.
+        start = head.w0.half().to(head.w0) if self.train_dtype == "fp16" else head.w0
+        unchanged = float((weight == start).float().mean())
+        fitted.info = {"lr": self.lr, "reg_lambda": reg_lambda, "w_unchanged": unchanged}
         return fitted
