@@ -24,7 +24,7 @@ TARGETS = ("image", "text", "image+text")
 """Which projectors a ProLIP fit trains (``target``): the vision projector, the text projection, or both."""
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-"""Backbone precisions by name (training itself is always fp32)."""
+"""Backbone precisions by name (training's numerics are ``train_dtype``'s: fp32 unless asked)."""
 
 
 STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
