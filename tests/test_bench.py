@@ -237,6 +237,7 @@ def test_every_cell_records_the_hyperparameters_it_trained_with(suite, tmp_path)
         assert info[name]["reg_lambda"] == pytest.approx(1 / 2), name  # λ resolved from 1/N
         assert info[name]["train_dtype"] == "fp32"
     assert info["prolip-val"]["lr"] in PAPER_LRS and info["test-time-prolip"]["lr"] == 5e-3
+    assert isinstance(info["taskres"]["epochs"], int) and isinstance(info["clip-adapter"]["epochs"], int)  # from N
 
 
 def test_reg_lambda_one_over_n_squared(suite, tmp_path, colours):
