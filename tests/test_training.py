@@ -258,3 +258,26 @@ def test_an_unknown_train_dtype_is_refused():
             features, labels, classifier, w0, None, logit_scale=100.0, lr=1e-3, reg_lambda=0.0, epochs=2,
             device=CPU, verbose=False, train_dtype="bf16",
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("side_kind", ["taskres", "none"])
+def test_the_fp16_loop_is_the_fp32_loop_but_for_its_dtype(side_kind, monkeypatch):
+    """Run in fp32, the fp16 loop's autograd recipe is train_projector's closed-form one (to float rounding);
+    in fp16 it stores W (and R) as fp16 values."""
+    from prolip.training import half
+    from prolip.training.loop import ClassifierResidual
+
+    features, labels, classifier, w0, _ = problem(k=3)
+    side = ClassifierResidual(classifier * 3.0, 0.5) if side_kind == "taskres" else None
+    t = None if side else classifier
+    run = {"logit_scale": 100.0, "lr": 1e-3, "reg_lambda": 0.5, "epochs": 30, "device": CPU, "verbose": False}
+    stored = train_projector(features, labels, t, w0, None, side=side, train_dtype="fp16", **run)
+    for got in (stored.weight, stored.classifier_weight if side else stored.weight):
+        assert torch.equal(got, got.half().float())
+    full = train_projector(features, labels, t, w0, None, side=side, **run)
+    monkeypatch.setattr(half, "HALF", torch.float32)
+    same_dtype = train_projector(features, labels, t, w0, None, side=side, train_dtype="fp16", **run)
+    change = full.weight - w0
+    assert float((same_dtype.weight - full.weight).norm() / change.norm()) < 1e-5
+    if side:
+        torch.testing.assert_close(same_dtype.classifier_weight, full.classifier_weight, rtol=1e-5, atol=1e-6)
