@@ -53,13 +53,13 @@ class ProLIPAdapter(Estimator, FittedAttributes):
             Ignored when ``model`` is a model object.
         templates: prompt templates with one "{}" each; None means ["a photo of a {}."].
         lr: Adam learning rate.
-        reg_lambda: λ; "auto" means 1/N with N the number of training images per class.
+        reg_lambda: λ; "auto" means 1/N with N the number of training images per class, "1/N^2" 1/N².
         epochs: number of full-batch training steps; 0 gives the zero-shot classifier (delta = 0).
         views: augmented views extracted per training image (step t uses view t mod views);
             0 trains on the plain view.
         batch_size: images per forward pass during feature extraction.
         device: "cuda", "mps", "cpu", ...; None picks CUDA, then MPS, then CPU.
-        precision: backbone precision, "fp32", "fp16" or "bf16" (training is always fp32).
+        precision: backbone precision, "fp32", "fp16" or "bf16" (training's is ``train_dtype``).
         logit_scale: s in the loss; None uses the model's own ``logit_scale.exp()``.
         random_state: seed of the view augmentation (the only randomness); None draws one.
         verbose: show progress bars.
@@ -77,6 +77,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
             W_t, regularised toward W_t0, T rebuilt from it; see docs/variants.md) or "image+text".
         taskres_alpha: None, or α > 0 to train TaskRes's residual R on the classifier beside the
             image projector, T = normalize(t + αR) (ProLIP + TaskRes; target="image" only).
+        train_dtype: "fp32", or "fp16" to keep W, its gradient and Adam's moments in fp16 as the official code.
 
     Attributes (after fit or load):
         fitted_: the :class:`~prolip.training.fitted.FittedState` all the attributes below are read from.
@@ -118,6 +119,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         cache_dtype: str = "fp16",
         target: str = "image",
         taskres_alpha: float | None = None,
+        train_dtype: str = "fp32",
     ) -> None:
         self.model = model
         self.pretrained = pretrained
@@ -139,6 +141,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         self.cache_dtype = cache_dtype
         self.target = target
         self.taskres_alpha = taskres_alpha
+        self.train_dtype = train_dtype
 
     # ------------------------------------------------------------------ learned attributes (FittedAttributes)
     def _fitted(self) -> FittedState:

@@ -42,15 +42,17 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _reg_lambda(text: str) -> str | float:
-    """``--reg-lambda``: 'auto' or a number >= 0."""
-    if text == "auto":
+    """``--reg-lambda``: 'auto' (1/N), '1/N^2' or a number >= 0."""
+    from prolip.params import REG_LAMBDA_RULES
+
+    if text in REG_LAMBDA_RULES:
         return text
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not 'auto' or a number") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'auto', '1/N^2' or a number") from None
     if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be 'auto' or a finite number >= 0")
+        raise argparse.ArgumentTypeError(f"{text!r} must be 'auto', '1/N^2' or a finite number >= 0")
     return value
 
 
@@ -94,7 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--seed", type=int, default=0, help="seed of the shot draw and the views (default: 0)")
     fit.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s)")
     fit.add_argument(
-        "--reg-lambda", default="auto", type=_reg_lambda, help="λ, or 'auto' for 1/N (default: %(default)s)"
+        "--reg-lambda",
+        default="auto",
+        type=_reg_lambda,
+        help="λ, or 'auto' for 1/N, '1/N^2' for 1/N² (default: %(default)s)",
     )
     fit.add_argument("--epochs", type=int, default=300, help="training steps (default: %(default)s)")
     fit.add_argument("--views", type=int, default=300, help="augmented views per image (default: %(default)s)")
@@ -114,6 +119,13 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=0.5,
         help="α of the TaskRes residual (image+taskres; default: %(default)s)",
+    )
+    fit.add_argument(
+        "--train-dtype",
+        default="fp32",
+        choices=["fp32", "fp16"],
+        help="fp16 keeps W, its gradient and Adam's moments in fp16 as the official code does on the GPU "
+        "(not for --variant rla; default: %(default)s)",
     )
     tip = fit.add_argument_group("ProLIP + Tip-Adapter (--variant image+tip-adapter)")
     tip.add_argument("--val", default=None, help="validation images (folder or CSV) to choose the cache's α and β on")
@@ -158,6 +170,12 @@ def _parser() -> argparse.ArgumentParser:
         help="start from W0 + delta or from W0 (default: %(default)s)",
     )
     tt.add_argument("--tt-seed", type=int, default=0, help="seed of the random views (default: %(default)s)")
+    tt.add_argument(
+        "--tt-template",
+        action="append",
+        dest="tt_templates",
+        help="prompt template with {} for T (repeatable; default: the delta's own templates)",
+    )
 
     evaluate = command("eval", "Accuracy, per-class accuracy and confusion matrix on labelled images.")
     evaluate.add_argument("delta", help="delta file")
@@ -282,6 +300,7 @@ def _fit(args: argparse.Namespace) -> None:
         cache_dir=args.cache_dir,
         target=args.variant if args.variant in TARGETS else "image",
         taskres_alpha=args.taskres_alpha if args.variant == "image+taskres" else None,
+        train_dtype=args.train_dtype,
     )
     if args.variant == "rla":  # the adapter only embeds the images; the linear adapter trains on the embeddings
         from prolip.variants.rla import ModelRLA
@@ -380,6 +399,7 @@ def _predict(args: argparse.Namespace) -> None:
             lr=args.tt_lr,
             optimizer=args.tt_optimizer,
             random_state=args.tt_seed,
+            templates=args.tt_templates,
             verbose=not args.quiet,
         )
     proba = predictor.predict_proba(images)

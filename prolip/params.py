@@ -25,11 +25,18 @@ TARGETS = ("image", "text", "image+text")
 """Which projectors a ProLIP fit trains (``target``): the vision projector, the text projection, or both."""
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-"""Backbone precisions by name (training itself is always fp32)."""
+"""Backbone precisions by name (training's numerics are ``train_dtype``'s: fp32 unless asked)."""
 
 
 STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 """Feature-cache storage precisions by name (``cache_dtype``)."""
+
+REG_LAMBDA_RULES = {"auto": 1, "1/N^2": 2}
+"""λ rules by name (``reg_lambda``): "auto" is the paper's 1/N, "1/N^2" its alternative 1/N² (Table 11)."""
+
+TRAIN_DTYPES = ("fp32", "fp16")
+"""Training numerics by name (``train_dtype``): fp32 (prolip's default), or fp16 storage of W, its
+gradient and Adam's moments as the official code trains on the GPU."""
 
 ON_ERROR = ("raise", "skip")
 """What to do with an image that cannot be read (``on_error``)."""
@@ -130,7 +137,13 @@ CONSTRAINTS: dict[str, Constraint] = {
         lambda v: v is None or valid_templates(v),
     ),
     "lr": Constraint("a positive number, e.g. 1e-3", lambda v: number(v) and v > 0),
-    "reg_lambda": Constraint("'auto' (1/N) or a number >= 0", lambda v: v == "auto" or (number(v) and v >= 0)),
+    "reg_lambda": Constraint(
+        "'auto' (1/N), '1/N^2' or a number >= 0",
+        lambda v: (isinstance(v, str) and v in REG_LAMBDA_RULES) or (number(v) and v >= 0),
+    ),
+    "train_dtype": Constraint(
+        f"one of {list(TRAIN_DTYPES)}: W's training numerics", lambda v: isinstance(v, str) and v in TRAIN_DTYPES
+    ),
     "epochs": Constraint("an integer >= 0", lambda v: _integer(v) and v >= 0),
     "views": Constraint("an integer >= 0 (0: train on the plain view)", lambda v: _integer(v) and v >= 0),
     "batch_size": Constraint("an integer >= 1", lambda v: _integer(v) and v >= 1),
@@ -154,6 +167,19 @@ CONSTRAINTS: dict[str, Constraint] = {
         "None (no residual) or a positive number, TaskRes's α (e.g. 0.5)", lambda v: v is None or (number(v) and v > 0)
     ),
 }
+
+
+def resolve_reg_lambda(reg_lambda: float | str | None, n_shots: float) -> float:
+    """λ as a number: a rule of :data:`REG_LAMBDA_RULES` (None is "auto") applied to N, or the number given.
+
+    Raises:
+        InputError: ``reg_lambda`` is neither a rule's name nor a number >= 0.
+    """
+    reg_lambda = "auto" if reg_lambda is None else reg_lambda
+    check_params({"reg_lambda": reg_lambda})
+    if isinstance(reg_lambda, str):
+        return 1.0 / float(n_shots) ** REG_LAMBDA_RULES[reg_lambda]
+    return float(reg_lambda)
 
 
 def check_params(params: Mapping[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 
@@ -200,10 +201,105 @@ def test_methods_take_arguments_in_their_names(suite, tmp_path):
         "few-shot", suite, tmp_path, datasets=["dtd"], shots=[1],
         methods=["prolip:lr=1e-2,reg_lambda=0", "prolip:lr=1e-5,reg_lambda=auto"],
     )  # fmt: skip
-    info = {c["method"]: c["info"] for c in cells}
+    info = {c["method"]: {k: c["info"][k] for k in ("lr", "reg_lambda", "train_dtype")} for c in cells}
     assert info == {
-        "prolip:lr=1e-2,reg_lambda=0": {"lr": 1e-2, "reg_lambda": 0.0},
-        "prolip:lr=1e-5,reg_lambda=auto": {"lr": 1e-5, "reg_lambda": 1.0},
+        "prolip:lr=1e-2,reg_lambda=0": {"lr": 1e-2, "reg_lambda": 0.0, "train_dtype": "fp32"},
+        "prolip:lr=1e-5,reg_lambda=auto": {"lr": 1e-5, "reg_lambda": 1.0, "train_dtype": "fp32"},
     }
     with pytest.raises(InputError, match="unexpected keyword argument 'rate'"):
         bench("few-shot", suite, tmp_path / "x", datasets=["dtd"], shots=[1], methods=["prolip:rate=1"])
+
+
+# ---------------------------------------------------------------------------- the official scripts' settings
+def test_each_setting_runs_the_official_defaults_and_says_so(suite, tmp_path):
+    """Without --shots or method arguments: 4-shot ImageNet and lr 1e-5 for the transfer settings, lr 1e-3 for few-shot."""
+    transfer = bench("cross-dataset", suite, tmp_path / "cross", datasets=["dtd"], methods=["prolip"])
+    (cell,) = transfer
+    assert cell["shots"] == 4 and cell["info"]["lr"] == 1e-5 and cell["info"]["reg_lambda"] == pytest.approx(1 / 4)
+    header = (tmp_path / "cross" / "table.md").read_text().split("**N = ")[0]
+    assert "N = 4;" in header and "prolip: lr 1e-05, λ = 1/N" in header
+    assert "| prolip | 1e-05 | 0.25 |" in header  # what the cells trained with
+    base = bench("base-to-new", suite, tmp_path / "b2n", datasets=["dtd"], methods=["prolip", "prolip:lr=1e-2"])
+    assert [(c["shots"], c["info"]["lr"]) for c in base] == [(16, 1e-5), (16, 1e-2)]  # an explicit argument wins
+    assert "N = 16;" in (tmp_path / "b2n" / "table.md").read_text()
+    few = bench("few-shot", suite, tmp_path / "few", datasets=["dtd"], shots=[1, 2], methods=["prolip"])
+    assert [c["info"]["lr"] for c in few] == [1e-3, 1e-3]
+    table = (tmp_path / "few" / "table.md").read_text()
+    assert (
+        "N = 1, 2, 4, 8, 16;" in table and "prolip: lr 0.001, λ = 1/N" in table and "| prolip | 0.001 | 1/N |" in table
+    )
+
+
+def test_every_cell_records_the_hyperparameters_it_trained_with(suite, tmp_path):
+    methods = sorted(METHODS)
+    cells = bench("few-shot", suite, tmp_path, datasets=["dtd"], shots=[2], methods=methods)
+    info = {c["method"]: c["info"] for c in cells}
+    for name in methods:
+        arguments = set(inspect.signature(METHODS[name]).parameters)
+        assert arguments <= set(info[name]), name  # every constructor argument, as set or as resolved
+    for name in ("prolip", "rla", "prolip-text", "prolip+taskres", "prolip+tip-adapter"):
+        assert info[name]["reg_lambda"] == pytest.approx(1 / 2), name  # λ resolved from 1/N
+        assert info[name]["train_dtype"] == "fp32"
+    assert info["prolip-val"]["lr"] in PAPER_LRS and info["test-time-prolip"]["lr"] == 5e-3
+    assert isinstance(info["taskres"]["epochs"], int) and isinstance(info["clip-adapter"]["epochs"], int)  # from N
+
+
+def test_reg_lambda_one_over_n_squared(suite, tmp_path, colours):
+    cells = bench(
+        "few-shot",
+        suite,
+        tmp_path,
+        datasets=["dtd"],
+        shots=[2],
+        methods=["prolip:reg_lambda=1/N^2", "rla:reg_lambda=1/N^2"],
+    )
+    assert [c["info"]["reg_lambda"] for c in cells] == [pytest.approx(1 / 4)] * 2
+    images, labels = colours  # 4 per class
+    adapter = ProLIPAdapter(
+        standin.MODEL_NAME, standin.PRETRAINED_TAG, reg_lambda="1/N^2", views=1, epochs=2, verbose=False
+    )
+    assert adapter.fit(images, labels).reg_lambda_ == pytest.approx(1 / 16)
+    with pytest.raises(InputError, match="'1/N\\^2'"):
+        ProLIPAdapter(standin.MODEL_NAME, standin.PRETRAINED_TAG, reg_lambda="1/N^3").fit(images, labels)
+
+
+def test_fp16_training_in_the_bench(suite, tmp_path):
+    methods = ["prolip:lr=1e-5", "prolip:lr=1e-5,train_dtype=fp16", "rla:train_dtype=fp16", "prolip-text:train_dtype=fp16",
+               "prolip+taskres:train_dtype=fp16", "prolip+tip-adapter:keys=official,train_dtype=fp16"]  # fmt: skip
+    cells = bench("few-shot", suite, tmp_path, datasets=["dtd"], shots=[2], methods=methods, epochs=20)
+    info = {c["method"]: c["info"] for c in cells}
+    assert info["prolip:lr=1e-5"]["w_unchanged"] < 0.01  # fp32 applies every update
+    assert info["prolip:lr=1e-5,train_dtype=fp16"]["w_unchanged"] > 0.1  # fp16 rounds many of them away
+    assert all(info[m]["train_dtype"] == "fp16" for m in methods[1:])
+    assert all(0 <= c["accuracy"]["dtd"] <= 1 for c in cells)
+
+
+def test_tip_adapter_official_keys_score_with_the_trained_projector(suite, tmp_path):
+    """keys="official": the cache's affinities use the trained W, as ProLIP_Tip.py's aliased "frozen" projection."""
+    from prolip.bench.adapted import adapted_problem
+    from prolip.bench.method_tools import plain_embeddings
+    from prolip.training.tip_cache import cache_scores
+
+    seen = {}
+    original = METHODS["prolip+tip-adapter"]._fit_joint
+
+    def spy(self, problem, official, **kw):
+        seen["problem"] = problem
+        seen["fitted"] = original(self, problem, official, **kw)
+        return seen["fitted"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(METHODS["prolip+tip-adapter"], "_fit_joint", spy)
+        cells = bench(
+            "few-shot", suite, tmp_path, datasets=["dtd"], shots=[2], methods=["prolip+tip-adapter:keys=official"]
+        )
+    problem, fitted = seen["problem"], seen["fitted"]
+    test = problem.val  # any plain-view features
+    f = plain_embeddings(adapted_problem(problem, fitted.weight).image_head, test)
+    classes = problem.classes
+    expected = problem.logit_scale * f @ classes.classifier.t() + cache_scores(
+        f @ fitted.keys.t(), problem.train.labels, len(classes), 1.0
+    )
+    # The same operations on the same shapes as _JointCache.logits (one chunk): equal bit for bit.
+    assert torch.equal(fitted.logits(test, classes), expected)
+    assert cells[0]["info"]["keys"] == "official" and cells[0]["info"]["lr"] == 1e-4

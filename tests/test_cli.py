@@ -127,6 +127,22 @@ def test_predict_and_eval_take_folders_csv_files_and_mixed_lists(folder, delta, 
     assert f"accuracy: {adapter.score(paths, labels):.4f} (" in report and f"/{n})" in report
 
 
+def test_fit_in_the_official_fp16_numerics_with_lambda_one_over_n_squared(folder, tmp_path):
+    out = tmp_path / "fp16.safetensors"
+    common = ["--model", standin.MODEL_NAME, "--pretrained", standin.PRETRAINED_TAG, "--shots", "4", "--views", "2"]
+    prolip("fit", str(folder), *common, "--epochs", "5", "--lr", "1e-5", "--reg-lambda", "1/N^2", "--train-dtype", "fp16",
+           "--out", str(out), "--quiet")  # fmt: skip
+    assert "lambda used:       0.0625" in prolip("info", str(out)).stdout  # 1/N² with N = 4
+    state = read_delta(out)
+    assert state.hyperparameters["train_dtype"] == "fp16" and state.hyperparameters["reg_lambda"] == "1/N^2"
+    adapter = ProLIPAdapter.load(out, verbose=False)
+    assert adapter.train_dtype == "fp16"
+    w0 = adapter.backbone.projector.parameter.detach().float()
+    trained = w0 + adapter.delta_  # fp16 values: W − W0 and back are exact (Sterbenz), so W is as training stored it
+    assert torch.equal(trained, trained.half().float())
+    assert (trained == w0.half().float()).float().mean() > 0.1  # many updates rounded away: W0 in fp16
+
+
 def test_merge_gives_an_open_clip_checkpoint(delta, tmp_path):
     import open_clip
 
@@ -204,10 +220,11 @@ def _umask() -> int:
     [
         (
             ("fit", ".", "--out", "x.safetensors", "--reg-lambda", "abc"),
-            "--reg-lambda: 'abc' is not 'auto' or a number",
+            "--reg-lambda: 'abc' is not 'auto', '1/N^2' or a number",
         ),
         (("fit", ".", "--out", "x.safetensors", "--reg-lambda", "-1"), "finite number >= 0"),
         (("fit", ".", "--out", "x.safetensors", "--epochs", "many"), "--epochs: invalid int value"),
+        (("fit", ".", "--out", "x.safetensors", "--train-dtype", "bf16"), "invalid choice: 'bf16'"),
         (("fit", "."), "required: --out"),
         (("merge", "d.safetensors", "--out", "m.safetensors", "--precision", "fp8"), "invalid choice: 'fp8'"),
         (("train",), "invalid choice: 'train'"),

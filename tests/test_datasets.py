@@ -16,6 +16,8 @@ import pytest
 from prolip.datasets import (
     COOP_DATASETS,
     COOP_LAYOUTS,
+    IMAGENET_TEMPLATES,
+    IMAGENET_VARIANTS,
     Dataset,
     Item,
     base_new_split,
@@ -122,6 +124,22 @@ def test_imagenet_reader(tmp_path):
     assert (len(ds.train), len(ds.val), len(ds.test)) == (12, 0, 8)  # CoOp: no val; test = ImageNet's val
     assert {Path(item.path).parent.name for item in ds.test if item.label == 1} == {"n01443537"}
     assert all("/images/val/" in Path(item.path).as_posix() for item in ds.test)
+
+
+def test_the_imagenet_family_reads_with_the_official_seven_templates(tmp_path):
+    """ProLIP's datasets/imagenet.py (and its -V2, -Sketch, -A, -R copies): 7 templates for every method."""
+    write_imagenet(tmp_path)
+    touch(tmp_path / "imagenetv2" / "imagenetv2-matched-frequency-format-val" / "0" / "x.jpeg")
+    for folder in ("imagenet-sketch/images", "imagenet-adversarial/imagenet-a", "imagenet-rendition/imagenet-r"):
+        touch(tmp_path / folder / "n01440764" / "0.jpg")
+    seven = (
+        "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+        "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+    )  # fmt: skip
+    assert seven == IMAGENET_TEMPLATES
+    for name in ("imagenet", *IMAGENET_VARIANTS):
+        assert read_coop(name, tmp_path).templates == seven, name
+    assert COOP_LAYOUTS["imagenet"].template == "a photo of a {}."  # CoOp's own prompt stays on record
 
 
 def test_imagenet_a_reads_a_subset_with_imagenet_names(tmp_path):

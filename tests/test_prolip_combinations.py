@@ -216,7 +216,7 @@ def test_taskres_matches_the_reference_loop(shifted, form):
     got = fitted.logits(test, problem.classes)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
     assert float(r.detach().abs().max()) > 1e-3  # the residual trained
-    assert fitted.info == {"form": form, "alpha": alpha, "lr": lr}
+    assert fitted.info == {"form": form, "alpha": alpha, "lr": lr, "reg_lambda": 1 / problem.shots}
 
 
 def test_taskres_beats_prolip_and_zero_shot_when_the_text_is_off(shifted):

@@ -265,6 +265,35 @@ def test_refuses_what_it_cannot_use(fitted, checkpoints):
         TestTimeProLIP(tiny_adapter(checkpoints["vit"]))
 
 
+def test_templates_build_t_as_the_official_clip_classifier(fitted):
+    """T from several templates: each prompt's embedding normalised, averaged, normalised (utils.clip_classifier)."""
+    templates = ["itap of a {}.", "art of the {}.", "a photo of the small {}."]
+    backbone = fitted.backbone
+    names = list(fitted.class_names_)
+    embeddings = backbone.prompt_embeddings(names, templates)  # [K, M, d], encode_text's output
+    expected = embeddings / embeddings.norm(dim=-1, keepdim=True)
+    expected = expected.mean(dim=1)
+    expected = expected / expected.norm(dim=-1, keepdim=True)
+    for tt in (TestTimeProLIP(fitted, templates=templates), TestTimeProLIP(backbone, names, templates=templates)):
+        torch.testing.assert_close(tt.classifier, expected, rtol=0, atol=1e-6)  # unit rows: 1e-6 is float rounding
+    assert torch.equal(TestTimeProLIP(fitted).classifier, fitted.classifier_)  # no templates: the adapter's own T
+    images = colour_images(1, seed=7)[0]
+    tt = TestTimeProLIP(fitted, templates=templates, views=4, lr=0.0)
+    features = tt.extract_features(images)
+    w = fitted.fitted_.adapted_weight(backbone.projector)
+    scale = fitted.logit_scale_
+    assert torch.equal(
+        tt.logits_from_features(features), logits(features[0], w, backbone.projector.bias, tt.classifier, scale)
+    )
+
+
+def test_templates_are_refused_where_t_was_trained(checkpoints):
+    images, labels = colour_images(2)
+    text = tiny_adapter(checkpoints["vit"], views=1, epochs=2, target="text").fit(images, labels)
+    with pytest.raises(InputError, match="target='text'"):
+        TestTimeProLIP(text, templates=["a {}."])
+
+
 def test_command_line_test_time_predict(fitted, checkpoints, tmp_path, capsys):
     delta = tmp_path / "colours.safetensors"
     fitted.save(delta)
@@ -282,6 +311,10 @@ def test_command_line_test_time_predict(fitted, checkpoints, tmp_path, capsys):
     assert main([*base, "--test-time", "--tt-views", "8", "--tt-lr", "0.5", "--tt-rho", "0.5"]) == 0
     moved = json.loads(capsys.readouterr().out)
     assert moved[0]["probabilities"] != pytest.approx(plain[0]["probabilities"], abs=1e-4)
+    templated = [*base, "--test-time", "--tt-views", "8", "--tt-lr", "0", "--tt-template", "a {} thing."]
+    assert main([*templated, "--tt-template", "a photo of a {}."]) == 0
+    other_t = json.loads(capsys.readouterr().out)
+    assert other_t[0]["probabilities"] != pytest.approx(plain[0]["probabilities"], abs=1e-6)  # T rebuilt
     assert main([*base, "--test-time", "--tt-optimizer", "lbfgs"]) == 1
     assert "optimizer" in capsys.readouterr().err
 

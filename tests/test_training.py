@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference_training import reference_logits, reference_train
+from reference_training import reference_logits, reference_train, reference_train_fp16
 
-from prolip import TrainingDivergedError, TrainingWarning
+from prolip import InputError, TrainingDivergedError, TrainingWarning
 from prolip.training.loop import TrainResult, train_grid, train_projector
 
 CPU = torch.device("cpu")
@@ -204,3 +204,80 @@ def test_a_grid_trains_each_point_as_alone(k):
         verbose=False,
     )
     assert wild == [None, None]
+
+
+# ---------------------------------------------------------------------------- the official fp16 numerics
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize(("lr", "reg_lambda"), [(1e-5, 0.25), (1e-3, 1.0), (1e-3, 0.0)])
+def test_fp16_training_is_the_official_fp16_loop(with_bias, lr, reg_lambda):
+    features, labels, classifier, w0, b = problem(bias=with_bias, k=5, n=20)
+    kw = {"logit_scale": 100.0, "lr": lr, "reg_lambda": reg_lambda, "epochs": 40}
+    fast = train_projector(features, labels, classifier, w0, b, device=CPU, verbose=False, train_dtype="fp16", **kw)
+    slow = reference_train_fp16(features, labels, classifier, w0, b, **kw)
+    # Both run the same fp16 operations on the same shapes; only the schedule's learning rate is
+    # computed differently (closed form vs CosineAnnealingLR's recursion, equal to ~1e-16), which
+    # can move an update across an fp16 rounding boundary: at most one fp16 step (2^-11 relative) per entry.
+    step = torch.finfo(torch.float16).eps * slow.weight.abs().clamp_min(2**-14)
+    assert ((fast.weight - slow.weight).abs() <= step).all()
+    assert (fast.weight != slow.weight).float().mean() < 0.01
+    torch.testing.assert_close(fast.losses, slow.losses, rtol=2e-3, atol=2e-3)
+    # And it is not the fp32 loop: fp16 rounding is visible at this scale.
+    fp32 = train_projector(features, labels, classifier, w0, b, device=CPU, verbose=False, **kw)
+    assert (fp32.weight - slow.weight).abs().max() > step.max()
+
+
+def test_fp16_leaves_small_updates_unapplied():
+    """At lr 1e-5 most updates are below half an fp16 step of W's entries: they stay at W0 (rounded)."""
+    features, labels, classifier, w0, _ = problem(k=5, n=20)
+    kw = {"logit_scale": 100.0, "lr": 1e-5, "reg_lambda": 0.25, "epochs": 30}
+    half = train_projector(features, labels, classifier, w0, None, device=CPU, verbose=False, train_dtype="fp16", **kw)
+    full = train_projector(features, labels, classifier, w0, None, device=CPU, verbose=False, **kw)
+    assert (half.weight == w0.half().float()).float().mean() > 0.2
+    assert (full.weight == w0).float().mean() < 0.01
+
+
+def test_fp16_grid_points_are_lone_fp16_fits():
+    features, labels, classifier, w0, _ = problem(k=3)
+    points = [(1e-3, 0.5), (1e-2, 0.0)]
+    grid = train_grid(
+        features, labels, classifier, w0, None, logit_scale=100.0, points=points, epochs=10, device=CPU,
+        verbose=False, train_dtype="fp16",
+    )  # fmt: skip
+    for (lr, lam), result in zip(points, grid, strict=True):
+        alone = train_projector(
+            features, labels, classifier, w0, None, logit_scale=100.0, lr=lr, reg_lambda=lam, epochs=10,
+            device=CPU, verbose=False, train_dtype="fp16",
+        )  # fmt: skip
+        assert torch.equal(result.weight, alone.weight)  # the same function on the same inputs
+
+
+def test_an_unknown_train_dtype_is_refused():
+    features, labels, classifier, w0, _ = problem()
+    with pytest.raises(InputError, match="train_dtype='bf16'"):
+        train_projector(
+            features, labels, classifier, w0, None, logit_scale=100.0, lr=1e-3, reg_lambda=0.0, epochs=2,
+            device=CPU, verbose=False, train_dtype="bf16",
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("side_kind", ["taskres", "none"])
+def test_the_fp16_loop_is_the_fp32_loop_but_for_its_dtype(side_kind, monkeypatch):
+    """Run in fp32, the fp16 loop's autograd recipe is train_projector's closed-form one (to float rounding);
+    in fp16 it stores W (and R) as fp16 values."""
+    from prolip.training import half
+    from prolip.training.loop import ClassifierResidual
+
+    features, labels, classifier, w0, _ = problem(k=3)
+    side = ClassifierResidual(classifier * 3.0, 0.5) if side_kind == "taskres" else None
+    t = None if side else classifier
+    run = {"logit_scale": 100.0, "lr": 1e-3, "reg_lambda": 0.5, "epochs": 30, "device": CPU, "verbose": False}
+    stored = train_projector(features, labels, t, w0, None, side=side, train_dtype="fp16", **run)
+    for got in (stored.weight, stored.classifier_weight if side else stored.weight):
+        assert torch.equal(got, got.half().float())
+    full = train_projector(features, labels, t, w0, None, side=side, **run)
+    monkeypatch.setattr(half, "HALF", torch.float32)
+    same_dtype = train_projector(features, labels, t, w0, None, side=side, train_dtype="fp16", **run)
+    change = full.weight - w0
+    assert float((same_dtype.weight - full.weight).norm() / change.norm()) < 1e-5
+    if side:
+        torch.testing.assert_close(same_dtype.classifier_weight, full.classifier_weight, rtol=1e-5, atol=1e-6)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from prolip.atomic import atomic_write, file_lock, read_json
+from prolip.bench.settings import describe_defaults
 from prolip.errors import InputError
 from prolip.params import number
 
@@ -244,7 +245,10 @@ def render_table(setting: str, cells: Sequence[Mapping[str, Any]], skipped: Sequ
     by: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
     for c in cells:
         by[c["method"], int(c["shots"])].append(c)
-    out = [f"# prolip bench: {setting}", ""]
+    out = [f"# prolip bench: {setting}", "", describe_defaults(setting), ""]
+    trained = [[m, *_hyperparameters(by_method)] for m, by_method in _by_method(cells).items()]
+    out += ["Hyperparameters the cells trained with (their `info` in results.json):", ""]
+    out += [*_table(["method", "lr", "λ"], trained), ""]
     if setting == "few-shot":
         datasets = _ordered(c["dataset"] for c in cells)
         out += ["Average over datasets (accuracy %, mean ± std over seeds):", ""]
@@ -297,6 +301,32 @@ def render_table(setting: str, cells: Sequence[Mapping[str, Any]], skipped: Sequ
         out += ["", f"**Warning: {len(skipped)} cell(s) skipped** (not in the tables above):", ""]
         out += [f"- {line}" for line in skipped]
     return "\n".join(out) + "\n"
+
+
+def _by_method(cells: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    grouped: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for c in cells:
+        grouped[c["method"]].append(c)
+    return grouped
+
+
+def _hyperparameters(cells: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+    """The lr and λ a method's cells record: one value, a rule of N (1/N, 1/N²), "per cell" or "–"."""
+    infos = [(c.get("info") or {}, int(c["shots"])) for c in cells]
+    shown = []
+    for key in ("lr", "reg_lambda"):
+        values = [(info.get(key), n) for info, n in infos]
+        if any(v is None or isinstance(v, (str, list)) for v, _ in values):
+            shown.append("–")
+        elif len({v for v, _ in values}) == 1:
+            shown.append(f"{values[0][0]:g}")
+        elif all(math.isclose(v, 1 / n) for v, n in values):
+            shown.append("1/N")
+        elif all(math.isclose(v, 1 / n**2) for v, n in values):
+            shown.append("1/N²")
+        else:
+            shown.append("per cell")
+    return shown[0], shown[1]
 
 
 def _triple(base: float | None, new: float | None) -> str:

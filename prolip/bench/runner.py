@@ -28,7 +28,7 @@ from prolip.bench.method_tools import EmptyValidationError
 from prolip.bench.methods import FittedMethod, Method, get_method
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.bench.results import render_plot, render_table
-from prolip.bench.settings import DEFAULT_SEEDS, DEFAULT_SHOTS, Job, Target, plan
+from prolip.bench.settings import DEFAULT_SEEDS, DEFAULT_SHOTS, METHOD_DEFAULTS, Job, Target, plan
 from prolip.bench.shards import (
     CellWriter,
     deal,
@@ -101,7 +101,8 @@ def run_bench(
     _check(shots, seeds, methods, views, epochs)
     check_params({"batch_size": batch_size, "precision": precision, "device": device})
     templates = None if templates is None else tuple(check_templates(templates))
-    chosen = {name: get_method(name) for name in methods}  # unknown names fail before any work
+    defaults = METHOD_DEFAULTS.get(setting, {})  # the official scripts' values where the setting has its own
+    chosen = {name: get_method(name, defaults) for name in methods}  # unknown names fail before any work
     out = Path(out_dir)
     _make_folder(out, "--out-dir")
     rank, world, rank_device, created = join_job()  # under torchrun: this process's share (prolip.bench.shards)
@@ -168,7 +169,7 @@ def run_bench(
                     accuracy = {t.name: tests.score(fitted, method, t) for t in job.targets}
                     record(
                         {"dataset": job.key, "shots": n, "seed": seed, "method": name, "accuracy": accuracy,
-                         "fit_seconds": seconds, "info": fitted.info},
+                         "fit_seconds": seconds, "info": {**method.hyperparameters(), **fitted.info}},
                         draws,
                     )  # fmt: skip
                     logger.debug("%s N=%d seed %d %s: %s (%.2f s)", job.key, n, seed, name, accuracy, seconds)

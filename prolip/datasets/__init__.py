@@ -13,7 +13,15 @@ The layouts are in docs/datasets.md. Nothing here downloads anything except
 """
 
 from prolip.datasets.catalog import read_dataset
-from prolip.datasets.coop import COOP_DATASETS, COOP_LAYOUTS, IMAGENET_VARIANTS, PAPER_DATASETS, CoOpLayout, read_coop
+from prolip.datasets.coop import (
+    COOP_DATASETS,
+    COOP_LAYOUTS,
+    IMAGENET_TEMPLATES,
+    IMAGENET_VARIANTS,
+    PAPER_DATASETS,
+    CoOpLayout,
+    read_coop,
+)
 from prolip.datasets.dataset import SPLIT_NAMES, Dataset, Item
 from prolip.datasets.draws import (
     DRAW_FORMAT,
@@ -47,6 +55,7 @@ __all__ = [
     "DRAW_FORMAT",
     "DRAW_VERSION",
     "FASHION_MNIST_CLASSES",
+    "IMAGENET_TEMPLATES",
     "IMAGENET_VARIANTS",
     "PAPER_DATASETS",
     "SHIFTS",

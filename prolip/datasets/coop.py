@@ -2,7 +2,8 @@
 
 Nothing is downloaded: each reader only reads the dataset's fixed split (a ``split_zhou_*.json``
 file, FGVC-Aircraft's own txt files, or ImageNet's folders and ``classnames.txt``) and pairs it
-with the dataset's CoOp prompt. docs/datasets.md shows every layout.
+with the dataset's prompts: CoOp's prompt, or for ImageNet and its four variants the 7-template
+ensemble of ProLIP's code (:data:`IMAGENET_TEMPLATES`). docs/datasets.md shows every layout.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from prolip.errors import InputError
 __all__ = [
     "COOP_DATASETS",
     "COOP_LAYOUTS",
+    "IMAGENET_TEMPLATES",
     "IMAGENET_VARIANTS",
     "PAPER_DATASETS",
     "CoOpLayout",
@@ -38,12 +40,20 @@ class CoOpLayout:
         template: CoOp's prompt for the dataset (CoOp's ``CUSTOM_TEMPLATES``).
         split_file: the dataset's ``split_zhou_*.json`` file in ``folder``; None for the datasets
             read from folders (the ImageNet family) or from FGVC-Aircraft's txt files.
+        ensemble: the prompts the dataset is read with instead of ``template`` when not empty:
+            :data:`IMAGENET_TEMPLATES` for ImageNet and its variants, as ProLIP's code reads them.
     """
 
     folder: str
     images: str
     template: str
     split_file: str | None = None
+    ensemble: tuple[str, ...] = ()
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        """The dataset's prompts: the ensemble, or CoOp's one prompt."""
+        return self.ensemble or (self.template,)
 
 
 def _require(name: str, files: Sequence[Path] = (), folders: Sequence[Path] = (), one_of: Sequence[Path] = ()) -> None:
@@ -93,7 +103,7 @@ def _read_split_json(name: str, layout: CoOpLayout, data_root: Path) -> Dataset:
     split = read_json(split_path, InputError, "split file")
     splits = {key: _split_json_items(split, key, image_dir, split_path) for key in SPLIT_NAMES}
     classnames = classnames_of(chain(*splits.values()), where=str(split_path))
-    return Dataset(name, folder, classnames, (layout.template,), **splits)
+    return Dataset(name, folder, classnames, layout.templates, **splits)
 
 
 def _read_aircraft(name: str, layout: CoOpLayout, data_root: Path) -> Dataset:
@@ -116,7 +126,7 @@ def _read_aircraft(name: str, layout: CoOpLayout, data_root: Path) -> Dataset:
             where = f"{str(path)!r} line {line_no}"
             items.append(Item(path_inside(image_dir, f"{image}.jpg", where), label_of[variant], variant))
         splits[key] = tuple(items)
-    return Dataset(name, folder, classnames, (layout.template,), **splits)
+    return Dataset(name, folder, classnames, layout.templates, **splits)
 
 
 def _classnames_files(folder: Path, data_root: Path) -> list[Path]:
@@ -165,7 +175,7 @@ def _read_imagenet(name: str, layout: CoOpLayout, data_root: Path) -> Dataset:
     train = _folder_items(train_dir, label_of, classnames, f"{train_dir}/")
     # CoOp has no ImageNet val split: its test split is ImageNet's val folder.
     test = _folder_items(val_dir, label_of, classnames, f"{train_dir}/")
-    return Dataset(name, folder, classnames, (layout.template,), train=train, test=test, class_ids=tuple(wnids))
+    return Dataset(name, folder, classnames, layout.templates, train=train, test=test, class_ids=tuple(wnids))
 
 
 def _read_imagenet_variant(name: str, layout: CoOpLayout, data_root: Path) -> Dataset:
@@ -177,7 +187,7 @@ def _read_imagenet_variant(name: str, layout: CoOpLayout, data_root: Path) -> Da
     wnids = sorted(p.name for p in image_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     classnames, label_of = _wnid_classes(name, wnids, _imagenet_classnames(candidates))
     test = _folder_items(image_dir, label_of, classnames, "its wnid folders")
-    return Dataset(name, folder, classnames, (layout.template,), test=test, class_ids=tuple(wnids))
+    return Dataset(name, folder, classnames, layout.templates, test=test, class_ids=tuple(wnids))
 
 
 def _read_imagenetv2(name: str, layout: CoOpLayout, data_root: Path) -> Dataset:
@@ -190,13 +200,24 @@ def _read_imagenetv2(name: str, layout: CoOpLayout, data_root: Path) -> Dataset:
     wnids = list(names)
     classnames = tuple(names.values())
     test = _folder_items(image_dir, {str(i): i for i in range(len(wnids))}, classnames, "0..K-1 of classnames.txt")
-    return Dataset(name, folder, classnames, (layout.template,), test=test, class_ids=tuple(wnids))
+    return Dataset(name, folder, classnames, layout.templates, test=test, class_ids=tuple(wnids))
 
 
 _PHOTO = "a photo of a {}."
+IMAGENET_TEMPLATES: tuple[str, ...] = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+"""The 7-prompt ensemble of ImageNet and its four variants in ProLIP's code (``datasets/imagenet.py``, from
+Tip-Adapter), for every method; T averages their normalised embeddings (:func:`prolip.model.zeroshot.average_prompts`)."""
 
 COOP_LAYOUTS: dict[str, CoOpLayout] = {
-    "imagenet": CoOpLayout("imagenet", "images", _PHOTO),
+    "imagenet": CoOpLayout("imagenet", "images", _PHOTO, ensemble=IMAGENET_TEMPLATES),
     "caltech101": CoOpLayout("caltech-101", "101_ObjectCategories", _PHOTO, "split_zhou_Caltech101.json"),
     "oxford_pets": CoOpLayout("oxford_pets", "images", "a photo of a {}, a type of pet.", "split_zhou_OxfordPets.json"),
     "stanford_cars": CoOpLayout("stanford_cars", "", _PHOTO, "split_zhou_StanfordCars.json"),
@@ -209,12 +230,14 @@ COOP_LAYOUTS: dict[str, CoOpLayout] = {
     "dtd": CoOpLayout("dtd", "images", "{} texture.", "split_zhou_DescribableTextures.json"),
     "eurosat": CoOpLayout("eurosat", "2750", "a centered satellite photo of {}.", "split_zhou_EuroSAT.json"),
     "ucf101": CoOpLayout("ucf101", "UCF-101-midframes", "a photo of a person doing {}.", "split_zhou_UCF101.json"),
-    "imagenetv2": CoOpLayout("imagenetv2", "imagenetv2-matched-frequency-format-val", _PHOTO),
-    "imagenet_sketch": CoOpLayout("imagenet-sketch", "images", _PHOTO),
-    "imagenet_a": CoOpLayout("imagenet-adversarial", "imagenet-a", _PHOTO),
-    "imagenet_r": CoOpLayout("imagenet-rendition", "imagenet-r", _PHOTO),
+    "imagenetv2": CoOpLayout(
+        "imagenetv2", "imagenetv2-matched-frequency-format-val", _PHOTO, ensemble=IMAGENET_TEMPLATES
+    ),
+    "imagenet_sketch": CoOpLayout("imagenet-sketch", "images", _PHOTO, ensemble=IMAGENET_TEMPLATES),
+    "imagenet_a": CoOpLayout("imagenet-adversarial", "imagenet-a", _PHOTO, ensemble=IMAGENET_TEMPLATES),
+    "imagenet_r": CoOpLayout("imagenet-rendition", "imagenet-r", _PHOTO, ensemble=IMAGENET_TEMPLATES),
 }
-"""Reader name → where the dataset lives under the data root and its CoOp prompt."""
+"""Reader name → where the dataset lives under the data root and its prompts (CoOp's; the ImageNet family: ProLIP's 7)."""
 
 _READERS: dict[str, Callable[[str, CoOpLayout, Path], Dataset]] = {
     "imagenet": _read_imagenet,

@@ -160,7 +160,9 @@ def _mapped_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     view per step; a memory map of its own cannot fragment anything.
     """
     count = math.prod(shape)
-    buffer = mmap.mmap(-1, max(count * dtype.itemsize, 1))
+    if count == 0:  # an empty image set (e.g. a validation draw with no image left): frombuffer refuses count 0
+        return torch.empty(shape, dtype=dtype)
+    buffer = mmap.mmap(-1, count * dtype.itemsize)
     return torch.frombuffer(buffer, dtype=dtype, count=count).reshape(shape)  # the tensor keeps the map alive
 
 

@@ -16,6 +16,7 @@ from prolip.errors import InputError
 from prolip.features.cache import CachedFeatures, check_features
 from prolip.model.backbone import Backbone
 from prolip.model.zeroshot import average_prompts, check_templates, text_prototypes
+from prolip.params import resolve_reg_lambda
 from prolip.training.fitted import FittedState
 from prolip.training.labels import encode_labels, label_indices, label_list, names_of_classes
 from prolip.training.loop import ClassifierResidual, TextSide, TrainResult, train_projector
@@ -34,6 +35,7 @@ SAVED_PARAMS = (
     "precision",
     "target",
     "taskres_alpha",
+    "train_dtype",
 )
 """The hyperparameters a fitted state records (JSON values; model objects and callables are not)."""
 
@@ -50,8 +52,9 @@ def fit_projector(
     """Train the projector of ``backbone`` on pre-projection ``features [V, n, d_in]`` and ``labels``.
 
     ``params`` are a ProLIPAdapter's (already checked) parameters: templates, lr, reg_lambda
-    ("auto" = 1/N), epochs (0: zero-shot, W = W0), logit_scale (None: the model's), target
-    (which projectors train: "image", "text" or "image+text"), taskres_alpha (None, or α of a
+    ("auto" = 1/N, "1/N^2" = 1/N²), epochs (0: zero-shot, W = W0), logit_scale (None: the model's), target
+    (which projectors train: "image", "text" or "image+text"), train_dtype ("fp32", or "fp16" as
+    the official code: :mod:`prolip.training.half`), taskres_alpha (None, or α of a
     TaskRes residual on T trained with the image projector: ProLIP + TaskRes), verbose, and what
     :data:`SAVED_PARAMS` records.
 
@@ -69,7 +72,7 @@ def fit_projector(
     names = names_of_classes(classes, class_names)
     templates = check_templates(params["templates"])
     n_shots = len(y) / len(classes)
-    reg_lambda = 1.0 / n_shots if params["reg_lambda"] == "auto" else float(params["reg_lambda"])
+    reg_lambda = resolve_reg_lambda(params["reg_lambda"], n_shots)
     logit_scale = float(params["logit_scale"]) if params["logit_scale"] is not None else backbone.logit_scale
     w0 = projector.to_in_out(projector.parameter)
     train = {
@@ -79,6 +82,7 @@ def fit_projector(
         "epochs": params["epochs"],
         "device": backbone.device,
         "verbose": params["verbose"],
+        "train_dtype": params["train_dtype"],
     }
     text: dict[str, Any] = {}
     selection = None
@@ -160,6 +164,7 @@ def _search(
     return search_projector(
         features, y, val_features, val_y, classifier, w0, bias, logit_scale=train["logit_scale"],
         epochs=train["epochs"], device=train["device"], lrs=lrs, reg_lambdas=reg_lambdas, verbose=train["verbose"],
+        train_dtype=train["train_dtype"],
     )  # fmt: skip
 
 

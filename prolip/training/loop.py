@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from prolip.errors import InputError, TrainingDivergedError, TrainingWarning, warn
 from prolip.model.zeroshot import average_prompts
+from prolip.params import TRAIN_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +77,9 @@ class TextSide:
         """T ``[K, d_out]`` built with ``weight`` (W_t0 by default)."""
         return average_prompts(self.prompts @ (self.w0 if weight is None else weight))
 
-    def to(self, device: torch.device) -> TextSide:
-        """The same side, fp32 on ``device``."""
-        return TextSide(self.prompts.detach().to(device, torch.float32), self.w0.detach().to(device, torch.float32))
+    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> TextSide:
+        """The same side on ``device``, in ``dtype`` (fp32 unless training in fp16)."""
+        return TextSide(self.prompts.detach().to(device, dtype), self.w0.detach().to(device, dtype))
 
     def check(self, d_out: int) -> None:
         """Refuse prompt features and a text projection that do not fit each other and W's width.
@@ -119,9 +120,9 @@ class ClassifierResidual:
         """T ``[K, d_out]`` with the residual ``weight`` (zero by default)."""
         return F.normalize(self.prototypes if weight is None else self.prototypes + self.alpha * weight, dim=-1)
 
-    def to(self, device: torch.device) -> ClassifierResidual:
-        """The same side, fp32 on ``device``."""
-        return ClassifierResidual(self.prototypes.detach().to(device, torch.float32), float(self.alpha))
+    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> ClassifierResidual:
+        """The same side on ``device``, in ``dtype`` (fp32 unless training in fp16)."""
+        return ClassifierResidual(self.prototypes.detach().to(device, dtype), float(self.alpha))
 
     def check(self, d_out: int) -> None:
         """Refuse prototypes that are not ``[K, d_out]``, or an α that is not a finite number.
@@ -226,6 +227,7 @@ def train_projector(
     verbose: bool = True,
     side: ClassifierSide | None = None,
     train_image: bool = True,
+    train_dtype: str = "fp32",
 ) -> TrainResult:
     """Train W from W0 on features ``[V, n, d_in]``; step t uses view ``t mod V``.
 
@@ -248,6 +250,9 @@ def train_projector(
     ``train_image=False`` keeps W at W0 (the image side frozen); the step then skips W's
     gradient, its penalty and its Adam update.
 
+    ``train_dtype="fp16"`` trains as the official code does on the GPU instead: W, its gradient
+    and Adam's moments in fp16 (:func:`prolip.training.half.train_half`).
+
     Raises:
         InputError: neither or both of ``classifier`` and ``side``, nothing to train, or shapes
             that do not fit.
@@ -259,6 +264,13 @@ def train_projector(
     """
     n_views, d_in, d_out = features.shape[0], w0.shape[0], w0.shape[1]
     _check_shapes(features.shape[-1], classifier, side, train_image, d_in, d_out)
+    if _half(train_dtype):
+        from prolip.training.half import train_half  # built on this module's pieces: imported on use
+
+        return train_half(
+            features, labels, classifier, w0, bias, logit_scale=logit_scale, lr=lr, reg_lambda=reg_lambda,
+            epochs=epochs, device=device, verbose=verbose, side=side, train_image=train_image,
+        )  # fmt: skip
     if side is None:  # the usual fit: one point of the grid loop
         (result,) = train_grid(
             features, labels, classifier, w0, bias,
@@ -302,7 +314,7 @@ def train_projector(
             )  # fmt: skip
             history[step] += _side_gradient(side, side_weight, classifier, logit_scale / n, reg_lambda, state)
             optimizer.step(step)
-    losses = _check_training(history[:, 0], trained, lr=lr, reg_lambda=reg_lambda)
+    losses = check_training(history[:, 0], trained, lr=lr, reg_lambda=reg_lambda)
     return TrainResult(
         weight=image.detach().cpu() if train_image else None,
         losses=losses,
@@ -323,13 +335,28 @@ def train_grid(
     epochs: int,
     device: torch.device,
     verbose: bool = True,
+    train_dtype: str = "fp32",
 ) -> list[TrainResult | None]:
     """:func:`train_projector` at every ``(lr, reg_lambda)`` of ``points`` at once, on the same features.
 
     The G trainings are independent (each its own W, Adam state and schedule) but run side by side:
     every step reads one view once and does batched products for all of them, which is what makes
     a learning-rate × λ grid cheap. Returns one result per point, None where training diverged.
+    With ``train_dtype="fp16"`` the points are trained one after the other by the fp16 loop.
     """
+    if _half(train_dtype):
+        from prolip.training.half import train_half  # built on this module's pieces: imported on use
+
+        common = {"logit_scale": logit_scale, "epochs": epochs, "device": device, "verbose": False}
+        results: list[TrainResult | None] = []
+        for lr, reg_lambda in points:
+            try:
+                results.append(
+                    train_half(features, labels, classifier, w0, bias, lr=lr, reg_lambda=reg_lambda, **common)
+                )
+            except TrainingDivergedError:  # as the fp32 grid: None for a diverged point
+                results.append(None)
+        return results
     g = len(points)
     lrs = [float(lr) for lr, _ in points]
     lambdas = torch.tensor([float(lam) for _, lam in points], device=device).view(g, 1, 1)
@@ -435,6 +462,13 @@ def _loss_and_gradient(
     _product(x.t(), state.du, state.grad, add=state.grad, beta=1.0 if uniform is None else uniform)
 
 
+def _half(train_dtype: str) -> bool:
+    """Whether ``train_dtype`` asks for the fp16 loop (InputError for an unknown name)."""
+    if train_dtype not in TRAIN_DTYPES:
+        raise InputError(f"train_dtype={train_dtype!r} must be one of {list(TRAIN_DTYPES)}.")
+    return train_dtype == "fp16"
+
+
 def _product(
     a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, add: torch.Tensor | None = None, beta: float = 1.0
 ) -> None:
@@ -491,14 +525,12 @@ def _side_gradient(
     return penalty.detach()
 
 
-def _cosine_lr(lr: float, step: int, epochs: int) -> float:
+def cosine_lr(lr: float, step: int, epochs: int) -> float:
     """The learning rate of ``step``: torch's CosineAnnealingLR(T_max=epochs) in closed form, without bookkeeping."""
     return lr * (1 + math.cos(math.pi * step / epochs)) / 2
 
 
-def _check_training(
-    history: torch.Tensor, trained: list[torch.Tensor], *, lr: float, reg_lambda: float
-) -> torch.Tensor:
+def check_training(history: torch.Tensor, trained: list[torch.Tensor], *, lr: float, reg_lambda: float) -> torch.Tensor:
     """The per-step losses on the CPU, once training ended: refused if anything diverged, warned if they grew.
 
     One check at the end keeps a training loop free of device synchronisations.
@@ -566,7 +598,7 @@ class _Adam:
 
     def __init__(self, groups: Sequence[tuple[list[torch.Tensor], float]], epochs: int) -> None:
         self.optimizer = _adam_for([{"params": params, "lr": lr} for params, lr in groups], groups[0][1])
-        self.schedules = [[_cosine_lr(lr, step, epochs) for step in range(epochs)] for _, lr in groups]
+        self.schedules = [[cosine_lr(lr, step, epochs) for step in range(epochs)] for _, lr in groups]
         self._calls: list[tuple[list[torch.Tensor], ...]] = []  # per group: params, moments, steps
         self._settings: list[dict] = []  # per group: the rest of the functional form's arguments
 

@@ -102,6 +102,7 @@ def search_projector(
     lrs: Sequence[float] = PAPER_LRS,
     reg_lambdas: Sequence[float] = PAPER_LAMBDAS,
     verbose: bool = True,
+    train_dtype: str = "fp32",
 ) -> SearchResult:
     """Train ProLIP at every (lr, λ) of the grid and keep the most accurate on the validation draw.
 
@@ -113,6 +114,7 @@ def search_projector(
         classifier, w0, bias, logit_scale, epochs, device: as for ``train_projector``.
         lrs, reg_lambdas: the grid (default: the paper's 7 × 7).
         verbose: a progress bar over the grid.
+        train_dtype: "fp32", or "fp16" for the official code's numerics (:mod:`prolip.training.half`).
 
     Returns:
         The chosen point (tie rule in the module docstring), its training result and every
@@ -145,7 +147,7 @@ def search_projector(
             part = grid[start : start + chunk]
             results = train_grid(
                 features, labels, classifier, w0, bias, logit_scale=logit_scale, epochs=epochs, device=device,
-                points=[(lrs[i], reg_lambdas[j]) for i, j in part], verbose=False,
+                points=[(lrs[i], reg_lambdas[j]) for i, j in part], verbose=False, train_dtype=train_dtype,
             )  # fmt: skip
             for (i, j), result in zip(part, results, strict=True):
                 if result is None:

@@ -35,7 +35,7 @@ from prolip.files.delta import read_linear_adapter, write_delta
 from prolip.model.backbone import select_device
 from prolip.model.fingerprint import Fingerprint
 from prolip.model.zeroshot import average_prompts, check_templates, prompts
-from prolip.params import check_params, restore_params
+from prolip.params import check_params, resolve_reg_lambda, restore_params
 from prolip.training.fitted import LinearAdapterState
 from prolip.training.labels import accuracy, class_array, encode_labels, label_list, names_of_classes, plain_label
 from prolip.training.loop import logits, split_features, train_projector
@@ -62,7 +62,7 @@ class RegularizedLinearAdapter(Estimator):
 
     Args:
         lr: Adam learning rate.
-        reg_lambda: λ; "auto" means 1/N with N the number of training images per class.
+        reg_lambda: λ; "auto" means 1/N with N the number of training images per class, "1/N^2" 1/N².
         epochs: number of full-batch training steps; 0 keeps A = I (zero-shot).
         logit_scale: s in the loss; None uses 100, the released CLIP models' value.
         templates: prompt templates (one "{}" each) used when T is built with a text encoder;
@@ -178,7 +178,7 @@ class RegularizedLinearAdapter(Estimator):
             )
         t = F.normalize(t, dim=-1)
         n_shots = len(y) / len(classes)
-        reg_lambda = 1.0 / n_shots if self.reg_lambda == "auto" else float(self.reg_lambda)
+        reg_lambda = resolve_reg_lambda(self.reg_lambda, n_shots)
         scale = DEFAULT_LOGIT_SCALE if self.logit_scale is None else float(self.logit_scale)
         identity = torch.eye(d)
         losses = torch.empty(0)

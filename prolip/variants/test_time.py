@@ -38,7 +38,12 @@ class TestTimeProLIP:
             a :class:`~prolip.model.backbone.Backbone` (``prolip.model.backbone.build_backbone("ViT-B-32",
             "openai")``) for zero-shot CLIP plus test-time adaptation, with ``class_names``.
         class_names: with a backbone, the text of each class (they are also the predicted labels).
-        templates: with a backbone, prompt templates with one "{}" each; None: "a photo of a {}.".
+        templates: prompt templates with one "{}" each, T built as the zero-shot classifier (each
+            prompt's embedding normalised, averaged, normalised: the official ``clip_classifier``),
+            e.g. the 7 ImageNet templates of :data:`prolip.datasets.IMAGENET_TEMPLATES`. With a
+            backbone, None means "a photo of a {}."; with an adapter, None keeps the adapter's own
+            T, and templates rebuild T from its class names (adapters whose T is the zero-shot
+            classifier only: ``target="image"``, no ``taskres_alpha``).
         start: "adapted" (W0 + delta, the default for an adapter) or "pretrained" (W0: zero-shot CLIP
             plus test-time adaptation, the paper's setting; the only choice for a backbone).
         views: views per image: the plain view and ``views − 1`` random resized crops with flips
@@ -95,15 +100,20 @@ class TestTimeProLIP:
         self.views, self.batch_size, self.chunk_size = views, batch_size, chunk_size
         self.random_state, self.verbose = random_state, verbose
         if isinstance(model, ProLIPAdapter):
-            if class_names is not None or templates is not None:
-                raise InputError(
-                    "class_names and templates come from the fitted adapter; pass them only with a backbone."
-                )
+            if class_names is not None:
+                raise InputError("class_names come from the fitted adapter; pass them only with a backbone.")
             self.backbone = model.backbone
             state = model.fitted_  # NotFittedError if it is not fitted
             start = "adapted" if start is None else start
             self.classes_ = model.classes_
             self.classifier, self.logit_scale = state.classifier, state.logit_scale
+            if templates is not None:
+                if model.target != "image" or model.taskres_alpha is not None:
+                    raise InputError(
+                        f"templates rebuild T from the text tower, but this adapter's T was trained "
+                        f"(target={model.target!r}, taskres_alpha={model.taskres_alpha!r}); leave templates=None."
+                    )
+                self.classifier = self.backbone.classifier(list(state.class_names), check_templates(templates))
             adapted = state.adapted_weight(self.backbone.projector) if start == "adapted" else None
         elif isinstance(model, Backbone):
             if class_names is None:

@@ -9,6 +9,7 @@ The bench times ``fit`` and reports it beside the accuracy.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -56,6 +57,20 @@ class Method(ABC):
     def fit(self, problem: Problem) -> FittedMethod:
         """Train on ``problem`` (selecting hyperparameters on ``problem.val`` only, never on test data)."""
 
+    def hyperparameters(self) -> dict[str, Any]:
+        """The method's arguments as set (its attributes, dataclasses flattened), as JSON values.
+
+        The bench records them in every cell's ``info``, under what the fit itself reports
+        (a λ resolved from 1/N, a point chosen on validation), so each cell says how it was trained.
+        """
+        out: dict[str, Any] = {}
+        for key, value in vars(self).items():
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                out.update(dataclasses.asdict(value))
+            else:
+                out[key] = list(value) if isinstance(value, tuple) else value
+        return out
+
 
 METHODS: dict[str, type[Method]] = {}
 """Every registered method class, by name."""
@@ -78,9 +93,10 @@ ARGUMENT_CONSTRAINTS: dict[str, Constraint] = {
     "lr": CONSTRAINTS["lr"],
     "prolip_lr": CONSTRAINTS["lr"],
     "reg_lambda": Constraint(
-        "None or 'auto' (the method's default, 1/N for ProLIP) or a number >= 0",
-        lambda v: v is None or v == "auto" or _AT_LEAST_ZERO.check(v),
+        "None or 'auto' (the method's default, 1/N for ProLIP), '1/N^2' or a number >= 0",
+        lambda v: v is None or CONSTRAINTS["reg_lambda"].check(v),
     ),
+    "train_dtype": CONSTRAINTS["train_dtype"],
     "epochs": _optional(CONSTRAINTS["epochs"], "the method's default"),
     "batch_size": CONSTRAINTS["batch_size"],
     "max_iter": Constraint("an integer >= 1", CONSTRAINTS["batch_size"].check),
@@ -99,17 +115,19 @@ ARGUMENT_CONSTRAINTS: dict[str, Constraint] = {
 checked by :func:`get_method` when a method is built, before the bench does any work."""
 
 
-def get_method(spec: str) -> Method:
+def get_method(spec: str, defaults: dict[str, dict[str, Any]] | None = None) -> Method:
     """A new instance of the method named by ``spec``: ``NAME`` or ``NAME:key=value,key=value``.
 
     The second form sets constructor arguments (values read as JSON numbers, strings otherwise),
-    e.g. ``prolip:lr=1e-2,reg_lambda=0`` — how the paper's learning-rate × λ table is run. Each
-    argument is checked against :data:`ARGUMENT_CONSTRAINTS` here, before any extraction.
+    e.g. ``prolip:lr=1e-2,reg_lambda=0`` — how the paper's learning-rate × λ table is run.
+    ``defaults`` (method name → arguments) are used for the arguments the spec does not set (a
+    setting's official values, :data:`prolip.bench.settings.METHOD_DEFAULTS`).
+    Each argument is checked against :data:`ARGUMENT_CONSTRAINTS` here, before any extraction.
     """
     name, _, arguments = spec.partition(":")
     if name not in METHODS:
         raise InputError(f"unknown bench method {name!r}; available: {sorted(METHODS)}.")
-    kwargs = {}
+    kwargs = dict((defaults or {}).get(name, {}))
     for pair in filter(None, arguments.split(",")):
         key, sep, text = pair.partition("=")
         if not sep or not key:

@@ -111,7 +111,7 @@ class ClipAdapter(Method):
                 per_ratio = accuracy(s * F.normalize(val, dim=-1) @ classifier.t(), problem.val.labels)
             best = int(per_ratio.argmax())  # the first maximum: the smallest ρ on a tie
         model = _AdapterModel(head, down[best].detach(), up[best].detach(), ratios[best], s)
-        model.info = {"ratio": ratios[best]}
+        model.info = {"ratio": ratios[best], "epochs": epochs}
         return model
 
 

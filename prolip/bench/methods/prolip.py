@@ -32,16 +32,22 @@ class ProLIP(Method):
 
     Args:
         lr: Adam's learning rate (the paper: any of 1e-5 … 1e-2; prolip's default 1e-3).
-        reg_lambda: λ, or "auto" for 1/N.
+        reg_lambda: λ, or "auto" for 1/N, "1/N^2" for 1/N².
+        train_dtype: "fp32", or "fp16" to train in the official code's fp16 numerics (docs/results.md).
     """
 
     name = "prolip"
 
-    def __init__(self, lr: float = PROLIP_LR, reg_lambda: float | str = "auto") -> None:
-        self.lr, self.reg_lambda = lr, reg_lambda
+    def __init__(self, lr: float = PROLIP_LR, reg_lambda: float | str = "auto", train_dtype: str = "fp32") -> None:
+        self.lr, self.reg_lambda, self.train_dtype = lr, reg_lambda, train_dtype
 
     def fit(self, problem: Problem) -> FittedMethod:
-        reg_lambda = reg_lambda_of(problem, None if self.reg_lambda == "auto" else float(self.reg_lambda))
-        fitted = AdaptedProjector(problem.image_head, prolip_weight(problem, self.lr, reg_lambda), problem.logit_scale)
-        fitted.info = {"lr": self.lr, "reg_lambda": reg_lambda}
+        reg_lambda = reg_lambda_of(problem, self.reg_lambda)
+        head = problem.image_head
+        weight = prolip_weight(problem, self.lr, reg_lambda, self.train_dtype)
+        fitted = AdaptedProjector(head, weight, problem.logit_scale)
+        # W0 as the training stored it: fp16 rounds it first, and updates below half a step are lost.
+        start = head.w0.half().to(head.w0) if self.train_dtype == "fp16" else head.w0
+        unchanged = float((weight == start).float().mean())
+        fitted.info = {"lr": self.lr, "reg_lambda": reg_lambda, "w_unchanged": unchanged}
         return fitted

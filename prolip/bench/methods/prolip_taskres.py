@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from prolip.bench.adapted import PROLIP_LR, adapted_problem, train_jointly
+from prolip.bench.adapted import PROLIP_LR, adapted_problem, reg_lambda_of, train_jointly
 from prolip.bench.method_tools import check_classes, plain_embeddings, text_prototypes
 from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.methods.clap import PrototypeModel
@@ -60,6 +60,7 @@ class ProLIPTaskRes(Method):
         alpha: the residual's scale (default: 0.5, TaskRes's; 0.1 with "prolip-code").
         lr: Adam's learning rate for W and R (default: 1e-3; 1e-4 with "prolip-code").
         reg_lambda: λ of the penalty on W − W0 (default: 1/N).
+        train_dtype: "fp32", or "fp16": W, R, their gradients and Adam's state stored in fp16 (the official code's).
     """
 
     name = "prolip+taskres"
@@ -70,11 +71,12 @@ class ProLIPTaskRes(Method):
         form: str = "taskres",
         alpha: float | None = None,
         lr: float | None = None,
-        reg_lambda: float | None = None,
+        reg_lambda: float | str | None = None,
+        train_dtype: str = "fp32",
     ) -> None:
         if form not in FORMS:
             raise InputError(f"form={form!r} must be one of {sorted(FORMS)}.")
-        self.form, self.reg_lambda = form, reg_lambda
+        self.form, self.reg_lambda, self.train_dtype = form, reg_lambda, train_dtype
         self.alpha = FORMS[form]["alpha"] if alpha is None else alpha
         self.lr = FORMS[form]["lr"] if lr is None else lr
 
@@ -91,10 +93,17 @@ class ProLIPTaskRes(Method):
             frozen = F.normalize(head.embed(x, r), dim=-1)
             return s * adapted @ classifier.t() + alpha * s * frozen @ residual.t()
 
-        weight = train_jointly(problem, [residual], scores, lr=self.lr, reg_lambda=self.reg_lambda)
+        weight = train_jointly(
+            problem, [residual], scores, lr=self.lr, reg_lambda=self.reg_lambda, train_dtype=self.train_dtype
+        )
         if self.form == "taskres":
             fitted = PrototypeModel(adapted_problem(problem, weight), base + alpha * residual.detach(), self.name)
         else:
             fitted = _FrozenResidual(problem, weight, residual, alpha)
-        fitted.info = {"form": self.form, "alpha": alpha, "lr": self.lr}
+        fitted.info = {
+            "form": self.form,
+            "alpha": alpha,
+            "lr": self.lr,
+            "reg_lambda": reg_lambda_of(problem, self.reg_lambda),
+        }
         return fitted

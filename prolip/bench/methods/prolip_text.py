@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from prolip.bench.adapted import reg_lambda_of
 from prolip.bench.method_tools import embed_view
 from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem, TextHead
@@ -47,16 +48,18 @@ class ProLIPText(Method):
 
     Args:
         lr: Adam's learning rate.
-        reg_lambda: λ; None means 1/N.
+        reg_lambda: λ; None or "auto" means 1/N, "1/N^2" 1/N².
+        train_dtype: "fp32", or "fp16" to train in the official code's fp16 numerics (docs/results.md).
     """
 
     name = "prolip-text"
 
-    def __init__(self, lr: float = 1e-3, reg_lambda: float | None = None) -> None:
-        self.lr, self.reg_lambda = lr, reg_lambda
+    def __init__(self, lr: float = 1e-3, reg_lambda: float | str | None = None, train_dtype: str = "fp32") -> None:
+        self.lr, self.reg_lambda, self.train_dtype = lr, reg_lambda, train_dtype
 
     def fit(self, problem: Problem) -> FittedMethod:
         head, text = problem.image_head, text_head(problem.classes)
+        reg_lambda = reg_lambda_of(problem, self.reg_lambda)
         result = train_projector(
             problem.train.features,
             problem.train.labels,
@@ -67,11 +70,16 @@ class ProLIPText(Method):
             train_image=False,
             logit_scale=problem.logit_scale,
             lr=self.lr,
-            reg_lambda=1.0 / problem.shots if self.reg_lambda is None else self.reg_lambda,
+            reg_lambda=reg_lambda,
             epochs=problem.epochs,
             device=head.w0.device,
             verbose=False,
+            train_dtype=self.train_dtype,
         )
         fitted = _TextAdapted(head, result.classifier_weight.to(head.w0.device), problem.logit_scale)
-        fitted.info = {"text_delta_norm": float((result.classifier_weight - text.w0.cpu()).norm())}
+        fitted.info = {
+            "lr": self.lr,
+            "reg_lambda": reg_lambda,
+            "text_delta_norm": float((result.classifier_weight - text.w0.cpu()).norm()),
+        }
         return fitted

@@ -12,6 +12,11 @@ Tip-Adapter-F's keys trained together by ProLIP's schedule (AdamW, eps 1e-4, wei
 cosine, ``problem.epochs`` full-batch steps, lr 1e-4) with CE + λ‖W − W0‖²; the keys are frozen-W0
 embeddings of one augmented view, the affinity uses the frozen embedding f̂₀ of the image:
 ``s · f̂_W·Tᵀ + α · exp(−β (1 − f̂₀·Kᵀ)) · L``, α = β = 1 fixed (no validation).
+
+``keys="official"`` is what that code actually computes: its "frozen" projection wraps the same
+tensor as the trained one, so the affinities (in training, without a gradient through them, and at
+test time) use the *trained* W, ``s · f̂_W·Tᵀ + α · exp(−β (1 − f̂_W·Kᵀ)) · L``; the keys are still
+built once from W0 before training and then trained as Tip-Adapter-F's adapter weights.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from prolip.bench.adapted import PROLIP_LR, adapted_problem, prolip_weight, train_jointly
+from prolip.bench.adapted import PROLIP_LR, adapted_problem, prolip_weight, reg_lambda_of, train_jointly
 from prolip.bench.cache_model import cache_keys
 from prolip.bench.method_tools import check_classes, plain_embeddings
 from prolip.bench.methods.base import FittedMethod, Method, register
@@ -31,26 +36,31 @@ from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.errors import InputError
 from prolip.training.tip_cache import cache_scores
 
-KEYS = ("cache", "trained", "joint")
+KEYS = ("cache", "trained", "joint", "official")
+JOINT_KEYS = ("joint", "official")
+"""The recipes of ProLIP's public code (W and the keys trained together)."""
 JOINT_LR = 1e-4
 """The learning rate of ProLIP's public code for the joint recipe (``configs/experiments/prolip_tip.yaml``)."""
 _CHUNK = 4096  # test images scored at once: the affinity matrix is [chunk, cache size]
 
 
 class _JointCache(FittedMethod):
-    """Scores ``s · f̂_W·Tᵀ + α · exp(−β (1 − f̂₀·Kᵀ)) · L``: adapted embedding for T, frozen one for the cache."""
+    """Scores ``s · f̂_W·Tᵀ + α · exp(−β (1 − f̂·Kᵀ)) · L``: adapted embedding for T; for the cache the
+    frozen one f̂₀ ("joint") or the adapted one f̂_W ("official")."""
 
-    def __init__(self, problem: Problem, weight: torch.Tensor, keys: torch.Tensor, alpha: float, beta: float) -> None:
+    def __init__(
+        self, problem: Problem, weight: torch.Tensor, keys: torch.Tensor, alpha: float, beta: float, adapted: bool
+    ) -> None:
         super().__init__()
         self.problem, self.weight, self.keys = problem, weight, keys.detach()
-        self.alpha, self.beta = alpha, beta
+        self.alpha, self.beta, self.adapted = alpha, beta, adapted
         self.info = {"alpha": alpha, "beta": beta}
 
     def logits(self, test: FeatureSet, classes: Classes) -> torch.Tensor:
         problem = self.problem
         check_classes(classes, list(problem.classes.names), ProLIPTipAdapter.name)
         adapted = plain_embeddings(adapted_problem(problem, self.weight).image_head, test)
-        frozen = plain_embeddings(problem.image_head, test)
+        frozen = adapted if self.adapted else plain_embeddings(problem.image_head, test)
         labels, k = problem.train.labels, len(classes)
         with torch.no_grad():
             return torch.cat(
@@ -68,47 +78,59 @@ class ProLIPTipAdapter(Method):
 
     Args:
         keys: "cache" (Tip-Adapter: keys are the adapted training embeddings), "trained"
-            (Tip-Adapter-F on the adapted embeddings: keys fine-tuned, W fixed) or "joint" (ProLIP's
-            public code: W and keys trained together, α = β = 1; see the module docstring).
+            (Tip-Adapter-F on the adapted embeddings: keys fine-tuned, W fixed), "joint" (ProLIP's
+            public code as intended: W and keys trained together, α = β = 1, affinities of the
+            frozen embedding) or "official" (that code as it runs: affinities of the trained W;
+            see the module docstring).
         alpha, beta: with "cache", fix both instead of searching them on val.
-        lr: ProLIP's learning rate (default: 1e-3; with "joint", the public code's 1e-4).
+        lr: ProLIP's learning rate (default: 1e-3; with "joint" and "official", the public code's 1e-4).
+        train_dtype: "fp32", or "fp16" for the official code's fp16 storage of W (and of the keys
+            with "joint" and "official"), their gradients and the optimiser's state.
     """
 
     name = "prolip+tip-adapter"
     transfers: ClassVar[bool] = False  # the cache's values are one-hot over the training classes
 
     def __init__(
-        self, keys: str = "cache", alpha: float | None = None, beta: float | None = None, lr: float | None = None
+        self,
+        keys: str = "cache",
+        alpha: float | None = None,
+        beta: float | None = None,
+        lr: float | None = None,
+        train_dtype: str = "fp32",
     ) -> None:
         if keys not in KEYS:
             raise InputError(f"keys={keys!r} must be one of {list(KEYS)}.")
         if (alpha is not None or beta is not None) and keys != "cache":
             raise InputError(f"alpha and beta can be fixed with keys='cache' only (got keys={keys!r}).")
         self.keys, self.alpha, self.beta = keys, alpha, beta
-        self.lr = (JOINT_LR if keys == "joint" else PROLIP_LR) if lr is None else lr
+        self.lr = (JOINT_LR if keys in JOINT_KEYS else PROLIP_LR) if lr is None else lr
+        self.train_dtype = train_dtype
 
     def fit(self, problem: Problem) -> FittedMethod:
-        if self.keys == "joint":
-            fitted = self._fit_joint(problem)
+        if self.keys in JOINT_KEYS:
+            fitted = self._fit_joint(problem, official=self.keys == "official")
         else:
-            adapted = adapted_problem(problem, prolip_weight(problem, self.lr))
+            adapted = adapted_problem(problem, prolip_weight(problem, self.lr, train_dtype=self.train_dtype))
             tip = TipAdapter(self.alpha, self.beta) if self.keys == "cache" else TipAdapterF()
             fitted = tip.fit(adapted)
             fitted.method = self.name  # named in its errors as this method, not the baseline it runs
-        fitted.info.update(keys=self.keys, lr=self.lr)
+        fitted.info.update(keys=self.keys, lr=self.lr, reg_lambda=reg_lambda_of(problem, None))
         return fitted
 
-    def _fit_joint(self, problem: Problem, alpha: float = 1.0, beta: float = 1.0) -> FittedMethod:
+    def _fit_joint(self, problem: Problem, official: bool, alpha: float = 1.0, beta: float = 1.0) -> FittedMethod:
         head, classes, s = problem.image_head, problem.classes, problem.logit_scale
         keys = cache_keys(head, problem.train, views=1).requires_grad_(True)
         labels = problem.train.labels
 
         def scores(weight: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-            with torch.no_grad():
-                frozen = F.normalize(head.embed(x, residual), dim=-1)
+            with torch.no_grad():  # the official code's "frozen" projection is the trained W itself
+                frozen = F.normalize(head.embed(x, residual, weight if official else None), dim=-1)
             adapted = F.normalize(head.embed(x, residual, weight), dim=-1)
             cache = cache_scores(frozen @ keys.t(), labels, len(classes), beta)
             return s * adapted @ classes.classifier.t() + alpha * cache
 
-        weight = train_jointly(problem, [keys], scores, lr=self.lr, optimizer=torch.optim.AdamW)
-        return _JointCache(problem, weight, keys, alpha, beta)
+        weight = train_jointly(
+            problem, [keys], scores, lr=self.lr, optimizer=torch.optim.AdamW, train_dtype=self.train_dtype
+        )
+        return _JointCache(problem, weight, keys, alpha, beta, official)

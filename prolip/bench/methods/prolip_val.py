@@ -19,12 +19,18 @@ class ProLIPVal(Method):
 
     Args:
         lrs, reg_lambdas: the grid (default: the paper's).
+        train_dtype: "fp32", or "fp16" to train in the official code's fp16 numerics (docs/results.md).
     """
 
     name = "prolip-val"
 
-    def __init__(self, lrs: tuple[float, ...] = PAPER_LRS, reg_lambdas: tuple[float, ...] = PAPER_LAMBDAS) -> None:
-        self.lrs, self.reg_lambdas = lrs, reg_lambdas
+    def __init__(
+        self,
+        lrs: tuple[float, ...] = PAPER_LRS,
+        reg_lambdas: tuple[float, ...] = PAPER_LAMBDAS,
+        train_dtype: str = "fp32",
+    ) -> None:
+        self.lrs, self.reg_lambdas, self.train_dtype = lrs, reg_lambdas, train_dtype
 
     def fit(self, problem: Problem) -> FittedMethod:
         head = problem.image_head
@@ -33,6 +39,7 @@ class ProLIPVal(Method):
             problem.train.features, problem.train.labels, problem.val.features, problem.val.labels,
             problem.classes.classifier, head.w0, head.bias, logit_scale=problem.logit_scale, epochs=problem.epochs,
             device=problem.device, lrs=self.lrs, reg_lambdas=self.reg_lambdas, verbose=False,
+            train_dtype=self.train_dtype,
         )  # fmt: skip
         fitted = AdaptedProjector(head, found.result.weight, problem.logit_scale)
         fitted.info = found.as_dict()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from prolip.bench.adapted import reg_lambda_of
 from prolip.bench.method_tools import embed_view
 from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem
@@ -54,17 +55,19 @@ class RLA(Method):
 
     Args:
         lr: Adam's learning rate.
-        reg_lambda: λ; None means 1/N.
+        reg_lambda: λ; None or "auto" means 1/N, "1/N^2" 1/N².
+        train_dtype: "fp32", or "fp16" to train in the official code's fp16 numerics (docs/results.md).
     """
 
     name = "rla"
 
-    def __init__(self, lr: float = 1e-3, reg_lambda: float | None = None) -> None:
-        self.lr, self.reg_lambda = lr, reg_lambda
+    def __init__(self, lr: float = 1e-3, reg_lambda: float | str | None = None, train_dtype: str = "fp32") -> None:
+        self.lr, self.reg_lambda, self.train_dtype = lr, reg_lambda, train_dtype
 
     def fit(self, problem: Problem) -> FittedMethod:
         head = problem.image_head
         d = head.w0.shape[1]
+        reg_lambda = reg_lambda_of(problem, self.reg_lambda)
         result = train_projector(
             EmbeddedViews(head, problem.train),
             problem.train.labels,
@@ -73,11 +76,16 @@ class RLA(Method):
             None,
             logit_scale=problem.logit_scale,
             lr=self.lr,
-            reg_lambda=1.0 / problem.shots if self.reg_lambda is None else self.reg_lambda,
+            reg_lambda=reg_lambda,
             epochs=problem.epochs,
             device=head.w0.device,
             verbose=False,
+            train_dtype=self.train_dtype,
         )
         fitted = _Adapted(head, result.weight.to(head.w0.device), problem.logit_scale)
-        fitted.info = {"delta_norm": float((result.weight - torch.eye(d)).norm())}
+        fitted.info = {
+            "lr": self.lr,
+            "reg_lambda": reg_lambda,
+            "delta_norm": float((result.weight - torch.eye(d)).norm()),
+        }
         return fitted

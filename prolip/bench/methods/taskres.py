@@ -63,4 +63,6 @@ class TaskRes(Method):
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-        return PrototypeModel(problem, base + self.alpha * residual, self.name)
+        model = PrototypeModel(problem, base + self.alpha * residual, self.name)
+        model.info = {"epochs": epochs}  # the number chosen from N when not given
+        return model
