@@ -1,9 +1,7 @@
 """ProLIPAdapter: the scikit-learn-style estimator users fit, predict with, save and load.
 
-A thin front: the backbone (:mod:`prolip.model.backbone`), images (:mod:`prolip.features.images`), features
-(:mod:`prolip.features.extract`), labels (:mod:`prolip.training.labels`), training (:mod:`prolip.training.loop`), the
-fitted state (:mod:`prolip.training.fitted`), its file (:mod:`prolip.files.delta`) and sharing
-(:mod:`prolip.files.hub`) each live in their own module; this one wires them to the estimator contract.
+A thin front wiring the wings' modules (backbone, images, features, labels, training, fitted state, delta
+file, hub; see docs/architecture.md) to the estimator contract.
 """
 
 from __future__ import annotations
