@@ -61,8 +61,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         logit_scale: s in the loss; None uses the model's own ``logit_scale.exp()``.
         random_state: seed of the view augmentation (the only randomness); None draws one.
         verbose: show progress bars.
-        preprocess: optional test-time transform (PIL image → tensor), given the full-resolution
-            image; None uses prolip's tensor port of the model's own open_clip preprocessing.
+        preprocess: optional test-time transform (full-resolution PIL image → tensor); None: open_clip's own.
         tokenizer: for a model object, optional tokenizer; None uses open_clip's default.
         on_error: for an image that cannot be read or used, "raise" (ImageLoadError naming it) or
             "skip": leave it out (and fit its label), warn (SkippedImagesWarning), list it in
