@@ -204,7 +204,11 @@ class ResultsFile:
 
     def add(self, cell: dict[str, Any], draws: Mapping[str, str] | None = None) -> None:
         """Record a finished cell computed on ``draws`` (name -> digest), merged into the file under its lock."""
-        self.cells = add_cells(self.path, self.config, [cell], draws)
+        self.add_all([cell], draws)
+
+    def add_all(self, cells: Sequence[dict[str, Any]], draws: Mapping[str, str] | None = None) -> None:
+        """Record finished ``cells`` computed on ``draws`` in one locked rewrite of the file."""
+        self.cells = add_cells(self.path, self.config, cells, draws)
         self.draws.update(draws or {})
         self._done = {cell_key(c) for c in self.cells}
 

@@ -157,10 +157,16 @@ def merge_parts(results: ResultsFile) -> int:
     """
     added = 0
     for path in sorted(results.path.parent.glob(PART_GLOB)):
-        for cell, draws in read_part(path, results.config):
-            if not results.done(*ResultsFile.key(cell)):
-                results.add(cell, draws)
-                added += 1
+        cells: dict[tuple, dict[str, Any]] = {}
+        draws: dict[str, str] = {}
+        for cell, cell_draws in read_part(path, results.config):
+            key = ResultsFile.key(cell)
+            if not results.done(*key) and key not in cells:
+                cells[key] = cell
+                draws.update(cell_draws)
+        if cells:  # one locked rewrite of results.json per part, not one per cell
+            results.add_all(list(cells.values()), draws)
+            added += len(cells)
         path.unlink()
     if added:
         logger.info("merged %d cells from other ranks into %s", added, results.path)
