@@ -313,6 +313,38 @@ def test_damaged_entry_is_recomputed(make, counted, data, reference, tmp_path):
     assert sum(calls) == VIEWS
 
 
+def test_an_entry_without_its_checksum_is_recomputed_or_upgraded_by_the_script(
+    make, counted, data, reference, tmp_path
+):
+    """An entry as prolip wrote them before checksums: refused (recomputed); scripts/upgrade_feature_cache.py keeps it."""
+    import json
+    import struct
+
+    images, _ = data
+    adapter = make(cache_dir=tmp_path)
+    adapter.extract_features(images)
+    cache = feature_cache(adapter.backbone, adapter.cache_dir, views=VIEWS, seed=0)
+    hashes = [image_hash(im) for im in images]
+    stored = cache.read(hashes[0])
+    for path in entries(tmp_path):  # drop the checksum from every header: the earlier format
+        raw = path.read_bytes()
+        (length,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8 : 8 + length])
+        del header["__metadata__"]["sha256"]
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
+    assert not any(cache.has(h) for h in hashes)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "upgrade_feature_cache.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True)
+    assert f"{len(set(hashes))} entries given their checksum" in done.stdout
+    assert all(cache.has(h) for h in hashes) and not list(tmp_path.glob("v1/*/packs/*"))
+    assert torch.equal(cache.read(hashes[0]), stored)  # the same bytes, read back
+    calls = counted(adapter)
+    assert_fp16_close(adapter.extract_features(images).to_tensor(), reference)
+    assert calls == []  # nothing extracted again
+
+
 def test_bad_values_and_settings_are_reported(make, checkpoints, data, tmp_path):
     images, labels = data
     adapter = make(cache_dir=tmp_path)
