@@ -161,7 +161,7 @@ def add_cells(
             data["draws"].update(draws)
             done = {cell_key(c) for c in data["cells"]}
             data["cells"] += [dict(c) for c in cells if cell_key(c) not in done]
-            text = json.dumps(data, indent=1, default=_json_default)
+            text = json.dumps(data, indent=1, default=json_default)
             atomic_write(path, [text.encode()])
     except OSError as exc:
         raise InputError(
@@ -213,7 +213,8 @@ class ResultsFile:
         self._done = {cell_key(c) for c in self.cells}
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps``'s ``default`` for bench cells: numpy scalars as Python numbers."""
     if isinstance(value, np.generic):
         return value.item()
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")

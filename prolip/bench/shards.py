@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from prolip.bench.results import ResultsFile, _json_default
+from prolip.bench.results import ResultsFile, json_default
 from prolip.bench.store import FeatureStore
 from prolip.bench.workload import CellKey, FeatureRequest
 from prolip.datasets import Item
@@ -116,7 +116,7 @@ class CellWriter:
         with open(self.part, "a", encoding="utf-8") as f:
             if new:  # the configuration first, so that a part is never merged into another run's results
                 f.write(json.dumps({"config": self.results.config}) + "\n")
-            f.write(json.dumps({"cell": cell, "draws": dict(draws or {})}, default=_json_default) + "\n")
+            f.write(json.dumps({"cell": cell, "draws": dict(draws or {})}, default=json_default) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
