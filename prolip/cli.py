@@ -596,55 +596,21 @@ def _bench(args: argparse.Namespace) -> None:
     from prolip.bench.runner import DEFAULT_METHODS, run_bench
     from prolip.datasets import read_templates
 
+    common = {  # what a run and its --plan share
+        "data_root": args.data_root, "out_dir": args.out_dir, "model": args.model, "pretrained": args.pretrained,
+        "datasets": args.datasets, "shots": args.shots, "seeds": args.seeds,
+        "methods": args.methods or DEFAULT_METHODS, "source": args.source, "cache_dir": args.cache_dir,
+        "views": args.views, "device": args.device, "precision": args.precision, "batch_size": args.batch_size,
+    }  # fmt: skip
     if args.plan:
-        _bench_plan(args)
+        from prolip.bench.estimate import estimate_bench
+
+        print(estimate_bench(args.setting, **common).report(int(os.environ.get("WORLD_SIZE", 1))))
         return
-    run_bench(
-        args.setting,
-        data_root=args.data_root,
-        out_dir=args.out_dir,
-        model=args.model,
-        pretrained=args.pretrained,
-        datasets=args.datasets,
-        shots=args.shots,
-        seeds=args.seeds,
-        methods=args.methods or DEFAULT_METHODS,
-        source=args.source,
-        cache_dir=args.cache_dir,
-        views=args.views,
-        epochs=args.epochs,
-        templates=read_templates(args.templates) if args.templates else None,
-        device=args.device,
-        precision=args.precision,
-        batch_size=args.batch_size,
-        verbose=not args.quiet,
-    )
+    templates = read_templates(args.templates) if args.templates else None
+    run_bench(args.setting, **common, epochs=args.epochs, templates=templates, verbose=not args.quiet)
     if not args.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 prints
         print((Path(args.out_dir) / "table.md").read_text(encoding="utf-8"))
-
-
-def _bench_plan(args: argparse.Namespace) -> None:
-    from prolip.bench.estimate import estimate_bench
-    from prolip.bench.runner import DEFAULT_METHODS
-
-    found = estimate_bench(
-        args.setting,
-        data_root=args.data_root,
-        out_dir=args.out_dir,
-        model=args.model,
-        pretrained=args.pretrained,
-        datasets=args.datasets,
-        shots=args.shots,
-        seeds=args.seeds,
-        methods=args.methods or DEFAULT_METHODS,
-        source=args.source,
-        cache_dir=args.cache_dir,
-        views=args.views,
-        device=args.device,
-        precision=args.precision,
-        batch_size=args.batch_size,
-    )
-    print(found.report(int(os.environ.get("WORLD_SIZE", 1))))
 
 
 _COMMANDS = {
