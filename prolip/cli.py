@@ -327,13 +327,12 @@ def _fit(args: argparse.Namespace) -> None:
 def _hf_training_set(args: argparse.Namespace):
     """``--hf-dataset``: the dataset on disk, ``--shots`` per class drawn as for a folder."""
     from prolip.datasets.generic import sample_shots
-    from prolip.datasets.hf_disk import load_hf_dataset
-    from prolip.features.dataset_objects import dataset_images
+    from prolip.features.dataset_objects import load_hf_dataset
 
     data = load_hf_dataset(args.hf_dataset)
     if args.shots is None:
         return data
-    labels = dataset_images(data).labels()
+    labels = data.labels()
     chosen, _ = sample_shots(list(range(len(labels))), labels, args.shots, seed=args.seed)
     return data.select(chosen)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import weakref
 
 import numpy as np
@@ -183,3 +184,108 @@ def test_cli_fit_reads_a_hf_dataset_folder(layout, checkpoints, tmp_path, capsys
     assert sorted(loaded.class_names_) == sorted(NAMES) and loaded.n_shots_ == 2
     assert main(["fit", str(folder), "--hf-dataset", str(folder), "--out", str(out)]) != 0
     assert "not both" in capsys.readouterr().err
+
+
+# A dataset from elsewhere (issue 29): prolip decodes its images, never fetches a URL, stays inside its folder.
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _image_rows(paths):
+    """A datasets.Dataset whose image column holds ``{"bytes": None, "path": p}`` for each p of ``paths``."""
+    names = ["red", "green", "blue"]
+    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=names)})
+    rows = {"image": [{"bytes": None, "path": p} for p in paths], "label": [k % 3 for k in range(len(paths))]}
+    return datasets.Dataset.from_dict(rows, features=features).cast_column("image", datasets.Image())
+
+
+def _saved_dataset(tmp_path, paths):
+    """A save_to_disk folder as an attacker writes it: ``Image`` entries with no bytes and any path.
+
+    (``save_to_disk`` itself embeds local files' bytes, so the folder is written with a plain struct
+    column and its ``dataset_info.json`` then declares the column an ``Image``.)
+    """
+    names = ["red", "green", "blue"]
+    struct = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+    features = datasets.Features({"image": struct, "label": datasets.ClassLabel(names=names)})
+    rows = {"image": [{"bytes": None, "path": p} for p in paths], "label": [k % 3 for k in range(len(paths))]}
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(folder))
+    info = json.loads((folder / "dataset_info.json").read_text())
+    info["features"]["image"] = {"_type": "Image"}
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+    return folder
+
+
+class _Server:
+    """A local HTTP server counting the requests it gets (it serves a PNG, so a fetch would succeed)."""
+
+    def __init__(self, body: bytes) -> None:
+        import http.server
+        import threading
+
+        counter = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                counter.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.requests = 0
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_a_saved_dataset_never_makes_prolip_fetch_a_url(checkpoints, tmp_path, capsys):
+    from prolip.cli import main
+
+    images, _ = colour_images(1)
+    server = _Server(_png(images[0]))
+    try:
+        folder = _saved_dataset(tmp_path, [f"{server.url}/{k}.png" for k in range(3)])
+        out = tmp_path / "delta.safetensors"
+        argv = ["fit", "--hf-dataset", str(folder), "--model", "test-vit-tiny", "--pretrained", checkpoints["vit"]]
+        argv += ["--views", "1", "--epochs", "1", "--out", str(out), "--device", "cpu", "-q"]
+        capsys.readouterr()  # the folder's own writing
+        assert main(argv) == 1
+        assert server.requests == 0
+        err = capsys.readouterr().err
+        assert "URL" in err and err.count("\n") == 1 and not out.exists()
+    finally:
+        server.close()
+
+
+def test_a_saved_datasets_paths_stay_inside_its_folder(checkpoints, tmp_path):
+    from prolip.features.dataset_objects import load_hf_dataset
+
+    images, _ = colour_images(1)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    for k, image in enumerate(images):
+        (outside / f"{k}.png").write_bytes(_png(image))
+    folder = _saved_dataset(tmp_path, [str(outside / f"{k}.png") for k in range(3)])
+    data = load_hf_dataset(folder)
+    with pytest.raises(ImageLoadError, match="outside"):
+        data[0]
+    # The same entries in a dataset object of the user's own: local files are the user's choice, URLs never are.
+    from prolip import dataset_images
+    from prolip.features.images import load_image
+
+    own = dataset_images(datasets.load_from_disk(str(folder)))
+    assert load_image(own[0]).shape == (3, 40, 40)
+    with pytest.raises(ImageLoadError, match="URL"):
+        dataset_images(_image_rows(["https://example.invalid/x.png", "hf://datasets/x/y.png"]))[1]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import string
+import sys
 import types
 
 import numpy as np
@@ -19,6 +21,7 @@ from prolip import (
     DeltaFileError,
     FingerprintMismatchError,
     InputError,
+    ModelLoadError,
     ProLIPAdapter,
     UnsupportedModelError,
     from_transformers,
@@ -26,6 +29,7 @@ from prolip import (
 from prolip.cli import main
 from prolip.features.images import load_image
 from prolip.features.views import plain_views
+from prolip.model.backbone import build_backbone
 from prolip.model.preprocessing import ViewConfig
 from prolip.model.towers import find_projector, find_text_projector
 from prolip.model.towers.base import TOLERANCE
@@ -290,3 +294,76 @@ def test_an_exported_classifier_reproduces_predict_proba(kind, clip_tokenizer, t
     # The exported graph reorders float32 ops (s·Tᵀ baked in): probabilities agree to 1e-4.
     assert np.abs(from_pt2 - expected).max() <= 1e-4 and np.abs(from_onnx - expected).max() <= 1e-4
     assert json.loads(sidecar.read_text())["preprocessing"]["size"] == SIDE
+
+
+# A model folder from elsewhere (issue 29): its own code never runs, its weights are read from safetensors only.
+
+EVIL = """
+import pathlib
+pathlib.Path({marker!r}).write_text("ran")
+from transformers import CLIPConfig, CLIPModel, CLIPImageProcessor
+
+class EvilConfig(CLIPConfig):
+    model_type = "evil"
+
+class EvilModel(CLIPModel):
+    config_class = EvilConfig
+
+class EvilProcessor(CLIPImageProcessor):
+    pass
+"""
+
+
+def _model_folder(tmp_path, tokenizer, *, bin_only: bool = False):
+    model, processor = tiny_model("clip")
+    folder = tmp_path / "clip"
+    model.save_pretrained(folder)
+    if bin_only:  # the pickled form transformers also reads
+        (folder / "model.safetensors").unlink()
+        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    processor.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _add_auto_map(folder, marker, config_file: str, entry: dict[str, str], types: dict[str, str]) -> None:
+    """Point ``config_file`` at the folder's own classes, under a type transformers does not know (so it would ask)."""
+    (folder / "evil.py").write_text(EVIL.format(marker=str(marker)))
+    config = json.loads((folder / config_file).read_text())
+    config.update(types, auto_map=entry)
+    (folder / config_file).write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "config_file, entry, types",
+    [
+        ("config.json", {"AutoModel": "evil.EvilModel", "AutoConfig": "evil.EvilConfig"}, {"model_type": "evil"}),
+        (
+            "preprocessor_config.json",
+            {"AutoImageProcessor": "evil.EvilProcessor"},
+            {"image_processor_type": "EvilProcessor"},
+        ),
+    ],
+)
+def test_a_model_folders_code_never_runs_whatever_stdin_says(
+    config_file, entry, types, clip_tokenizer, tmp_path, monkeypatch
+):
+    folder = _model_folder(tmp_path, clip_tokenizer)
+    marker = tmp_path / "code-ran"
+    _add_auto_map(folder, marker, config_file, entry, types)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 10))  # transformers would ask, and read "y"
+    try:
+        backbone = build_backbone(f"hf-transformers:{folder}", None, device="cpu")
+    except ModelLoadError:
+        pass  # refusing the folder is as good as ignoring its code
+    else:
+        assert type(backbone.model.hf).__name__ == "CLIPModel"  # transformers' own class, not the folder's
+    assert not marker.exists()
+    assert "evil" not in sys.modules
+
+
+def test_a_model_folder_with_pickled_weights_only_is_refused(clip_tokenizer, tmp_path):
+    folder = _model_folder(tmp_path, clip_tokenizer, bin_only=True)
+    assert (folder / "pytorch_model.bin").is_file() and not (folder / "model.safetensors").exists()
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        build_backbone(f"hf-transformers:{folder}", None, device="cpu")

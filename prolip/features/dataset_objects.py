@@ -1,13 +1,24 @@
 """Dataset objects as image input: a ``torch.utils.data.Dataset`` of ``(image, label)`` items, or a Hugging Face
-``datasets.Dataset`` with an image column and a label column, read one item at a time (never all at once)."""
+``datasets.Dataset`` with an image column and a label column, read one item at a time (never all at once).
+
+A Hugging Face ``Image`` column is read undecoded and decoded here: its bytes with Pillow, its path as a local
+file. ``datasets`` itself would fetch a path that is a URL; prolip refuses it (nothing is ever downloaded), and
+for a dataset read from a folder (:func:`load_hf_dataset`: a ``save_to_disk`` folder or an ``imagefolder``) a
+path must name a file inside that folder.
+"""
 
 from __future__ import annotations
 
+import io
 import operator
+import os
+import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from prolip.errors import ImageLoadError, InputError, InputTypeError, ProLIPError
@@ -42,6 +53,7 @@ class DatasetImages(Sequence):
     ) -> None:
         self._read_image, self._read_labels, self._length = read_image, read_labels, length
         self._read_item = read_item
+        self._indices: Sequence[int] | None = None
         self._unreadable: dict[int, ProLIPError] = {}
         self.class_names = None if class_names is None else list(class_names)
         self.description = description
@@ -57,6 +69,19 @@ class DatasetImages(Sequence):
         if i in self._unreadable:  # found unreadable while reading labels: not read again
             raise self._unreadable[i]
         return self._guarded(self._read_image, i)
+
+    def select(self, indices: Sequence[int]) -> DatasetImages:
+        """The items at ``indices`` (in that order), as a dataset of their own: e.g. a few-shot draw."""
+        chosen = [operator.index(i) % self._length for i in indices]
+        labels = self._read_labels
+        return DatasetImages(
+            lambda k: self._read_image(chosen[k]),
+            len(chosen),
+            None if labels is None else (lambda: [labels()[i] for i in chosen]),
+            self.class_names,
+            self.description,
+            None if self._read_item is None else (lambda k: self._read_item(chosen[k])),
+        )
 
     def _guarded(self, read: Callable[[int], Any], i: int) -> Any:
         """``read(i)``, a failure inside the dataset (a corrupt file, a transform's error) named by its index."""
@@ -126,7 +151,49 @@ def _pick_column(features: Mapping[str, Any], given: str | None, kind: str, name
     return found
 
 
-def _from_hf(dataset: Any, image_column: str | None, label_column: str | None) -> DatasetImages:
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def hf_image(value: Any, index: int, root: str | None) -> Any:
+    """One undecoded Hugging Face ``Image`` entry (``{"bytes": ..., "path": ...}``) as an image prolip loads.
+
+    Bytes are opened with Pillow (decoded, with its size limits, when the image is loaded); a path is a local
+    file: a URL (``http://``, ``hf://``, a ``::``-chained path) is refused, and with ``root`` (the folder the
+    dataset was read from) the file must lie inside it, links followed.
+
+    Raises:
+        ImageLoadError: naming the item and its path.
+    """
+    if not isinstance(value, Mapping):
+        return value  # a plain value (a path string, an array): loaded as any image is
+    data, path = value.get("bytes"), value.get("path")
+    if data is not None:
+        try:
+            return Image.open(io.BytesIO(data))
+        except Exception as exc:  # Pillow raises many types for what it cannot identify or for a bomb
+            raise ImageLoadError(
+                f"image {index} of the Hugging Face dataset could not be decoded ({type(exc).__name__}: {exc}); "
+                "fix or remove that item, or pass on_error='skip'."
+            ) from exc
+    if not isinstance(path, str) or not path:
+        raise ImageLoadError(f"image {index} of the Hugging Face dataset has neither bytes nor a path.")
+    if _URL.match(path) or "::" in path:
+        raise ImageLoadError(
+            f"image {index} of the Hugging Face dataset names the URL {path[:200]!r}; prolip never downloads "
+            "anything: give the dataset with its images' bytes or local files."
+        )
+    if root is None:
+        return path
+    full = os.path.realpath(os.path.join(root, path))
+    if os.path.commonpath([full, os.path.realpath(root)]) != os.path.realpath(root):
+        raise ImageLoadError(
+            f"image {index} of the Hugging Face dataset in {root!r} names {path[:200]!r}, a file outside the "
+            "dataset's folder; prolip reads a dataset folder's images from inside it only."
+        )
+    return full
+
+
+def _from_hf(dataset: Any, image_column: str | None, label_column: str | None, root: str | None) -> DatasetImages:
     if type(dataset).__name__ != "Dataset":
         raise InputTypeError(
             f"a Hugging Face {type(dataset).__name__} cannot be read by index; pass a datasets.Dataset "
@@ -135,11 +202,13 @@ def _from_hf(dataset: Any, image_column: str | None, label_column: str | None) -
     features = dataset.features
     image_column = _pick_column(features, image_column, "Image", IMAGE_COLUMNS, "image")
     label_column = _pick_column(features, label_column, "ClassLabel", LABEL_COLUMNS, "label")
-    label_feature = features[label_column]
+    label_feature, image_feature = features[label_column], features[image_column]
     names = label_feature.names if type(label_feature).__name__ == "ClassLabel" else None
-    images = dataset.select_columns([image_column])  # reading an item then decodes its image only
+    images = dataset.select_columns([image_column])  # reading an item then reads its image only
+    if type(image_feature).__name__ == "Image":  # decoded here, not by datasets (which would fetch a URL)
+        images = images.cast_column(image_column, type(image_feature)(decode=False))
     return DatasetImages(
-        lambda i: images[i][image_column],
+        lambda i: hf_image(images[i][image_column], i, root),
         len(dataset),
         lambda: list(dataset[label_column]),
         names,
@@ -168,7 +237,9 @@ def _from_torch(dataset: torch.utils.data.Dataset) -> DatasetImages:
     )
 
 
-def dataset_images(dataset: Any, image_column: str | None = None, label_column: str | None = None) -> DatasetImages:
+def dataset_images(
+    dataset: Any, image_column: str | None = None, label_column: str | None = None, *, root: str | None = None
+) -> DatasetImages:
     """A dataset object as prolip's image input (what every ``images`` argument accepts).
 
     Args:
@@ -178,20 +249,54 @@ def dataset_images(dataset: Any, image_column: str | None = None, label_column: 
             ``"image"`` or ``"img"``.
         label_column: the Hugging Face column of labels; default: the one ``ClassLabel`` column,
             else ``"label"`` or ``"labels"``. A ``ClassLabel``'s names become the class names.
+        root: for a Hugging Face dataset read from a folder, that folder: image paths must lie inside it
+            (see :func:`hf_image`).
 
     Passing the dataset itself as ``images`` is the same as passing ``dataset_images(dataset)``.
     """
     if isinstance(dataset, DatasetImages):
         return dataset
     if _is_hf_dataset(dataset):
-        return _from_hf(dataset, image_column, label_column)
-    if image_column is not None or label_column is not None:
-        raise InputError("image_column and label_column name columns of a Hugging Face datasets.Dataset only.")
+        return _from_hf(dataset, image_column, label_column, root)
+    if image_column is not None or label_column is not None or root is not None:
+        raise InputError("image_column, label_column and root apply to a Hugging Face datasets.Dataset only.")
     if isinstance(dataset, torch.utils.data.Dataset):
         return _from_torch(dataset)
     raise InputTypeError(
         f"{type(dataset).__name__} is not a dataset object; pass a torch.utils.data.Dataset or a datasets.Dataset."
     )
+
+
+def load_hf_dataset(folder: str | os.PathLike, split: str = "train") -> DatasetImages:
+    """The images and labels of the ``datasets.Dataset`` in ``folder``, read one at a time.
+
+    The dataset is the one ``save_to_disk`` wrote (its ``split`` if it holds a ``DatasetDict``), else the
+    folder read as an ``imagefolder`` (``<class>/<images>``, or with split folders
+    ``train/<class>/<images>``), whose labels are a ``ClassLabel`` of the folder names. Its images are
+    decoded by prolip: an entry naming a URL, or a file outside ``folder``, is refused when read
+    (:func:`prolip.features.dataset_objects.hf_image`).
+
+    Needs ``datasets`` (``pip install "prolip[datasets]"``).
+
+    Raises:
+        InputError: the folder does not exist, or has no ``split``.
+    """
+    try:
+        import datasets
+    except ImportError as exc:
+        raise InputError(
+            'reading a Hugging Face dataset needs the datasets package: pip install "prolip[datasets]"'
+        ) from exc
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise InputError(f"{str(root)!r} is not a folder; give a folder written by save_to_disk or an image folder.")
+    saved = (root / "state.json").is_file() or (root / "dataset_dict.json").is_file()
+    data = datasets.load_from_disk(str(root)) if saved else datasets.load_dataset("imagefolder", data_dir=str(root))
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise InputError(f"{str(root)!r} has the splits {list(data)}, not {split!r}.")
+        data = data[split]
+    return dataset_images(data, root=str(root.resolve()))
 
 
 def as_dataset_images(images: Any) -> DatasetImages | None:

@@ -213,16 +213,22 @@ def load_transformers(name: str, tokenizer: Any = None) -> TransformersCLIP:
     except ImportError as exc:
         raise ModelLoadError(INSTALL_HINT) from exc
     source = name[len(PREFIX) :]
+    # A folder's (or repository's) own code never runs, whatever stdin says: without trust_remote_code=False
+    # transformers asks on stdin whether to import the classes an ``auto_map`` names. Weights come from
+    # safetensors only (a pytorch_model.bin is a pickle).
+    safe = {"trust_remote_code": False}
     try:
-        model = transformers.AutoModel.from_pretrained(source)
-        image_processor = transformers.AutoImageProcessor.from_pretrained(source)
+        model = transformers.AutoModel.from_pretrained(source, use_safetensors=True, **safe)
+        image_processor = transformers.AutoImageProcessor.from_pretrained(source, **safe)
         if tokenizer is None:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(source, **safe)
     except Exception as exc:  # transformers raises OSError, ValueError, HTTP errors ... for a missing model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
-            f"could not load {name!r} with transformers: {exc}. Give a Hub repo id or a folder written by "
-            "save_pretrained (with the image processor's and tokenizer's files)."
-        ) from exc
+            f"could not load {name!r} with transformers ({first[:300]}). Give a Hub repo id or a folder written by "
+            "save_pretrained, with model.safetensors (prolip never reads pickled weights or runs a folder's own "
+            "code) and the image processor's and tokenizer's files."
+        ) from None
     return from_transformers(model, tokenizer=tokenizer, image_processor=image_processor)
 
 
