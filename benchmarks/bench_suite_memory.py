@@ -5,7 +5,7 @@ reads the rest from the feature cache; so its peak resident set size (``ru_maxrs
 ``python -m prolip bench few-shot`` process, measured with ``os.wait4``) should be the same for 1,
 5 and 11 datasets, while the features the run reads in all grow with the number of datasets.
 
-The datasets are the miniature suite of ``scripts/make_mini_suite.py`` (Fashion-MNIST under a
+The datasets are the miniature suite of :mod:`prolip.bench.data.mini_suite` (Fashion-MNIST under a
 shift per dataset, 10 classes each) and the model is the packaged stand-in CLIP (width 128). The
 stand-in extracts ~20 augmented views a second on 2 shared CPU cores, far too slow for 300 views of
 every training image, so the setup writes seeded Gaussian noise into the feature cache for every
@@ -20,7 +20,6 @@ of temporary disk; needs Fashion-MNIST, which ``bash scripts/setup.sh`` installs
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
@@ -31,24 +30,21 @@ import torch
 
 import prolip.bench.store as store_module
 from prolip import standin
+from prolip.bench.data import PAPER_DATASETS
 from prolip.bench.settings import plan
 from prolip.bench.shards import extract_share
 from prolip.bench.store import FeatureStore
 from prolip.bench.workload import feature_requests
-from prolip.datasets import PAPER_DATASETS
 from prolip.model.backbone import build_backbone
 
 METHODS = ["zero-shot", "prolip", "linear-probe"]
 
 
 def make_suite(root: Path, train: int, val: int, test: int) -> None:
-    """scripts/make_mini_suite.py's suite under ``root``."""
-    path = Path(__file__).resolve().parents[1] / "scripts" / "make_mini_suite.py"
-    spec = importlib.util.spec_from_file_location("make_mini_suite", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    module.make_suite(root, seed=0, train=train, val=val, test=test)
+    """The miniature suite (:mod:`prolip.bench.data.mini_suite`) under ``root``."""
+    from prolip.bench.data.mini_suite import make_suite as write_suite
+
+    write_suite(root, seed=0, train=train, val=val, test=test)
 
 
 def noise_fill(backbone, images, cache, *, hashes, rank=0, world_size=1, **_) -> list[str]:

@@ -49,7 +49,8 @@ import open_clip  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from prolip.datasets import FASHION_MNIST_CLASSES, SHIFTS, apply_shift, load_fashion_mnist  # noqa: E402
-from prolip.standin import MODEL_NAME, PRETRAINED_TAG, TEMPLATES, checkpoint_path, register  # noqa: E402
+from prolip.model.registry import add_to_open_clip  # noqa: E402
+from prolip.standin import MODEL_NAME, PRETRAINED_TAG, TEMPLATES, checkpoint_path  # noqa: E402
 
 CROP_SCALE = (0.5, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(args.seed)  # data order, views, captions
     t_start = time.perf_counter()
 
-    register()
+    add_to_open_clip(MODEL_NAME)
     model = open_clip.create_model(MODEL_NAME)
     tokenizer = open_clip.get_tokenizer(MODEL_NAME)
     side = model.visual.image_size[0]

@@ -142,16 +142,9 @@ def tiny_adapter(checkpoint: str | None, family: str = "vit", **kwargs):
 
 @pytest.fixture(scope="session")
 def mini_suite():
-    """scripts/make_mini_suite.py as a module (it needs Fashion-MNIST)."""
-    import importlib.util
-    import sys
+    """:mod:`prolip.bench.data.mini_suite`, once Fashion-MNIST is known to be there (it needs it)."""
+    from prolip.bench.data import mini_suite as module
 
-    spec = importlib.util.spec_from_file_location(
-        "make_mini_suite", Path(__file__).parents[1] / "scripts" / "make_mini_suite.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
     try:
         module.load_fashion_mnist("test")
     except FileNotFoundError as exc:  # bash scripts/setup.sh installs it

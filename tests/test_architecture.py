@@ -1,4 +1,4 @@
-"""The shape of the package: nothing outside the estimator reaches into it, and the estimator stays thin.
+"""The shape of the package: nothing outside the estimator reaches into it, and the library never loads the harness.
 
 The direction of imports (the layers of docs/architecture.md) is import-linter's contract in
 pyproject.toml, checked by ``lint-imports`` in the test command.
@@ -24,10 +24,6 @@ def test_the_estimator_is_used_from_outside_only_through_public_names():
                 if private.search(line):
                     offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == []
-
-
-def test_the_estimator_stays_thin():
-    assert len((PACKAGE / "adapter.py").read_text().splitlines()) < 400
 
 
 def test_every_module_sits_in_a_declared_layer():
@@ -57,3 +53,56 @@ def test_the_module_table_matches_the_tree():
         and not str(p.relative_to(PACKAGE)).startswith(listed_as_folder)
     }
     assert table == tree
+
+
+def _run(code: str) -> str:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+
+
+def test_the_library_loads_only_what_is_asked_for():
+    # A fresh interpreter: `import prolip` loads its table of names and nothing heavy; the adapter loads its own
+    # modules, never a variant or the benchmark harness (prolip.bench, behind the `bench` command).
+    out = _run(
+        "import sys; import prolip; print(sorted(m for m in sys.modules if m.startswith('prolip')), 'torch' in sys.modules);"
+        "from prolip import ProLIPAdapter; print(sorted(m for m in sys.modules if m.startswith(('prolip.bench', 'prolip.variants'))))"
+    )
+    first, second = out.splitlines()
+    assert first == "['prolip', 'prolip._version'] False"
+    assert second == "[]"
+
+
+def test_the_public_table_names_every_public_name_once():
+    import ast
+
+    import prolip
+
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    typed = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+        for child in node.body
+        for alias in child.names
+    }
+    assert set(prolip.__all__) == set(prolip._PUBLIC) | {"__version__"} == typed | {"__version__"}
+    for name in prolip.__all__:
+        assert getattr(prolip, name) is not None
+    assert "ProLIPAdapter" in dir(prolip)
+
+
+def test_the_command_line_imports_the_harness_only_for_the_bench_command():
+    import ast
+
+    tree = ast.parse((PACKAGE / "cli.py").read_text())
+    importers = {
+        function.name
+        for function in ast.walk(tree)
+        if isinstance(function, ast.FunctionDef)
+        for node in ast.walk(function)
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("prolip.bench")
+    }
+    top_level = [n for n in tree.body if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("prolip.bench")]
+    assert importers == {"_bench"} and top_level == []

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from prolip import standin
+from prolip.bench.data import Item
 from prolip.bench.store import INDEX_NAME, FeatureStore
-from prolip.datasets import Item
 from prolip.model.backbone import build_backbone
 
 

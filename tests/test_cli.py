@@ -14,6 +14,7 @@ from PIL import Image
 
 from prolip import ProLIPAdapter, standin
 from prolip.files.delta import read_delta
+from prolip.model.registry import add_to_open_clip
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -148,7 +149,7 @@ def test_merge_gives_an_open_clip_checkpoint(delta, tmp_path):
 
     out = tmp_path / "merged.safetensors"
     prolip("merge", str(delta), "--out", str(out), "--quiet")
-    standin.register()
+    add_to_open_clip(standin.MODEL_NAME)
     merged = open_clip.create_model(standin.MODEL_NAME, pretrained=str(out))
     base = open_clip.create_model(standin.MODEL_NAME, pretrained=str(standin.checkpoint_path()))
     delta_file = read_delta(delta)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from prolip.datasets import (
+from prolip.bench.data import (
     COOP_DATASETS,
     COOP_LAYOUTS,
     IMAGENET_TEMPLATES,
@@ -27,10 +27,10 @@ from prolip.datasets import (
     read_dataset,
     read_draw,
     read_image_dataset,
-    read_templates,
     select_classes,
     write_draw,
 )
+from prolip.datasets import read_templates
 from prolip.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,9 +20,9 @@ from prolip import (
     ProLIPAdapter,
     standin,
 )
+from prolip.bench.data import base_new_split, draw_shots, read_dataset
 from prolip.bench.runner import run_bench
 from prolip.bench.store import FeatureStore
-from prolip.datasets import base_new_split, draw_shots, read_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
 

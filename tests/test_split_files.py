@@ -9,7 +9,7 @@ import tracemalloc
 
 import pytest
 
-from prolip.datasets import Dataset, Item, draw_shots, read_coop, read_draw, write_draw
+from prolip.bench.data import Dataset, Item, draw_shots, read_coop, read_draw, write_draw
 from prolip.errors import InputError
 
 

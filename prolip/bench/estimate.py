@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
+from prolip.bench.data import Item
 from prolip.bench.methods import get_method
 from prolip.bench.results import ResultsFile
 from prolip.bench.runner import DEFAULT_METHODS
 from prolip.bench.settings import DEFAULT_SEEDS, DEFAULT_SHOTS, plan
 from prolip.bench.store import FeatureStore
 from prolip.bench.workload import feature_requests, job_cells
-from prolip.datasets import Item
 from prolip.features.cache import check_storage
 from prolip.features.extract import extract_features
 from prolip.model.backbone import Backbone, build_backbone

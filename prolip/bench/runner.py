@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from prolip.atomic import atomic_write
+from prolip.bench.data import Dataset, Draw, draw_json, draw_shots, draw_validation
 from prolip.bench.inputs import class_set, image_head
 from prolip.bench.method_tools import EmptyValidationError
 from prolip.bench.methods import FittedMethod, Method, get_method
@@ -41,7 +42,6 @@ from prolip.bench.shards import (
 )
 from prolip.bench.store import FeatureStore
 from prolip.bench.workload import TEST_VIEW_SEED, CellKey, feature_requests, job_cells
-from prolip.datasets import Dataset, Draw, draw_json, draw_shots, draw_validation
 from prolip.errors import InputError
 from prolip.model.backbone import build_backbone
 from prolip.model.zeroshot import check_templates
@@ -78,7 +78,7 @@ def run_bench(
     Args:
         setting: "few-shot", "base-to-new", "cross-dataset" or "domain-generalisation".
         data_root: the folder holding the datasets in CoOp's layout (docs/datasets.md), or a
-            user's own dataset folders (:func:`prolip.datasets.read_dataset`).
+            user's own dataset folders (:func:`prolip.bench.data.read_dataset`).
         out_dir: where results.json, table.md, plot.png and the draws' JSON go.
         model, pretrained: the open_clip model and its weights (tag or local checkpoint).
         datasets: reader names; default: the paper's for the setting.

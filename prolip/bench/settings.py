@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prolip.bench.adapted import PROLIP_LR
-from prolip.datasets import IMAGENET_VARIANTS, PAPER_DATASETS, Dataset, base_new_split, read_dataset
+from prolip.bench.data import IMAGENET_VARIANTS, PAPER_DATASETS, Dataset, base_new_split, read_dataset
 from prolip.errors import InputError
 
 SETTINGS = ("few-shot", "base-to-new", "cross-dataset", "domain-generalisation")

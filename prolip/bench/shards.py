@@ -36,10 +36,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from prolip.bench.data import Item
 from prolip.bench.results import ResultsFile, json_default
 from prolip.bench.store import FeatureStore
 from prolip.bench.workload import CellKey, FeatureRequest
-from prolip.datasets import Item
 from prolip.errors import InputError
 from prolip.variants.distributed import barrier, init_distributed, rank_and_world_size
 

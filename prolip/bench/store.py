@@ -26,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from prolip.atomic import atomic_write, read_json
+from prolip.bench.data import Item
 from prolip.bench.problem import FeatureSet
-from prolip.datasets import Item
 from prolip.errors import FeatureCacheError, InputError
 from prolip.features.cache import CachedFeatures, FeatureCache
 from prolip.features.extract import feature_cache, fill_cache, image_hash

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+from prolip.bench.data import Item, draw_shots, draw_validation
 from prolip.bench.settings import Job
-from prolip.datasets import Item, draw_shots, draw_validation
 
 TEST_VIEW_SEED = 0  # augmented test views (test-time methods) are the same for every draw
 

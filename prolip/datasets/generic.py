@@ -1,11 +1,8 @@
-"""User images on disk: class-per-folder trees and ``path,label`` CSV files, and a folder of them as a Dataset.
+"""User images on disk: class-per-folder trees and ``path,label`` CSV files.
 
 :func:`read_labelled` reads one labelled collection (what ``prolip fit`` and ``prolip eval`` take);
-:func:`read_images` lists unlabelled images from files, folders and CSV files of paths (``prolip predict``).
-:func:`read_image_dataset` makes a :class:`~prolip.datasets.Dataset` of a user's folder, so every bench
-setting runs on it: for each split ``train``, ``val`` and ``test``, either a class-per-folder tree
-``<split>/<class name>/<images>`` or a ``<split>.csv`` file of ``path,label`` rows, and optionally a
-``templates.txt`` of prompts.
+:func:`read_images` lists unlabelled images from files, folders and CSV files of paths (``prolip predict``);
+:func:`sample_shots` draws N images per class from them.
 """
 
 from __future__ import annotations
@@ -17,10 +14,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from prolip.datasets.dataset import SPLIT_NAMES, Dataset, Item
-from prolip.datasets.templates import read_templates
 from prolip.errors import InputError
-from prolip.model.zeroshot import DEFAULT_TEMPLATES
 
 logger = logging.getLogger(__name__)
 
@@ -139,53 +133,3 @@ def sample_shots(paths: Sequence[str], labels: Sequence[str], shots: int, seed: 
         by_class.setdefault(label, []).append(i)
     chosen = sorted(i for members in by_class.values() for i in rng.sample(members, min(shots, len(members))))
     return [paths[i] for i in chosen], [labels[i] for i in chosen]
-
-
-TEMPLATES_FILE = "templates.txt"
-"""The optional prompt file of a user's dataset folder, read by :func:`prolip.datasets.read_templates`."""
-
-
-def _split_source(root: Path, split: str) -> Path | None:
-    folder, table = root / split, root / f"{split}.csv"
-    if folder.is_dir() and table.is_file():
-        raise InputError(f"{str(root)!r} has both {split}/ and {split}.csv; keep one of them.")
-    return folder if folder.is_dir() else table if table.is_file() else None
-
-
-def read_image_dataset(
-    root: str | os.PathLike, name: str | None = None, templates: Sequence[str] | None = None
-) -> Dataset:
-    """Read a user's dataset: ``root/<split>/<class>/<images>`` or ``root/<split>.csv`` per split.
-
-    Splits that are absent are empty (a test-only folder serves as a cross-dataset target; without
-    ``val``, validation draws come from ``train``, see :func:`prolip.datasets.draw_validation`).
-    Classes are the labels of all splits together, sorted; the label text is the class name.
-
-    Args:
-        root: the dataset folder.
-        name: the dataset's name; defaults to the folder's name.
-        templates: prompt templates; defaults to ``root/templates.txt`` (one per line) if present,
-            else ``("a photo of a {}.",)``.
-
-    Raises:
-        InputError: no split is present, a split has both a folder and a CSV, or a split is empty
-            or malformed (see :func:`prolip.datasets.generic.read_labelled`).
-    """
-    root = Path(root).expanduser().absolute()
-    sources = {split: _split_source(root, split) for split in SPLIT_NAMES} if root.is_dir() else {}
-    if not any(sources.values()):
-        raise InputError(
-            f"{str(root)!r} holds no dataset: give a folder with train/, val/ and test/ sub-folders of "
-            "class folders (train/<class name>/<images>), or train.csv, val.csv and test.csv files of "
-            "path,label rows; see docs/datasets.md."
-        )
-    read = {split: read_labelled(source) if source else ([], []) for split, source in sources.items()}
-    classnames = tuple(sorted({label for _, labels in read.values() for label in labels}))
-    label_of = {classname: label for label, classname in enumerate(classnames)}
-    splits = {
-        split: tuple(Item(path, label_of[c], c) for path, c in zip(paths, labels, strict=True))
-        for split, (paths, labels) in read.items()
-    }
-    if templates is None:
-        templates = read_templates(root / TEMPLATES_FILE) if (root / TEMPLATES_FILE).is_file() else DEFAULT_TEMPLATES
-    return Dataset(name or root.name, root, classnames, tuple(templates), **splits)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from prolip.errors import InputError, ModelLoadError
+from prolip.model import registry
 from prolip.model.fingerprint import Fingerprint
 from prolip.model.preprocessing import view_config_of
 from prolip.model.towers import Projector, TextProjector, find_projector, find_text_projector
@@ -179,17 +180,6 @@ class Backbone:
         return encode_prompts(self.text_projector.features, self.tokenizer, class_names, templates, device=self.device)
 
 
-def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
-    """Map prolip's own stand-in tag to its packaged checkpoint; everything else passes through."""
-    from prolip import standin
-
-    if name == standin.MODEL_NAME:
-        standin.register()
-        if pretrained == standin.PRETRAINED_TAG:
-            return os.fspath(standin.checkpoint_path())
-    return pretrained
-
-
 def build_backbone(
     model: str | nn.Module,
     pretrained: str | None,
@@ -230,7 +220,7 @@ def build_backbone(
         tok = default_tokenizer(model) if isinstance(model, TransformersCLIP) or tokenizer is None else tokenizer
     else:
         pretrained = os.fspath(pretrained) if pretrained is not None else None
-        checkpoint = _resolve_pretrained(model, pretrained)
+        checkpoint = registry.resolve(model, pretrained)
         if checkpoint and os.path.sep in checkpoint and not os.path.isfile(checkpoint):
             raise ModelLoadError(f"checkpoint file {checkpoint!r} does not exist; check the path given as pretrained.")
         try:
@@ -252,17 +242,11 @@ def file_may_choose(model_name: str, pretrained: str) -> bool:
     """Whether a delta file alone may decide to build this base model.
 
     A file is untrusted input: it may name open_clip's own configurations (``open_clip.list_models()``,
-    local JSON, nothing fetched) with one of open_clip's own pretrained tags for them (official
-    weights), or prolip's stand-in. A Hub model name (``hf-hub:...``), a checkpoint path or an
-    unknown tag would let the file choose what is downloaded or read, so it needs the caller's
-    explicit choice (see docs/security.md).
+    local JSON, nothing fetched) and prolip's registered ones (:mod:`prolip.model.registry`), with one of
+    their own pretrained tags (official weights, or the registered local files). A Hub model name
+    (``hf-hub:...``), a checkpoint path or an unknown tag would let the file choose what is downloaded or
+    read, so it needs the caller's explicit choice (see docs/security.md).
     """
-    import open_clip
-
-    from prolip import standin
-
-    if model_name == standin.MODEL_NAME:
-        return pretrained in ("", standin.PRETRAINED_TAG)
-    if model_name not in open_clip.list_models():
+    if model_name not in registry.known_models():
         return False
-    return pretrained == "" or pretrained in open_clip.list_pretrained_tags_by_model(model_name)
+    return pretrained == "" or pretrained in registry.pretrained_tags(model_name)

@@ -11,15 +11,17 @@ text tower and tokenizer, configured in ``prolip-standin-vit.json`` beside this 
 The weights (fp16 safetensors) are made by ``scripts/pretrain_standin.py``; see
 ``docs/standin.md``.
 
-Typical use::
+It is registered with prolip the way open_clip registers its own models, as data
+(:data:`prolip.model.registry.LOCAL_MODELS`: its config and, for its tag, its checkpoint), so
+``ProLIPAdapter(MODEL_NAME, PRETRAINED_TAG)`` builds it like any open_clip model. In open_clip
+itself::
 
-    from prolip.standin import MODEL_NAME, register, checkpoint_path
     import open_clip
-    from safetensors.torch import load_file
+    from prolip.model.registry import add_to_open_clip
+    from prolip.standin import MODEL_NAME, checkpoint_path
 
-    register()
-    model = open_clip.create_model(MODEL_NAME)
-    model.load_state_dict({k: v.float() for k, v in load_file(checkpoint_path()).items()})
+    add_to_open_clip(MODEL_NAME)
+    model = open_clip.create_model(MODEL_NAME, pretrained=str(checkpoint_path()))
     tokenizer = open_clip.get_tokenizer(MODEL_NAME)
 """
 
@@ -34,7 +36,6 @@ __all__ = [
     "checkpoint_path",
     "config_dir",
     "config_path",
-    "register",
 ]
 
 MODEL_NAME: str = "prolip-standin-vit"
@@ -72,17 +73,3 @@ def config_path() -> Path:
 def checkpoint_path() -> Path:
     """Return the path of the stand-in's fp16 safetensors checkpoint (full open_clip state dict)."""
     return config_dir() / f"{MODEL_NAME}.safetensors"
-
-
-def register() -> None:
-    """Make ``MODEL_NAME`` known to open_clip (idempotent).
-
-    After this, ``open_clip.create_model(MODEL_NAME)`` and
-    ``open_clip.get_tokenizer(MODEL_NAME)`` work. Weights are not loaded: load
-    :func:`checkpoint_path` yourself.
-    """
-    import open_clip
-
-    if MODEL_NAME in open_clip.list_models():
-        return
-    open_clip.add_model_config(config_path())

@@ -40,7 +40,7 @@ class TestTimeProLIP:
         class_names: with a backbone, the text of each class (they are also the predicted labels).
         templates: prompt templates with one "{}" each, T built as the zero-shot classifier (each
             prompt's embedding normalised, averaged, normalised: the official ``clip_classifier``),
-            e.g. the 7 ImageNet templates of :data:`prolip.datasets.IMAGENET_TEMPLATES`. With a
+            e.g. the 7 ImageNet templates of :data:`prolip.bench.data.IMAGENET_TEMPLATES`. With a
             backbone, None means "a photo of a {}."; with an adapter, None keeps the adapter's own
             T, and templates rebuild T from its class names (adapters whose T is the zero-shot
             classifier only: ``target="image"``, no ``taskres_alpha``).

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 
-from prolip.datasets.dataset import SPLIT_NAMES, Dataset, Item
+from prolip.bench.data.dataset import SPLIT_NAMES, Dataset, Item
 from prolip.errors import InputError
 
 

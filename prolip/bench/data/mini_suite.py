@@ -1,6 +1,6 @@
 """Write a miniature few-shot suite in CoOp's layout from Fashion-MNIST, for offline runs of ``prolip bench``.
 
-All 15 reader names of :data:`prolip.datasets.COOP_DATASETS` get a folder laid out exactly as
+All 15 reader names of :data:`prolip.bench.data.COOP_DATASETS` get a folder laid out exactly as
 CoOp's DATASETS.md says (split_zhou JSON files, FGVC-Aircraft's txt files, ImageNet's folders and
 classnames.txt), filled with 28×28 Fashion-MNIST images under a different moderate, label-preserving
 shift per dataset, so the stand-in CLIP's zero-shot accuracy spreads like CLIP's over the paper's
@@ -9,9 +9,9 @@ variants are further shifts of it on fresh test images (A and R on 5 of its 10 c
 val images come from Fashion-MNIST's train split, test images from its test split. Each dataset
 orders its classes differently (real split files do too). The same ``--seed`` writes the same files.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/make_mini_suite.py --out mini-suite --measure
+    HF_HUB_OFFLINE=1 .venv/bin/python -m prolip.bench.data.mini_suite --out mini-suite --measure
 
-``--measure`` then reads every dataset back with :func:`prolip.datasets.read_coop` and prints the
+``--measure`` then reads every dataset back with :func:`prolip.bench.data.read_coop` and prints the
 stand-in's zero-shot accuracy on each test split (its 8 pretraining templates, which the script
 also writes to ``<out>/standin-templates.txt`` for ``prolip bench --templates``).
 """
@@ -33,7 +33,8 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from prolip import standin
-from prolip.datasets import COOP_DATASETS, COOP_LAYOUTS, FASHION_MNIST_CLASSES, load_fashion_mnist, read_coop
+from prolip.bench.data import COOP_DATASETS, COOP_LAYOUTS, read_coop
+from prolip.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 
 Shift = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 """A batch shift: float images ``[n, 1, 28, 28]`` in [0, 1] and a generator → ``[n, 1 or 3, 28, 28]`` in [0, 1]."""

@@ -21,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from prolip.atomic import atomic_write, read_json
-from prolip.datasets.dataset import Dataset, Item, path_inside
+from prolip.bench.data.dataset import Dataset, Item, path_inside
 from prolip.errors import InputError
 
 __all__ = [

@@ -15,7 +15,7 @@ from itertools import chain
 from pathlib import Path
 
 from prolip.atomic import read_json
-from prolip.datasets.dataset import SPLIT_NAMES, Dataset, Item, classnames_of, path_inside
+from prolip.bench.data.dataset import SPLIT_NAMES, Dataset, Item, classnames_of, path_inside
 from prolip.datasets.generic import read_labelled
 from prolip.errors import InputError
 
