@@ -8,7 +8,8 @@ so the times include what each fit does besides training (the α/β search, buil
 * prolip: :func:`prolip.bench.adapted.prolip_weight` (``train_projector``), the baseline of every ratio;
 * prolip+tip-adapter (cache / trained / joint) and prolip+taskres (taskres / prolip-code);
 * library taskres: what ``ProLIPAdapter(taskres_alpha=0.5)`` trains, ``train_projector`` with a
-  :class:`prolip.training.loop.ClassifierResidual` (W's closed-form gradient, R through autograd);
+  :class:`prolip.training.sides.ClassifierResidual` (W's closed-form gradient, R through autograd): the
+  engine prolip+taskres's ``taskres`` form runs too, without the bench method around it;
 * test-time-prolip: scoring ``--test`` test images with 64 views each, against ProLIP scoring their
   plain views (the cost of ``logits``, not of a fit).
 
@@ -26,13 +27,15 @@ import torch
 import torch.nn.functional as F
 from timing import best_of
 
-from prolip.bench.adapted import prolip_weight
+from prolip.bench.adapted import prolip_weight, train_config
 from prolip.bench.method_tools import text_prototypes
 from prolip.bench.methods.prolip_taskres import ProLIPTaskRes
 from prolip.bench.methods.prolip_tip_adapter import ProLIPTipAdapter
 from prolip.bench.methods.test_time_prolip import ProLIPTestTime
-from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem, TextHead
-from prolip.training.loop import ClassifierResidual, logits, train_projector
+from prolip.bench.problem import Classes, FeatureSet, Problem
+from prolip.model.head import LinearHead
+from prolip.training.engine import train_projector
+from prolip.training.sides import ClassifierResidual, TextSide
 
 D_IN, D_OUT, D_TEXT, SHOTS, VIEWS = 768, 512, 512, 16, 4
 
@@ -45,7 +48,8 @@ def problem_of(k: int, epochs: int, test: int) -> tuple[Problem, FeatureSet]:
     def features(views: int, n: int) -> torch.Tensor:
         return torch.randn(views, n, D_IN, generator=gen)
 
-    text = TextHead(torch.randn(k, 2, D_TEXT, generator=gen), torch.randn(D_TEXT, D_OUT, generator=gen) / D_TEXT**0.5)
+    text_w0 = torch.randn(D_TEXT, D_OUT, generator=gen) / D_TEXT**0.5
+    text = TextSide(torch.randn(k, 2, D_TEXT, generator=gen), LinearHead(text_w0))
     train = FeatureSet(features(VIEWS, len(labels)), labels)
     problem = Problem(
         train=train,
@@ -54,7 +58,7 @@ def problem_of(k: int, epochs: int, test: int) -> tuple[Problem, FeatureSet]:
         classes=Classes(
             [f"class {i}" for i in range(k)], F.normalize(torch.randn(k, D_OUT, generator=gen), dim=-1), text
         ),
-        image_head=ImageHead(torch.randn(D_IN, D_OUT, generator=gen) / math.sqrt(D_IN)),
+        image_head=LinearHead(torch.randn(D_IN, D_OUT, generator=gen) / math.sqrt(D_IN)),
         logit_scale=100.0,
         shots=SHOTS,
         seed=k,
@@ -66,27 +70,22 @@ def problem_of(k: int, epochs: int, test: int) -> tuple[Problem, FeatureSet]:
 def bench(k: int, epochs: int, test_images: int, repeats: int) -> dict[str, float]:
     """Best-of-``repeats`` seconds of each fit (and of scoring the test set) for K=k classes."""
     problem, test = problem_of(k, epochs, test_images)
-    weight, plain = prolip_weight(problem), test.features[0]
+    config = train_config(problem)
+    weight, plain = prolip_weight(problem, config), test.features[0]
     classifier, fitted_tt = problem.classes.classifier, ProLIPTestTime().fit(problem)
-    head, cpu = problem.image_head, torch.device("cpu")
+    head, train = problem.image_head, problem.train
     residual = ClassifierResidual(text_prototypes(problem.classes), 0.5)
-
-    def library_taskres() -> object:
-        train = problem.train
-        return train_projector(
-            train.features, train.labels, None, head.w0, None, side=residual, logit_scale=problem.logit_scale,
-            lr=1e-3, reg_lambda=1 / SHOTS, epochs=epochs, device=cpu, verbose=False,
-        )  # fmt: skip
+    adapted = LinearHead(weight, head.bias)
 
     runs = {
-        "prolip": lambda: prolip_weight(problem),
+        "prolip": lambda: prolip_weight(problem, config),
         "prolip+tip-adapter cache": lambda: ProLIPTipAdapter().fit(problem),
         "prolip+tip-adapter trained": lambda: ProLIPTipAdapter(keys="trained").fit(problem),
         "prolip+tip-adapter joint": lambda: ProLIPTipAdapter(keys="joint").fit(problem),
         "prolip+taskres taskres": lambda: ProLIPTaskRes().fit(problem),
         "prolip+taskres prolip-code": lambda: ProLIPTaskRes(form="prolip-code").fit(problem),
-        "library taskres": library_taskres,
-        "prolip logits (plain view)": lambda: logits(plain, weight, None, classifier, problem.logit_scale),
+        "library taskres": lambda: train_projector(train.features, train.labels, head, residual, config),
+        "prolip logits (plain view)": lambda: adapted.logits(plain, classifier, problem.logit_scale),
         "test-time-prolip logits": lambda: fitted_tt.logits(test, problem.classes),
     }
     return best_of(runs, repeats)

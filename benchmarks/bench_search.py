@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from timing import best_of
 
 from prolip.errors import TrainingDivergedError, TrainingWarning
-from prolip.training.loop import train_projector
+from prolip.model.head import LinearHead
+from prolip.training.engine import TrainConfig, train_projector
 from prolip.training.search import PAPER_LAMBDAS, PAPER_LRS, search_projector
 
 D_IN, D_OUT, VIEWS = 768, 512, 4
@@ -44,7 +45,7 @@ def main() -> None:
     val = torch.randn(n, D_IN, generator=gen)
     classifier = F.normalize(torch.randn(k, D_OUT, generator=gen), dim=-1)
     w0 = torch.randn(D_IN, D_OUT, generator=gen) / math.sqrt(D_IN)
-    common = {"logit_scale": 100.0, "epochs": args.epochs, "device": torch.device("cpu"), "verbose": False}
+    config, head = TrainConfig(logit_scale=100.0, epochs=args.epochs), LinearHead(w0)
 
     def fits() -> None:
         for lr in PAPER_LRS:
@@ -52,10 +53,10 @@ def main() -> None:
                 # A diverging point costs its steps all the same; hopeless points warn, as a lone fit should.
                 with contextlib.suppress(TrainingDivergedError), warnings.catch_warnings():
                     warnings.simplefilter("ignore", TrainingWarning)
-                    train_projector(features, labels, classifier, w0, None, lr=lr, reg_lambda=reg_lambda, **common)
+                    train_projector(features, labels, head, classifier, config.at(lr, reg_lambda))
 
     def search() -> None:
-        search_projector(features, labels, val, labels, classifier, w0, None, **common)
+        search_projector(features, labels, val, labels, head, classifier, config)
 
     best = best_of({"fits": fits, "search": search}, args.repeats)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, K={k}, N={args.shots}, {args.epochs} steps")

@@ -5,12 +5,13 @@ in one run, interleaved, best of ``--repeats``:
 
 * floor: the four products of a step — x·W, u·Tᵀ, dlogits·T and xᵀ·dz — alone, for every step;
 * floor+adam: the same plus one ``torch.optim.Adam(fused=True)`` step each: the least any Adam fit costs;
-* prolip: :func:`prolip.training.loop.train_projector` (hand-written gradient, torch.optim.Adam(fused=True));
+* prolip: :func:`prolip.training.engine.train_projector` (hand-written gradient, torch.optim.Adam(fused=True));
 * autograd: the plain autograd + ``torch.optim.Adam`` + ``CosineAnnealingLR`` loop that the
   tests use as the reference (``tests/reference_training.py``).
 
-* baseline (with ``--baseline FILE``): ``train_projector`` from another version of
-  ``prolip/training/loop.py`` (e.g. ``git show <commit>:prolip/training/loop.py > /tmp/loop_before.py``),
+* baseline (with ``--baseline FILE``): ``train_projector`` of the training loop before the one engine,
+  ``prolip/training/loop.py`` of commit f8a78c0 (``git show f8a78c0:prolip/training/loop.py >
+  /tmp/loop_before.py``; it imports only modules prolip still has), called with its own signature and
   timed interleaved with the others, so a before/after ratio comes from one run.
 
 A step costs the same whichever view it uses, so 4 views stand in for the paper's 300. K=1000
@@ -33,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from timing import best_of
 
-from prolip.training.loop import train_projector
+from prolip.model.head import LinearHead
+from prolip.training.engine import TrainConfig, train_projector
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference_training import reference_train  # the reference loop the tests use too
@@ -63,7 +65,8 @@ def matmul_floor(
 
 
 def load_loop(path: str) -> ModuleType:
-    """Another version of ``prolip/training/loop.py``, as a module of its own (it imports the rest of prolip)."""
+    """The training loop of another version (``prolip/training/loop.py``), as a module of its own (it imports the
+    rest of prolip)."""
     spec = importlib.util.spec_from_file_location("baseline_loop", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
@@ -82,12 +85,11 @@ def bench(
     classifier = F.normalize(torch.randn(k, D_OUT, generator=gen), dim=-1).to(device)
     w0 = (torch.randn(D_IN, D_OUT, generator=gen) / math.sqrt(D_IN)).to(device)
     train = {"logit_scale": 100.0, "lr": 1e-3, "reg_lambda": 1 / SHOTS, "epochs": steps}
+    config = TrainConfig(**train, device=device)
     methods = {
         "floor": lambda: matmul_floor(features, classifier, w0, steps),
         "floor+adam": lambda: matmul_floor(features, classifier, w0, steps, adam=True),
-        "prolip": lambda: train_projector(
-            features, labels, classifier, w0, None, device=device, verbose=False, **train
-        ),
+        "prolip": lambda: train_projector(features, labels, LinearHead(w0), classifier, config),
         "autograd": lambda: reference_train(features, labels, classifier, w0, None, **train),
     }
     if baseline is not None:
@@ -104,7 +106,9 @@ def main() -> None:
     parser.add_argument("--classes", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--steps", type=int, nargs="+", default=[300, 300, 5], help="steps per size")
     parser.add_argument("--repeats", type=int, nargs="+", default=[5, 3, 3], help="repetitions per size")
-    parser.add_argument("--baseline", default=None, help="another version of prolip/training/loop.py to compare")
+    parser.add_argument(
+        "--baseline", default=None, help="the training loop of another version (prolip/training/loop.py) to compare"
+    )
     args = parser.parse_args()
     baseline = load_loop(args.baseline) if args.baseline else None
     device = torch.device(args.device)

@@ -3,10 +3,10 @@
 For K classes at 16 shots (n = 16K images), d_in=768, d_out=512, d_t=512 (ViT-B's projectors) and
 M prompt templates, times in one run, interleaved, best of ``--repeats``:
 
-* prolip: :func:`prolip.training.loop.train_projector` (the vision projector, hand-written gradient);
-* text: :func:`prolip.training.loop.train_projector` with a text side and the image side frozen;
+* prolip: :func:`prolip.training.engine.train_projector` (the vision projector, hand-written gradient);
+* text: :func:`prolip.training.engine.train_projector` with a text side and the image side frozen;
 * image+text: the same training both projectors;
-* rla: :func:`prolip.training.loop.train_projector` on the embeddings ``[V, n, d_out]`` with W0 = I
+* rla: :func:`prolip.training.engine.train_projector` on the embeddings ``[V, n, d_out]`` with W0 = I
   (the regularised linear adapter; the embeddings are computed once, outside the timing).
 
 A step costs the same whichever view it uses, so 4 views stand in for the paper's 300. K=1000 runs 5
@@ -23,7 +23,9 @@ import math
 import torch
 from timing import best_of
 
-from prolip.training.loop import TextSide, train_projector
+from prolip.model.head import LinearHead
+from prolip.training.engine import TrainConfig, train_projector
+from prolip.training.sides import TextSide
 
 D_IN, D_OUT, D_TEXT, SHOTS, VIEWS = 768, 512, 512, 16, 4
 
@@ -37,23 +39,16 @@ def bench(k: int, templates: int, steps: int, repeats: int, device: torch.device
     w0 = (torch.randn(D_IN, D_OUT, generator=gen) / math.sqrt(D_IN)).to(device)
     prompts = torch.randn(k, templates, D_TEXT, generator=gen).to(device)
     text_w0 = (torch.randn(D_TEXT, D_OUT, generator=gen) / math.sqrt(D_TEXT)).to(device)
-    text = TextSide(prompts, text_w0)
+    text = TextSide(prompts, LinearHead(text_w0))
     classifier = text.classifier()
     embeddings = features @ w0
-    identity = torch.eye(D_OUT, device=device)
-    train = {
-        "logit_scale": 100.0,
-        "lr": 1e-3,
-        "reg_lambda": 1 / SHOTS,
-        "epochs": steps,
-        "device": device,
-        "verbose": False,
-    }
+    head, identity = LinearHead(w0), LinearHead(torch.eye(D_OUT, device=device))
+    config = TrainConfig(logit_scale=100.0, lr=1e-3, reg_lambda=1 / SHOTS, epochs=steps, device=device)
     methods = {
-        "prolip": lambda: train_projector(features, labels, classifier, w0, None, **train),
-        "text": lambda: train_projector(features, labels, None, w0, None, side=text, train_image=False, **train),
-        "image+text": lambda: train_projector(features, labels, None, w0, None, side=text, **train),
-        "rla": lambda: train_projector(embeddings, labels, classifier, identity, None, **train),
+        "prolip": lambda: train_projector(features, labels, head, classifier, config),
+        "text": lambda: train_projector(features, labels, head, text, config, train_image=False),
+        "image+text": lambda: train_projector(features, labels, head, text, config),
+        "rla": lambda: train_projector(embeddings, labels, identity, classifier, config),
     }
     return best_of(methods, repeats, device)
 

@@ -29,7 +29,6 @@ from prolip.params import check_params, restore_params
 from prolip.training.fit import SAVED_PARAMS, fit_projector
 from prolip.training.fitted import FittedAttributes, FittedState
 from prolip.training.labels import accuracy, check_lengths, encode_labels, label_list
-from prolip.training.loop import logits
 
 logger = logging.getLogger(__name__)
 
@@ -261,12 +260,10 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         x = check_features(features, projector.feature_width)
         if x.shape[0] != 1:
             raise InputError(f"features hold {x.shape[0]} views; pass test-time features [1, n, d] (views=0).")
-        device, bias = self.backbone.device, projector.bias
+        classifier = state.classifier if classifier is None else classifier
         with torch.inference_mode():
-            out = logits(
-                x[0].to(device, torch.float32), self._adapted_weight(), None if bias is None else bias.float(),
-                (state.classifier if classifier is None else classifier).to(device), state.logit_scale,
-            )  # fmt: skip
+            rows = x[0].to(self.backbone.device, torch.float32)
+            out = projector.head.logits(rows, classifier, state.logit_scale, weight=self._adapted_weight())
         return out.cpu()
 
     def predict_features(self, features: torch.Tensor) -> np.ndarray:

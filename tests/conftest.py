@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import string
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
@@ -70,6 +72,23 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return paths
 
 
+@pytest.fixture(scope="session")
+def clip_tokenizer(tmp_path_factory):
+    """A real CLIPTokenizer over a tiny character vocabulary (no Hub): ids 0 and 1 are start and end."""
+    try:
+        import transformers
+    except ImportError as exc:  # an optional extra; scripts/setup.sh installs it
+        missing("transformers", str(exc))
+    folder = tmp_path_factory.mktemp("tokenizer")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + ".":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch thread for a module of tiny problems, restored after.
@@ -105,6 +124,28 @@ def assert_same_argmax(predicted, logits: torch.Tensor, margin: float, classes=N
     if classes is not None:
         expected = np.asarray(classes)[expected]
     np.testing.assert_array_equal(np.asarray(predicted), expected)
+
+
+def engine_train(features, labels, classifier, w0, bias, *, side=None, train_image=True, extra=None, **settings):
+    """:func:`prolip.training.engine.train_projector` on W0 ``[d_in, d_out]`` and bias, T or a side, settings as keywords
+    (``lr``, ``reg_lambda``, ``epochs``, ``logit_scale``, ``train_dtype``, ``optimizer``, ``device``, ``verbose``)."""
+    from prolip.model.head import LinearHead
+    from prolip.training.engine import TrainConfig, train_projector
+
+    config = TrainConfig(**{"device": "cpu", "verbose": False, **settings})
+    head = LinearHead(w0, bias)
+    return train_projector(
+        features, labels, head, classifier if side is None else side, config, train_image=train_image, extra=extra
+    )
+
+
+def engine_grid(features, labels, classifier, w0, bias, *, points, **settings):
+    """:func:`prolip.training.engine.train_grid` at ``points``, settings as :func:`engine_train`'s (lr and λ from the points)."""
+    from prolip.model.head import LinearHead
+    from prolip.training.engine import TrainConfig, train_grid
+
+    config = TrainConfig(**{"device": "cpu", "verbose": False, "reg_lambda": 0.0, **settings})
+    return train_grid(features, labels, LinearHead(w0, bias), classifier, config, points)
 
 
 def edit_delta(path, out, meta=None, tensors=None):

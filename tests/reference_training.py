@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from prolip.training.loop import TrainResult
+from prolip.training.engine import TrainResult
 
 
 def reference_logits(x, weight, bias, classifier, logit_scale, residual=None):

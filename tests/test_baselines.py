@@ -24,8 +24,10 @@ from prolip.bench.methods.lp_plus_plus import LPPlusPlus
 from prolip.bench.methods.taskres import TaskRes
 from prolip.bench.methods.tip_adapter import TipAdapter
 from prolip.bench.methods.tip_adapter_f import TipAdapterF
-from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem, TextHead
+from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.errors import InputError
+from prolip.model.head import LinearHead
+from prolip.training.sides import TextSide
 from prolip.training.tip_cache import ALPHAS, BETAS, search_alpha_beta
 
 BASELINES = ["linear-probe", "lp++", "clap", "tip-adapter", "tip-adapter-f", "clip-adapter", "taskres"]
@@ -56,8 +58,9 @@ def make_problem(
     classifier = F.normalize(true_directions + shift * torch.randn(k, d_out, generator=g) / math.sqrt(d_out), dim=-1)
     # Two templates per class; unnormalised text embeddings of norm about 1: small d_out makes Adam's
     # per-coordinate steps short, so this keeps them as long, relative to the prototypes, as at d = 512.
-    text = TextHead(
-        torch.randn(k, 2, 8, generator=g) / math.sqrt(8), torch.randn(8, d_out, generator=g) / math.sqrt(d_out)
+    text = TextSide(
+        torch.randn(k, 2, 8, generator=g) / math.sqrt(8),
+        LinearHead(torch.randn(8, d_out, generator=g) / math.sqrt(d_out)),
     )
     train = draw(shots, views)
     problem = Problem(
@@ -65,7 +68,7 @@ def make_problem(
         train_plain=FeatureSet(train.features[:1].clone(), train.labels),
         val=draw(shots, 1),
         classes=Classes([f"class {i}" for i in range(k)], classifier, text),
-        image_head=ImageHead(w0, 0.1 * torch.randn(d_out, generator=g)),
+        image_head=LinearHead(w0, 0.1 * torch.randn(d_out, generator=g)),
         logit_scale=100.0,
         shots=shots,
         seed=seed,
@@ -191,13 +194,13 @@ def test_lp_plus_plus_starts_from_class_sums_blended_with_text():
     problem, test = make_problem(seed=7, shift=2.0)
     fitted = LPPlusPlus(epochs=0).fit(problem)
     # Reference, written from the paper's and the public code's initialisation.
-    f = F.normalize(problem.image_head.embed(problem.train.features[0]), dim=-1)
+    f = F.normalize(problem.image_head.project(problem.train.features[0]), dim=-1)
     t = problem.classes.classifier
     y = problem.train.labels
     k = len(problem.classes)
     sums = torch.stack([f[y == c].sum(dim=0) for c in range(k)])
     alpha = 250 * torch.stack([(f[y == c] @ t[c]).mean() for c in range(k)]).mean()
-    f_test = F.normalize(problem.image_head.embed(test.features[0]), dim=-1)
+    f_test = F.normalize(problem.image_head.project(test.features[0]), dim=-1)
     expected = f_test @ sums.t() + alpha * f_test @ t.t()
     torch.testing.assert_close(fitted.logits(test, problem.classes), expected, rtol=1e-5, atol=1e-4)
 
@@ -269,7 +272,7 @@ def test_linear_probe_separates_separable_clusters():
 def test_logistic_regression_matches_scikit_learn():
     sklearn = pytest.importorskip("sklearn.linear_model")
     problem, _ = make_problem(k=5, shots=10, noise=2.0, seed=11)
-    x = F.normalize(problem.image_head.embed(problem.train_plain.features[0]), dim=-1)
+    x = F.normalize(problem.image_head.project(problem.train_plain.features[0]), dim=-1)
     y = problem.train_plain.labels
     for c in (0.1, 10.0, 1000.0):
         weight, bias = fit_logistic(x, y, 5, c, tol=1e-8)
@@ -294,7 +297,7 @@ def test_warm_up_then_cosine_like_dassl():
 def test_text_prototypes_keep_zero_shot_directions_at_the_text_scale():
     problem, _ = make_problem(seed=12)
     prototypes = text_prototypes(problem.classes)
-    raw = (problem.classes.text.features @ problem.classes.text.w0).mean(dim=1)
+    raw = (problem.classes.text.prompts @ problem.classes.text.start).mean(dim=1)
     torch.testing.assert_close(F.normalize(prototypes, dim=-1), problem.classes.classifier)
     torch.testing.assert_close(prototypes.norm(dim=-1), raw.norm(dim=-1))
     no_text = Classes(problem.classes.names, problem.classes.classifier)

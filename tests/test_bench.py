@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import engine_train
 
 from prolip import ProLIPAdapter, ProLIPSearch, standin
 from prolip.bench.methods import METHODS, FittedMethod, Method
@@ -16,7 +17,8 @@ from prolip.bench.runner import run_bench
 from prolip.cli import main
 from prolip.errors import InputError
 from prolip.files.delta import read_delta
-from prolip.training.loop import train_projector
+from prolip.model.head import LinearHead
+from prolip.training.engine import TrainConfig
 from prolip.training.search import PAPER_LAMBDAS, PAPER_LRS, search_projector
 
 FAST = {"views": 2, "epochs": 5, "seeds": [1], "verbose": False}
@@ -149,29 +151,30 @@ def _problem(seed: int = 0, k: int = 4, n: int = 6, d_in: int = 16, d_out: int =
 def test_the_search_keeps_the_most_accurate_point_with_the_reference_tie_rule():
     features, labels, val, classifier, w0 = _problem()
     kw = {"logit_scale": 100.0, "epochs": 20, "device": torch.device("cpu"), "verbose": False}
+    config, head = TrainConfig(reg_lambda=0.0, **kw), LinearHead(w0)
     found = search_projector(
-        features, labels, val, labels, classifier, w0, None, lrs=(1e-1, 1e-8), reg_lambdas=(0.0,), **kw
+        features, labels, val, labels, head, classifier, config, lrs=(1e-1, 1e-8), reg_lambdas=(0.0,)
     )
     # A tiny learning rate leaves the wrong zero-shot classifier; a large one learns the clusters.
     assert found.accuracy[1, 0] < 0.6 and found.accuracy[0, 0] == 1.0
     assert (found.lr, found.reg_lambda) == (1e-1, 0.0)
-    alone = train_projector(features, labels, classifier, w0, None, lr=1e-1, reg_lambda=0.0, **{**kw, "verbose": False})
+    alone = engine_train(features, labels, classifier, w0, None, lr=1e-1, reg_lambda=0.0, **{**kw, "verbose": False})
     # The chosen point's own training: trained beside the other point (batched products), it rounds otherwise than
     # alone; weights of order 1 after 20 Adam steps at lr 0.1 move ~1e-6 under last-bit changes in the products.
     torch.testing.assert_close(found.result.weight, alone.weight, rtol=1e-5, atol=1e-5)
     # Equal accuracies: the first point in grid order (learning rates outer, λ inner), as the reference loop.
     tie = search_projector(
-        features, labels, val, labels, classifier, w0, None, lrs=(5e-2, 1e-1), reg_lambdas=(1e-3, 0.0), **kw
+        features, labels, val, labels, head, classifier, config, lrs=(5e-2, 1e-1), reg_lambdas=(1e-3, 0.0)
     )
     assert tie.accuracy.min() == tie.accuracy.max() == 1.0 and (tie.lr, tie.reg_lambda) == (5e-2, 1e-3)
     # Validation labels decide: labelled as the zero-shot classifier predicts, the untrained point wins.
     zero_shot = (F.normalize(val @ w0, dim=-1) @ classifier.t()).argmax(dim=1)
     other = search_projector(
-        features, labels, val, zero_shot, classifier, w0, None, lrs=(1e-1, 1e-8), reg_lambdas=(0.0,), **kw
+        features, labels, val, zero_shot, head, classifier, config, lrs=(1e-1, 1e-8), reg_lambdas=(0.0,)
     )
     assert other.accuracy[1, 0] == 1.0 > other.accuracy[0, 0] and other.lr == 1e-8
     with pytest.raises(InputError, match="lrs="):
-        search_projector(features, labels, val, labels, classifier, w0, None, lrs=(), **kw)
+        search_projector(features, labels, val, labels, head, classifier, config, lrs=())
     assert PAPER_LAMBDAS[-1] == 0.0 and len(PAPER_LRS) == 7
 
 

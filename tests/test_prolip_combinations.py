@@ -12,14 +12,14 @@ from reference_training import reference_train
 from test_baselines import accuracy, make_problem, zero_shot_logits
 
 from prolip import InputError
-from prolip.bench.adapted import adapted_problem, prolip_weight
+from prolip.bench.adapted import adapted_problem, prolip_weight, train_config
 from prolip.bench.method_tools import text_prototypes
 from prolip.bench.methods import get_method
 from prolip.bench.methods.prolip_taskres import ProLIPTaskRes
 from prolip.bench.methods.prolip_tip_adapter import ProLIPTipAdapter
 from prolip.bench.methods.tip_adapter_f import TipAdapterF
-from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem
-from prolip.training.loop import logits
+from prolip.bench.problem import Classes, FeatureSet, Problem
+from prolip.model.head import LinearHead
 from prolip.training.tip_cache import ALPHAS, BETAS
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
@@ -39,9 +39,9 @@ def in_float64(problem: Problem, test: FeatureSet) -> tuple[Problem, FeatureSet]
             train_plain=f64(problem.train_plain),
             val=f64(problem.val),
             classes=Classes(classes.names, classes.classifier.double(), dataclasses.replace(
-                classes.text, features=classes.text.features.double(), w0=classes.text.w0.double()
+                classes.text, prompts=classes.text.prompts.double(), head=classes.text.head.frozen(dtype=torch.float64)
             )),
-            image_head=ImageHead(head.w0.double(), head.bias.double()),
+            image_head=head.frozen(dtype=torch.float64),
         ),
         f64(test),
     )  # fmt: skip
@@ -80,7 +80,7 @@ def clustered(k=4, clusters=4, shots=16, d=8, seed=2):
         train_plain=FeatureSet(train.features[:1].clone(), train.labels),
         val=draw(shots, 1),
         classes=Classes([f"class {i}" for i in range(k)], classifier),
-        image_head=ImageHead(w0),
+        image_head=LinearHead(w0),
         logit_scale=100.0,
         shots=shots,
         seed=seed,
@@ -91,9 +91,9 @@ def clustered(k=4, clusters=4, shots=16, d=8, seed=2):
 # ---------------------------------------------------------------------------- ProLIP + Tip-Adapter
 def test_tip_with_no_cache_weight_is_prolip_exactly(shifted):
     problem, test = shifted
-    weight = prolip_weight(problem)
-    expected = logits(
-        test.features[0], weight, problem.image_head.bias, problem.classes.classifier, problem.logit_scale
+    weight = prolip_weight(problem, train_config(problem))
+    expected = LinearHead(weight, problem.image_head.bias).logits(
+        test.features[0], problem.classes.classifier, problem.logit_scale
     )
     got = ProLIPTipAdapter(alpha=0.0, beta=1.0).fit(problem).logits(test, problem.classes)
     # bit-for-bit: the same W (the same training run twice), (s · normalize(x W + b)) @ Tᵀ on the same [n, d] rows
@@ -104,14 +104,14 @@ def test_tip_with_no_cache_weight_is_prolip_exactly(shifted):
 def test_tip_cache_on_adapted_embeddings_matches_the_reference(shifted):
     problem, test = shifted
     head, labels, k, s = problem.image_head, problem.train.labels, len(problem.classes), problem.logit_scale
-    weight = prolip_weight(problem)
+    weight = prolip_weight(problem, train_config(problem))
     # The projector itself: ProLIP's fast loop against the autograd reference (as tests/test_training.py).
     slow = reference_train(
-        problem.train.features, labels, problem.classes.classifier, head.w0, head.bias,
+        problem.train.features, labels, problem.classes.classifier, head.weight, head.bias,
         logit_scale=s, lr=1e-3, reg_lambda=1 / problem.shots, epochs=problem.epochs,
     ).weight  # fmt: skip
-    change = slow - head.w0
-    torch.testing.assert_close(weight - head.w0, change, rtol=0, atol=1e-3 * float(change.abs().max()))
+    change = slow - head.weight
+    torch.testing.assert_close(weight - head.weight, change, rtol=0, atol=1e-3 * float(change.abs().max()))
     # The cache on top of it, with the library's W: keys average 10 augmented views (cycling through the 6 there are).
     views = problem.train.features
     keys = F.normalize(sum(views[v % len(views)] @ weight + head.bias for v in range(10)), dim=-1)
@@ -134,8 +134,8 @@ def test_tip_cache_on_adapted_embeddings_matches_the_reference(shifted):
 
 def test_tip_beats_prolip_where_classes_are_not_linearly_separable():
     problem, test = clustered()
-    weight = prolip_weight(problem)
-    prolip = accuracy(logits(test.features[0], weight, None, problem.classes.classifier, 100.0), test.labels)
+    weight = prolip_weight(problem, train_config(problem))
+    prolip = accuracy(LinearHead(weight).logits(test.features[0], problem.classes.classifier, 100.0), test.labels)
     combined = accuracy(get_method("prolip+tip-adapter").fit(problem).logits(test, problem.classes), test.labels)
     trained = accuracy(ProLIPTipAdapter(keys="trained").fit(problem).logits(test, problem.classes), test.labels)
     assert prolip < 0.8 and combined > prolip + 0.2 and trained > prolip + 0.2
@@ -143,7 +143,11 @@ def test_tip_beats_prolip_where_classes_are_not_linearly_separable():
 
 def test_trained_keys_are_tip_adapter_f_on_the_adapted_embeddings(shifted):
     problem, test = shifted
-    expected = TipAdapterF().fit(adapted_problem(problem, prolip_weight(problem))).logits(test, problem.classes)
+    expected = (
+        TipAdapterF()
+        .fit(adapted_problem(problem, prolip_weight(problem, train_config(problem))))
+        .logits(test, problem.classes)
+    )
     fitted = ProLIPTipAdapter(keys="trained").fit(problem)
     # bit-for-bit: the method is these calls, the same ops on the same shapes
     assert torch.equal(fitted.logits(test, problem.classes), expected) and fitted.info["keys"] == "trained"
@@ -153,25 +157,26 @@ def test_joint_training_matches_the_public_code_recipe(shifted):
     problem, test = in_float64(*shifted)
     problem = dataclasses.replace(problem, epochs=40)
     head, labels, k, s = problem.image_head, problem.train.labels, len(problem.classes), problem.logit_scale
-    w = torch.nn.Parameter(head.w0.clone())
-    keys = torch.nn.Parameter(F.normalize(problem.train.features[0] @ head.w0 + head.bias, dim=-1))
+    w = torch.nn.Parameter(head.weight.clone())
+    keys = torch.nn.Parameter(F.normalize(problem.train.features[0] @ head.weight + head.bias, dim=-1))
     opt = torch.optim.AdamW([w, keys], lr=1e-2, eps=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=problem.epochs)
     for step in range(problem.epochs):
         x = problem.train.features[step % problem.train.n_views]
-        f, f0 = embed(x, w, head.bias), embed(x, head.w0, head.bias)
+        f, f0 = embed(x, w, head.bias), embed(x, head.weight, head.bias)
         scores = s * f @ problem.classes.classifier.T + cache_term(f0, keys, labels, k, 1.0, 1.0)
-        loss = F.cross_entropy(scores, labels) + ((w - head.w0) ** 2).sum() / problem.shots
+        loss = F.cross_entropy(scores, labels) + ((w - head.weight) ** 2).sum() / problem.shots
         opt.zero_grad()
         loss.backward()
         opt.step()
         schedule.step()
     with torch.no_grad():
-        f, f0 = embed(test.features[0], w, head.bias), embed(test.features[0], head.w0, head.bias)
+        f, f0 = embed(test.features[0], w, head.bias), embed(test.features[0], head.weight, head.bias)
         expected = s * f @ problem.classes.classifier.T + cache_term(f0, keys, labels, k, 1.0, 1.0)
     got = ProLIPTipAdapter(keys="joint", lr=1e-2).fit(problem).logits(test, problem.classes)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-    assert (got - ProLIPTipAdapter(keys="joint", lr=0.0).fit(problem).logits(test, problem.classes)).abs().max() > 0.1
+    untrained = ProLIPTipAdapter(keys="joint", lr=1e-12).fit(problem)  # (a learning rate must be positive)
+    assert (got - untrained.logits(test, problem.classes)).abs().max() > 0.1
 
 
 def test_tip_options_are_checked():
@@ -192,7 +197,7 @@ def test_taskres_matches_the_reference_loop(shifted, form):
     head, labels, s, t = problem.image_head, problem.train.labels, problem.logit_scale, problem.classes.classifier
     alpha, lr = 0.5, 1e-2
     base = text_prototypes(problem.classes) if form == "taskres" else t
-    w = torch.nn.Parameter(head.w0.clone())
+    w = torch.nn.Parameter(head.weight.clone())
     r = torch.nn.Parameter(torch.zeros_like(base))
     opt = torch.optim.Adam([w, r], lr=lr, eps=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=problem.epochs)
@@ -201,11 +206,11 @@ def test_taskres_matches_the_reference_loop(shifted, form):
         if form == "taskres":
             prototypes = base + alpha * r
             return s * embed(x, w, head.bias) @ (prototypes / prototypes.norm(dim=1, keepdim=True)).T
-        return s * embed(x, w, head.bias) @ t.T + alpha * s * embed(x, head.w0, head.bias) @ r.T
+        return s * embed(x, w, head.bias) @ t.T + alpha * s * embed(x, head.weight, head.bias) @ r.T
 
     for step in range(problem.epochs):
         x = problem.train.features[step % problem.train.n_views]
-        loss = F.cross_entropy(scores(x, w, r), labels) + ((w - head.w0) ** 2).sum() / problem.shots
+        loss = F.cross_entropy(scores(x, w, r), labels) + ((w - head.weight) ** 2).sum() / problem.shots
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -221,9 +226,10 @@ def test_taskres_matches_the_reference_loop(shifted, form):
 
 def test_taskres_beats_prolip_and_zero_shot_when_the_text_is_off(shifted):
     problem, test = shifted
-    weight = prolip_weight(problem)
+    weight = prolip_weight(problem, train_config(problem))
     prolip = accuracy(
-        logits(test.features[0], weight, problem.image_head.bias, problem.classes.classifier, 100.0), test.labels
+        LinearHead(weight, problem.image_head.bias).logits(test.features[0], problem.classes.classifier, 100.0),
+        test.labels,
     )
     zero_shot = accuracy(zero_shot_logits(problem, test), test.labels)
     combined = accuracy(get_method("prolip+taskres").fit(problem).logits(test, problem.classes), test.labels)
@@ -232,9 +238,9 @@ def test_taskres_beats_prolip_and_zero_shot_when_the_text_is_off(shifted):
 
 def test_taskres_with_a_frozen_residual_is_prolip(shifted):
     problem, test = shifted
-    weight = prolip_weight(problem)
+    weight = prolip_weight(problem, train_config(problem))
     got = ProLIPTaskRes(form="prolip-code", alpha=0.0, lr=1e-3).fit(problem).logits(test, problem.classes)
-    expected = logits(test.features[0], weight, problem.image_head.bias, problem.classes.classifier, 100.0)
+    expected = LinearHead(weight, problem.image_head.bias).logits(test.features[0], problem.classes.classifier, 100.0)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)  # autograd vs ProLIP's own loop
     with pytest.raises(InputError, match="form"):
         ProLIPTaskRes(form="other")

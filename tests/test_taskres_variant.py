@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import colour_images, tiny_adapter
+from conftest import colour_images, engine_train, tiny_adapter
 
 from prolip import InputError, ProLIPAdapter, ProLIPSearch
+from prolip.model.head import LinearHead
 from prolip.model.zeroshot import average_prompts, text_prototypes
-from prolip.training.loop import ClassifierResidual, logits, train_projector
+from prolip.training.sides import ClassifierResidual
 
 CPU = torch.device("cpu")
 
@@ -69,7 +70,7 @@ def test_matches_an_independent_autograd_loop(residual, reg_lambda):
     features, labels, prototypes, w0, bias = problem(residual=residual)
     kw = {"alpha": 0.5, "scale": 100.0, "lr": 1e-2, "reg_lambda": reg_lambda, "epochs": 30}
     w, r, losses = reference_taskres(features, labels, prototypes, w0, bias, **kw)
-    got = train_projector(
+    got = engine_train(
         features, labels, None, w0, bias, side=ClassifierResidual(prototypes, 0.5),
         logit_scale=100.0, lr=1e-2, reg_lambda=reg_lambda, epochs=30, device=CPU, verbose=False,
     )  # fmt: skip
@@ -91,9 +92,9 @@ def test_the_untrained_residual_scores_as_zero_shot():
     torch.testing.assert_close(t.norm(dim=-1), embeddings.mean(dim=1).norm(dim=-1))
     run = {"logit_scale": 100.0, "lr": 1e-2, "reg_lambda": 0.1, "epochs": 2, "device": CPU, "verbose": False}
     with pytest.raises(InputError, match=r"class prototypes \(3, 5\) do not fit \[K, 8\]"):
-        train_projector(features, labels, None, w0, bias, side=ClassifierResidual(prototypes[:, :5], 0.5), **run)
+        engine_train(features, labels, None, w0, bias, side=ClassifierResidual(prototypes[:, :5], 0.5), **run)
     with pytest.raises(InputError, match="alpha=nan"):
-        train_projector(features, labels, None, w0, bias, side=ClassifierResidual(prototypes, math.nan), **run)
+        engine_train(features, labels, None, w0, bias, side=ClassifierResidual(prototypes, math.nan), **run)
 
 
 # ---------------------------------------------------------------------------- the estimator
@@ -115,7 +116,7 @@ def test_the_estimator_trains_the_projector_and_the_residual(fitted, checkpoints
     projector = backbone.projector
     w0 = projector.to_in_out(projector.parameter)
     y = torch.tensor([list(fitted.classes_).index(lab) for lab in labels])
-    expected = train_projector(
+    expected = engine_train(
         features, y, None, w0, projector.bias, side=side, logit_scale=backbone.logit_scale, lr=3e-2,
         reg_lambda=0.5, epochs=15, device=CPU, verbose=False,
     )  # fmt: skip
@@ -138,7 +139,7 @@ def test_save_load_predicts_identically(fitted, tmp_path, checkpoints):
     # The merged model holds W0 + delta; with the saved T it scores as the adapter does.
     merged = fitted.merged_model()
     assert torch.equal(merged.visual.proj, fitted.backbone.model.visual.proj + fitted.delta_)  # the same fp32 sum
-    expected = logits(features[0], merged.visual.proj.detach(), None, fitted.classifier_, fitted.logit_scale_)
+    expected = LinearHead(merged.visual.proj.detach()).logits(features[0], fitted.classifier_, fitted.logit_scale_)
     torch.testing.assert_close(expected, fitted.logits_from_features(features))
 
 
@@ -180,7 +181,7 @@ def test_cli_fits_and_predicts_with_taskres(tmp_path, capsys):
 
 
 def test_the_bench_method_trains_the_same_objective():
-    """``prolip+taskres`` (autograd throughout) and the library's loop agree on the same problem."""
+    """``prolip+taskres`` is the library's ProLIP + TaskRes on a bench problem: the same engine, the same objective."""
     import dataclasses
 
     from test_baselines import make_problem
@@ -191,12 +192,12 @@ def test_the_bench_method_trains_the_same_objective():
     problem, test = make_problem(k=5, shots=2, noise=1.0, shift=3.0, seed=1)
     problem = dataclasses.replace(problem, epochs=40)
     head, s = problem.image_head, problem.logit_scale
-    result = train_projector(
-        problem.train.features, problem.train.labels, None, head.w0, head.bias,
+    result = engine_train(
+        problem.train.features, problem.train.labels, None, head.weight, head.bias,
         side=ClassifierResidual(bench_prototypes(problem.classes), 0.5), logit_scale=s, lr=1e-2,
         reg_lambda=1 / problem.shots, epochs=problem.epochs, device=CPU, verbose=False,
     )  # fmt: skip
-    expected = logits(test.features[0], result.weight, head.bias, result.classifier, s)
+    expected = LinearHead(result.weight, head.bias).logits(test.features[0], result.classifier, s)
     got = ProLIPTaskRes(alpha=0.5, lr=1e-2).fit(problem).logits(test, problem.classes)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
     assert float((result.classifier - problem.classes.classifier).abs().max()) > 1e-3  # T moved

@@ -17,12 +17,12 @@ from conftest import TINY_MODELS, colour_images, tiny_adapter
 from test_baselines import accuracy, make_problem, zero_shot_logits
 
 from prolip import InputError, InputTypeError, NotFittedError
-from prolip.bench.adapted import prolip_weight
+from prolip.bench.adapted import prolip_weight, train_config
 from prolip.bench.methods import get_method
 from prolip.bench.problem import FeatureSet
 from prolip.cli import main
 from prolip.model.backbone import build_backbone
-from prolip.training.loop import logits
+from prolip.model.head import LinearHead
 from prolip.training.test_time import TestTimeSettings, select_views, tta_logits, view_entropies
 from prolip.variants.test_time import TestTimeProLIP
 
@@ -73,19 +73,19 @@ def random_inputs(residual: bool, dtype=torch.float64, seed=0, views=20, n=6, d_
 def test_matches_the_one_image_at_a_time_reference(residual, steps, optimizer, reg_lambda):
     features, weight, bias, classifier = random_inputs(residual)
     settings = TestTimeSettings(rho=0.25, steps=steps, lr=5e-2, optimizer=optimizer, reg_lambda=reg_lambda)
-    got = tta_logits(features, weight, bias, classifier, 10.0, settings, chunk_size=4)
+    got = tta_logits(features, LinearHead(weight, bias), classifier, 10.0, settings, chunk_size=4)
     expected = reference_test_time(
         features, weight, bias, classifier, 10.0, rho=0.25, steps=steps, lr=5e-2, optimizer=optimizer,
         reg_lambda=reg_lambda, d_in=weight.shape[0],
     )  # fmt: skip
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-    start = tta_logits(features, weight, bias, classifier, 10.0, TestTimeSettings(steps=0))
+    start = tta_logits(features, LinearHead(weight, bias), classifier, 10.0, TestTimeSettings(steps=0))
     assert (got - start).abs().max() > 0.05  # the step changed the predictions
 
 
 def test_fp32_matches_the_reference_to_float_rounding():
     features, weight, bias, classifier = random_inputs(False, dtype=torch.float32, seed=1)
-    got = tta_logits(features, weight, bias, classifier, 20.0, TestTimeSettings(rho=0.1, lr=5e-3))
+    got = tta_logits(features, LinearHead(weight, bias), classifier, 20.0, TestTimeSettings(rho=0.1, lr=5e-3))
     expected = reference_test_time(
         features, weight, bias, classifier, 20.0, rho=0.1, steps=1, lr=5e-3, optimizer="adamw", reg_lambda=0.0, d_in=12
     )
@@ -94,24 +94,24 @@ def test_fp32_matches_the_reference_to_float_rounding():
 
 def test_keeps_exactly_the_lowest_entropy_views():
     features, weight, bias, classifier = random_inputs(False, seed=2, views=30)
-    entropies = view_entropies(features, weight, bias, classifier, 10.0)
+    entropies = view_entropies(features, LinearHead(weight, bias), classifier, 10.0)
     kept = select_views(entropies, 3)
     for i in range(features.shape[1]):
         assert set(kept[:, i].tolist()) == set(torch.topk(-entropies[:, i], 3).indices.tolist())
         assert entropies[kept[1:, i], i].ge(entropies[kept[:-1, i], i]).all()  # lowest first
     settings = TestTimeSettings(rho=0.1, lr=5e-2)  # int(30 · 0.1) = 3 views
-    before = tta_logits(features, weight, bias, classifier, 10.0, settings)
+    before = tta_logits(features, LinearHead(weight, bias), classifier, 10.0, settings)
     # Swapping two views that were not kept (nor the plain one) changes nothing; swapping a kept one in does.
     image = 0
     dropped = [v for v in range(1, 30) if v not in kept[:, image].tolist()]
     swapped = features.clone()
     swapped[[dropped[0], dropped[1]], image] = features[[dropped[1], dropped[0]], image]
     # bit-for-bit: the same ops on the same shapes; the swapped rows are scored but never kept, and rows never mix
-    assert torch.equal(tta_logits(swapped, weight, bias, classifier, 10.0, settings), before)
+    assert torch.equal(tta_logits(swapped, LinearHead(weight, bias), classifier, 10.0, settings), before)
     best = int(kept[0, image])
     replaced = features.clone()
     replaced[best, image] = features[dropped[-1], image]
-    after = tta_logits(replaced, weight, bias, classifier, 10.0, settings)
+    after = tta_logits(replaced, LinearHead(weight, bias), classifier, 10.0, settings)
     # bit-for-bit for the other images: their rows and projector copies see the same ops on the same shapes
     assert not torch.allclose(after[image], before[image]) and torch.equal(after[1:], before[1:])
 
@@ -119,18 +119,20 @@ def test_keeps_exactly_the_lowest_entropy_views():
 def test_each_image_starts_afresh_and_chunks_do_not_matter():
     features, weight, bias, classifier = random_inputs(True, dtype=torch.float32, seed=3, n=9)
     settings = TestTimeSettings(rho=0.2, steps=2, lr=2e-2)
-    together = tta_logits(features, weight, bias, classifier, 10.0, settings)
+    together = tta_logits(features, LinearHead(weight, bias), classifier, 10.0, settings)
     order = torch.randperm(9, generator=torch.Generator().manual_seed(0))
-    shuffled = tta_logits(features[:, order], weight, bias, classifier, 10.0, settings)
+    shuffled = tta_logits(features[:, order], LinearHead(weight, bias), classifier, 10.0, settings)
     torch.testing.assert_close(shuffled, together[order], rtol=1e-6, atol=1e-5)
     for chunk in (1, 4):
         torch.testing.assert_close(
-            tta_logits(features, weight, bias, classifier, 10.0, settings, chunk_size=chunk),
+            tta_logits(features, LinearHead(weight, bias), classifier, 10.0, settings, chunk_size=chunk),
             together,
             rtol=1e-6,
             atol=1e-5,
         )
-    alone = torch.cat([tta_logits(features[:, i : i + 1], weight, bias, classifier, 10.0, settings) for i in range(9)])
+    alone = torch.cat(
+        [tta_logits(features[:, i : i + 1], LinearHead(weight, bias), classifier, 10.0, settings) for i in range(9)]
+    )
     torch.testing.assert_close(alone, together, rtol=1e-6, atol=1e-5)
 
 
@@ -151,8 +153,8 @@ def test_reads_lazy_features_one_view_at_a_time():
     settings = TestTimeSettings(rho=0.2, lr=2e-2)
     lazy = ViewByView(features)
     assert torch.equal(  # bit-for-bit: the same views, copied, through the same ops on the same shapes
-        tta_logits(lazy, weight, bias, classifier, 10.0, settings),
-        tta_logits(features, weight, bias, classifier, 10.0, settings),
+        tta_logits(lazy, LinearHead(weight, bias), classifier, 10.0, settings),
+        tta_logits(features, LinearHead(weight, bias), classifier, 10.0, settings),
     )
     assert lazy.reads[0] == 3 and max(lazy.reads[1:]) == 2  # scored, gathered (and view 0: predicted)
 
@@ -181,9 +183,9 @@ def test_bench_method_with_no_step_is_zero_shot_or_prolip_exactly(problem_and_vi
     # bit-for-bit: lr 0 leaves each copy at W0 exactly, the change adds an exact 0, and the plain view's logits are
     # (s · normalize(x W0 + b)) @ Tᵀ on the same [n, d] rows as zero-shot's
     assert torch.equal(frozen.logits(test, problem.classes), zero_shot_logits(problem, test))
-    weight = prolip_weight(problem)
-    expected = logits(
-        test.features[0], weight, problem.image_head.bias, problem.classes.classifier, problem.logit_scale
+    weight = prolip_weight(problem, train_config(problem))
+    expected = LinearHead(weight, problem.image_head.bias).logits(
+        test.features[0], problem.classes.classifier, problem.logit_scale
     )
     # bit-for-bit: the same prolip_weight, and the same ops on the same rows (as above)
     assert torch.equal(type(method)(start="prolip", lr=0.0).fit(problem).logits(test, problem.classes), expected)
@@ -196,7 +198,7 @@ def test_bench_method_with_no_step_is_zero_shot_or_prolip_exactly(problem_and_vi
 def test_beats_zero_shot_when_the_crops_see_what_the_plain_view_hides():
     problem, test = make_problem(k=5, shots=4, noise=0.5, shift=0.5, seed=2)
     g = torch.Generator().manual_seed(2)
-    n, d_in = test.labels.numel(), problem.image_head.w0.shape[0]
+    n, d_in = test.labels.numel(), problem.image_head.in_features
     means = torch.stack([problem.train.features[:, problem.train.labels == c].mean((0, 1)) for c in range(5)])
     # The plain view holds the object and a strong distractor (another class); the crops mostly the object.
     other = (test.labels + 1 + torch.randint(4, (n,), generator=g)) % 5
@@ -243,10 +245,10 @@ def test_with_no_step_it_is_the_adapter_or_zero_shot_exactly(fitted):
     w0 = backbone.projector.to_in_out(backbone.projector.parameter).detach().float()
     bias, scale = backbone.projector.bias, fitted.logit_scale_
     from_w0 = TestTimeProLIP(fitted, views=4, lr=0.0, start="pretrained").logits_from_features(features)
-    assert torch.equal(from_w0, logits(features[0], w0, bias, fitted.classifier_, scale))
+    assert torch.equal(from_w0, LinearHead(w0, bias).logits(features[0], fitted.classifier_, scale))
     bare = TestTimeProLIP(backbone, list(fitted.class_names_), views=4, lr=0.0)
     assert list(bare.classes_) == list(fitted.class_names_)
-    expected = logits(features[0], w0, bias, bare.classifier, backbone.logit_scale)
+    expected = LinearHead(w0, bias).logits(features[0], bare.classifier, backbone.logit_scale)
     assert torch.equal(bare.logits_from_features(features), expected)
 
 
@@ -283,7 +285,8 @@ def test_templates_build_t_as_the_official_clip_classifier(fitted):
     w = fitted.fitted_.adapted_weight(backbone.projector)
     scale = fitted.logit_scale_
     assert torch.equal(
-        tt.logits_from_features(features), logits(features[0], w, backbone.projector.bias, tt.classifier, scale)
+        tt.logits_from_features(features),
+        LinearHead(w, backbone.projector.bias).logits(features[0], tt.classifier, scale),
     )
 
 

@@ -8,13 +8,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import colour_images, edit_delta, tiny_adapter
+from conftest import colour_images, edit_delta, engine_train, tiny_adapter
 from safetensors import safe_open
 
 from prolip import DeltaFileError, FingerprintMismatchError, InputError, ProLIPAdapter
 from prolip.files.delta import CLASSIFIER_KEY, read_delta
+from prolip.model.head import LinearHead
 from prolip.model.zeroshot import zero_shot_classifier
-from prolip.training.loop import TextSide, train_projector
+from prolip.training.sides import TextSide
 
 CPU = torch.device("cpu")
 TEMPLATES = ["a photo of a {}."]
@@ -78,8 +79,8 @@ def test_matches_an_independent_autograd_loop(train_image, residual, reg_lambda)
     features, labels, prompts, w0, bias, text_w0 = text_problem(residual=residual)
     kw = {"scale": 100.0, "lr": 1e-2, "reg_lambda": reg_lambda, "epochs": 30}
     text_w, w, losses = reference_text(features, labels, prompts, w0, bias, text_w0, train_image=train_image, **kw)
-    got = train_projector(
-        features, labels, None, w0, bias, side=TextSide(prompts, text_w0), train_image=train_image,
+    got = engine_train(
+        features, labels, None, w0, bias, side=TextSide(prompts, LinearHead(text_w0)), train_image=train_image,
         logit_scale=100.0, lr=1e-2, reg_lambda=reg_lambda, epochs=30, device=CPU, verbose=False,
     )  # fmt: skip
     assert float((text_w - text_w0).norm()) > 0.05  # it moved far enough for differences to show
@@ -98,11 +99,9 @@ def test_fp16_text_training_stays_near_fp32_and_stores_fp16_values(train_image):
     """The official ProLIP_text.py trains the text projection in fp16: train_dtype="fp16" does too."""
     features, labels, prompts, w0, bias, text_w0 = text_problem()
     run = {"logit_scale": 100.0, "lr": 1e-2, "reg_lambda": 0.5, "epochs": 30, "device": CPU, "verbose": False}
-    side = TextSide(prompts, text_w0)
-    half = train_projector(
-        features, labels, None, w0, bias, side=side, train_image=train_image, train_dtype="fp16", **run
-    )
-    full = train_projector(features, labels, None, w0, bias, side=side, train_image=train_image, **run)
+    side = TextSide(prompts, LinearHead(text_w0))
+    half = engine_train(features, labels, None, w0, bias, side=side, train_image=train_image, train_dtype="fp16", **run)
+    full = engine_train(features, labels, None, w0, bias, side=side, train_image=train_image, **run)
     assert torch.equal(half.classifier_weight, half.classifier_weight.half().float())  # fp16 storage
     # Same loss and recipe: the change agrees with fp32 to a few percent (fp16 has 11 bits).
     assert relative(half.classifier_weight - text_w0, full.classifier_weight - text_w0) < 0.05
@@ -114,13 +113,11 @@ def test_fp16_text_training_stays_near_fp32_and_stores_fp16_values(train_image):
 def test_what_the_loop_refuses():
     features, labels, prompts, w0, bias, text_w0 = text_problem()
     run = {"logit_scale": 100.0, "lr": 1e-2, "reg_lambda": 0.1, "epochs": 2, "device": CPU, "verbose": False}
-    t = TextSide(prompts, text_w0).classifier()
-    with pytest.raises(InputError, match="not both"):
-        train_projector(features, labels, t, w0, bias, side=TextSide(prompts, text_w0), **run)
+    t = TextSide(prompts, LinearHead(text_w0)).classifier()
     with pytest.raises(InputError, match="trains nothing"):
-        train_projector(features, labels, t, w0, bias, train_image=False, **run)
+        engine_train(features, labels, t, w0, bias, train_image=False, **run)
     with pytest.raises(InputError, match=r"do not fit \[K, M, d_t\] × \[d_t, 8\]"):
-        train_projector(features, labels, None, w0, bias, side=TextSide(prompts, text_w0[:, :5]), **run)
+        engine_train(features, labels, None, w0, bias, side=TextSide(prompts, LinearHead(text_w0[:, :5])), **run)
 
 
 # ---------------------------------------------------------------------------- the estimator
@@ -249,14 +246,14 @@ def consistent_problem(shift: float, seed: int = 1):
     """test_baselines' shifted problem whose zero-shot classifier is what its text head gives."""
     from test_baselines import make_problem
 
-    from prolip.bench.problem import Classes, Problem, TextHead
+    from prolip.bench.problem import Classes, Problem
 
     problem, test = make_problem(k=5, shots=8, noise=1.0, shift=shift, seed=seed)
     g = torch.Generator().manual_seed(seed)
     d_out = problem.classes.classifier.shape[1]
     # W_t0 = I on d_out: each class's two prompt features are its (shifted) zero-shot direction plus noise.
     features = problem.classes.classifier[:, None, :] + 0.05 * torch.randn(5, 2, d_out, generator=g)
-    text = TextHead(features, torch.eye(d_out))
+    text = TextSide(features, LinearHead(torch.eye(d_out)))
     classes = Classes(problem.classes.names, text.classifier(), text)
     return Problem(**{**vars(problem), "classes": classes}), test
 
@@ -265,7 +262,7 @@ def test_bench_prolip_text_beats_zero_shot_and_scores_new_classes():
     from test_baselines import accuracy
 
     from prolip.bench.methods import get_method
-    from prolip.bench.problem import Classes, TextHead
+    from prolip.bench.problem import Classes
 
     problem, test = consistent_problem(shift=3.0)
     method = get_method("prolip-text")
@@ -275,13 +272,13 @@ def test_bench_prolip_text_beats_zero_shot_and_scores_new_classes():
     assert accuracy(fitted.logits(test, problem.classes), test.labels) > accuracy(zero_shot, test.labels) + 0.15
     # New classes: their own prompt features through the trained W_t.
     text = problem.classes.text
-    new_text = TextHead(text.features[[4, 0]] + 0.1, text.w0)
+    new_text = TextSide(text.prompts[[4, 0]] + 0.1, text.head)
     new = Classes(["x", "y"], new_text.classifier(), new_text)
     w_t = fitted.text_weight
-    t = F.normalize(F.normalize((text.features[[4, 0]] + 0.1) @ w_t, dim=-1).mean(dim=1), dim=-1)
-    f = F.normalize(problem.image_head.embed(*test.view(0)), dim=-1)
+    t = F.normalize(F.normalize((text.prompts[[4, 0]] + 0.1) @ w_t, dim=-1).mean(dim=1), dim=-1)
+    f = F.normalize(problem.image_head.project(test.features[0]), dim=-1)
     torch.testing.assert_close(fitted.logits(test, new), problem.logit_scale * f @ t.T)
-    assert (w_t - text.w0).norm() > 0.01
+    assert (w_t - text.start).norm() > 0.01
     with pytest.raises(InputError, match="text features"):
         fitted.logits(test, Classes(["x", "y"], new_text.classifier()))
     untrained = type(method)(lr=1e-12).fit(problem)
@@ -328,3 +325,76 @@ def test_cli_fits_and_uses_each_variant(blobs, tmp_path, capsys, variant):
         assert RegularizedLinearAdapter.load(out).fitted_.model_name == standin.MODEL_NAME
         assert main(["merge", out, "--out", str(tmp_path / "m.safetensors"), "--quiet"]) == 1
         assert "no weight to merge" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- one text head for every text tower
+TEXT_FAMILIES = ["open_clip-text-transformer", "open_clip-siglip-proj-bias", "transformers-clip", "transformers-siglip"]
+
+
+def text_tower_model(family: str, clip_tokenizer):
+    """A random tiny model of the text-tower family, with a non-zero text projection bias where the family has one."""
+    import open_clip
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        if family.startswith("open_clip"):
+            model = open_clip.create_model("test-vit-tiny" if family.endswith("transformer") else "test-timm-map-tiny")
+        else:
+            from test_transformers_models import simple_tokenizer, tiny_model
+
+            from prolip import from_transformers
+
+            kind = family.split("-")[1]
+            hf, image_processor = tiny_model(kind)
+            tokenizer = clip_tokenizer if kind == "clip" else simple_tokenizer
+            model = from_transformers(hf, tokenizer=tokenizer, image_processor=image_processor)
+        text = ProLIPAdapter(model, None, device="cpu", verbose=False).backbone.text_projector
+        if text.bias is not None:  # make the bias count: the bug it guards against dropped it
+            with torch.no_grad():
+                text.bias.copy_(0.5 * torch.randn(text.bias.shape))
+    return model
+
+
+def zero_shot_of(model, adapter: ProLIPAdapter) -> torch.Tensor:
+    """T of ``model`` (a merged copy, or the base) through its own encode_text, for the adapter's classes and prompts."""
+    from prolip.model.backbone import build_backbone
+    from prolip.model.transformers_clip import from_transformers, is_transformers_model
+
+    base = adapter.backbone
+    if is_transformers_model(model):  # a merged transformers model: wrapped again with the base's own processors
+        model = from_transformers(model, tokenizer=base.tokenizer, image_processor=_image_processor(base))
+    backbone = build_backbone(
+        model, None, device="cpu", tokenizer=None if is_transformers_model(model) else base.tokenizer
+    )
+    return backbone.classifier(list(adapter.class_names_), list(adapter.fitted_.templates))
+
+
+def _image_processor(backbone):
+    import transformers
+
+    config = backbone.view_config
+    kind = "clip" if backbone.model.model_type == "CLIPModel" else "siglip"
+    side = config.size
+    if kind == "clip":
+        return transformers.CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    return transformers.SiglipImageProcessor(size={"height": side, "width": side})
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_one_text_head_for_every_text_tower(family, clip_tokenizer):
+    """T at epochs=0 is the zero-shot classifier for every target; after a text-side fit, the merged model's text
+    features give exactly the adapter's classifier (the text projection's bias included)."""
+    model = text_tower_model(family, clip_tokenizer)
+    images, labels = colour_images(2, size=32)
+    base = ProLIPAdapter(model, None, views=2, epochs=0, device="cpu", verbose=False)
+    features = base.extract_features(images)
+    zero_shot = base.fit_features(features, labels).classifier_
+    assert torch.allclose(zero_shot, zero_shot_of(model, base), atol=1e-6)
+    for target in ("image", "text", "image+text"):
+        untrained = base.set_params(target=target).fit_features(features, labels)
+        torch.testing.assert_close(untrained.classifier_, zero_shot, rtol=0, atol=1e-5)  # float rounding of unit rows
+    for target in ("text", "image+text"):
+        fitted = base.set_params(target=target, epochs=5, lr=1e-2).fit_features(features, labels)
+        assert float((fitted.classifier_ - zero_shot).norm()) > 1e-3  # it trained
+        merged = fitted.merged_model()
+        torch.testing.assert_close(zero_shot_of(merged, fitted), fitted.classifier_, rtol=0, atol=1e-5)

@@ -94,13 +94,15 @@ def test_features_and_residual_reproduce_encode_image_for_any_weight(name):
         if residual is not None:
             assert residual.shape == (3, projector.out_features)
         before = image_embedding(model, pixels)
-        torch.testing.assert_close(projector.embed(x, residual), before)
+        torch.testing.assert_close(projector.head.project(projector.pack(x, residual)), before)
 
         weight = perturbed(projector.to_in_out(projector.parameter))
         projector.parameter.copy_(projector.from_in_out(weight))
         expected = image_embedding(model, pixels)
         assert not torch.allclose(before, expected)  # the swap changed the output...
-        torch.testing.assert_close(projector.embed(x, residual, weight=weight), expected)  # ...exactly as x W + b + r
+        torch.testing.assert_close(
+            projector.head.project(projector.pack(x, residual), weight=weight), expected
+        )  # ...exactly as x W + b + r
 
 
 @pytest.mark.parametrize("name", list(TINY))
@@ -115,7 +117,7 @@ def test_text_projection_reproduces_encode_text_for_any_weight(name):
         weight = perturbed(projector.to_in_out(projector.parameter))
         projector.parameter.copy_(projector.from_in_out(weight))
         expected = model.encode_text(tokens, normalize=False)
-    torch.testing.assert_close(projector.embed(x, weight=weight), expected)
+    torch.testing.assert_close(projector.head.project(x, weight=weight), expected)
 
 
 def test_siglip_text_projection_is_a_linear_layer_with_bias():
@@ -239,7 +241,7 @@ def test_hugging_face_text_projection(proj, key):
         x = projector.features(tokens)
         weight = perturbed(projector.to_in_out(projector.parameter))
         projector.parameter.copy_(projector.from_in_out(weight))
-        torch.testing.assert_close(projector.embed(x, weight=weight), model.encode_text(tokens))
+        torch.testing.assert_close(projector.head.project(x, weight=weight), model.encode_text(tokens))
 
 
 @pytest.mark.parametrize(("name", "family", "key", "d_in", "d_out", "text_key"), REAL)

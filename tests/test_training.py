@@ -9,12 +9,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import engine_grid, engine_train
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference_training import reference_logits, reference_train, reference_train_fp16
 
 from prolip import InputError, TrainingDivergedError, TrainingWarning
-from prolip.training.loop import TrainResult, train_grid, train_projector
+from prolip.training.engine import TrainResult
 
 CPU = torch.device("cpu")
 
@@ -32,7 +33,7 @@ def problem(views=3, n=12, d_in=48, d_out=24, k=3, bias=False, seed=0):
 
 def both(features, labels, classifier, w0, bias, **kw) -> tuple[TrainResult, TrainResult]:
     kw.setdefault("logit_scale", 100.0)
-    fast = train_projector(features, labels, classifier, w0, bias, device=CPU, verbose=False, **kw)
+    fast = engine_train(features, labels, classifier, w0, bias, device=CPU, verbose=False, **kw)
     slow = reference_train(features, labels, classifier, w0, bias, **kw)
     return fast, slow
 
@@ -95,7 +96,7 @@ def test_w0_bias_and_features_are_only_read():
     features, labels, classifier, w0, bias = problem(bias=True)
     param = torch.nn.Parameter(w0.clone())
     before = [t.clone() for t in (features, classifier, param.detach(), bias)]
-    result = train_projector(
+    result = engine_train(
         features, labels, classifier, param, bias,
         logit_scale=100.0, lr=1e-2, reg_lambda=0.1, epochs=5, device=CPU, verbose=False,
     )  # fmt: skip
@@ -121,7 +122,7 @@ def test_transposed_w0_as_stored_by_nn_linear():
 
 def test_half_precision_features_train_in_fp32():
     features, labels, classifier, w0, bias = problem()
-    fast = train_projector(
+    fast = engine_train(
         features.half(), labels, classifier, w0.half(), bias,
         logit_scale=100.0, lr=1e-2, reg_lambda=0.0, epochs=5, device=CPU, verbose=False,
     )  # fmt: skip
@@ -143,7 +144,7 @@ def test_half_precision_features_train_in_fp32():
 def test_divergence_names_lr_and_lambda(scale, lr, reg_lambda):
     features, labels, classifier, w0, bias = problem()
     with pytest.raises(TrainingDivergedError) as info:
-        train_projector(
+        engine_train(
             features * scale, labels, classifier, w0, bias,
             logit_scale=100.0, lr=lr, reg_lambda=reg_lambda, epochs=20, device=CPU, verbose=False,
         )  # fmt: skip
@@ -155,14 +156,14 @@ def test_divergence_names_lr_and_lambda(scale, lr, reg_lambda):
 def test_a_loss_that_ends_far_above_its_start_warns(reg_lambda):
     features, labels, classifier, w0, bias = problem()
     with pytest.warns(TrainingWarning, match=re.escape(f"lr={1e12} and reg_lambda={reg_lambda}")):
-        result = train_projector(
+        result = engine_train(
             features, labels, classifier, w0, bias,
             logit_scale=100.0, lr=1e12, reg_lambda=reg_lambda, epochs=10, device=CPU, verbose=False,
         )  # fmt: skip
     assert result.losses[-1] > 2 * result.losses[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an ordinary fit stays silent
-        train_projector(
+        engine_train(
             features, labels, classifier, w0, bias,
             logit_scale=100.0, lr=1e-3, reg_lambda=reg_lambda, epochs=10, device=CPU, verbose=False,
         )  # fmt: skip
@@ -179,11 +180,11 @@ def test_losses_are_the_reference_losses_at_a_high_learning_rate():
 def test_a_grid_trains_each_point_as_alone(k):
     features, labels, classifier, w0, bias = problem(views=3, n=4 * k, k=k, bias=True)
     points = [(1e-2, 0.0), (1e-3, 0.25), (5e-2, 1.0), (1e-2, 0.25)]
-    grid = train_grid(
+    grid = engine_grid(
         features, labels, classifier, w0, bias, logit_scale=100.0, points=points, epochs=12, device=CPU, verbose=False
     )
     for (lr, reg_lambda), together in zip(points, grid, strict=True):
-        alone = train_projector(
+        alone = engine_train(
             features, labels, classifier, w0, bias,
             logit_scale=100.0, lr=lr, reg_lambda=reg_lambda, epochs=12, device=CPU, verbose=False,
         )  # fmt: skip
@@ -191,7 +192,7 @@ def test_a_grid_trains_each_point_as_alone(k):
         torch.testing.assert_close(together.losses, alone.losses, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(together.weight, alone.weight, rtol=1e-5, atol=1e-6)
     # A diverging point is reported as None without disturbing the others.
-    wild = train_grid(
+    wild = engine_grid(
         features * 1e38,
         labels,
         classifier,
@@ -212,7 +213,7 @@ def test_a_grid_trains_each_point_as_alone(k):
 def test_fp16_training_is_the_official_fp16_loop(with_bias, lr, reg_lambda):
     features, labels, classifier, w0, b = problem(bias=with_bias, k=5, n=20)
     kw = {"logit_scale": 100.0, "lr": lr, "reg_lambda": reg_lambda, "epochs": 40}
-    fast = train_projector(features, labels, classifier, w0, b, device=CPU, verbose=False, train_dtype="fp16", **kw)
+    fast = engine_train(features, labels, classifier, w0, b, device=CPU, verbose=False, train_dtype="fp16", **kw)
     slow = reference_train_fp16(features, labels, classifier, w0, b, **kw)
     # Both run the same fp16 operations on the same shapes; only the schedule's learning rate is
     # computed differently (closed form vs CosineAnnealingLR's recursion, equal to ~1e-16), which
@@ -222,7 +223,7 @@ def test_fp16_training_is_the_official_fp16_loop(with_bias, lr, reg_lambda):
     assert (fast.weight != slow.weight).float().mean() < 0.01
     torch.testing.assert_close(fast.losses, slow.losses, rtol=2e-3, atol=2e-3)
     # And it is not the fp32 loop: fp16 rounding is visible at this scale.
-    fp32 = train_projector(features, labels, classifier, w0, b, device=CPU, verbose=False, **kw)
+    fp32 = engine_train(features, labels, classifier, w0, b, device=CPU, verbose=False, **kw)
     assert (fp32.weight - slow.weight).abs().max() > step.max()
 
 
@@ -230,8 +231,8 @@ def test_fp16_leaves_small_updates_unapplied():
     """At lr 1e-5 most updates are below half an fp16 step of W's entries: they stay at W0 (rounded)."""
     features, labels, classifier, w0, _ = problem(k=5, n=20)
     kw = {"logit_scale": 100.0, "lr": 1e-5, "reg_lambda": 0.25, "epochs": 30}
-    half = train_projector(features, labels, classifier, w0, None, device=CPU, verbose=False, train_dtype="fp16", **kw)
-    full = train_projector(features, labels, classifier, w0, None, device=CPU, verbose=False, **kw)
+    half = engine_train(features, labels, classifier, w0, None, device=CPU, verbose=False, train_dtype="fp16", **kw)
+    full = engine_train(features, labels, classifier, w0, None, device=CPU, verbose=False, **kw)
     assert (half.weight == w0.half().float()).float().mean() > 0.2
     assert (full.weight == w0).float().mean() < 0.01
 
@@ -239,12 +240,12 @@ def test_fp16_leaves_small_updates_unapplied():
 def test_fp16_grid_points_are_lone_fp16_fits():
     features, labels, classifier, w0, _ = problem(k=3)
     points = [(1e-3, 0.5), (1e-2, 0.0)]
-    grid = train_grid(
+    grid = engine_grid(
         features, labels, classifier, w0, None, logit_scale=100.0, points=points, epochs=10, device=CPU,
         verbose=False, train_dtype="fp16",
     )  # fmt: skip
     for (lr, lam), result in zip(points, grid, strict=True):
-        alone = train_projector(
+        alone = engine_train(
             features, labels, classifier, w0, None, logit_scale=100.0, lr=lr, reg_lambda=lam, epochs=10,
             device=CPU, verbose=False, train_dtype="fp16",
         )  # fmt: skip
@@ -254,7 +255,7 @@ def test_fp16_grid_points_are_lone_fp16_fits():
 def test_an_unknown_train_dtype_is_refused():
     features, labels, classifier, w0, _ = problem()
     with pytest.raises(InputError, match="train_dtype='bf16'"):
-        train_projector(
+        engine_train(
             features, labels, classifier, w0, None, logit_scale=100.0, lr=1e-3, reg_lambda=0.0, epochs=2,
             device=CPU, verbose=False, train_dtype="bf16",
         )  # fmt: skip
@@ -264,19 +265,19 @@ def test_an_unknown_train_dtype_is_refused():
 def test_the_fp16_loop_is_the_fp32_loop_but_for_its_dtype(side_kind, monkeypatch):
     """Run in fp32, the fp16 loop's autograd recipe is train_projector's closed-form one (to float rounding);
     in fp16 it stores W (and R) as fp16 values."""
-    from prolip.training import half
-    from prolip.training.loop import ClassifierResidual
+    from prolip.training import engine
+    from prolip.training.sides import ClassifierResidual
 
     features, labels, classifier, w0, _ = problem(k=3)
     side = ClassifierResidual(classifier * 3.0, 0.5) if side_kind == "taskres" else None
     t = None if side else classifier
     run = {"logit_scale": 100.0, "lr": 1e-3, "reg_lambda": 0.5, "epochs": 30, "device": CPU, "verbose": False}
-    stored = train_projector(features, labels, t, w0, None, side=side, train_dtype="fp16", **run)
+    stored = engine_train(features, labels, t, w0, None, side=side, train_dtype="fp16", **run)
     for got in (stored.weight, stored.classifier_weight if side else stored.weight):
         assert torch.equal(got, got.half().float())
-    full = train_projector(features, labels, t, w0, None, side=side, **run)
-    monkeypatch.setattr(half, "HALF", torch.float32)
-    same_dtype = train_projector(features, labels, t, w0, None, side=side, train_dtype="fp16", **run)
+    full = engine_train(features, labels, t, w0, None, side=side, **run)
+    monkeypatch.setattr(engine, "HALF", torch.float32)
+    same_dtype = engine_train(features, labels, t, w0, None, side=side, train_dtype="fp16", **run)
     change = full.weight - w0
     assert float((same_dtype.weight - full.weight).norm() / change.norm()) < 1e-5
     if side:

@@ -9,29 +9,28 @@ learning-rate schedule of those trainers.
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
-from prolip.bench.problem import Classes, FeatureSet, ImageHead
+from prolip.bench.problem import Classes, FeatureSet
 from prolip.errors import InputError
 from prolip.model import zeroshot
+from prolip.model.head import LinearHead
+from prolip.training.engine import cosine_lr
 
 WARMUP_LR = 1e-5
 """Learning rate of the one constant warm-up epoch in the Dassl configurations the originals use."""
 
 
-def embed_view(head: ImageHead, features: FeatureSet, view: int, normalize: bool = False) -> torch.Tensor:
+def embed_view(head: LinearHead, features: FeatureSet, view: int, normalize: bool = False) -> torch.Tensor:
     """Image embeddings ``[n, d_out]`` of one view (``view`` taken modulo the number of views).
 
     Unnormalised (what ``encode_image`` returns) unless ``normalize``.
     """
-    z = head.embed(*features.view(view % features.n_views))
-    return F.normalize(z, dim=-1) if normalize else z
+    rows = features.features[view % features.n_views]
+    return head.embed(rows) if normalize else head.project(rows)
 
 
-def plain_embeddings(head: ImageHead, features: FeatureSet) -> torch.Tensor:
+def plain_embeddings(head: LinearHead, features: FeatureSet) -> torch.Tensor:
     """L2-normalised embeddings ``[n, d_out]`` of view 0 (the plain view of a test or validation set)."""
     return embed_view(head, features, 0, normalize=True)
 
@@ -66,10 +65,10 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def text_prototypes(classes: Classes) -> torch.Tensor:
     """The class prototypes CLAP and TaskRes start from, ``[K, d_out]``
-    (:func:`prolip.model.zeroshot.text_prototypes`); T itself where the problem carries no text head."""
+    (:func:`prolip.model.zeroshot.text_prototypes`); T itself where the problem carries no text side."""
     if classes.text is None:
         return classes.classifier.clone()
-    return zeroshot.text_prototypes(classes.classifier, classes.text.features @ classes.text.w0)
+    return zeroshot.text_prototypes(classes.classifier, classes.text.embeddings())
 
 
 def dassl_batches(n: int, batch_size: int) -> int:
@@ -97,7 +96,7 @@ def warmup_cosine_lr(base_lr: float, epoch: int, epochs: int) -> float:
     """
     if epoch == 0:
         return WARMUP_LR
-    return base_lr * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
+    return cosine_lr(base_lr, epoch - 1, epochs)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

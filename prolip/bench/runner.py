@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from prolip.atomic import atomic_write
 from prolip.bench.data import Dataset, Draw, draw_json, draw_shots, draw_validation
-from prolip.bench.inputs import class_set, image_head
+from prolip.bench.inputs import class_set
 from prolip.bench.method_tools import EmptyValidationError
 from prolip.bench.methods import FittedMethod, Method, get_method
 from prolip.bench.problem import Classes, FeatureSet, Problem
@@ -131,7 +131,7 @@ def run_bench(
             rank,
             world,
         )
-    head, scale = image_head(backbone), backbone.logit_scale
+    head, scale = backbone.projector.head.frozen(), backbone.logit_scale
     for job in tqdm(jobs, desc="datasets", disable=not verbose):
         train_classes = class_set(backbone, job.train.classnames, templates or job.train.templates)
         tests = _Tests(

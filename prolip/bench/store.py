@@ -84,8 +84,6 @@ class FeatureStore:
         self._index_path = self.cache_dir / INDEX_NAME
         self._index: dict[str, str] = self._read_index()
         self._file_hashes: dict[str, str] = {}
-        projector = backbone.projector
-        self.d_in = projector.in_features if projector.has_residual else None
 
     @staticmethod
     def _index_checksum(entries: dict[str, str]) -> str:
@@ -217,7 +215,7 @@ class FeatureStore:
         """Features of ``items``: ``views`` augmented views (seeded by ``seed``), or the plain view for 0."""
         if not items:  # an empty validation draw: the methods that need one are skipped by the runner
             empty = torch.zeros(max(views, 1), 0, self.backbone.projector.feature_width)
-            return FeatureSet(empty, torch.zeros(0, dtype=torch.long), self.d_in)
+            return FeatureSet(empty, torch.zeros(0, dtype=torch.long))
         cache = self.cache(views, seed)
         hashes, _ = self._fill(cache, items, what, 0, 1)
 
@@ -230,10 +228,10 @@ class FeatureStore:
         features = cache.features(hashes, recompute)
         if 4 * features.shape.numel() <= IN_MEMORY_BYTES:  # small sets: one read, not one per training step
             features = features.to_tensor()
-        return FeatureSet(features, labels, self.d_in)
+        return FeatureSet(features, labels)
 
     def test_views(self, items: Sequence[Item], views: int, seed: int, what: str = "test") -> FeatureSet:
         """The plain view then ``views`` augmented views of each item: ``[1 + views, n, width]``."""
         plain = self.features(items, 0, what=what)
         augmented = self.features(items, views, seed, what=what)
-        return FeatureSet(StackedViews(plain.features, augmented.features), plain.labels, self.d_in)
+        return FeatureSet(StackedViews(plain.features, augmented.features), plain.labels)

@@ -16,7 +16,7 @@ import torch
 
 from prolip.errors import InputError, InputTypeError
 from prolip.model.backbone import Backbone
-from prolip.training.loop import TextSide
+from prolip.training.sides import TextSide
 
 
 def check_class_names(class_names: Iterable[str]) -> list[str]:
@@ -50,7 +50,6 @@ def class_classifier(
     if text_delta is None:
         return backbone.classifier(class_names, templates)
     projector = backbone.text_projector
-    w0 = projector.to_in_out(projector.parameter).detach().float().cpu()
-    side = TextSide(backbone.prompt_features(class_names, templates), w0)
+    side = TextSide(backbone.prompt_features(class_names, templates), projector.head.frozen())
     with torch.no_grad():
-        return side.classifier(w0 + projector.to_in_out(text_delta).float().cpu())
+        return side.classifier(side.start + projector.to_in_out(text_delta).float().cpu())

@@ -4,7 +4,7 @@ The paper's main results choose (lr, λ) per dataset and draw from lr ∈ {1e-2 
 λ ∈ {10, 1, 0.1, 0.01, 1e-3, 1e-4, 0} by accuracy on an N-shot validation draw. Here the training
 and validation features are extracted once and every grid point only trains (the reference code
 recomputes the validation features at every point), and the points train side by side
-(:func:`prolip.training.loop.train_grid`: every step reads one view once for all of them); validation
+(:func:`prolip.training.engine.train_grid`: every step reads one view once for all of them); validation
 accuracy is one small matrix product per point.
 
 Tie rule, as the reference code's loop: learning rates outer, λ inner, each in the order given,
@@ -15,6 +15,7 @@ rate, then the largest λ. A point whose training diverges is never chosen.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -26,7 +27,8 @@ from tqdm.auto import tqdm
 
 from prolip.errors import InputError, TrainingDivergedError
 from prolip.features.cache import CachedFeatures
-from prolip.training.loop import TrainResult, logits, train_grid
+from prolip.model.head import LinearHead
+from prolip.training.engine import TrainConfig, TrainResult, train_grid
 
 logger = logging.getLogger(__name__)
 
@@ -92,29 +94,22 @@ def search_projector(
     labels: torch.Tensor,
     val_features: torch.Tensor,
     val_labels: torch.Tensor,
+    head: LinearHead,
     classifier: torch.Tensor,
-    w0: torch.Tensor,
-    bias: torch.Tensor | None,
-    *,
-    logit_scale: float,
-    epochs: int,
-    device: torch.device,
+    config: TrainConfig,
     lrs: Sequence[float] = PAPER_LRS,
     reg_lambdas: Sequence[float] = PAPER_LAMBDAS,
-    verbose: bool = True,
-    train_dtype: str = "fp32",
 ) -> SearchResult:
     """Train ProLIP at every (lr, λ) of the grid and keep the most accurate on the validation draw.
 
     Args:
         features, labels: training features ``[V, n, width]`` and class indices ``[n]``, as for
-            :func:`prolip.training.loop.train_grid`, which trains every grid point.
+            :func:`prolip.training.engine.train_grid`, which trains every grid point.
         val_features, val_labels: the validation draw's plain-view features ``[m, width]`` (or
             ``[1, m, width]``) and class indices ``[m]``.
-        classifier, w0, bias, logit_scale, epochs, device: as for ``train_projector``.
+        head, classifier: the projector (W0, b) and T, as for ``train_projector``.
+        config: the rest of the settings (epochs, s, numerics, device; ``verbose`` shows a bar over the grid).
         lrs, reg_lambdas: the grid (default: the paper's 7 × 7).
-        verbose: a progress bar over the grid.
-        train_dtype: "fp32", or "fp16" for the official code's numerics (:mod:`prolip.training.half`).
 
     Returns:
         The chosen point (tie rule in the module docstring), its training result and every
@@ -131,29 +126,29 @@ def search_projector(
             f"the validation draw holds {val.shape[0]} images and {len(val_labels)} labels; "
             "it needs at least one image per class, with one label each."
         )
+    device = config.device
     val, val_y = val.to(device, torch.float32), val_labels.to(device)
-    bias_f = None if bias is None else bias.detach().to(device, torch.float32)
-    scores = classifier.to(device, torch.float32)
+    val_head = head.frozen(device)
     accuracy = torch.full((len(lrs), len(reg_lambdas)), float("nan"))
     grid = [(i, j) for i in range(len(lrs)) for j in range(len(reg_lambdas))]
     # As many points side by side as fit in GRID_MEMORY_BYTES: W, its gradient, Adam's two moments
     # and the step's [n, d_out] and [n, K] buffers, per point.
-    width = max(features.shape[-1], w0.shape[0])
-    per_point = 4 * (4 * len(labels) * w0.shape[1] + len(labels) * classifier.shape[0] + 5 * width * w0.shape[1])
+    width, d_out = max(features.shape[-1], head.in_features), head.out_features
+    per_point = 4 * (4 * len(labels) * d_out + len(labels) * classifier.shape[0] + 5 * width * d_out)
     chunk = max(1, min(len(grid), GRID_MEMORY_BYTES // per_point))
+    quiet = dataclasses.replace(config, verbose=False)
     best: tuple[float, float, float, TrainResult] | None = None
-    with tqdm(total=len(grid), desc="validation grid", unit="fit", disable=not verbose, leave=False) as bar:
+    with tqdm(total=len(grid), desc="validation grid", unit="fit", disable=not config.verbose, leave=False) as bar:
         for start in range(0, len(grid), chunk):
             part = grid[start : start + chunk]
-            results = train_grid(
-                features, labels, classifier, w0, bias, logit_scale=logit_scale, epochs=epochs, device=device,
-                points=[(lrs[i], reg_lambdas[j]) for i, j in part], verbose=False, train_dtype=train_dtype,
-            )  # fmt: skip
+            points = [(lrs[i], reg_lambdas[j]) for i, j in part]
+            results = train_grid(features, labels, head, classifier, quiet, points)
             for (i, j), result in zip(part, results, strict=True):
                 if result is None:
                     logger.info("validation grid: lr=%g, lambda=%g diverged", lrs[i], reg_lambdas[j])
                     continue
-                predicted = logits(val, result.weight.to(device), bias_f, scores, logit_scale).argmax(dim=1)
+                weight = result.weight.to(device)
+                predicted = val_head.logits(val, classifier.to(device), config.logit_scale, weight).argmax(dim=1)
                 accuracy[i, j] = float((predicted == val_y).float().mean())
                 if best is None or accuracy[i, j] > best[0]:  # grid order: the first of equals stays
                     best = (float(accuracy[i, j]), lrs[i], reg_lambdas[j], result)

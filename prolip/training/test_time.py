@@ -26,15 +26,12 @@ import torch.nn.functional as F
 
 from prolip.errors import InputError
 from prolip.features.cache import CachedFeatures
-from prolip.training.loop import project, split_features
+from prolip.model.head import LinearHead
+from prolip.training.engine import build_optimizer
 
-OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
-    "adamw": torch.optim.AdamW,
-    "adam": torch.optim.Adam,
-    "sgd": torch.optim.SGD,
-}
-"""The optimisers test-time adaptation can use, by name (each acts element by element, so a batch of
-images adapts exactly as each image would alone)."""
+OPTIMIZERS = ("adamw", "adam", "sgd")
+"""The optimisers test-time adaptation can use, by name (:func:`prolip.training.engine.build_optimizer`; each acts
+element by element, so a batch of images adapts exactly as each image would alone)."""
 CHUNK_BYTES = 256 * 2**20
 """Memory budget of one chunk's projector copies, gradients and optimiser state when ``chunk_size`` is None."""
 
@@ -74,7 +71,7 @@ class TestTimeSettings:
                 f"steps={self.steps!r} must be an integer >= 0",
             ),
             (number(self.lr) and self.lr >= 0, f"lr={self.lr!r} must be a number >= 0"),
-            (self.optimizer in OPTIMIZERS, f"optimizer={self.optimizer!r} must be one of {sorted(OPTIMIZERS)}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer={self.optimizer!r} must be one of {list(OPTIMIZERS)}"),
             (
                 self.weight_decay is None or (number(self.weight_decay) and self.weight_decay >= 0),
                 f"weight_decay={self.weight_decay!r} must be None or a number >= 0",
@@ -90,31 +87,20 @@ class TestTimeSettings:
         return max(1, int(n_views * self.rho))
 
     def optimizer_for(self, weight: torch.Tensor) -> torch.optim.Optimizer:
-        """A fresh optimiser over ``weight`` (every copy starts from zero state)."""
-        options = {} if self.weight_decay is None else {"weight_decay": self.weight_decay}
-        return OPTIMIZERS[self.optimizer]([weight], lr=self.lr, **options)
-
-
-def _scores(z: torch.Tensor, classifier: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    return logit_scale * F.normalize(z, dim=-1) @ classifier.t()
+        """A fresh optimiser over ``weight`` (every copy starts from zero state), torch's defaults otherwise."""
+        return build_optimizer(self.optimizer, [weight], lr=self.lr, weight_decay=self.weight_decay, kernel="default")
 
 
 def view_entropies(
-    features: torch.Tensor | CachedFeatures,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    classifier: torch.Tensor,
-    logit_scale: float,
+    features: torch.Tensor | CachedFeatures, head: LinearHead, classifier: torch.Tensor, logit_scale: float
 ) -> torch.Tensor:
-    """Prediction entropy ``[V, n]`` of every view of every image under ``weight`` ``[d_in, d_out]``.
+    """Prediction entropy ``[V, n]`` of every view of every image under ``head`` (W ``[d_in, d_out]`` and b).
 
     ``features`` are ``[V, n, width]`` (a tensor, or lazy cached features read one view at a time).
     """
     rows = []
     for v in range(features.shape[0]):
-        log_p = torch.log_softmax(
-            _scores(project(features[v].to(weight), weight, bias), classifier, logit_scale), dim=-1
-        )
+        log_p = torch.log_softmax(head.logits(features[v].to(head.weight), classifier, logit_scale), dim=-1)
         rows.append(-(log_p.exp() * log_p).sum(dim=-1))
     return torch.stack(rows)
 
@@ -150,8 +136,7 @@ def _average_entropy(log_p: torch.Tensor) -> torch.Tensor:
 def adapt_chunk(
     selected: torch.Tensor,
     plain: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    head: LinearHead,
     classifier: torch.Tensor,
     logit_scale: float,
     settings: TestTimeSettings,
@@ -161,21 +146,21 @@ def adapt_chunk(
     Args:
         selected: the kept views' features ``[B, k, width]`` of B images.
         plain: the plain views' features ``[B, width]``.
-        weight: the starting projector W_s ``[d_in, d_out]`` (its dtype and device are used throughout).
-        bias: the frozen bias ``[d_out]``, or None.
+        head: the starting projector W_s ``[d_in, d_out]`` (its dtype and device are used throughout) and the
+            frozen bias.
         classifier: T ``[K, d_out]``.
         logit_scale: s.
         settings: the adaptation (:class:`TestTimeSettings`).
     """
-    d_in = weight.shape[0]
-    x, residual = split_features(selected.to(weight), d_in)
+    weight, bias = head.weight, head.bias
+    x, residual = head.split(selected.to(weight))
     offset = residual if bias is None else (bias if residual is None else residual + bias)
     copies = weight.expand(x.shape[0], *weight.shape).clone().requires_grad_(True)
     optimizer = settings.optimizer_for(copies)
     with torch.enable_grad():
         for _ in range(settings.steps):
             z = x @ copies if offset is None else torch.baddbmm(offset, x, copies)
-            log_p = torch.log_softmax(_scores(z, classifier, logit_scale), dim=-1)
+            log_p = torch.log_softmax(logit_scale * F.normalize(z, dim=-1) @ classifier.t(), dim=-1)
             loss = _average_entropy(log_p).sum()  # a sum: each copy gets its own image's gradient
             if settings.reg_lambda:
                 loss = loss + settings.reg_lambda * (copies - weight).pow(2).sum()
@@ -184,8 +169,8 @@ def adapt_chunk(
             optimizer.step()
     # W_s's own embedding plus the change's: with no change, exactly the starting projector's logits.
     plain = plain.to(weight)
-    change = (split_features(plain, d_in)[0].unsqueeze(1) @ (copies.detach() - weight)).squeeze(1)
-    return _scores(project(plain, weight, bias) + change, classifier, logit_scale)
+    change = (head.split(plain)[0].unsqueeze(1) @ (copies.detach() - weight)).squeeze(1)
+    return logit_scale * F.normalize(head.project(plain) + change, dim=-1) @ classifier.t()
 
 
 def chunk_images(weight: torch.Tensor, chunk_size: int | None) -> int:
@@ -197,8 +182,7 @@ def chunk_images(weight: torch.Tensor, chunk_size: int | None) -> int:
 
 def tta_logits(
     features: torch.Tensor | CachedFeatures,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    head: LinearHead,
     classifier: torch.Tensor,
     logit_scale: float,
     settings: TestTimeSettings = TestTimeSettings(),
@@ -208,29 +192,29 @@ def tta_logits(
 
     Args:
         features: pre-projection features of every view (x, and the residual beside it for towers
-            that have one; see :func:`prolip.training.loop.split_features`); a tensor or lazy
+            that have one; see :meth:`prolip.model.head.LinearHead.split`); a tensor or lazy
             :class:`~prolip.features.cache.CachedFeatures`.
-        weight: the starting projector W_s ``[d_in, d_out]``; computation runs in its dtype, on its device.
-        bias: the projector's frozen bias ``[d_out]``, or None.
+        head: the starting projector W_s ``[d_in, d_out]`` and the frozen bias; computation runs in W_s's
+            dtype, on its device.
         classifier: the text classifier T ``[K, d_out]``.
         logit_scale: s.
         settings: the adaptation (:class:`TestTimeSettings`).
         chunk_size: images adapted at once (memory: 4 copies of W each); None fits
             :data:`CHUNK_BYTES`. Results do not depend on it.
     """
-    step = chunk_images(weight, chunk_size)
+    step = chunk_images(head.weight, chunk_size)
     if step < 1:
         raise InputError(f"chunk_size={chunk_size} must be None or an integer >= 1.")
-    weight = weight.detach()
-    bias = None if bias is None else bias.detach().to(weight)
+    weight = head.weight.detach()
+    head = LinearHead(weight, None if head.bias is None else head.bias.detach().to(weight))
     classifier = classifier.detach().to(weight)
     with torch.no_grad():
-        entropies = view_entropies(features, weight, bias, classifier, logit_scale)
+        entropies = view_entropies(features, head, classifier, logit_scale)
         selected = select_views(entropies, settings.kept(features.shape[0])).cpu()
         kept = gather_views(features, selected, weight.dtype)
         plain = features[0]
     out = [
-        adapt_chunk(kept[i : i + step], plain[i : i + step], weight, bias, classifier, logit_scale, settings).detach()
+        adapt_chunk(kept[i : i + step], plain[i : i + step], head, classifier, logit_scale, settings).detach()
         for i in range(0, kept.shape[0], step)
     ]
     return torch.cat(out).cpu()

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from prolip.training.engine import ADAM_EPS, build_optimizer, cosine_lr
+
 BETAS = torch.logspace(-1, math.log10(50), 40, dtype=torch.float64).tolist()
 """β grid: 40 log-spaced values from 0.1 to 50 (covering the original's per-dataset ranges)."""
 ALPHAS = torch.logspace(-1, math.log10(50), 25, dtype=torch.float64).tolist()
@@ -139,10 +141,7 @@ def train_keys(
     original. ``keys`` itself is not modified.
     """
     keys = keys.detach().clone().requires_grad_(True)
-    try:
-        optimizer = torch.optim.AdamW([keys], lr=lr, eps=1e-4, fused=True)
-    except RuntimeError:  # a device without the fused kernel
-        optimizer = torch.optim.AdamW([keys], lr=lr, eps=1e-4, foreach=True)
+    optimizer = build_optimizer("adamw", [keys], lr=lr, eps=ADAM_EPS)
     n = labels.numel()
     steps, step = epochs * math.ceil(n / batch_size), 0
     for epoch in range(epochs):
@@ -150,7 +149,7 @@ def train_keys(
             x = views(epoch)
         for batch in torch.randperm(n, generator=generator).split(batch_size):
             for group in optimizer.param_groups:
-                group["lr"] = lr * (1 + math.cos(math.pi * step / steps)) / 2
+                group["lr"] = cosine_lr(lr, step, steps)
             scores = tip_logits(x[batch], classifier, keys, labels, alpha, beta, logit_scale)
             loss = F.cross_entropy(scores, labels[batch.to(labels.device)])
             optimizer.zero_grad()

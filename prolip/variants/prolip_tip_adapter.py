@@ -30,10 +30,10 @@ from prolip.features.cache import CachedFeatures, check_features
 from prolip.features.dataset_objects import labelled
 from prolip.features.images import ImageLike, kept
 from prolip.files.delta import TIP_KIND, read_state, write_delta
+from prolip.model.head import LinearHead
 from prolip.training.fit import fit_projector
 from prolip.training.fitted import FittedState
 from prolip.training.labels import accuracy, check_lengths, label_indices, label_list
-from prolip.training.loop import embed, project
 from prolip.training.tip_cache import ALPHAS, AUGMENT_VIEWS, BETAS, TipCache, search_alpha_beta, train_keys
 from prolip.variants.search import adapter_from_state
 
@@ -188,15 +188,15 @@ class ProLIPTipAdapter(Estimator):
         state = fit_projector(adapter.backbone, features, labels, class_names, adapter.get_params())
         fitted = adapter_from_state(adapter, state)
         projector = fitted.backbone.projector
-        weight, bias = state.adapted_weight(projector).cpu(), _bias(fitted)
+        head = _adapted_head(fitted)
         n_views = features.shape[0]
         with torch.no_grad():
-            total = sum(project(features[v % n_views].float(), weight, bias) for v in range(self.key_views))
+            total = sum(head.project(features[v % n_views].float()) for v in range(self.key_views))
             keys = F.normalize(total, dim=-1)
         key_labels = label_indices(labels, state.classes)
         val = None
         if self.alpha is None:
-            val = _validation(val_features, val_labels, state, projector.feature_width, weight, bias)
+            val = _validation(val_features, val_labels, state, projector.feature_width, head)
 
         def choose(keys: torch.Tensor) -> tuple[float, float, dict[str, Any] | None]:
             """α, β: the given ones, or the first best on the validation set with these keys."""
@@ -213,7 +213,7 @@ class ProLIPTipAdapter(Estimator):
         if self.keys == "trained":
             seed = secrets.randbits(63) if adapter.random_state is None else int(adapter.random_state)
             keys = train_keys(
-                keys, lambda e: embed(features[(self.key_views + e) % n_views].float(), weight, bias), key_labels,
+                keys, lambda e: head.embed(features[(self.key_views + e) % n_views].float()), key_labels,
                 state.classifier, alpha=alpha, beta=beta, logit_scale=state.logit_scale,
                 generator=torch.Generator().manual_seed(seed),
             )  # fmt: skip
@@ -232,13 +232,12 @@ class ProLIPTipAdapter(Estimator):
         x = check_features(features, adapter.backbone.projector.feature_width)
         if x.shape[0] != 1:
             raise InputError(f"features hold {x.shape[0]} views; pass test-time features [1, n, d] (views=0).")
-        weight = adapter.fitted_.adapted_weight(adapter.backbone.projector).cpu()
-        classifier, bias = adapter.classifier_, _bias(adapter)
+        head, classifier = _adapted_head(adapter), adapter.classifier_
         with torch.inference_mode():
             # A chunk of images at a time bounds the [images, cache size] affinity matrix.
             return torch.cat([
                 adapter.logit_scale_ * f @ classifier.t() + cache.scores(f, classifier.shape[0])
-                for f in (embed(rows.float(), weight, bias) for rows in x[0].split(_CHUNK))
+                for f in (head.embed(rows.float()) for rows in x[0].split(_CHUNK))
             ])  # fmt: skip
 
     def predict_features(self, features: torch.Tensor) -> np.ndarray:
@@ -332,8 +331,7 @@ def _validation(
     labels: Sequence[Hashable] | None,
     state: FittedState,
     width: int,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    head: LinearHead,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The validation images' adapted embeddings ``[n, d_out]`` and class indices ``[n]``."""
     val = check_features(features, width, "val_features")
@@ -344,10 +342,13 @@ def _validation(
             f"([1, {len(val_y)}, d], extract_features(val_images, views=0)) with one label each."
         )
     with torch.no_grad():
-        return embed(val[0].float(), weight, bias), val_y
+        return head.embed(val[0].float()), val_y
 
 
-def _bias(adapter: ProLIPAdapter) -> torch.Tensor | None:
-    """The projector's frozen bias, fp32 CPU, or None."""
-    bias = adapter.backbone.projector.bias
-    return None if bias is None else bias.detach().float().cpu()
+def _adapted_head(adapter: ProLIPAdapter) -> LinearHead:
+    """The fitted projector W0 + delta and its frozen bias, fp32 on the CPU."""
+    projector = adapter.backbone.projector
+    bias = projector.bias
+    return LinearHead(
+        adapter.fitted_.adapted_weight(projector).cpu(), None if bias is None else bias.detach().float().cpu()
+    )

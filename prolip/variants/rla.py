@@ -8,7 +8,7 @@ on top of f, initialised at the identity and regularised toward it:
 
 with ProLIP's optimiser, schedule and views (embeddings of augmented views of each image). That is
 ProLIP's training with the embeddings as features, W0 = I and no bias, so it runs
-:func:`prolip.training.loop.train_projector`. :class:`RegularizedLinearAdapter` needs only embeddings
+:func:`prolip.training.engine.train_projector`. :class:`RegularizedLinearAdapter` needs only embeddings
 and a text classifier (or a text encoder to build one); :class:`ModelRLA` computes the embeddings
 with an open_clip model, for the command line.
 """
@@ -34,11 +34,12 @@ from prolip.features.images import ImageLike, kept
 from prolip.files.delta import read_linear_adapter, write_delta
 from prolip.model.backbone import select_device
 from prolip.model.fingerprint import Fingerprint
+from prolip.model.head import LinearHead
 from prolip.model.zeroshot import average_prompts, check_templates, prompts
-from prolip.params import check_params, resolve_reg_lambda, restore_params
+from prolip.params import check_params, restore_params
+from prolip.training.engine import TrainConfig, train_projector
 from prolip.training.fitted import LinearAdapterState
 from prolip.training.labels import accuracy, class_array, encode_labels, label_list, names_of_classes, plain_label
-from prolip.training.loop import logits, split_features, train_projector
 
 logger = logging.getLogger(__name__)
 
@@ -178,17 +179,14 @@ class RegularizedLinearAdapter(Estimator):
             )
         t = F.normalize(t, dim=-1)
         n_shots = len(y) / len(classes)
-        reg_lambda = resolve_reg_lambda(self.reg_lambda, n_shots)
-        scale = DEFAULT_LOGIT_SCALE if self.logit_scale is None else float(self.logit_scale)
-        identity = torch.eye(d)
-        losses = torch.empty(0)
-        delta = torch.zeros(d, d)
-        if self.epochs:
-            result = train_projector(
-                embeddings, y, t, identity, None, logit_scale=scale, lr=float(self.lr), reg_lambda=reg_lambda,
-                epochs=self.epochs, device=select_device(self.device), verbose=self.verbose,
-            )  # fmt: skip
-            delta, losses = result.weight - identity, result.losses
+        config = TrainConfig(
+            lr=float(self.lr), reg_lambda=self.reg_lambda, epochs=self.epochs, logit_scale=self.logit_scale,
+            device=select_device(self.device), verbose=self.verbose,
+        ).resolved(n_shots, DEFAULT_LOGIT_SCALE)  # fmt: skip
+        reg_lambda, scale = config.reg_lambda, config.logit_scale
+        identity = LinearHead(torch.eye(d))  # ProLIP's training with the embeddings as features and W0 = I
+        result = train_projector(embeddings, y, identity, t, config)
+        delta, losses = result.weight - identity.weight, result.losses
         model_name, pretrained = source or ("", "")
         fingerprint = fingerprint if model_name else None
         self._state = LinearAdapterState(
@@ -225,7 +223,7 @@ class RegularizedLinearAdapter(Estimator):
     def logits_from_embeddings(self, embeddings: torch.Tensor | np.ndarray) -> torch.Tensor:
         """Class logits s · normalize(f A) · Tᵀ, ``[n, K]`` (CPU float32)."""
         state = self._fitted()
-        return logits(self._plain(embeddings), state.adapter_matrix(), None, state.classifier, state.logit_scale)
+        return LinearHead(state.adapter_matrix()).logits(self._plain(embeddings), state.classifier, state.logit_scale)
 
     def predict_proba(self, embeddings: torch.Tensor | np.ndarray) -> np.ndarray:
         """Class probabilities ``(n, K)``; columns follow ``classes_``."""
@@ -323,7 +321,7 @@ def model_embeddings(extractor: ProLIPAdapter, images: Sequence[ImageLike], view
     projector = backbone.projector
     views = (features[v].to(backbone.device, torch.float32) for v in range(features.shape[0]))
     with torch.inference_mode():
-        return torch.stack([projector.embed(*split_features(x, projector.in_features)).cpu() for x in views])
+        return torch.stack([projector.head.project(x).cpu() for x in views])
 
 
 class ModelRLA:

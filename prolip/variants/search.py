@@ -6,19 +6,21 @@ estimator and the delta file.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from prolip.adapter import ProLIPAdapter
-from prolip.features.cache import CachedFeatures
+from prolip.errors import InputError
+from prolip.features.cache import CachedFeatures, check_features
 from prolip.features.dataset_objects import labelled
 from prolip.features.images import kept
-from prolip.training.fit import fit_projector
+from prolip.training.fit import fitted_state, prepare
 from prolip.training.fitted import FittedState
-from prolip.training.labels import check_lengths, label_list
-from prolip.training.search import PAPER_LAMBDAS, PAPER_LRS, check_grid
+from prolip.training.labels import check_lengths, label_indices, label_list
+from prolip.training.search import PAPER_LAMBDAS, PAPER_LRS, check_grid, search_projector
 
 
 def adapter_from_state(template: ProLIPAdapter, state: FittedState, **changes: Any) -> ProLIPAdapter:
@@ -95,14 +97,26 @@ class ProLIPSearch:
         """Search on features from ``adapter.extract_features`` (training views; validation ``views=0``); returns self."""
         lrs, reg_lambdas = check_grid(self.lrs, self.reg_lambdas)
         adapter = self.adapter
-        state = fit_projector(
-            adapter.backbone, features, labels, class_names, adapter.get_params(),
-            validation=(val_features, val_labels, lrs, reg_lambdas),
+        params, backbone = adapter.get_params(), adapter.backbone
+        alpha = params["taskres_alpha"]
+        if params["target"] != "image" or alpha is not None:
+            chosen = f"target={params['target']!r}" if alpha is None else f"taskres_alpha={alpha!r}"
+            raise InputError(f"the validation search trains the image projector alone, not with {chosen}.")
+        task = prepare(backbone, features, labels, class_names, params)
+        classifier = backbone.classifier(task.class_names, task.templates)
+        val_features = check_features(val_features, backbone.projector.feature_width, "val_features")
+        val_y = label_indices(val_labels, task.classes, "val_labels")
+        found = search_projector(
+            task.features, task.labels, val_features, val_y, backbone.projector.head, classifier, task.config,
+            lrs, reg_lambdas,
         )  # fmt: skip
-        chosen = {"lr": state.selection["lr"], "reg_lambda": state.selection["reg_lambda"]}
-        self.best_estimator_ = adapter_from_state(adapter, state, **chosen)
-        self.best_params_ = {"lr": state.selection["lr"], "reg_lambda": state.selection["reg_lambda"]}
-        self.cv_results_ = dict(state.selection)
+        self.best_params_ = {"lr": found.lr, "reg_lambda": found.reg_lambda}
+        task = dataclasses.replace(task, config=task.config.at(found.lr, found.reg_lambda))
+        state = fitted_state(
+            backbone, task, found.result, classifier, {**params, **self.best_params_}, selection=found.as_dict()
+        )
+        self.best_estimator_ = adapter_from_state(adapter, state, **self.best_params_)
+        self.cv_results_ = found.as_dict()
         return self
 
     def predict(self, images: Sequence[Any]) -> Any:

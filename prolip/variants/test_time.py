@@ -19,6 +19,7 @@ from prolip.features.cache import CachedFeatures, check_features
 from prolip.features.extract import extract_features
 from prolip.features.images import ImageLike, load_for_model, report_skipped
 from prolip.model.backbone import Backbone
+from prolip.model.head import LinearHead
 from prolip.model.zeroshot import check_templates
 from prolip.params import CONSTRAINTS, check_params
 from prolip.training.test_time import TestTimeSettings, tta_logits
@@ -164,11 +165,9 @@ class TestTimeProLIP:
         """Class logits ``[n, K]`` (CPU, fp32) of views ``[V, n, width]`` (view 0 plain), from :meth:`extract_features`."""
         projector = self.backbone.projector
         features = check_features(features, projector.feature_width)
-        bias = None if projector.bias is None else projector.bias.float()
+        head = LinearHead(self.weight, None if projector.bias is None else projector.bias.float())
         classifier = self.classifier.to(self.backbone.device)
-        return tta_logits(
-            features, self.weight, bias, classifier, self.logit_scale, self.settings, chunk_size=self.chunk_size
-        )
+        return tta_logits(features, head, classifier, self.logit_scale, self.settings, chunk_size=self.chunk_size)
 
     def predict_proba_features(self, features: torch.Tensor | CachedFeatures) -> np.ndarray:
         """Class probabilities ``(n, K)`` from view features; columns follow ``classes_``."""

@@ -28,7 +28,8 @@ from prolip.bench.method_tools import (
     warmup_cosine_lr,
 )
 from prolip.bench.methods.base import FittedMethod, Method, register
-from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem
+from prolip.bench.problem import Classes, FeatureSet, Problem
+from prolip.model.head import LinearHead
 
 AUGMENT_VIEWS = 20
 """Augmented views of each training image in the training pool (the original's ``epochs_aumentation``)."""
@@ -39,7 +40,7 @@ class PrototypeModel(FittedMethod):
 
     def __init__(self, problem: Problem, prototypes: torch.Tensor, method: str) -> None:
         super().__init__()
-        self.head: ImageHead = problem.image_head
+        self.head: LinearHead = problem.image_head
         self.names, self.logit_scale, self.method = list(problem.classes.names), problem.logit_scale, method
         self.prototypes = F.normalize(prototypes.detach(), dim=-1)
 

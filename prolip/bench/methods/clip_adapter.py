@@ -27,7 +27,8 @@ from prolip.bench.method_tools import (
     warmup_cosine_lr,
 )
 from prolip.bench.methods.base import FittedMethod, Method, register
-from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem
+from prolip.bench.problem import Classes, FeatureSet, Problem
+from prolip.model.head import LinearHead
 
 RATIOS = (0.2, 0.4, 0.6, 0.8)
 """Residual ratios ρ tried; on a validation tie the smallest (closest to zero-shot) wins."""
@@ -51,7 +52,9 @@ def adapt(features: torch.Tensor, down: torch.Tensor, up: torch.Tensor, ratio: t
 
 
 class _AdapterModel(FittedMethod):
-    def __init__(self, head: ImageHead, down: torch.Tensor, up: torch.Tensor, ratio: float, logit_scale: float) -> None:
+    def __init__(
+        self, head: LinearHead, down: torch.Tensor, up: torch.Tensor, ratio: float, logit_scale: float
+    ) -> None:
         super().__init__()
         self.head, self.down, self.up, self.logit_scale = head, down[None], up[None], logit_scale
         self.ratio = torch.tensor([ratio])
@@ -87,7 +90,7 @@ class ClipAdapter(Method):
             check_val(problem.val, self.name, "ratio")
         head, train, classifier, s = problem.image_head, problem.train, problem.classes.classifier, problem.logit_scale
         epochs = coop_epochs(problem.shots) if self.epochs is None else self.epochs
-        down, up = _initial_weights(head.w0.shape[1], len(ratios), problem.generator())
+        down, up = _initial_weights(head.out_features, len(ratios), problem.generator())
         ratio = torch.tensor(ratios)
         optimizer = torch.optim.SGD([down, up], lr=self.lr, momentum=0.9, weight_decay=5e-4, fused=True)
         generator = problem.generator(1)

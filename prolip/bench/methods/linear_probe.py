@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from prolip.bench.method_tools import accuracy, check_classes, check_val, plain_embeddings
 from prolip.bench.methods.base import FittedMethod, Method, register
-from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem
+from prolip.bench.problem import Classes, FeatureSet, Problem
+from prolip.model.head import LinearHead
 
 C_START = (1e6, 1e4, 1e2, 1.0, 1e-2, 1e-4, 1e-6)
 """The first C values tried (CoOp's order: on a tie the first, i.e. the weakest penalty, wins)."""
@@ -74,7 +75,7 @@ def search_c(score: Callable[[float], float]) -> float:
 
 
 class _LinearModel(FittedMethod):
-    def __init__(self, head: ImageHead, names: list[str], weight: torch.Tensor, bias: torch.Tensor) -> None:
+    def __init__(self, head: LinearHead, names: list[str], weight: torch.Tensor, bias: torch.Tensor) -> None:
         super().__init__()
         self.head, self.names, self.weight, self.bias = head, names, weight, bias
 

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from prolip.bench.method_tools import check_classes, embed_view, plain_embeddings
 from prolip.bench.methods.base import FittedMethod, Method, register
-from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem
+from prolip.bench.problem import Classes, FeatureSet, Problem
+from prolip.model.head import LinearHead
 
 ALPHA_EVERY = 10
 """Epochs between two updates of the blending weights."""
@@ -32,7 +33,7 @@ MOMENTUM = 0.9
 
 class _LPPlusPlusModel(FittedMethod):
     def __init__(
-        self, head: ImageHead, classes: Classes, weight: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor
+        self, head: LinearHead, classes: Classes, weight: torch.Tensor, bias: torch.Tensor, alpha: torch.Tensor
     ) -> None:
         super().__init__()
         self.head, self.names, self.classifier = head, list(classes.names), classes.classifier

@@ -1,6 +1,6 @@
 """``prolip``: ProLIP validation-free — λ = 1/N, a fixed learning rate, the paper's 300 steps.
 
-The projector W (from W0) trained by :func:`prolip.training.loop.train_projector` on the problem's
+The projector W (from W0) trained by :func:`prolip.training.engine.train_projector` on the problem's
 augmented views; scores ``s · normalize(x W + b + r) · Tᵀ`` with any classes' T, so it transfers
 to classes it was not trained on (base-to-new, cross-dataset, domain generalisation).
 """
@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import torch
 
-from prolip.bench.adapted import PROLIP_LR, prolip_weight, reg_lambda_of
+from prolip.bench.adapted import PROLIP_LR, prolip_weight, train_config
 from prolip.bench.methods.base import FittedMethod, Method, register
-from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem
-from prolip.training.loop import logits
+from prolip.bench.problem import Classes, FeatureSet, Problem
+from prolip.model.head import LinearHead
 
 
 class AdaptedProjector(FittedMethod):
     """A trained projector W ``[d_in, d_out]`` in place of W0: ProLIP's scores for any classes."""
 
-    def __init__(self, head: ImageHead, weight: torch.Tensor, logit_scale: float) -> None:
+    def __init__(self, head: LinearHead, weight: torch.Tensor, logit_scale: float) -> None:
         super().__init__()
         self.head, self.weight, self.logit_scale = head, weight, logit_scale
 
     def logits(self, test: FeatureSet, classes: Classes) -> torch.Tensor:
-        return logits(test.features[0], self.weight, self.head.bias, classes.classifier, self.logit_scale)
+        return self.head.logits(test.features[0], classes.classifier, self.logit_scale, self.weight)
 
 
 @register
@@ -42,12 +42,12 @@ class ProLIP(Method):
         self.lr, self.reg_lambda, self.train_dtype = lr, reg_lambda, train_dtype
 
     def fit(self, problem: Problem) -> FittedMethod:
-        reg_lambda = reg_lambda_of(problem, self.reg_lambda)
         head = problem.image_head
-        weight = prolip_weight(problem, self.lr, reg_lambda, self.train_dtype)
+        config = train_config(problem, self.lr, self.reg_lambda, self.train_dtype)
+        weight = prolip_weight(problem, config)
         fitted = AdaptedProjector(head, weight, problem.logit_scale)
         # W0 as the training stored it: fp16 rounds it first, and updates below half a step are lost.
-        start = head.w0.half().to(head.w0) if self.train_dtype == "fp16" else head.w0
+        start = head.weight.half().float() if self.train_dtype == "fp16" else head.weight
         unchanged = float((weight == start).float().mean())
-        fitted.info = {"lr": self.lr, "reg_lambda": reg_lambda, "w_unchanged": unchanged}
+        fitted.info = {"lr": self.lr, "reg_lambda": config.reg_lambda, "w_unchanged": unchanged}
         return fitted

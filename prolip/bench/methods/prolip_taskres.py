@@ -7,31 +7,53 @@ residual per class, from zero::
     minimise over W, R:  CE(s · f̂_W · normalize(t + α R)ᵀ, y) + λ ‖W − W0‖²_F     (λ = 1/N, α = 0.5)
 
 No penalty on R (TaskRes has none but the optimiser's weight decay, and ProLIP's public code adds
-none). Trained by ProLIP's recipe (:func:`~prolip.bench.adapted.train_jointly`): ``problem.epochs``
-full-batch steps on view t mod V, Adam (eps 1e-4), cosine schedule, one learning rate for both.
+none): the library's ProLIP + TaskRes (``ProLIPAdapter(taskres_alpha=...)``), trained by the one engine
+(:func:`prolip.training.engine.train_projector` with a :class:`~prolip.training.sides.ClassifierResidual`):
+``problem.epochs`` full-batch steps on view t mod V, Adam (eps 1e-4), cosine schedule, one learning rate for both.
 
 ``form="prolip-code"`` is the objective of ProLIP's public code (``methods/ProLIP_TaskRes.py``)
-instead: the residual scores the *frozen* embedding and T is not renormalised::
+instead: the residual scores the *frozen* embedding and T is not renormalised (a score term of the engine)::
 
     CE(s · f̂_W · Tᵀ + α · s · f̂_W0 · Rᵀ, y) + λ ‖W − W0‖²_F                       (α = 0.1, lr 1e-4)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from prolip.bench.adapted import PROLIP_LR, adapted_problem, reg_lambda_of, train_jointly
+from prolip.bench.adapted import PROLIP_LR, adapted_problem, train_config
 from prolip.bench.method_tools import check_classes, plain_embeddings, text_prototypes
 from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.methods.clap import PrototypeModel
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.errors import InputError
+from prolip.model.head import LinearHead
+from prolip.training.engine import train_projector
+from prolip.training.sides import ClassifierResidual
 
 FORMS = {"taskres": {"alpha": 0.5, "lr": PROLIP_LR}, "prolip-code": {"alpha": 0.1, "lr": 1e-4}}
 """Each objective's default α and learning rate (TaskRes's α with ProLIP's lr; the public code's config)."""
+
+
+@dataclass(frozen=True)
+class _FrozenResidualTerm:
+    """The public code's residual term ``α · s · f̂_W0 · Rᵀ`` (a score term of the engine: R trains, W0 is frozen)."""
+
+    head: LinearHead
+    start: torch.Tensor
+    alpha: float
+    logit_scale: float
+
+    def scores(self, rows: torch.Tensor, weight: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        return self.alpha * self.logit_scale * self.head.embed(rows) @ param.t()
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> _FrozenResidualTerm:
+        return _FrozenResidualTerm(
+            self.head.frozen(device, dtype), self.start.to(device, dtype), self.alpha, self.logit_scale
+        )
 
 
 class _FrozenResidual(FittedMethod):
@@ -81,29 +103,17 @@ class ProLIPTaskRes(Method):
         self.lr = FORMS[form]["lr"] if lr is None else lr
 
     def fit(self, problem: Problem) -> FittedMethod:
-        head, s, alpha = problem.image_head, problem.logit_scale, self.alpha
+        head, train, alpha = problem.image_head, problem.train, self.alpha
+        config = train_config(problem, self.lr, self.reg_lambda, self.train_dtype)
         classifier = problem.classes.classifier
-        base = text_prototypes(problem.classes) if self.form == "taskres" else classifier
-        residual = torch.zeros_like(base, requires_grad=True)
-
-        def scores(weight: torch.Tensor, x: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
-            adapted = F.normalize(head.embed(x, r, weight), dim=-1)
-            if self.form == "taskres":
-                return s * adapted @ F.normalize(base + alpha * residual, dim=-1).t()
-            frozen = F.normalize(head.embed(x, r), dim=-1)
-            return s * adapted @ classifier.t() + alpha * s * frozen @ residual.t()
-
-        weight = train_jointly(
-            problem, [residual], scores, lr=self.lr, reg_lambda=self.reg_lambda, train_dtype=self.train_dtype
-        )
         if self.form == "taskres":
-            fitted = PrototypeModel(adapted_problem(problem, weight), base + alpha * residual.detach(), self.name)
+            base = text_prototypes(problem.classes)
+            result = train_projector(train.features, train.labels, head, ClassifierResidual(base, alpha), config)
+            residual = result.classifier_weight
+            fitted = PrototypeModel(adapted_problem(problem, result.weight), base + alpha * residual, self.name)
         else:
-            fitted = _FrozenResidual(problem, weight, residual, alpha)
-        fitted.info = {
-            "form": self.form,
-            "alpha": alpha,
-            "lr": self.lr,
-            "reg_lambda": reg_lambda_of(problem, self.reg_lambda),
-        }
+            term = _FrozenResidualTerm(head, torch.zeros_like(classifier), alpha, problem.logit_scale)
+            result = train_projector(train.features, train.labels, head, classifier, config, extra=term)
+            fitted = _FrozenResidual(problem, result.weight, result.extra, alpha)
+        fitted.info = {"form": self.form, "alpha": alpha, "lr": self.lr, "reg_lambda": config.reg_lambda}
         return fitted

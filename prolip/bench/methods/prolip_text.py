@@ -4,7 +4,7 @@ The classifier is rebuilt at every step from the fixed pre-projection text featu
 (class, template) prompt, T = normalize(mean_m normalize(P W_t)), and W_t is trained with
 CE(s · normalize(x W0 + b) · Tᵀ, y) + λ‖W_t − W_t0‖²_F, λ = 1/N, Adam (lr 1e-3, eps 1e-4), cosine
 schedule, ``problem.epochs`` full-batch steps on the augmented views
-(:func:`prolip.training.loop.train_projector` with a text side, as ``ProLIPAdapter(target="text")`` trains).
+(:func:`prolip.training.engine.train_projector` with a text side, as ``ProLIPAdapter(target="text")`` trains).
 Validation-free. W_t is shared by all classes, so any classes with their own text features are
 scored with T built from them and the trained W_t.
 """
@@ -12,17 +12,17 @@ scored with T built from them and the trained W_t.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from prolip.bench.adapted import reg_lambda_of
-from prolip.bench.method_tools import embed_view
+from prolip.bench.adapted import train_config
 from prolip.bench.methods.base import FittedMethod, Method, register
-from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem, TextHead
+from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.errors import InputError
-from prolip.training.loop import TextSide, train_projector
+from prolip.model.head import LinearHead
+from prolip.training.engine import train_projector
+from prolip.training.sides import TextSide
 
 
-def text_head(classes: Classes) -> TextHead:
+def text_side(classes: Classes) -> TextSide:
     """The classes' pre-projection text features and projection, or InputError where the bench has none."""
     if classes.text is None:
         raise InputError(
@@ -33,13 +33,12 @@ def text_head(classes: Classes) -> TextHead:
 
 
 class _TextAdapted(FittedMethod):
-    def __init__(self, head: ImageHead, text_weight: torch.Tensor, logit_scale: float) -> None:
+    def __init__(self, head: LinearHead, text_weight: torch.Tensor, logit_scale: float) -> None:
         super().__init__()
         self.head, self.text_weight, self.logit_scale = head, text_weight, logit_scale
 
     def logits(self, test: FeatureSet, classes: Classes) -> torch.Tensor:
-        t = text_head(classes).classifier(self.text_weight)
-        return self.logit_scale * F.normalize(embed_view(self.head, test, 0), dim=-1) @ t.t()
+        return self.head.logits(test.features[0], text_side(classes).classifier(self.text_weight), self.logit_scale)
 
 
 @register
@@ -58,28 +57,13 @@ class ProLIPText(Method):
         self.lr, self.reg_lambda, self.train_dtype = lr, reg_lambda, train_dtype
 
     def fit(self, problem: Problem) -> FittedMethod:
-        head, text = problem.image_head, text_head(problem.classes)
-        reg_lambda = reg_lambda_of(problem, self.reg_lambda)
-        result = train_projector(
-            problem.train.features,
-            problem.train.labels,
-            None,
-            head.w0,
-            head.bias,
-            side=TextSide(text.features, text.w0),
-            train_image=False,
-            logit_scale=problem.logit_scale,
-            lr=self.lr,
-            reg_lambda=reg_lambda,
-            epochs=problem.epochs,
-            device=head.w0.device,
-            verbose=False,
-            train_dtype=self.train_dtype,
-        )
-        fitted = _TextAdapted(head, result.classifier_weight.to(head.w0.device), problem.logit_scale)
+        head, side, train = problem.image_head, text_side(problem.classes), problem.train
+        config = train_config(problem, self.lr, self.reg_lambda, self.train_dtype)
+        result = train_projector(train.features, train.labels, head, side, config, train_image=False)
+        fitted = _TextAdapted(head, result.classifier_weight, problem.logit_scale)
         fitted.info = {
             "lr": self.lr,
-            "reg_lambda": reg_lambda,
-            "text_delta_norm": float((result.classifier_weight - text.w0.cpu()).norm()),
+            "reg_lambda": config.reg_lambda,
+            "text_delta_norm": float((result.classifier_weight - side.start).norm()),
         }
         return fitted

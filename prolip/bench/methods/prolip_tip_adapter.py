@@ -8,7 +8,8 @@ image, K′ the adapted training embeddings (mean of 10 augmented views, normali
 Tip-Adapter-F does (W fixed). With α = 0 the scores are ProLIP's exactly.
 
 ``keys="joint"`` is the recipe of ProLIP's public code instead (``methods/ProLIP_Tip.py``): W and
-Tip-Adapter-F's keys trained together by ProLIP's schedule (AdamW, eps 1e-4, weight decay 0.01,
+Tip-Adapter-F's keys trained together by the engine (the cache a score term, :class:`_CacheTerm`), on ProLIP's
+schedule (AdamW, eps 1e-4, weight decay 0.01,
 cosine, ``problem.epochs`` full-batch steps, lr 1e-4) with CE + λ‖W − W0‖²; the keys are frozen-W0
 embeddings of one augmented view, the affinity uses the frozen embedding f̂₀ of the image:
 ``s · f̂_W·Tᵀ + α · exp(−β (1 − f̂₀·Kᵀ)) · L``, α = β = 1 fixed (no validation).
@@ -21,12 +22,13 @@ built once from W0 before training and then trained as Tip-Adapter-F's adapter w
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from prolip.bench.adapted import PROLIP_LR, adapted_problem, prolip_weight, reg_lambda_of, train_jointly
+from prolip.bench.adapted import PROLIP_LR, adapted_problem, prolip_weight, train_config
 from prolip.bench.cache_model import cache_keys
 from prolip.bench.method_tools import check_classes, plain_embeddings
 from prolip.bench.methods.base import FittedMethod, Method, register
@@ -34,6 +36,8 @@ from prolip.bench.methods.tip_adapter import TipAdapter
 from prolip.bench.methods.tip_adapter_f import TipAdapterF
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.errors import InputError
+from prolip.model.head import LinearHead
+from prolip.training.engine import train_projector
 from prolip.training.tip_cache import cache_scores
 
 KEYS = ("cache", "trained", "joint", "official")
@@ -111,26 +115,48 @@ class ProLIPTipAdapter(Method):
         if self.keys in JOINT_KEYS:
             fitted = self._fit_joint(problem, official=self.keys == "official")
         else:
-            adapted = adapted_problem(problem, prolip_weight(problem, self.lr, train_dtype=self.train_dtype))
+            config = train_config(problem, self.lr, train_dtype=self.train_dtype)
+            adapted = adapted_problem(problem, prolip_weight(problem, config))
             tip = TipAdapter(self.alpha, self.beta) if self.keys == "cache" else TipAdapterF()
             fitted = tip.fit(adapted)
             fitted.method = self.name  # named in its errors as this method, not the baseline it runs
-        fitted.info.update(keys=self.keys, lr=self.lr, reg_lambda=reg_lambda_of(problem, None))
+        fitted.info.update(keys=self.keys, lr=self.lr, reg_lambda=train_config(problem).reg_lambda)
         return fitted
 
     def _fit_joint(self, problem: Problem, official: bool, alpha: float = 1.0, beta: float = 1.0) -> FittedMethod:
-        head, classes, s = problem.image_head, problem.classes, problem.logit_scale
-        keys = cache_keys(head, problem.train, views=1).requires_grad_(True)
-        labels = problem.train.labels
+        head, train = problem.image_head, problem.train
+        keys = cache_keys(head, train, views=1)
+        term = _CacheTerm(head, keys, train.labels, len(problem.classes), alpha, beta, official)
+        config = train_config(problem, self.lr, train_dtype=self.train_dtype, optimizer="adamw")
+        result = train_projector(train.features, train.labels, head, problem.classes.classifier, config, extra=term)
+        return _JointCache(problem, result.weight, result.extra, alpha, beta, official)
 
-        def scores(weight: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-            with torch.no_grad():  # the official code's "frozen" projection is the trained W itself
-                frozen = F.normalize(head.embed(x, residual, weight if official else None), dim=-1)
-            adapted = F.normalize(head.embed(x, residual, weight), dim=-1)
-            cache = cache_scores(frozen @ keys.t(), labels, len(classes), beta)
-            return s * adapted @ classes.classifier.t() + alpha * cache
 
-        weight = train_jointly(
-            problem, [keys], scores, lr=self.lr, optimizer=torch.optim.AdamW, train_dtype=self.train_dtype
+@dataclass(frozen=True)
+class _CacheTerm:
+    """The cache's scores ``α · exp(−β (1 − f̂·Kᵀ)) · L`` as a score term of the engine: the keys K train beside W.
+
+    f̂ is the frozen embedding (W0: "joint") or, as the public code computes it, the current W's without a
+    gradient through it ("official").
+    """
+
+    head: LinearHead
+    start: torch.Tensor
+    labels: torch.Tensor
+    classes: int
+    alpha: float
+    beta: float
+    official: bool
+
+    def scores(self, rows: torch.Tensor, weight: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # the official code's "frozen" projection is the trained W itself
+            frozen = self.head.embed(rows, weight if self.official else None)
+        return self.alpha * cache_scores(frozen @ param.t(), self.labels, self.classes, self.beta)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> _CacheTerm:
+        return dataclasses.replace(
+            self,
+            head=self.head.frozen(device, dtype),
+            start=self.start.to(device, dtype),
+            labels=self.labels.to(device),
         )
-        return _JointCache(problem, weight, keys, alpha, beta, official)

@@ -6,6 +6,7 @@ with the best accuracy on ``problem.val`` (never the test set), ties as :mod:`pr
 
 from __future__ import annotations
 
+from prolip.bench.adapted import train_config
 from prolip.bench.method_tools import check_val
 from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.methods.prolip import AdaptedProjector
@@ -35,11 +36,10 @@ class ProLIPVal(Method):
     def fit(self, problem: Problem) -> FittedMethod:
         head = problem.image_head
         check_val(problem.val, self.name, "lrs and reg_lambdas (use the method prolip)")
+        config = train_config(problem, train_dtype=self.train_dtype)
         found = search_projector(
-            problem.train.features, problem.train.labels, problem.val.features, problem.val.labels,
-            problem.classes.classifier, head.w0, head.bias, logit_scale=problem.logit_scale, epochs=problem.epochs,
-            device=problem.device, lrs=self.lrs, reg_lambdas=self.reg_lambdas, verbose=False,
-            train_dtype=self.train_dtype,
+            problem.train.features, problem.train.labels, problem.val.features, problem.val.labels, head,
+            problem.classes.classifier, config, self.lrs, self.reg_lambdas,
         )  # fmt: skip
         fitted = AdaptedProjector(head, found.result.weight, problem.logit_scale)
         fitted.info = found.as_dict()

@@ -3,7 +3,7 @@
 A square A on the frozen image embeddings f, initialised at the identity: CE(s · normalize(f A) · Tᵀ, y)
 + λ‖A − I‖²_F with λ = 1/N, Adam (lr 1e-3, eps 1e-4) for ``problem.epochs`` full-batch steps under a
 cosine schedule, step t on view t mod V. That is ProLIP's training with the embeddings as features
-and W0 = I, so it runs :func:`prolip.training.loop.train_projector` (the estimator is
+and W0 = I, so it runs :func:`prolip.training.engine.train_projector` (the estimator is
 :class:`prolip.variants.rla.RegularizedLinearAdapter`). Validation-free; A acts on the image side only, so
 it scores any classes with their own text classifier.
 """
@@ -11,13 +11,13 @@ it scores any classes with their own text classifier.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from prolip.bench.adapted import reg_lambda_of
+from prolip.bench.adapted import train_config
 from prolip.bench.method_tools import embed_view
 from prolip.bench.methods.base import FittedMethod, Method, register
-from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem
-from prolip.training.loop import train_projector
+from prolip.bench.problem import Classes, FeatureSet, Problem
+from prolip.model.head import LinearHead
+from prolip.training.engine import train_projector
 
 
 class EmbeddedViews:
@@ -27,26 +27,25 @@ class EmbeddedViews:
     ``[V, n, d_out]`` embeddings are never held at once.
     """
 
-    def __init__(self, head: ImageHead, features: FeatureSet) -> None:
+    def __init__(self, head: LinearHead, features: FeatureSet) -> None:
         self.head, self.features = head, features
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(V, n, d_out)``."""
-        return (self.features.n_views, int(self.features.labels.numel()), int(self.head.w0.shape[1]))
+        return (self.features.n_views, int(self.features.labels.numel()), self.head.out_features)
 
     def __getitem__(self, view: int) -> torch.Tensor:
         return embed_view(self.head, self.features, view)
 
 
 class _Adapted(FittedMethod):
-    def __init__(self, head: ImageHead, adapter: torch.Tensor, logit_scale: float) -> None:
+    def __init__(self, head: LinearHead, adapter: torch.Tensor, logit_scale: float) -> None:
         super().__init__()
-        self.head, self.adapter, self.logit_scale = head, adapter, logit_scale
+        self.head, self.adapter, self.logit_scale = head, LinearHead(adapter), logit_scale
 
     def logits(self, test: FeatureSet, classes: Classes) -> torch.Tensor:
-        f = embed_view(self.head, test, 0) @ self.adapter
-        return self.logit_scale * F.normalize(f, dim=-1) @ classes.classifier.t()
+        return self.adapter.logits(embed_view(self.head, test, 0), classes.classifier, self.logit_scale)
 
 
 @register
@@ -66,26 +65,14 @@ class RLA(Method):
 
     def fit(self, problem: Problem) -> FittedMethod:
         head = problem.image_head
-        d = head.w0.shape[1]
-        reg_lambda = reg_lambda_of(problem, self.reg_lambda)
-        result = train_projector(
-            EmbeddedViews(head, problem.train),
-            problem.train.labels,
-            problem.classes.classifier,
-            torch.eye(d, device=head.w0.device),
-            None,
-            logit_scale=problem.logit_scale,
-            lr=self.lr,
-            reg_lambda=reg_lambda,
-            epochs=problem.epochs,
-            device=head.w0.device,
-            verbose=False,
-            train_dtype=self.train_dtype,
-        )
-        fitted = _Adapted(head, result.weight.to(head.w0.device), problem.logit_scale)
+        identity = LinearHead(torch.eye(head.out_features))
+        config = train_config(problem, self.lr, self.reg_lambda, self.train_dtype)
+        views = EmbeddedViews(head, problem.train)
+        result = train_projector(views, problem.train.labels, identity, problem.classes.classifier, config)
+        fitted = _Adapted(head, result.weight, problem.logit_scale)
         fitted.info = {
             "lr": self.lr,
-            "reg_lambda": reg_lambda,
-            "delta_norm": float((result.weight - torch.eye(d)).norm()),
+            "reg_lambda": config.reg_lambda,
+            "delta_norm": float((result.weight - identity.weight).norm()),
         }
         return fitted

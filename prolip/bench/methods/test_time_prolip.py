@@ -13,10 +13,11 @@ from typing import ClassVar
 
 import torch
 
-from prolip.bench.adapted import PROLIP_LR, prolip_weight
+from prolip.bench.adapted import PROLIP_LR, prolip_weight, train_config
 from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.errors import InputError
+from prolip.model.head import LinearHead
 from prolip.training.test_time import TestTimeSettings, tta_logits
 
 STARTS = ("zero-shot", "prolip")
@@ -25,11 +26,11 @@ STARTS = ("zero-shot", "prolip")
 class _TestTime(FittedMethod):
     def __init__(self, weight: torch.Tensor, problem: Problem, settings: TestTimeSettings) -> None:
         super().__init__()
-        self.weight, self.bias, self.logit_scale = weight, problem.image_head.bias, problem.logit_scale
+        self.head, self.logit_scale = LinearHead(weight, problem.image_head.bias), problem.logit_scale
         self.settings = settings
 
     def logits(self, test: FeatureSet, classes: Classes) -> torch.Tensor:
-        return tta_logits(test.features, self.weight, self.bias, classes.classifier, self.logit_scale, self.settings)
+        return tta_logits(test.features, self.head, classes.classifier, self.logit_scale, self.settings)
 
 
 @register
@@ -67,8 +68,8 @@ class ProLIPTestTime(Method):
         )
 
     def fit(self, problem: Problem) -> FittedMethod:
-        w0 = problem.image_head.w0
-        weight = prolip_weight(problem, self.prolip_lr) if self.start == "prolip" else w0
+        w0 = problem.image_head.weight
+        weight = prolip_weight(problem, train_config(problem, self.prolip_lr)) if self.start == "prolip" else w0
         fitted = _TestTime(weight, problem, self.settings)
         fitted.info = {"start": self.start}
         return fitted

@@ -14,8 +14,9 @@ import torch
 from prolip.bench.cache_model import cache_keys
 from prolip.bench.method_tools import check_classes, check_val, plain_embeddings
 from prolip.bench.methods.base import FittedMethod, Method, register
-from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem
+from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.errors import InputError
+from prolip.model.head import LinearHead
 from prolip.training.tip_cache import search_alpha_beta, tip_logits
 
 _CHUNK = 4096  # test images scored at once: the affinity matrix is [chunk, cache size]
@@ -26,7 +27,7 @@ class CacheModel(FittedMethod):
 
     def __init__(self, problem: Problem, keys: torch.Tensor, alpha: float, beta: float, method: str) -> None:
         super().__init__()
-        self.head: ImageHead = problem.image_head
+        self.head: LinearHead = problem.image_head
         self.names = list(problem.classes.names)
         self.classifier = problem.classes.classifier
         self.keys = keys.detach()

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from prolip.bench.methods.base import FittedMethod, Method, register
-from prolip.bench.problem import Classes, FeatureSet, ImageHead, Problem
+from prolip.bench.problem import Classes, FeatureSet, Problem
+from prolip.model.head import LinearHead
 
 
 class _ZeroShot(FittedMethod):
-    def __init__(self, head: ImageHead, logit_scale: float) -> None:
+    def __init__(self, head: LinearHead, logit_scale: float) -> None:
         super().__init__()
         self.head, self.logit_scale = head, logit_scale
 
     def logits(self, test: FeatureSet, classes: Classes) -> torch.Tensor:
-        x, residual = test.view(0)
-        return self.logit_scale * F.normalize(self.head.embed(x, residual), dim=-1) @ classes.classifier.t()
+        return self.head.logits(test.features[0], classes.classifier, self.logit_scale)
 
 
 @register

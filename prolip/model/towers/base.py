@@ -2,8 +2,8 @@
 
 A tower family knows where its last linear map lives and how to compute that map's input; the
 classes here turn that knowledge into the few operations ProLIP needs (the weight in a fixed
-``[d_in, d_out]`` orientation, the frozen bias, ``x W + b + r``) and check, on a random input, that
-this formula reproduces what open_clip itself computes.
+``[d_in, d_out]`` orientation, the frozen bias: a :class:`~prolip.model.head.LinearHead`) and check, on a
+random input, that ``x W + b + r`` reproduces what open_clip itself computes.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from prolip.errors import InputError, UnsupportedModelError
+from prolip.model.head import LinearHead
 
 # Largest accepted relative error (per row, Euclidean) between open_clip's embedding and x W + b + r.
 # Reduced precision and TF32 kernels may sum in another order than the tower; a wrong layer is off by O(1).
@@ -65,23 +66,10 @@ class LinearMap:
         """Width of the map's output (the image-text embedding space)."""
         return self.to_in_out(self.parameter).shape[1]
 
-    def embed(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None, weight: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``x W + b + r``: the tower's output for pre-projection features ``x [n, d_in]``.
-
-        Args:
-            x: pre-projection features, as returned by ``features``.
-            residual: the matching residual ``[n, d_out]`` (None where the tower has none).
-            weight: a ``[d_in, d_out]`` weight to use instead of W0 (e.g. a trained one).
-        """
-        w = self.to_in_out(self.parameter) if weight is None else weight
-        out = x @ w.to(x)
-        if self.bias is not None:
-            out = out + self.bias.to(out)
-        if residual is not None:
-            out = out + residual.to(out)
-        return out
+    @property
+    def head(self) -> LinearHead:
+        """The map as a :class:`~prolip.model.head.LinearHead` over the model's own tensors (W0 seen ``[d_in, d_out]``, b)."""
+        return LinearHead(self.to_in_out(self.parameter), self.bias)
 
 
 class LinearLayerMap(LinearMap):
@@ -134,7 +122,7 @@ class Projector(LinearMap):
         """One row per image holding x and, beside it, r: ``[..., feature_width]``.
 
         prolip stores, caches and trains on features in this form, so a tower with a residual
-        needs nothing else carried around; :func:`prolip.training.loop.split_features` takes it apart.
+        needs nothing else carried around; :meth:`prolip.model.head.LinearHead.split` takes it apart.
         """
         return x if residual is None else torch.cat([x, residual.to(x.dtype)], dim=-1)
 

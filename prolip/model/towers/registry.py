@@ -92,5 +92,5 @@ def _verify(projector: Projector, model: nn.Module) -> None:
     encode = getattr(model, "encode_image", None)
     with torch.no_grad(), eval_mode(model):
         expected = encode(pixels, normalize=False) if encode is not None else visual(pixels)
-        got = projector.embed(*projector.features(pixels))
+        got = projector.head.project(projector.pack(*projector.features(pixels)))
     check_reproduces(expected, got, param.dtype, what, f"x {projector.key} + bias + residual vs encode_image")

@@ -271,6 +271,6 @@ def find_text_projector(model: nn.Module, *, verify: bool = True) -> TextProject
         tokens = projector.sample_tokens(check_generator()).to(param.device)
         with torch.no_grad(), eval_mode(model):
             expected = model.encode_text(tokens, normalize=False)
-            got = projector.embed(projector.features(tokens))
+            got = projector.head.project(projector.features(tokens))
         check_reproduces(expected, got, param.dtype, what, f"x {projector.key} + bias vs encode_text")
     return projector
