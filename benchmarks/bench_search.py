@@ -1,6 +1,6 @@
 """Few-shot validation's cost: the whole 7 × 7 search ÷ the sum of its 49 trainings on the same features.
 
-The search (:func:`prolip.training.search.search_projector`) trains at every grid point on features
+The search (:func:`prolip.variants.search.search_projector`) trains at every grid point on features
 extracted once and scores each point on the validation draw's features, also extracted once; the
 reference code re-extracts the validation features at every point. The ratio measures everything
 the search adds to its 49 fits (validation scoring, bookkeeping). Timed in one run, interleaved,
@@ -23,7 +23,7 @@ from timing import best_of
 from prolip.errors import TrainingDivergedError, TrainingWarning
 from prolip.model.head import LinearHead
 from prolip.training.engine import TrainConfig, train_projector
-from prolip.training.search import PAPER_LAMBDAS, PAPER_LRS, search_projector
+from prolip.variants.search import PAPER_LAMBDAS, PAPER_LRS, search_projector
 
 D_IN, D_OUT, VIEWS = 768, 512, 4
 

@@ -40,12 +40,12 @@ _PUBLIC: dict[str, str] = {
     "ProLIPAdapter": "prolip.adapter",
     "CachedFeatures": "prolip.features.cache",
     "dataset_images": "prolip.features.dataset_objects",
-    "supported_models": "prolip.model.towers",
+    "supported_models": "prolip.model.towers.survey",
     "from_transformers": "prolip.model.transformers_clip",
     "MultiTaskClassifier": "prolip.variants.multitask",
     "OpenVocabularyClassifier": "prolip.variants.open_vocab",
-    "ProLIPTipAdapter": "prolip.variants.prolip_tip_adapter",
-    "RegularizedLinearAdapter": "prolip.variants.rla",
+    "ProLIPTipAdapter": "prolip.variants.tip_cache",
+    "RegularizedLinearAdapter": "prolip.variants.linear_adapter",
     "ProLIPSearch": "prolip.variants.search",
     "TestTimeProLIP": "prolip.variants.test_time",
     **dict.fromkeys(_ERRORS, "prolip.errors"),
@@ -103,14 +103,14 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     )
     from prolip.features.cache import CachedFeatures
     from prolip.features.dataset_objects import dataset_images
-    from prolip.model.towers import supported_models
+    from prolip.model.towers.survey import supported_models
     from prolip.model.transformers_clip import from_transformers
+    from prolip.variants.linear_adapter import RegularizedLinearAdapter
     from prolip.variants.multitask import MultiTaskClassifier
     from prolip.variants.open_vocab import OpenVocabularyClassifier
-    from prolip.variants.prolip_tip_adapter import ProLIPTipAdapter
-    from prolip.variants.rla import RegularizedLinearAdapter
     from prolip.variants.search import ProLIPSearch
     from prolip.variants.test_time import TestTimeProLIP
+    from prolip.variants.tip_cache import ProLIPTipAdapter
 
 
 def __getattr__(name: str) -> Any:

@@ -23,7 +23,6 @@ from prolip.features.dataset_objects import labelled
 from prolip.features.extract import features_of
 from prolip.features.images import ImageLike, kept, load_for_model, report_skipped
 from prolip.files.delta import read_delta, write_delta
-from prolip.files.export import export_classifier
 from prolip.model.backbone import Backbone, build_backbone
 from prolip.params import check_params, restore_params
 from prolip.training.fit import SAVED_PARAMS, fit_projector
@@ -307,6 +306,8 @@ class ProLIPAdapter(Estimator, FittedAttributes):
 
     def export(self, path: str | os.PathLike, format: str = "onnx") -> tuple[os.PathLike, os.PathLike]:
         """Write a standalone classifier (``onnx`` or ``pt2``) and its JSON; see :func:`prolip.files.export.export_classifier`."""
+        from prolip.files.export import export_classifier  # torch.export and the ONNX exporter: loaded on use
+
         return export_classifier(self._fitted(), self.backbone, path, format)
 
     # ------------------------------------------------------------------ files

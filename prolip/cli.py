@@ -256,8 +256,8 @@ def _load(args: argparse.Namespace):
     """The classifier a file holds: a ProLIPAdapter, a ProLIPTipAdapter, or for a linear adapter a ModelRLA."""
     from prolip.adapter import ProLIPAdapter
     from prolip.files.delta import LINEAR_ADAPTER_KIND, TIP_KIND, read_metadata
-    from prolip.variants.prolip_tip_adapter import ProLIPTipAdapter
-    from prolip.variants.rla import ModelRLA
+    from prolip.variants.linear_adapter import ModelRLA
+    from prolip.variants.tip_cache import ProLIPTipAdapter
 
     loaders = {LINEAR_ADAPTER_KIND: ModelRLA.load, TIP_KIND: ProLIPTipAdapter.load}
     loader = loaders.get(read_metadata(args.delta)["kind"], ProLIPAdapter.load)
@@ -303,11 +303,11 @@ def _fit(args: argparse.Namespace) -> None:
         train_dtype=args.train_dtype,
     )
     if args.variant == "rla":  # the adapter only embeds the images; the linear adapter trains on the embeddings
-        from prolip.variants.rla import ModelRLA
+        from prolip.variants.linear_adapter import ModelRLA
 
         fitted = summary = ModelRLA.fit(adapter, paths, labels).rla
     elif args.variant == "image+tip-adapter":
-        from prolip.variants.prolip_tip_adapter import ProLIPTipAdapter
+        from prolip.variants.tip_cache import ProLIPTipAdapter
 
         val_paths = val_labels = None
         if args.val is not None:
@@ -526,7 +526,7 @@ def _merge(args: argparse.Namespace) -> None:
     from prolip.adapter import ProLIPAdapter
     from prolip.atomic import atomic_write
     from prolip.model.transformers_clip import is_transformers_model
-    from prolip.variants.rla import ModelRLA
+    from prolip.variants.linear_adapter import ModelRLA
 
     adapter = _load(args)
     if isinstance(adapter, ModelRLA):
@@ -571,7 +571,7 @@ def _export(args: argparse.Namespace) -> None:
 def _models(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from prolip.model.towers import survey_models
+    from prolip.model.towers.survey import survey_models
 
     reports = survey_models(verbose=not args.quiet)
     shown = [r for r in reports if args.all or r.status == "supported"]

@@ -11,7 +11,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from prolip.model.towers import FAMILIES, ModelReport, survey_models
+from prolip.model.towers import FAMILIES
+from prolip.model.towers.survey import ModelReport, survey_models
 from prolip.model.towers.transformers_towers import TransformersClipProjector, TransformersSiglipProjector
 
 COMMAND = "HF_HUB_OFFLINE=1 .venv/bin/python scripts/list_models.py"

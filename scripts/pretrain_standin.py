@@ -49,7 +49,7 @@ import open_clip  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from prolip.datasets import FASHION_MNIST_CLASSES, SHIFTS, apply_shift, load_fashion_mnist  # noqa: E402
-from prolip.model.registry import add_to_open_clip  # noqa: E402
+from prolip.model.local_models import add_to_open_clip  # noqa: E402
 from prolip.standin import MODEL_NAME, PRETRAINED_TAG, TEMPLATES, checkpoint_path  # noqa: E402
 
 CROP_SCALE = (0.5, 1.0)

@@ -40,10 +40,16 @@ def test_every_module_sits_in_a_declared_layer():
     assert top - {"prolip.__init__", "prolip.__main__"} == declared
 
 
+def test_no_two_modules_share_a_name():
+    # One concept, one place: a name says what a module holds, so two modules of one name hold two halves of one thing.
+    stems = [p.stem for p in PACKAGE.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+    assert sorted({s for s in stems if stems.count(s) > 1}) == []
+
+
 def test_the_module_table_matches_the_tree():
     # docs/architecture.md lists each module of the wings by its path; sub-packages that hold one
     # module per item (tower families, bench methods, dataset readers) are listed as folders.
-    listed_as_folder = ("bench/", "datasets/", "model/towers/", "standin/")
+    listed_as_folder = ("bench/", "model/towers/", "standin/")
     doc = (ROOT / "docs" / "architecture.md").read_text()
     table = {m for m in re.findall(r"^\| `([\w/]+\.py)` \|", doc, flags=re.M)}
     tree = {

@@ -28,7 +28,7 @@ from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.errors import InputError
 from prolip.model.head import LinearHead
 from prolip.training.sides import TextSide
-from prolip.training.tip_cache import ALPHAS, BETAS, search_alpha_beta
+from prolip.variants.tip_cache import ALPHAS, BETAS, search_alpha_beta
 
 BASELINES = ["linear-probe", "lp++", "clap", "tip-adapter", "tip-adapter-f", "clip-adapter", "taskres"]
 VALIDATION_FREE = ["lp++", "clap", "taskres"]

@@ -19,7 +19,7 @@ from prolip.errors import InputError
 from prolip.files.delta import read_delta
 from prolip.model.head import LinearHead
 from prolip.training.engine import TrainConfig
-from prolip.training.search import PAPER_LAMBDAS, PAPER_LRS, search_projector
+from prolip.variants.search import PAPER_LAMBDAS, PAPER_LRS, search_projector
 
 FAST = {"views": 2, "epochs": 5, "seeds": [1], "verbose": False}
 
@@ -281,7 +281,7 @@ def test_tip_adapter_official_keys_score_with_the_trained_projector(suite, tmp_p
     """keys="official": the cache's affinities use the trained W, as ProLIP_Tip.py's aliased "frozen" projection."""
     from prolip.bench.adapted import adapted_problem
     from prolip.bench.method_tools import plain_embeddings
-    from prolip.training.tip_cache import cache_scores
+    from prolip.variants.tip_cache import cache_scores
 
     seen = {}
     original = METHODS["prolip+tip-adapter"]._fit_joint

@@ -14,7 +14,7 @@ from PIL import Image
 
 from prolip import ProLIPAdapter, standin
 from prolip.files.delta import read_delta
-from prolip.model.registry import add_to_open_clip
+from prolip.model.local_models import add_to_open_clip
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 

@@ -66,7 +66,7 @@ def test_extreme_tip_adapter_weights_are_refused(tip_file, tmp_path, key):
 # ---------------------------------------------------------------------------- linear-adapter (RLA) files
 @pytest.fixture(scope="module")
 def rla_file(checkpoints, tmp_path_factory):
-    from prolip.variants.rla import ModelRLA
+    from prolip.variants.linear_adapter import ModelRLA
 
     path = tmp_path_factory.mktemp("rla") / "rla.safetensors"
     ModelRLA.fit(tiny_adapter(checkpoints["vit"], epochs=3), *colour_images(2)).rla.save(path)
@@ -77,7 +77,7 @@ def test_an_rla_file_records_the_base_fingerprint_and_is_checked_against_it(rla_
     from conftest import TINY_MODELS
 
     from prolip import FingerprintMismatchError
-    from prolip.variants.rla import ModelRLA
+    from prolip.variants.linear_adapter import ModelRLA
 
     assert read_state(rla_file).fingerprint is not None
     loaded = ModelRLA.load(rla_file, trust_file_model=True, device="cpu", verbose=False)
@@ -87,7 +87,7 @@ def test_an_rla_file_records_the_base_fingerprint_and_is_checked_against_it(rla_
 
 
 def test_an_rla_file_naming_a_base_without_weights_is_refused(rla_file, tmp_path):
-    from prolip.variants.rla import ModelRLA
+    from prolip.variants.linear_adapter import ModelRLA
 
     bad = edit_delta(rla_file, tmp_path / "bad.safetensors", meta=lambda m: m.update(pretrained=""))
     with pytest.raises(DeltaFileError, match="without pretrained weights"):
@@ -97,7 +97,7 @@ def test_an_rla_file_naming_a_base_without_weights_is_refused(rla_file, tmp_path
 def test_an_rla_file_of_another_width_is_refused_at_load_naming_both_widths(rla_file, checkpoints):
     from conftest import TINY_MODELS
 
-    from prolip.variants.rla import ModelRLA
+    from prolip.variants.linear_adapter import ModelRLA
 
     assert read_state(rla_file).delta.shape[0] == 24  # test-timm-map-tiny embeds with width 64
     with pytest.raises(DeltaFileError, match=r"adapts embeddings of width 24, but .* with width 64"):

@@ -20,7 +20,7 @@ from prolip.bench.methods.prolip_tip_adapter import ProLIPTipAdapter
 from prolip.bench.methods.tip_adapter_f import TipAdapterF
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.model.head import LinearHead
-from prolip.training.tip_cache import ALPHAS, BETAS
+from prolip.variants.tip_cache import ALPHAS, BETAS
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
 

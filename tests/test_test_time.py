@@ -23,8 +23,7 @@ from prolip.bench.problem import FeatureSet
 from prolip.cli import main
 from prolip.model.backbone import build_backbone
 from prolip.model.head import LinearHead
-from prolip.training.test_time import TestTimeSettings, select_views, tta_logits, view_entropies
-from prolip.variants.test_time import TestTimeProLIP
+from prolip.variants.test_time import TestTimeProLIP, TestTimeSettings, select_views, tta_logits, view_entropies
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from prolip import DeltaFileError, InputError, NotFittedError, ProLIPAdapter, ProLIPTipAdapter
 from prolip.files.delta import CACHE_KEYS_KEY, CACHE_LABELS_KEY, TIP_KIND
-from prolip.training.tip_cache import ALPHAS, BETAS, train_keys
+from prolip.variants.tip_cache import ALPHAS, BETAS, train_keys
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
 

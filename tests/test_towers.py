@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from prolip.errors import InputError, UnsupportedModelError
-from prolip.model.towers import find_projector, find_text_projector, supported_models, survey_models
+from prolip.model.towers import find_projector
 from prolip.model.towers import survey as survey_module
-from prolip.model.towers.survey import build_on_meta, survey_model
+from prolip.model.towers.survey import build_on_meta, supported_models, survey_model, survey_models
+from prolip.model.towers.text import find_text_projector
 
 # tiny config -> (vision family, whether it has a residual, text family)
 TINY = {

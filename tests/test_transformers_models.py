@@ -30,8 +30,9 @@ from prolip.features.images import load_image
 from prolip.features.views import plain_views
 from prolip.model.backbone import build_backbone
 from prolip.model.preprocessing import ViewConfig
-from prolip.model.towers import find_projector, find_text_projector
+from prolip.model.towers import find_projector
 from prolip.model.towers.base import TOLERANCE
+from prolip.model.towers.text import find_text_projector
 from prolip.model.transformers_clip import preprocess_cfg_of
 
 try:

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from prolip.bench.problem import Classes
 from prolip.errors import UnsupportedModelError
 from prolip.model.backbone import Backbone
-from prolip.training.open_vocab import class_classifier
 from prolip.training.sides import TextSide
+from prolip.variants.open_vocab import class_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 def class_set(backbone: Backbone, names: Sequence[str], templates: Sequence[str]) -> Classes:
     """The classes ``names`` under ``templates``: T from open_clip, and the text head when the tower has one.
 
-    T is the library's open-vocabulary classifier (:func:`prolip.training.open_vocab.class_classifier`),
+    T is the library's open-vocabulary classifier (:func:`prolip.variants.open_vocab.class_classifier`),
     so new classes are scored here exactly as ``OpenVocabularyClassifier`` scores them.
 
     The text side (pre-projection features of every (class, template) prompt and the projection)

@@ -88,12 +88,12 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
         seen = set()
         for i, cell in enumerate(data["cells"]):
             fault = _cell_fault(cell)
-            if fault is None and cell_key(cell) in seen:
+            if fault is None and _cell_key(cell) in seen:
                 fault = "is a second copy of an earlier cell"
             if fault is not None:
                 fault = f"cells[{i}] {fault}"
                 break
-            seen.add(cell_key(cell))
+            seen.add(_cell_key(cell))
     if fault is not None:
         raise InputError(
             f"{where!r} is not a valid bench results file: {fault}; move it away or use another --out-dir."
@@ -101,7 +101,7 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def cell_key(cell: Mapping[str, Any]) -> tuple[str, int, int, str]:
+def _cell_key(cell: Mapping[str, Any]) -> tuple[str, int, int, str]:
     """What identifies a cell: training dataset, N, seed, method."""
     return cell["dataset"], int(cell["shots"]), int(cell["seed"]), cell["method"]
 
@@ -159,8 +159,8 @@ def add_cells(
             else:
                 data = {"format": FORMAT, "format_version": VERSION, "config": dict(config), "draws": {}, "cells": []}
             data["draws"].update(draws)
-            done = {cell_key(c) for c in data["cells"]}
-            data["cells"] += [dict(c) for c in cells if cell_key(c) not in done]
+            done = {_cell_key(c) for c in data["cells"]}
+            data["cells"] += [dict(c) for c in cells if _cell_key(c) not in done]
             text = json.dumps(data, indent=1, default=json_default)
             atomic_write(path, [text.encode()])
     except OSError as exc:
@@ -190,9 +190,9 @@ class ResultsFile:
             data = read_results(self.path)
             _check_config(str(self.path), data, self.config)
             self.cells, self.draws = data["cells"], data["draws"]
-        self._done = {cell_key(c) for c in self.cells}
+        self._done = {_cell_key(c) for c in self.cells}
 
-    key = staticmethod(cell_key)
+    key = staticmethod(_cell_key)
 
     def done(self, dataset: str, shots: int, seed: int, method: str) -> bool:
         """Whether that cell is in the file (as last read or written by this process)."""
@@ -210,7 +210,7 @@ class ResultsFile:
         """Record finished ``cells`` computed on ``draws`` in one locked rewrite of the file."""
         self.cells = add_cells(self.path, self.config, cells, draws)
         self.draws.update(draws or {})
-        self._done = {cell_key(c) for c in self.cells}
+        self._done = {_cell_key(c) for c in self.cells}
 
 
 def json_default(value: Any) -> Any:

@@ -121,7 +121,7 @@ class CellWriter:
             os.fsync(f.fileno())
 
 
-def read_part(path: Path, config: Mapping[str, Any]) -> list[tuple[dict[str, Any], dict[str, str]]]:
+def _read_part(path: Path, config: Mapping[str, Any]) -> list[tuple[dict[str, Any], dict[str, str]]]:
     """The cells of one part file, each with its draws' digests; a last line cut short by a killed writer is ignored.
 
     Raises:
@@ -159,7 +159,7 @@ def merge_parts(results: ResultsFile) -> int:
     for path in sorted(results.path.parent.glob(PART_GLOB)):
         cells: dict[tuple, dict[str, Any]] = {}
         draws: dict[str, str] = {}
-        for cell, cell_draws in read_part(path, results.config):
+        for cell, cell_draws in _read_part(path, results.config):
             key = ResultsFile.key(cell)
             if not results.done(*key) and key not in cells:
                 cells[key] = cell

@@ -154,7 +154,7 @@ def _pick_column(features: Mapping[str, Any], given: str | None, kind: str, name
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def hf_image(value: Any, index: int, root: str | None) -> Any:
+def _hf_image(value: Any, index: int, root: str | None) -> Any:
     """One undecoded Hugging Face ``Image`` entry (``{"bytes": ..., "path": ...}``) as an image prolip loads.
 
     Bytes are opened with Pillow (decoded, with its size limits, when the image is loaded); a path is a local
@@ -208,7 +208,7 @@ def _from_hf(dataset: Any, image_column: str | None, label_column: str | None, r
     if type(image_feature).__name__ == "Image":  # decoded here, not by datasets (which would fetch a URL)
         images = images.cast_column(image_column, type(image_feature)(decode=False))
     return DatasetImages(
-        lambda i: hf_image(images[i][image_column], i, root),
+        lambda i: _hf_image(images[i][image_column], i, root),
         len(dataset),
         lambda: list(dataset[label_column]),
         names,
@@ -250,7 +250,7 @@ def dataset_images(
         label_column: the Hugging Face column of labels; default: the one ``ClassLabel`` column,
             else ``"label"`` or ``"labels"``. A ``ClassLabel``'s names become the class names.
         root: for a Hugging Face dataset read from a folder, that folder: image paths must lie inside it
-            (see :func:`hf_image`).
+            (see :func:`_hf_image`).
 
     Passing the dataset itself as ``images`` is the same as passing ``dataset_images(dataset)``.
     """

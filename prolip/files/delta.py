@@ -6,11 +6,11 @@ Layout (format version 2), by ``kind``:
   when the vision projector was trained; tensor ``<text projector key>`` (e.g.
   ``text_projection``), W_t − W_t0, when the text projection was (metadata ``target`` says which:
   "image", "text" or "image+text"); both float32 in the parameter's own orientation;
-* ``tip_adapter`` (ProLIP + Tip-Adapter, :mod:`prolip.variants.prolip_tip_adapter`): what a ``projector`` file
+* ``tip_adapter`` (ProLIP + Tip-Adapter, :mod:`prolip.variants.tip_cache`): what a ``projector`` file
   holds, plus tensors ``prolip.cache_keys`` (float32 ``[n, d_out]``, unit rows) and
   ``prolip.cache_labels`` (int64 ``[n]``, class indices) and metadata ``cache`` (JSON: alpha,
   beta, key_views, trained_keys, selection);
-* ``linear_adapter`` (a regularised linear adapter, :mod:`prolip.variants.rla`): tensor
+* ``linear_adapter`` (a regularised linear adapter, :mod:`prolip.variants.linear_adapter`): tensor
   ``prolip.linear_adapter``, A − I, float32 ``[d, d]``;
 * always tensor ``prolip.classifier``: the classifier T, float32 ``[K, d_out]``;
 * metadata (all strings): see :data:`REQUIRED_METADATA`, :data:`KIND_METADATA` and
@@ -44,8 +44,7 @@ from prolip.atomic import atomic_write, read_safetensors_header, remove_stale_te
 from prolip.errors import DeltaFileError, InputTypeError
 from prolip.model.fingerprint import Fingerprint
 from prolip.params import MAX_ABS_ENTRY, MAX_LOGIT_SCALE, MAX_TIP_WEIGHT, TARGETS, TEMPLATE_RULE, valid_template
-from prolip.training.fitted import FittedState, LinearAdapterState
-from prolip.training.tip_cache import TipCache
+from prolip.training.fitted import FittedState, LinearAdapterState, TipCache
 
 FORMAT_NAME = "prolip-delta"
 FORMAT_VERSION = 2

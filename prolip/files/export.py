@@ -62,7 +62,7 @@ class StandaloneClassifier(nn.Module):
         return torch.softmax(embedding @ self.scaled_classes, dim=-1)
 
 
-def standalone_classifier(state: FittedState, backbone: Backbone) -> StandaloneClassifier:
+def _standalone_classifier(state: FittedState, backbone: Backbone) -> StandaloneClassifier:
     """The fitted classifier as one fp32 CPU module on the merged vision tower (the base model is untouched)."""
     visual = image_tower(state.merged_copy(backbone.model, "fp32"))
     return StandaloneClassifier(visual.cpu().eval(), state.classifier, state.logit_scale).eval()
@@ -95,7 +95,7 @@ def export_classifier(
     sidecar = path.with_suffix(".json")
     if sidecar == path:
         raise InputError(f"export path {str(path)!r} ends in .json, where its description goes; use .onnx or .pt2.")
-    module = standalone_classifier(state, backbone)
+    module = _standalone_classifier(state, backbone)
     size = backbone.view_config.size
     example = torch.zeros(_EXAMPLE_BATCH, 3, size, size)
     tower = f"{type(module.visual).__name__} ({state.projector_family}, model {state.model_name or 'object'})"
@@ -109,12 +109,12 @@ def export_classifier(
             "Use the delta with prolip itself, or try the other format."
         ) from exc
     atomic_write(path, [data])
-    atomic_write(sidecar, [json.dumps(describe(state, backbone, format, path.name), indent=2).encode()])
+    atomic_write(sidecar, [json.dumps(_describe(state, backbone, format, path.name), indent=2).encode()])
     logger.info("exported %s (%.1f MB) and %s", path, len(data) / 1e6, sidecar)
     return path, sidecar
 
 
-def describe(state: FittedState, backbone: Backbone, format: str, file: str) -> dict[str, Any]:
+def _describe(state: FittedState, backbone: Backbone, format: str, file: str) -> dict[str, Any]:
     """The JSON written beside an exported classifier: its input, output, classes and preprocessing."""
     config = dataclasses.asdict(backbone.view_config)
     return {

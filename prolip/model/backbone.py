@@ -12,15 +12,16 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from prolip.errors import InputError, ModelLoadError
-from prolip.model import registry
+from prolip.model import local_models
 from prolip.model.fingerprint import Fingerprint
 from prolip.model.preprocessing import view_config_of
-from prolip.model.towers import Projector, TextProjector, find_projector, find_text_projector
+from prolip.model.towers import Projector, find_projector
 from prolip.model.transformers_clip import (
     PREFIX,
     TransformersCLIP,
@@ -30,6 +31,9 @@ from prolip.model.transformers_clip import (
 )
 from prolip.model.zeroshot import encode_prompts, zero_shot_classifier
 from prolip.params import PRECISIONS, check_params
+
+if TYPE_CHECKING:
+    from prolip.model.towers.text import TextProjector
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +65,7 @@ def select_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def default_tokenizer(model: nn.Module) -> Callable[[list[str]], torch.Tensor]:
+def _default_tokenizer(model: nn.Module) -> Callable[[list[str]], torch.Tensor]:
     """open_clip's standard tokenizer at the model's context length (a transformers model's own, wrapped)."""
     import open_clip
 
@@ -161,11 +165,13 @@ class Backbone:
 
     @cached_property
     def text_projector(self) -> TextProjector:
-        """The text tower's final projection (:func:`prolip.model.towers.find_text_projector`), checked on first use.
+        """The text tower's final projection (:func:`prolip.model.towers.text.find_text_projector`), checked on first use.
 
         Raises:
             UnsupportedModelError: the text tower has no projection prolip can train.
         """
+        from prolip.model.towers.text import find_text_projector  # only fits and files with a text side need it
+
         return find_text_projector(self.model)
 
     @cached_property
@@ -217,10 +223,10 @@ def build_backbone(
             )
         net = model
         # A transformers model brings its own (from its processor, or the tokenizer it was wrapped with).
-        tok = default_tokenizer(model) if isinstance(model, TransformersCLIP) or tokenizer is None else tokenizer
+        tok = _default_tokenizer(model) if isinstance(model, TransformersCLIP) or tokenizer is None else tokenizer
     else:
         pretrained = os.fspath(pretrained) if pretrained is not None else None
-        checkpoint = registry.resolve(model, pretrained)
+        checkpoint = local_models.resolve(model, pretrained)
         if checkpoint and os.path.sep in checkpoint and not os.path.isfile(checkpoint):
             raise ModelLoadError(f"checkpoint file {checkpoint!r} does not exist; check the path given as pretrained.")
         try:
@@ -242,11 +248,11 @@ def file_may_choose(model_name: str, pretrained: str) -> bool:
     """Whether a delta file alone may decide to build this base model.
 
     A file is untrusted input: it may name open_clip's own configurations (``open_clip.list_models()``,
-    local JSON, nothing fetched) and prolip's registered ones (:mod:`prolip.model.registry`), with one of
+    local JSON, nothing fetched) and prolip's registered ones (:mod:`prolip.model.local_models`), with one of
     their own pretrained tags (official weights, or the registered local files). A Hub model name
     (``hf-hub:...``), a checkpoint path or an unknown tag would let the file choose what is downloaded or
     read, so it needs the caller's explicit choice (see docs/security.md).
     """
-    if model_name not in registry.known_models():
+    if model_name not in local_models.known_models():
         return False
-    return pretrained == "" or pretrained in registry.pretrained_tags(model_name)
+    return pretrained == "" or pretrained in local_models.pretrained_tags(model_name)

@@ -84,7 +84,7 @@ def preprocess_cfg_of(image_processor: Any) -> dict[str, Any]:
     }
 
 
-def token_function(tokenizer: Any, context_length: int) -> Callable[[list[str]], torch.Tensor]:
+def _token_function(tokenizer: Any, context_length: int) -> Callable[[list[str]], torch.Tensor]:
     """Prompts to token ids ``[n, context_length]``, as the model's processor pads them (to the maximum length).
 
     ``tokenizer`` is a transformers tokenizer or processor, or a callable already returning ids.
@@ -199,7 +199,7 @@ def from_transformers(
             "prolip tokenizes prompts and renders test views exactly as they do."
         )
     context_length = int(model.text_model.config.max_position_embeddings)
-    return TransformersCLIP(model, token_function(tokenizer, context_length), preprocess_cfg_of(image_processor))
+    return TransformersCLIP(model, _token_function(tokenizer, context_length), preprocess_cfg_of(image_processor))
 
 
 def load_transformers(name: str, tokenizer: Any = None) -> TransformersCLIP:

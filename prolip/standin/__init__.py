@@ -12,12 +12,12 @@ The weights (fp16 safetensors) are made by ``scripts/pretrain_standin.py``; see
 ``docs/standin.md``.
 
 It is registered with prolip the way open_clip registers its own models, as data
-(:data:`prolip.model.registry.LOCAL_MODELS`: its config and, for its tag, its checkpoint), so
+(:data:`prolip.model.local_models.LOCAL_MODELS`: its config and, for its tag, its checkpoint), so
 ``ProLIPAdapter(MODEL_NAME, PRETRAINED_TAG)`` builds it like any open_clip model. In open_clip
 itself::
 
     import open_clip
-    from prolip.model.registry import add_to_open_clip
+    from prolip.model.local_models import add_to_open_clip
     from prolip.standin import MODEL_NAME, checkpoint_path
 
     add_to_open_clip(MODEL_NAME)

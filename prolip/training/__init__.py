@@ -1,1 +1,1 @@
-"""Maths on features: the training loop, one fit, the fitted state, labels, and the searches and test-time steps."""
+"""Maths on features: the training engine, its classifier sides, one fit, the fitted state, and labels."""

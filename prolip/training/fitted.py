@@ -4,7 +4,7 @@
 stores (:mod:`prolip.files.delta`), what ``load`` restores and what the Hub module shares. It
 holds no model: it is checked against one (:meth:`FittedState.check_base`) and merged into one
 (:meth:`FittedState.merge_into`). :class:`LinearAdapterState` is the same for a regularised
-linear adapter (:mod:`prolip.variants.rla`), which works on embeddings and belongs to no model weights.
+linear adapter (:mod:`prolip.variants.linear_adapter`), which works on embeddings and belongs to no model weights.
 """
 
 from __future__ import annotations
@@ -22,11 +22,35 @@ from prolip.errors import DeltaFileError, FingerprintMismatchError, PrecisionWar
 from prolip.estimator import Learned
 from prolip.model.backbone import Backbone, file_may_choose
 from prolip.model.fingerprint import Fingerprint, legacy_projector_hash
-from prolip.model.towers import LinearMap, Projector, find_projector, find_text_projector
+from prolip.model.towers import LinearMap, Projector, find_projector
 from prolip.model.transformers_clip import unwrap
 from prolip.params import PRECISIONS, check_params
 from prolip.training.labels import class_array
-from prolip.training.tip_cache import TipCache
+
+
+@dataclass(frozen=True, eq=False)
+class TipCache:
+    """The cache of a fitted ProLIP + Tip-Adapter (:mod:`prolip.variants.tip_cache`): keys, their labels, α and β.
+
+    Attributes:
+        keys: K, float32 CPU ``[n, d_out]``, unit rows: each training image's adapted embedding
+            (averaged over ``key_views`` augmented views, then normalised).
+        labels: the keys' class indices, int64 CPU ``[n]`` (columns of the classifier).
+        alpha: α, the cache's weight (0: the cache is off and the scores are ProLIP's).
+        beta: β, the sharpness of the affinities.
+        key_views: augmented views averaged into each key.
+        trained_keys: whether the keys were then fine-tuned (Tip-Adapter-F, :func:`prolip.variants.tip_cache.train_keys`).
+        selection: how α and β were chosen on a validation set (``alphas``, ``betas``,
+            ``val_accuracy`` of the chosen point), or None when they were given.
+    """
+
+    keys: torch.Tensor
+    labels: torch.Tensor
+    alpha: float
+    beta: float
+    key_views: int
+    trained_keys: bool = False
+    selection: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,9 +83,9 @@ class FittedState:
         text_projector_family: the text tower family (:mod:`prolip.model.towers.text`), or "".
         text_fingerprint: sketches of the base model's text projection and text tower, or None.
         selection: how ``lr`` and ``reg_lambda`` were chosen on a validation draw (the grid and
-            every point's validation accuracy, :meth:`prolip.training.search.SearchResult.as_dict`), or None.
+            every point's validation accuracy, :meth:`prolip.variants.search.SearchResult.as_dict`), or None.
         cache: Tip-Adapter's cache on the adapted embeddings (ProLIP + Tip-Adapter,
-            :class:`prolip.variants.prolip_tip_adapter.ProLIPTipAdapter`), or None for a plain ProLIP fit.
+            :class:`prolip.variants.tip_cache.ProLIPTipAdapter`), or None for a plain ProLIP fit.
     """
 
     delta: torch.Tensor | None
@@ -142,9 +166,9 @@ class FittedState:
     def base_model(self, pretrained: str | None, *, trust_file_model: bool, source: str) -> tuple[str, str | None]:
         """The base model name and pretrained weights this state names, if a file may choose them.
 
-        See :func:`recorded_base_model`.
+        See :func:`_recorded_base_model`.
         """
-        return recorded_base_model(
+        return _recorded_base_model(
             self.model_name, self.pretrained, pretrained, trust_file_model=trust_file_model, source=source
         )
 
@@ -185,6 +209,8 @@ class FittedState:
         if self.delta is not None:
             merged.append((find_projector(model, verify=False).parameter, self.delta))
         if self.text_delta is not None:
+            from prolip.model.towers.text import find_text_projector  # loaded for text deltas only
+
             merged.append((find_text_projector(model, verify=False).parameter, self.text_delta))
         lost = norm = 0.0
         with torch.no_grad():
@@ -207,7 +233,7 @@ def _check_shape(source: str, what: str, key: str, delta: torch.Tensor | None, p
         )
 
 
-def recorded_base_model(
+def _recorded_base_model(
     model_name: str, recorded: str, pretrained: str | None, *, trust_file_model: bool, source: str
 ) -> tuple[str, str | None]:
     """The base model name and pretrained weights a file records, if a file may choose them.
@@ -233,7 +259,7 @@ def recorded_base_model(
 
 @dataclass(frozen=True, eq=False)
 class LinearAdapterState:
-    """What a regularised linear adapter (:class:`prolip.variants.rla.RegularizedLinearAdapter`) learned.
+    """What a regularised linear adapter (:class:`prolip.variants.linear_adapter.RegularizedLinearAdapter`) learned.
 
     Attributes:
         delta: A − I, float32 CPU ``[d, d]``: the adapted embedding is f A.
@@ -275,7 +301,7 @@ class LinearAdapterState:
     def base_model(self, pretrained: str | None, *, trust_file_model: bool, source: str) -> tuple[str, str | None]:
         """The open_clip model and weights that made the embeddings, if a file may choose them.
 
-        See :func:`recorded_base_model`.
+        See :func:`_recorded_base_model`.
         """
         if not self.model_name:
             raise DeltaFileError(
@@ -287,7 +313,7 @@ class LinearAdapterState:
                 f"{source} names base model {self.model_name!r} without pretrained weights: prolip would embed "
                 "images with randomly initialised weights. Pass pretrained= (the weights the file was fitted on)."
             )
-        return recorded_base_model(
+        return _recorded_base_model(
             self.model_name, self.pretrained, pretrained, trust_file_model=trust_file_model, source=source
         )
 

@@ -1,28 +1,69 @@
-"""Open-vocabulary prediction with an adapted projector: the estimator half (the maths half: :mod:`prolip.training.open_vocab`).
+"""Open vocabulary: a fitted adapter's projector scoring any class names — T of any names, and the classifier.
 
-ProLIP keeps CLIP's text interface: a fitted adapter's projector W0 + delta scores any class names
-through their text classifier T, seen in training or not, with no refit.
-:class:`OpenVocabularyClassifier` is a light view of a fitted :class:`~prolip.adapter.ProLIPAdapter`
-over other class names; :meth:`prolip.variants.multitask.MultiTaskClassifier.with_classes` gives the
-same for several tasks. Neither changes the adapter's fitted state.
+ProLIP trains projectors, not classes: the adapted vision projector W0 + delta scores any classes whose T is
+given, seen in training or not, with no refit. T of new names (:func:`class_classifier`) is open_clip's
+zero-shot classifier, except where the fit trained the text projection (``target="text"`` or
+``"image+text"``): then it is built from the prompts' pre-projection text features through the trained
+projection W_t0 + text delta, exactly as training built T. :class:`OpenVocabularyClassifier` is a light view
+of a fitted :class:`~prolip.adapter.ProLIPAdapter` over other class names;
+:meth:`prolip.variants.multitask.MultiTaskClassifier.with_classes` gives the same for several tasks. Neither
+changes the adapter's fitted state. ``prolip bench`` builds every class set's T with :func:`class_classifier`
+too, so the library's new-class scores and the bench's are one computation.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from prolip.adapter import ProLIPAdapter
-from prolip.errors import InputTypeError
+from prolip.errors import InputError, InputTypeError
 from prolip.features.images import ImageLike, kept
+from prolip.model.backbone import Backbone
 from prolip.model.zeroshot import check_templates
 from prolip.training.labels import accuracy, check_lengths, class_array, label_list
-from prolip.training.open_vocab import check_class_names, class_classifier
+from prolip.training.sides import TextSide
 
 logger = logging.getLogger(__name__)
+
+
+def _check_class_names(class_names: Iterable[str]) -> list[str]:
+    """``class_names`` as a list, after checking it is a non-empty list (or array) of distinct non-empty strings."""
+    if isinstance(class_names, (str, bytes)) or not isinstance(class_names, Iterable):
+        raise InputTypeError(
+            f"class names must be a list of strings such as ['cat', 'dog'], not {type(class_names).__name__}."
+        )
+    names = [str(name) if isinstance(name, str) else name for name in class_names]  # numpy strings as str
+    bad = [name for name in names if not isinstance(name, str) or not name.strip()]
+    if not names or bad:
+        raise InputError(f"class names {names!r} must be a non-empty list of non-empty strings; {bad!r} are not.")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"class names {repeated!r} are given more than once; give each class once.")
+    return names
+
+
+def class_classifier(
+    backbone: Backbone, class_names: Sequence[str], templates: Sequence[str], text_delta: torch.Tensor | None = None
+) -> torch.Tensor:
+    """T ``[K, d_out]`` (float32, CPU) of ``class_names`` under ``templates``.
+
+    Args:
+        backbone: the base model.
+        class_names: the text put into the templates for each class, in column order.
+        templates: prompt templates, one ``{}`` each (already checked).
+        text_delta: W_t − W_t0 of a trained text projection, in the parameter's own orientation
+            (:attr:`prolip.training.fitted.FittedState.text_delta`), or None for open_clip's zero-shot T.
+    """
+    if text_delta is None:
+        return backbone.classifier(class_names, templates)
+    projector = backbone.text_projector
+    side = TextSide(backbone.prompt_features(class_names, templates), projector.head.frozen())
+    with torch.no_grad():
+        return side.classifier(side.start + projector.to_in_out(text_delta).float().cpu())
 
 
 class OpenVocabularyClassifier:
@@ -30,7 +71,7 @@ class OpenVocabularyClassifier:
 
     T of the names is open_clip's zero-shot classifier under ``templates``, or, for a delta whose
     text side was trained (``target="text"`` / ``"image+text"``), the one its trained text projection
-    gives (:func:`prolip.training.open_vocab.class_classifier`). Names and templates the adapter
+    gives (:func:`class_classifier`). Names and templates the adapter
     was fitted with give its own classifier's predictions. A TaskRes residual
     (``taskres_alpha``) belongs to the trained classes and is not applied here.
 
@@ -58,7 +99,7 @@ class OpenVocabularyClassifier:
             raise InputTypeError(f"adapter must be a fitted ProLIPAdapter, not {type(adapter).__name__}.")
         state = adapter.fitted_  # NotFittedError before any text is encoded
         self.adapter = adapter
-        self.class_names_ = check_class_names(class_names)
+        self.class_names_ = _check_class_names(class_names)
         self.templates_ = check_templates(list(state.templates) if templates is None else templates)
         self.classifier_ = class_classifier(adapter.backbone, self.class_names_, self.templates_, state.text_delta)
         self.classes_ = class_array(self.class_names_)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from prolip.bench.method_tools import accuracy, check_classes, check_val, plain_embeddings
-from prolip.bench.methods.base import FittedMethod, Method, register
+from prolip.bench.methods.interface import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.model.head import LinearHead
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from prolip.bench.method_tools import check_classes, embed_view, plain_embeddings
-from prolip.bench.methods.base import FittedMethod, Method, register
+from prolip.bench.methods.interface import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.model.head import LinearHead
 

@@ -26,8 +26,8 @@ import torch
 
 from prolip.bench.adapted import PROLIP_LR, adapted_problem, train_config
 from prolip.bench.method_tools import check_classes, plain_embeddings, text_prototypes
-from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.methods.clap import PrototypeModel
+from prolip.bench.methods.interface import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.errors import InputError
 from prolip.model.head import LinearHead

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from prolip.bench.adapted import train_config
-from prolip.bench.methods.base import FittedMethod, Method, register
+from prolip.bench.methods.interface import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.errors import InputError
 from prolip.model.head import LinearHead

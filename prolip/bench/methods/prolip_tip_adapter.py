@@ -1,4 +1,4 @@
-"""``prolip+tip-adapter``: the bench half of ProLIP + Tip-Adapter (:mod:`prolip.variants.prolip_tip_adapter` is the estimator).
+"""``prolip+tip-adapter``: the bench half of ProLIP + Tip-Adapter (:mod:`prolip.variants.tip_cache` holds the estimator and the cache model both use).
 
 ProLIP is trained first (:func:`~prolip.bench.adapted.prolip_weight`, λ = 1/N); Tip-Adapter then
 runs unchanged on the problem seen through the adapted projector W (:func:`~prolip.bench.adapted.adapted_problem`):
@@ -29,16 +29,14 @@ from typing import ClassVar
 import torch
 
 from prolip.bench.adapted import PROLIP_LR, adapted_problem, prolip_weight, train_config
-from prolip.bench.cache_model import cache_keys
 from prolip.bench.method_tools import check_classes, plain_embeddings
-from prolip.bench.methods.base import FittedMethod, Method, register
-from prolip.bench.methods.tip_adapter import TipAdapter
-from prolip.bench.methods.tip_adapter_f import TipAdapterF
+from prolip.bench.methods.interface import FittedMethod, Method, register
+from prolip.bench.methods.tip_adapter import fit_cache_model
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.errors import InputError
 from prolip.model.head import LinearHead
 from prolip.training.engine import train_projector
-from prolip.training.tip_cache import cache_scores
+from prolip.variants.tip_cache import cache_keys, cache_scores
 
 KEYS = ("cache", "trained", "joint", "official")
 JOINT_KEYS = ("joint", "official")
@@ -117,15 +115,16 @@ class ProLIPTipAdapter(Method):
         else:
             config = train_config(problem, self.lr, train_dtype=self.train_dtype)
             adapted = adapted_problem(problem, prolip_weight(problem, config))
-            tip = TipAdapter(self.alpha, self.beta) if self.keys == "cache" else TipAdapterF()
-            fitted = tip.fit(adapted)
-            fitted.method = self.name  # named in its errors as this method, not the baseline it runs
+            if self.keys == "cache":
+                fitted = fit_cache_model(adapted, self.name, self.alpha, self.beta)
+            else:  # Tip-Adapter-F's keys, trained as the baseline trains them
+                fitted = fit_cache_model(adapted, self.name, trained=True, generator=adapted.generator())
         fitted.info.update(keys=self.keys, lr=self.lr, reg_lambda=train_config(problem).reg_lambda)
         return fitted
 
     def _fit_joint(self, problem: Problem, official: bool, alpha: float = 1.0, beta: float = 1.0) -> FittedMethod:
         head, train = problem.image_head, problem.train
-        keys = cache_keys(head, train, views=1)
+        keys = cache_keys(head, train.features, views=1)
         term = _CacheTerm(head, keys, train.labels, len(problem.classes), alpha, beta, official)
         config = train_config(problem, self.lr, train_dtype=self.train_dtype, optimizer="adamw")
         result = train_projector(train.features, train.labels, head, problem.classes.classifier, config, extra=term)

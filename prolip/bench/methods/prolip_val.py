@@ -1,17 +1,17 @@
 """``prolip-val``: ProLIP with few-shot validation — (lr, λ) chosen on the N-shot validation draw.
 
 The paper's main setting: lr ∈ {1e-2 … 1e-8} × λ ∈ {10, 1, 0.1, 0.01, 1e-3, 1e-4, 0}, the point
-with the best accuracy on ``problem.val`` (never the test set), ties as :mod:`prolip.training.search`.
+with the best accuracy on ``problem.val`` (never the test set), ties as :mod:`prolip.variants.search`.
 """
 
 from __future__ import annotations
 
 from prolip.bench.adapted import train_config
 from prolip.bench.method_tools import check_val
-from prolip.bench.methods.base import FittedMethod, Method, register
+from prolip.bench.methods.interface import FittedMethod, Method, register
 from prolip.bench.methods.prolip import AdaptedProjector
 from prolip.bench.problem import Problem
-from prolip.training.search import PAPER_LAMBDAS, PAPER_LRS, search_projector
+from prolip.variants.search import PAPER_LAMBDAS, PAPER_LRS, search_projector
 
 
 @register

@@ -1,10 +1,10 @@
-"""``rla``: the bench half of the regularised linear adapter (:mod:`prolip.variants.rla` is the estimator).
+"""``rla``: the bench half of the regularised linear adapter (:mod:`prolip.variants.linear_adapter` is the estimator).
 
 A square A on the frozen image embeddings f, initialised at the identity: CE(s · normalize(f A) · Tᵀ, y)
 + λ‖A − I‖²_F with λ = 1/N, Adam (lr 1e-3, eps 1e-4) for ``problem.epochs`` full-batch steps under a
 cosine schedule, step t on view t mod V. That is ProLIP's training with the embeddings as features
 and W0 = I, so it runs :func:`prolip.training.engine.train_projector` (the estimator is
-:class:`prolip.variants.rla.RegularizedLinearAdapter`). Validation-free; A acts on the image side only, so
+:class:`prolip.variants.linear_adapter.RegularizedLinearAdapter`). Validation-free; A acts on the image side only, so
 it scores any classes with their own text classifier.
 """
 
@@ -14,7 +14,7 @@ import torch
 
 from prolip.bench.adapted import train_config
 from prolip.bench.method_tools import embed_view
-from prolip.bench.methods.base import FittedMethod, Method, register
+from prolip.bench.methods.interface import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.model.head import LinearHead
 from prolip.training.engine import train_projector

@@ -23,8 +23,8 @@ from prolip.bench.method_tools import (
     text_prototypes,
     warmup_cosine_lr,
 )
-from prolip.bench.methods.base import FittedMethod, Method, register
 from prolip.bench.methods.clap import PrototypeModel
+from prolip.bench.methods.interface import FittedMethod, Method, register
 from prolip.bench.problem import Problem
 
 

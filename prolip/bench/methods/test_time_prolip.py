@@ -2,7 +2,7 @@
 
 Each test image comes with 64 views (view 0 plain, 63 augmented); its own copy of the projector
 keeps the 10% lowest-entropy views and takes one AdamW step (lr 5e-3) on the entropy of their
-averaged prediction, then predicts the plain view (:mod:`prolip.training.test_time`). The copy starts from W0
+averaged prediction, then predicts the plain view (:mod:`prolip.variants.test_time`). The copy starts from W0
 (zero-shot CLIP plus test-time adaptation: the paper's test-time table) or, with
 ``start="prolip"``, from ProLIP trained on the problem (λ = 1/N).
 """
@@ -14,11 +14,11 @@ from typing import ClassVar
 import torch
 
 from prolip.bench.adapted import PROLIP_LR, prolip_weight, train_config
-from prolip.bench.methods.base import FittedMethod, Method, register
+from prolip.bench.methods.interface import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.errors import InputError
 from prolip.model.head import LinearHead
-from prolip.training.test_time import TestTimeSettings, tta_logits
+from prolip.variants.test_time import TestTimeSettings, tta_logits
 
 STARTS = ("zero-shot", "prolip")
 
@@ -41,7 +41,7 @@ class ProLIPTestTime(Method):
         start: "zero-shot" (each copy starts at W0; the training draw is not used) or "prolip"
             (at ProLIP's W, trained with ``prolip_lr`` and λ = 1/N).
         rho, steps, lr, optimizer, weight_decay, reg_lambda: the adaptation
-            (:class:`~prolip.training.test_time.TestTimeSettings`; defaults: TPT's).
+            (:class:`~prolip.variants.test_time.TestTimeSettings`; defaults: TPT's).
         prolip_lr: ProLIP's learning rate with ``start="prolip"``.
     """
 

@@ -1,8 +1,9 @@
 """``tip-adapter``: Tip-Adapter (Zhang et al., ECCV 2022), the training-free cache model.
 
 Keys: each training image's embedding averaged over 10 augmented views, normalised; values: one-hot
-labels; scores ``s · f·Tᵀ + α · exp(−β (1 − f·Kᵀ)) · L`` (:mod:`prolip.bench.cache_model`), with α
-and β searched on the validation draw (never on test data).
+labels; scores ``s · f·Tᵀ + α · exp(−β (1 − f·Kᵀ)) · L``, with α and β searched on the validation draw
+(never on test data): :func:`prolip.variants.tip_cache.fit_cache` on the frozen projector, the cache model
+ProLIP + Tip-Adapter runs on the trained one.
 """
 
 from __future__ import annotations
@@ -11,46 +12,43 @@ from typing import ClassVar
 
 import torch
 
-from prolip.bench.cache_model import cache_keys
 from prolip.bench.method_tools import check_classes, check_val, plain_embeddings
-from prolip.bench.methods.base import FittedMethod, Method, register
+from prolip.bench.methods.interface import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.errors import InputError
-from prolip.model.head import LinearHead
-from prolip.training.tip_cache import search_alpha_beta, tip_logits
-
-_CHUNK = 4096  # test images scored at once: the affinity matrix is [chunk, cache size]
+from prolip.training.fitted import TipCache
+from prolip.variants.tip_cache import cache_logits, fit_cache
 
 
 class CacheModel(FittedMethod):
-    """A fitted Tip-Adapter (either variant): scores the training classes with the cache model."""
+    """A fitted cache model (Tip-Adapter or Tip-Adapter-F): scores the training classes."""
 
-    def __init__(self, problem: Problem, keys: torch.Tensor, alpha: float, beta: float, method: str) -> None:
+    def __init__(self, problem: Problem, cache: TipCache, method: str) -> None:
         super().__init__()
-        self.head: LinearHead = problem.image_head
-        self.names = list(problem.classes.names)
-        self.classifier = problem.classes.classifier
-        self.keys = keys.detach()
-        self.key_labels = problem.train.labels
-        self.alpha, self.beta, self.logit_scale, self.method = alpha, beta, problem.logit_scale, method
-        self.info = {"alpha": alpha, "beta": beta}
+        self.head, self.cache, self.method = problem.image_head, cache, method
+        self.names, self.classifier = list(problem.classes.names), problem.classes.classifier
+        self.logit_scale = problem.logit_scale
+        self.info = {"alpha": cache.alpha, "beta": cache.beta}
 
     def logits(self, test: FeatureSet, classes: Classes) -> torch.Tensor:
         check_classes(classes, self.names, self.method)
-        f = plain_embeddings(self.head, test)
-        args = (self.classifier, self.keys, self.key_labels, self.alpha, self.beta, self.logit_scale)
-        with torch.no_grad():
-            return torch.cat([tip_logits(chunk, *args) for chunk in f.split(_CHUNK)])
+        return cache_logits(plain_embeddings(self.head, test), self.classifier, self.cache, self.logit_scale)
 
 
-def select_alpha_beta(problem: Problem, keys: torch.Tensor, method: str) -> tuple[float, float]:
-    """α and β of the cache model with ``keys``, chosen on ``problem.val``."""
-    check_val(problem.val, method, "alpha and beta")
-    val = plain_embeddings(problem.image_head, problem.val)
-    alpha, beta, _ = search_alpha_beta(
-        val, problem.val.labels, problem.classes.classifier, keys.detach(), problem.train.labels, problem.logit_scale
-    )
-    return alpha, beta
+def fit_cache_model(
+    problem: Problem, method: str, alpha: float | None = None, beta: float | None = None, **options
+) -> CacheModel:
+    """The cache model on ``problem``'s projector, α and β chosen on ``problem.val`` unless given."""
+    val = None
+    if alpha is None:
+        check_val(problem.val, method, "alpha and beta")
+        val = (plain_embeddings(problem.image_head, problem.val), problem.val.labels)
+    train = problem.train
+    cache = fit_cache(
+        problem.image_head, train.features, train.labels, problem.classes.classifier, problem.logit_scale,
+        val=val, alpha=alpha, beta=beta, **options,
+    )  # fmt: skip
+    return CacheModel(problem, cache, method)
 
 
 @register
@@ -71,10 +69,4 @@ class TipAdapter(Method):
         self.alpha, self.beta = alpha, beta
 
     def fit(self, problem: Problem) -> FittedMethod:
-        with torch.no_grad():
-            keys = cache_keys(problem.image_head, problem.train)
-        if self.alpha is None:
-            alpha, beta = select_alpha_beta(problem, keys, self.name)
-        else:
-            alpha, beta = self.alpha, self.beta
-        return CacheModel(problem, keys, alpha, beta, self.name)
+        return fit_cache_model(problem, self.name, self.alpha, self.beta)

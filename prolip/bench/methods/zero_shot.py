@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from prolip.bench.methods.base import FittedMethod, Method, register
+from prolip.bench.methods.interface import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.model.head import LinearHead
 

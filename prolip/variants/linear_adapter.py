@@ -1,4 +1,4 @@
-"""The regularised linear adapter (RLA) as an estimator (:mod:`prolip.bench.methods.rla` is its bench half).
+"""The regularised linear adapter (RLA): a square A on a black-box model's image embeddings, as an estimator.
 
 When the model is a service that returns image embeddings f (what ``encode_image`` returns, before
 normalisation) and text embeddings, its projector cannot be touched. RLA learns a square matrix A
@@ -309,7 +309,7 @@ def _encode_classes(text_encoder: TextEncoder, names: Sequence[str], templates: 
     return average_prompts(torch.stack(per_class))
 
 
-def model_embeddings(extractor: ProLIPAdapter, images: Sequence[ImageLike], views: int | None = None) -> torch.Tensor:
+def _model_embeddings(extractor: ProLIPAdapter, images: Sequence[ImageLike], views: int | None = None) -> torch.Tensor:
     """What ``encode_image`` returns for views of ``images``: float32 CPU ``[V, n, d]`` (``views=0``: the plain view).
 
     ``extractor`` (a ProLIPAdapter, fitted or not) loads the images and computes the views'
@@ -346,11 +346,11 @@ class ModelRLA:
 
     def predict_proba(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Class probabilities ``(n, K)`` of images."""
-        return self.rla.predict_proba(model_embeddings(self.extractor, images, views=0))
+        return self.rla.predict_proba(_model_embeddings(self.extractor, images, views=0))
 
     def predict(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Predicted label of each image."""
-        return self.rla.predict(model_embeddings(self.extractor, images, views=0))
+        return self.rla.predict(_model_embeddings(self.extractor, images, views=0))
 
     @classmethod
     def fit(
@@ -367,7 +367,7 @@ class ModelRLA:
         """
         images, labels, class_names = labelled(images, labels, class_names, extractor.on_error, extractor.verbose)
         labels = label_list(labels)
-        embeddings = model_embeddings(extractor, images)
+        embeddings = _model_embeddings(extractor, images)
         kept_labels = kept(labels, extractor.skipped_)
         backbone = extractor.backbone
         params = extractor.get_params()

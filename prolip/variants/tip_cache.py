@@ -1,21 +1,25 @@
-"""``ProLIPTipAdapter``, ProLIP + Tip-Adapter as an estimator (:mod:`prolip.bench.methods.prolip_tip_adapter` is its bench half).
+"""ProLIP + Tip-Adapter: Tip-Adapter's cache model on top of a fitted projector, its maths and its estimator.
 
-Scores are ``s · f′·Tᵀ + α · exp(−β (1 − f′·K′ᵀ)) · L`` (:mod:`prolip.training.tip_cache`): f′ the normalised
-embedding of the image under the trained projector W0 + delta, K′ the training images' adapted
-embeddings (each the normalised mean over ``key_views`` augmented views, from the features the
-fit already extracted: no second pass through the trunk), L their one-hot labels. α and β are
-searched on a validation set, never on test data, unless given. With ``keys="trained"`` the keys
-are then fine-tuned as Tip-Adapter-F does (W fixed; :func:`prolip.training.tip_cache.train_keys`) on further
-views of the same features, and α, β searched again. The cache lives beside the projector delta
-in one safetensors file of kind ``tip_adapter`` (:mod:`prolip.files.delta`).
+Scores are ``s · f·Tᵀ + α · exp(−β (1 − f·Kᵀ)) · L`` for an L2-normalised image embedding f, the classifier T,
+cache keys K (one per training image: its embedding averaged over ``key_views`` augmented views, normalised)
+and values L, the one-hot labels of the keys (Zhang et al., ECCV 2022). α and β are chosen on a validation set
+over one fixed grid (:data:`BETAS` × :data:`ALPHAS`), never on test data; with trained keys (Tip-Adapter-F)
+the keys are then fine-tuned with cross-entropy on these scores and α, β searched again (:func:`fit_cache`).
+
+:class:`ProLIPTipAdapter` runs it on the embeddings of a fitted ProLIP projector W0 + delta, from the features
+the fit already extracted (no second pass through the trunk); the cache lives beside the projector delta in
+one safetensors file of kind ``tip_adapter`` (:mod:`prolip.files.delta`). ``prolip bench``'s ``tip-adapter``
+and ``tip-adapter-f`` baselines run :func:`fit_cache` on the frozen projector, and ``prolip+tip-adapter`` on
+ProLIP's trained one: one cache model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import secrets
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,15 +35,203 @@ from prolip.features.dataset_objects import labelled
 from prolip.features.images import ImageLike, kept
 from prolip.files.delta import TIP_KIND, read_state, write_delta
 from prolip.model.head import LinearHead
+from prolip.training.engine import ADAM_EPS, build_optimizer, cosine_lr
 from prolip.training.fit import fit_projector
-from prolip.training.fitted import FittedState
+from prolip.training.fitted import FittedState, TipCache
 from prolip.training.labels import accuracy, check_lengths, label_indices, label_list
-from prolip.training.tip_cache import ALPHAS, AUGMENT_VIEWS, BETAS, TipCache, search_alpha_beta, train_keys
 from prolip.variants.search import adapter_from_state
 
-_CHUNK = 4096  # test images scored at once
+BETAS = torch.logspace(-1, math.log10(50), 40, dtype=torch.float64).tolist()
+"""β grid: 40 log-spaced values from 0.1 to 50 (covering the original's per-dataset ranges)."""
+ALPHAS = torch.logspace(-1, math.log10(50), 25, dtype=torch.float64).tolist()
+"""α grid: 25 log-spaced values from 0.1 to 50."""
+AUGMENT_VIEWS = 10
+"""Augmented views averaged into each cache key (the original's ``augment_epoch``)."""
+KEY_EPOCHS, KEY_LR, KEY_BATCH_SIZE = 20, 1e-3, 256
+"""Tip-Adapter-F's key training: epochs (one augmented view of every image each), AdamW's lr, minibatch size."""
+_SEARCH_BLOCK = 1024  # validation images scored at once in the search
+_CHUNK = 4096  # test images scored at once: the affinity matrix is [chunk, cache size]
 KEYS = ("cache", "trained")
 """The cache's keys: Tip-Adapter's (training-free) or Tip-Adapter-F's (fine-tuned)."""
+
+
+def cache_scores(affinity: torch.Tensor, labels: torch.Tensor, classes: int, beta: float) -> torch.Tensor:
+    """The cache term ``exp(−β (1 − A)) · L`` ``[n, K]`` from the affinities ``A = f·Kᵀ`` ``[n, cache]``.
+
+    L is the one-hot matrix of the cache's ``labels``; adding each column into its class costs
+    n·cache operations where the product with L would cost n·cache·K.
+    """
+    weights = torch.exp(-beta * (1 - affinity))
+    return weights.new_zeros(affinity.shape[0], classes).index_add(1, labels, weights)
+
+
+def _tip_logits(
+    features: torch.Tensor,
+    classifier: torch.Tensor,
+    keys: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float,
+    beta: float,
+    logit_scale: float,
+) -> torch.Tensor:
+    """Tip-Adapter's scores ``s · f·Tᵀ + α · cache`` ``[n, K]`` of normalised embeddings ``[n, d]``.
+
+    ``keys`` ``[cache, d]`` and their ``labels`` ``[cache]`` make the cache; T is ``[K, d]``.
+    """
+    cache = cache_scores(features @ keys.t(), labels, classifier.shape[0], beta)
+    return logit_scale * features @ classifier.t() + alpha * cache
+
+
+def cache_keys(head: LinearHead, features: Any, views: int = AUGMENT_VIEWS) -> torch.Tensor:
+    """Keys ``[n, d_out]``: each image's unnormalised embedding ``x W + b + r`` averaged over the first ``views``
+    augmented views of ``features`` ``[V, n, width]`` (cycling when there are fewer), L2-normalised."""
+    n_views = features.shape[0]
+    with torch.no_grad():
+        total = sum(head.project(features[v % n_views].float()) for v in range(views))
+    return F.normalize(total, dim=-1)
+
+
+def cache_logits(
+    embeddings: torch.Tensor, classifier: torch.Tensor, cache: TipCache, logit_scale: float
+) -> torch.Tensor:
+    """The cache model's scores ``s · f·Tᵀ + α · exp(−β (1 − f·Kᵀ)) · L`` ``[n, K]`` of normalised ``embeddings``.
+
+    A chunk of images at a time bounds the ``[images, cache size]`` affinity matrix.
+    """
+    keys, labels = cache.keys.to(embeddings), cache.labels.to(embeddings.device)
+    k = classifier.shape[0]
+    with torch.no_grad():
+        return torch.cat([
+            logit_scale * f @ classifier.t() + cache.alpha * cache_scores(f @ keys.t(), labels, k, cache.beta)
+            for f in embeddings.split(_CHUNK)
+        ])  # fmt: skip
+
+
+def search_alpha_beta(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    classifier: torch.Tensor,
+    keys: torch.Tensor,
+    key_labels: torch.Tensor,
+    logit_scale: float,
+    betas: Sequence[float] = BETAS,
+    alphas: Sequence[float] = ALPHAS,
+) -> tuple[float, float, float]:
+    """``(alpha, beta, accuracy)`` with the best accuracy on ``features`` (the validation draw).
+
+    Ties go to the first in the order the original searches: β ascending, then α ascending.
+    """
+    alpha_grid = torch.tensor(alphas, dtype=features.dtype)[:, None, None]
+    correct = torch.zeros(len(betas), len(alphas))
+    with torch.no_grad():
+        # A block of images at a time bounds the memory of the [α, images, K] scores.
+        for rows in torch.arange(len(labels)).split(_SEARCH_BLOCK):
+            f, y = features[rows], labels[rows]
+            zero_shot, affinity = logit_scale * f @ classifier.t(), f @ keys.t()
+            for i, beta in enumerate(betas):
+                scores = zero_shot + alpha_grid * cache_scores(affinity, key_labels, classifier.shape[0], beta)
+                correct[i] += (scores.argmax(dim=-1) == y).sum(dim=-1)
+    best = int(correct.argmax())  # the first maximum in row-major, i.e. the original's, order
+    b, a = divmod(best, len(alphas))
+    return alphas[a], betas[b], float(correct.flatten()[best]) / len(labels)
+
+
+def train_keys(
+    keys: torch.Tensor,
+    views: Callable[[int], torch.Tensor],
+    labels: torch.Tensor,
+    classifier: torch.Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    logit_scale: float,
+    generator: torch.Generator,
+    epochs: int = KEY_EPOCHS,
+    lr: float = KEY_LR,
+    batch_size: int = KEY_BATCH_SIZE,
+) -> torch.Tensor:
+    """Tip-Adapter-F: the cache keys fine-tuned with cross-entropy on the cache model's scores; returns them.
+
+    Epoch e scores ``views(e)`` (normalised embeddings ``[n, d]`` of one augmented view of every
+    training image, in ``labels`` order) in minibatches of a fresh random order drawn from
+    ``generator``; AdamW (``lr``, eps 1e-4) with a cosine schedule over all iterations, as the
+    original. ``keys`` itself is not modified.
+    """
+    keys = keys.detach().clone().requires_grad_(True)
+    optimizer = build_optimizer("adamw", [keys], lr=lr, eps=ADAM_EPS)
+    n = labels.numel()
+    steps, step = epochs * math.ceil(n / batch_size), 0
+    for epoch in range(epochs):
+        with torch.no_grad():
+            x = views(epoch)
+        for batch in torch.randperm(n, generator=generator).split(batch_size):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(lr, step, steps)
+            scores = _tip_logits(x[batch], classifier, keys, labels, alpha, beta, logit_scale)
+            loss = F.cross_entropy(scores, labels[batch.to(labels.device)])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+    return keys.detach()
+
+
+def fit_cache(
+    head: LinearHead,
+    features: Any,
+    labels: torch.Tensor,
+    classifier: torch.Tensor,
+    logit_scale: float,
+    *,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    alpha: float | None = None,
+    beta: float | None = None,
+    trained: bool = False,
+    key_views: int = AUGMENT_VIEWS,
+    generator: torch.Generator | None = None,
+    alphas: Sequence[float] = ALPHAS,
+    betas: Sequence[float] = BETAS,
+    epochs: int = KEY_EPOCHS,
+    lr: float = KEY_LR,
+    batch_size: int = KEY_BATCH_SIZE,
+) -> TipCache:
+    """Tip-Adapter's cache model on the projector ``head``: keys, then α and β, then (``trained``) Tip-Adapter-F.
+
+    Args:
+        head: the projector the embeddings come from (W0 for Tip-Adapter, ProLIP's W for ProLIP + Tip-Adapter).
+        features, labels: the training images' stored features ``[V, n, width]`` and class indices ``[n]``.
+        classifier, logit_scale: T and s.
+        val: the validation images' normalised embeddings ``[m, d_out]`` and class indices, to search α and β on;
+            None with ``alpha`` and ``beta`` given.
+        alpha, beta: fix both instead of searching them.
+        trained: fine-tune the keys (Tip-Adapter-F): ``epochs`` epochs, epoch e on view ``key_views + e``,
+            minibatch order from ``generator``; α and β are searched again after.
+        key_views: augmented views averaged into each key.
+        alphas, betas: the search grid.
+        epochs, lr, batch_size: the key training's.
+    """
+    keys = cache_keys(head, features, key_views)
+
+    def choose(keys: torch.Tensor) -> tuple[float, float, dict[str, Any] | None]:
+        """α, β: the given ones, or the first best on the validation set with these keys."""
+        if alpha is not None:
+            return float(alpha), float(beta), None
+        found_alpha, found_beta, score = search_alpha_beta(
+            val[0], val[1], classifier, keys, labels, logit_scale, betas=betas, alphas=alphas
+        )
+        return found_alpha, found_beta, {"val_accuracy": score, "alphas": list(alphas), "betas": list(betas)}
+
+    chosen_alpha, chosen_beta, selection = choose(keys)
+    if trained:
+        n_views = features.shape[0]
+        keys = train_keys(
+            keys, lambda e: head.embed(features[(key_views + e) % n_views].float()), labels, classifier,
+            alpha=chosen_alpha, beta=chosen_beta, logit_scale=logit_scale,
+            generator=torch.Generator().manual_seed(0) if generator is None else generator,
+            epochs=epochs, lr=lr, batch_size=batch_size,
+        )  # fmt: skip
+        chosen_alpha, chosen_beta, selection = choose(keys)
+    return TipCache(keys, labels, chosen_alpha, chosen_beta, key_views, trained, selection)
 
 
 class ProLIPTipAdapter(Estimator):
@@ -59,7 +251,7 @@ class ProLIPTipAdapter(Estimator):
 
     Attributes (after fit or load):
         adapter_: the fitted ProLIPAdapter (W0 + delta and T).
-        cache_: the :class:`~prolip.training.tip_cache.TipCache` (keys, labels, α, β, the search's result).
+        cache_: the :class:`~prolip.variants.tip_cache.TipCache` (keys, labels, α, β, the search's result).
         classes_: labels, in the column order of ``predict_proba``.
         alpha_, beta_: the α and β in use.
         val_accuracy_: the validation accuracy of the chosen α, β (None when they were given).
@@ -187,38 +379,16 @@ class ProLIPTipAdapter(Estimator):
         adapter = self.adapter
         state = fit_projector(adapter.backbone, features, labels, class_names, adapter.get_params())
         fitted = adapter_from_state(adapter, state)
-        projector = fitted.backbone.projector
         head = _adapted_head(fitted)
-        n_views = features.shape[0]
-        with torch.no_grad():
-            total = sum(head.project(features[v % n_views].float()) for v in range(self.key_views))
-            keys = F.normalize(total, dim=-1)
-        key_labels = label_indices(labels, state.classes)
         val = None
         if self.alpha is None:
-            val = _validation(val_features, val_labels, state, projector.feature_width, head)
-
-        def choose(keys: torch.Tensor) -> tuple[float, float, dict[str, Any] | None]:
-            """α, β: the given ones, or the first best on the validation set with these keys."""
-            if val is None:
-                return float(self.alpha), float(self.beta), None
-            val_embeddings, val_y = val
-            alpha, beta, score = search_alpha_beta(
-                val_embeddings, val_y, state.classifier, keys, key_labels, state.logit_scale,
-                betas=self.betas, alphas=self.alphas,
-            )  # fmt: skip
-            return alpha, beta, {"val_accuracy": score, "alphas": list(self.alphas), "betas": list(self.betas)}
-
-        alpha, beta, selection = choose(keys)
-        if self.keys == "trained":
-            seed = secrets.randbits(63) if adapter.random_state is None else int(adapter.random_state)
-            keys = train_keys(
-                keys, lambda e: head.embed(features[(self.key_views + e) % n_views].float()), key_labels,
-                state.classifier, alpha=alpha, beta=beta, logit_scale=state.logit_scale,
-                generator=torch.Generator().manual_seed(seed),
-            )  # fmt: skip
-            alpha, beta, selection = choose(keys)
-        cache = TipCache(keys, key_labels, alpha, beta, self.key_views, self.keys == "trained", selection)
+            val = _validation(val_features, val_labels, state, fitted.backbone.projector.feature_width, head)
+        seed = secrets.randbits(63) if adapter.random_state is None else int(adapter.random_state)
+        cache = fit_cache(
+            head, features, label_indices(labels, state.classes), state.classifier, state.logit_scale, val=val,
+            alpha=self.alpha, beta=self.beta, trained=self.keys == "trained", key_views=self.key_views,
+            generator=torch.Generator().manual_seed(seed), alphas=self.alphas, betas=self.betas,
+        )  # fmt: skip
         self._fit = (fitted, cache)
         return self
 
@@ -232,13 +402,9 @@ class ProLIPTipAdapter(Estimator):
         x = check_features(features, adapter.backbone.projector.feature_width)
         if x.shape[0] != 1:
             raise InputError(f"features hold {x.shape[0]} views; pass test-time features [1, n, d] (views=0).")
-        head, classifier = _adapted_head(adapter), adapter.classifier_
+        embeddings = _adapted_head(adapter).embed(x[0].float())
         with torch.inference_mode():
-            # A chunk of images at a time bounds the [images, cache size] affinity matrix.
-            return torch.cat([
-                adapter.logit_scale_ * f @ classifier.t() + cache.scores(f, classifier.shape[0])
-                for f in (head.embed(rows.float()) for rows in x[0].split(_CHUNK))
-            ])  # fmt: skip
+            return cache_logits(embeddings, adapter.classifier_, cache, adapter.logit_scale_)
 
     def predict_features(self, features: torch.Tensor) -> np.ndarray:
         """Predicted labels from plain-view features (``adapter_.extract_features(images, views=0)``)."""
