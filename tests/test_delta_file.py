@@ -319,3 +319,26 @@ def test_package_never_unpickles_or_evaluates():
     assert len(sources) > 5
     found = [v for path in sources for v in _violations(path.read_text(encoding="utf-8"), str(path.relative_to(root)))]
     assert found == []
+
+
+# ---------------------------------------------------------------------------- files from before
+FIXTURES = Path(__file__).parent / "fixtures" / "main-f8a78c0"
+
+
+@pytest.mark.parametrize(
+    "name", ["projector", "text", "taskres", "tip_adapter", "linear_adapter"], ids=lambda name: name
+)
+def test_files_written_by_main_before_the_engine_load_and_predict_the_same(name):
+    """Delta files of every kind written by prolip at f8a78c0 (tests/fixtures/main-f8a78c0/make.py) still load, onto
+    the model they record, and predict what that prolip predicted with them."""
+    from prolip import ProLIPTipAdapter
+    from prolip.variants.linear_adapter import ModelRLA
+
+    path = FIXTURES / f"{name}.safetensors"
+    expected = np.asarray(json.loads((FIXTURES / "expected.json").read_text())[f"{name}.safetensors"])
+    loader = {"tip_adapter": ProLIPTipAdapter.load, "linear_adapter": ModelRLA.load}.get(name, ProLIPAdapter.load)
+    loaded = loader(path, verbose=False, device="cpu")
+    images, _ = colour_images(1, seed=5)
+    got = loaded.predict_proba(images)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)  # float rounding of the same computation
+    assert list(loaded.classes_) == ["blue", "green", "red"]
