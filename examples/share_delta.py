@@ -4,7 +4,7 @@
     python examples/share_delta.py --repo you/fashion    # also push to the Hub (needs a token)
 
 The receiver needs only prolip, the same base model, and the folder or repository name:
-``ProLIPAdapter.from_pretrained("hf-hub:you/fashion")``. Loading checks the base model's projector
+``ProLIPAdapter.from_pretrained("you/fashion")`` (``revision=`` and ``token=`` as transformers takes them). Loading checks the base model's projector
 fingerprint and never unpickles anything.
 """
 
@@ -19,7 +19,6 @@ import numpy as np
 from prolip import ProLIPAdapter, standin
 from prolip.datasets import export_image_folder
 from prolip.datasets.generic import read_labelled
-from prolip.files.hub import save_folder
 
 
 def main() -> None:
@@ -38,7 +37,9 @@ def main() -> None:
         accuracy = adapter.score(test_paths, test_labels)
 
         # The shareable unit: prolip_delta.safetensors plus a model card.
-        shared = save_folder(adapter.fitted_, Path(tmp) / "shared", metrics={"accuracy": accuracy})
+        shared = adapter.save_pretrained(
+            Path(tmp) / "shared", metrics={"accuracy": accuracy}, datasets=["fashion_mnist"]
+        )
         print(f"shared folder: {sorted(p.name for p in shared.iterdir())}")
         print((shared / "README.md").read_text().split("---")[1].strip())
 
@@ -49,7 +50,7 @@ def main() -> None:
 
         if args.repo:
             print(f"pushed to {adapter.push_to_hub(args.repo, metrics={'accuracy': accuracy})}")
-            pulled = ProLIPAdapter.from_pretrained(f"hf-hub:{args.repo}")
+            pulled = ProLIPAdapter.from_pretrained(args.repo)
             print(
                 f"pulled back from the Hub; identical: {np.array_equal(pulled.predict_proba(test_paths), adapter.predict_proba(test_paths))}"
             )

@@ -10,7 +10,7 @@ import logging
 import os
 import secrets
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -20,12 +20,37 @@ from prolip.errors import InputError, NotFittedError
 from prolip.estimator import Estimator
 from prolip.features.cache import CachedFeatures, check_features
 from prolip.features.dataset_objects import labelled
-from prolip.features.extract import features_of
+from prolip.features.extract import Extracted, features_of
 from prolip.features.images import ImageLike, kept, load_for_model, report_skipped
-from prolip.files.delta import read_delta, write_delta
+from prolip.files.hub import HubMixin
 from prolip.model.backbone import Backbone, build_backbone
-from prolip.params import check_params, restore_params
-from prolip.training.fit import SAVED_PARAMS, fit_projector
+from prolip.params import (
+    BATCH_SIZE,
+    BOOLEAN,
+    CACHE_DTYPE,
+    DEVICE,
+    EPOCHS,
+    FOLDER,
+    LOGIT_SCALE,
+    LR,
+    MODEL,
+    ON_ERROR_RULE,
+    PRECISION,
+    PREPROCESS,
+    PRETRAINED,
+    RANDOM_STATE,
+    REG_LAMBDA,
+    TARGET,
+    TASKRES_ALPHA,
+    TEMPLATES,
+    TOKENIZER,
+    TRAIN_DTYPE,
+    VIEWS,
+    Constraint,
+    validate_params,
+)
+from prolip.training.engine import TrainConfig
+from prolip.training.fit import SAVED_PARAMS, FitSettings, fit_projector
 from prolip.training.fitted import FittedAttributes, FittedState
 from prolip.training.labels import accuracy, check_lengths, encode_labels, label_list
 
@@ -35,7 +60,7 @@ logger = logging.getLogger(__name__)
 _BACKBONE_PARAMS = ("model", "pretrained", "precision", "device", "tokenizer")
 
 
-class ProLIPAdapter(Estimator, FittedAttributes):
+class ProLIPAdapter(HubMixin, Estimator, FittedAttributes):
     """Few-shot adaptation of an open_clip model by fine-tuning only its vision projector (ProLIP).
 
     Pre-projection features of ``views`` augmented views per training image are computed once;
@@ -90,6 +115,15 @@ class ProLIPAdapter(Estimator, FittedAttributes):
     Attributes (after any call that loads images):
         skipped_: the images the last such call left out (:class:`prolip.features.images.SkippedImage`).
     """
+
+    _parameter_constraints: ClassVar[dict[str, Constraint]] = {
+        "model": MODEL, "pretrained": PRETRAINED, "templates": TEMPLATES, "lr": LR, "reg_lambda": REG_LAMBDA,
+        "epochs": EPOCHS, "views": VIEWS, "batch_size": BATCH_SIZE, "device": DEVICE, "precision": PRECISION,
+        "logit_scale": LOGIT_SCALE, "random_state": RANDOM_STATE, "verbose": BOOLEAN, "preprocess": PREPROCESS,
+        "tokenizer": TOKENIZER, "on_error": ON_ERROR_RULE, "cache_dir": FOLDER, "cache_dtype": CACHE_DTYPE,
+        "target": TARGET, "taskres_alpha": TASKRES_ALPHA, "train_dtype": TRAIN_DTYPE,
+    }  # fmt: skip
+    kind: ClassVar[str] = "projector"
 
     def __init__(
         self,
@@ -153,6 +187,7 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         self.__dict__.pop("_state", None)  # a failed check leaves the adapter unfitted
         state.check_base(self.backbone, strict=strict, source=source)
         self._state, self._strict_base = state, strict
+        self._adapted_weight()  # computed now, so predict leaves the estimator as it finds it
 
     # ------------------------------------------------------------------ backbone
     @property
@@ -180,30 +215,48 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         return secrets.randbits(63) if self.random_state is None else int(self.random_state)
 
     # ------------------------------------------------------------------ features
+    def extract(self, images: Sequence[ImageLike], views: int | None = None) -> Extracted:
+        """Pre-projection features of ``views`` views of ``images`` and the images left out; the adapter is unchanged.
+
+        What :meth:`extract_features` computes (see there), with the skipped images returned rather than recorded:
+        what the variants, which only read an adapter, use.
+        """
+        self.check_params()
+        views = self.views if views is None else views
+        validate_params({"views": views}, {"views": VIEWS})
+        return self._extract(images, views)
+
+    def _extract(self, images: Sequence[ImageLike], views: int, record: bool = False) -> Extracted:
+        """``record``: keep the skipped images as ``skipped_`` (fit, extract_features), even if none is readable."""
+        backbone = self.backbone
+        plain_preprocess = self.preprocess if views == 0 else None
+        loaded = load_for_model(images, self.on_error, backbone.draft_size, plain_preprocess is not None, self.verbose)
+        if record:
+            self.skipped_ = loaded.skipped
+        report_skipped(loaded)
+        if self.cache_dir is not None and views and self.random_state is None:
+            logger.warning("random_state=None draws a new seed per call, so cached features are never reused")
+        features = features_of(
+            backbone, loaded.images, views, seed=self._seed(), batch_size=self.batch_size, verbose=self.verbose,
+            preprocess=plain_preprocess, cache_dir=self.cache_dir, cache_dtype=self.cache_dtype,
+        )  # fmt: skip
+        return Extracted(features, loaded.skipped)
+
     def extract_features(self, images: Sequence[ImageLike], views: int | None = None) -> torch.Tensor | CachedFeatures:
         """Pre-projection features of augmented views of ``images``: float32 ``[V, n, d_in]``.
 
         ``views=None`` uses ``self.views``; ``views=0`` gives one plain test-time view,
         ``[1, n, d_in]``. The same ``random_state`` gives the same views. Features can be
         passed to :meth:`fit_features` any number of times. With ``on_error="skip"``, ``n``
-        counts the readable images only and ``skipped_`` lists the others. With ``cache_dir``
-        set and ``views > 0``, the result is a lazy :class:`prolip.features.cache.CachedFeatures` over
-        the on-disk cache, and only images not cached yet are computed.
+        counts the readable images only and ``skipped_`` lists the others (:meth:`extract` returns them
+        instead). With ``cache_dir`` set and ``views > 0``, the result is a lazy
+        :class:`prolip.features.cache.CachedFeatures` over the on-disk cache, and only images not cached yet
+        are computed.
         """
-        check_params(self.get_params())
+        self.check_params()
         views = self.views if views is None else views
-        check_params({"views": views})
-        backbone = self.backbone
-        plain_preprocess = self.preprocess if views == 0 else None
-        loaded = load_for_model(images, self.on_error, backbone.draft_size, plain_preprocess is not None, self.verbose)
-        self.skipped_ = loaded.skipped
-        report_skipped(loaded)
-        if self.cache_dir is not None and views and self.random_state is None:
-            logger.warning("random_state=None draws a new seed per call, so cached features are never reused")
-        return features_of(
-            backbone, loaded.images, views, seed=self._seed(), batch_size=self.batch_size, verbose=self.verbose,
-            preprocess=plain_preprocess, cache_dir=self.cache_dir, cache_dtype=self.cache_dtype,
-        )  # fmt: skip
+        validate_params({"views": views}, {"views": VIEWS})
+        return self._extract(images, views, record=True).features
 
     # ------------------------------------------------------------------ fitting
     def fit(
@@ -220,12 +273,13 @@ class ProLIPAdapter(Estimator, FittedAttributes):
             class_names: text for each class in the prompts: a mapping label → text, or a
                 sequence indexed by integer labels. Default: the labels themselves (a dataset's ClassLabel names).
         """
+        self.check_params()  # once, before any image is read
         images, labels, class_names = labelled(images, labels, class_names, self.on_error, self.verbose)
         check_lengths(images, labels)
         labels = label_list(labels)
         encode_labels(labels)  # bad labels fail before the slow feature extraction
-        features = self.extract_features(images)
-        return self.fit_features(features, kept(labels, self.skipped_), class_names)
+        extracted = self._extract(images, self.views, record=True)
+        return self._fit_features(extracted.features, kept(labels, extracted.skipped), class_names)
 
     def fit_features(
         self,
@@ -238,11 +292,37 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         ``features`` may be an in-memory tensor or lazy :class:`prolip.features.cache.CachedFeatures`,
         which training reads one view at a time.
         """
-        check_params(self.get_params())
+        self.check_params()
+        return self._fit_features(features, labels, class_names)
+
+    def _fit_features(
+        self,
+        features: torch.Tensor | CachedFeatures,
+        labels: Sequence[Hashable],
+        class_names: Mapping[Hashable, str] | Sequence[str] | None,
+    ) -> ProLIPAdapter:
         self.__dict__.pop("_state", None)  # a failed fit leaves the adapter unfitted
-        state = fit_projector(self.backbone, features, labels, class_names, self.get_params())
+        state = fit_projector(self.backbone, features, labels, class_names, self.fit_settings())
         self._set_fitted(state)
         return self
+
+    def fit_settings(self) -> FitSettings:
+        """The typed settings a fit of this adapter trains with (its checked parameters, on its backbone's device).
+
+        Built once per fit and passed whole to the training code; what the variants that fit a projector
+        (:class:`~prolip.ProLIPSearch`, :class:`~prolip.ProLIPTipAdapter`) train with too.
+        """
+        config = TrainConfig(
+            lr=float(self.lr), reg_lambda=self.reg_lambda, epochs=self.epochs, logit_scale=self.logit_scale,
+            train_dtype=self.train_dtype, device=self.backbone.device, verbose=self.verbose,
+        )  # fmt: skip
+        recorded = {name: getattr(self, name) for name in SAVED_PARAMS}
+        recorded.update(
+            templates=list(self.templates) if self.templates else None,
+            random_state=None if self.random_state is None else int(self.random_state),
+        )
+        templates = None if self.templates is None else tuple(self.templates)
+        return FitSettings(config, templates, self.target, self.taskres_alpha, recorded)
 
     # ------------------------------------------------------------------ inference
     def _adapted_weight(self) -> torch.Tensor:
@@ -276,21 +356,20 @@ class ProLIPAdapter(Estimator, FittedAttributes):
     def predict_proba(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Class probabilities ``(n, K)``; columns follow ``classes_`` (readable images only, see ``on_error``)."""
         self._fitted()
-        return torch.softmax(self.logits_from_features(self.extract_features(images, views=0)), dim=-1).numpy()
+        return torch.softmax(self.logits_from_features(self.extract(images, views=0).features), dim=-1).numpy()
 
     def predict(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Predicted label of each image, values from ``classes_`` (readable images only, see ``on_error``)."""
         self._fitted()
-        return self.predict_features(self.extract_features(images, views=0))
+        return self.predict_features(self.extract(images, views=0).features)
 
     def score(self, images: Sequence[ImageLike], labels: Sequence[Hashable] | None = None) -> float:
         """Accuracy of :meth:`predict` on ``images`` against ``labels`` (readable images only, see ``on_error``)."""
         self._fitted()
         images, labels, _ = labelled(images, labels, on_error=self.on_error)
         check_lengths(images, labels)
-        labels = label_list(labels)
-        features = self.extract_features(images, views=0)
-        return self.score_features(features, kept(labels, self.skipped_))
+        extracted = self.extract(images, views=0)
+        return self.score_features(extracted.features, kept(label_list(labels), extracted.skipped))
 
     # ------------------------------------------------------------------ the adapted model
     def merged_model(self, precision: str | None = "fp32") -> nn.Module:
@@ -310,16 +389,16 @@ class ProLIPAdapter(Estimator, FittedAttributes):
 
         return export_classifier(self._fitted(), self.backbone, path, format)
 
-    # ------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike) -> None:
-        """Save the delta, T and metadata as one ``.safetensors`` file (written atomically)."""
-        write_delta(path, self._fitted())
-        logger.info("saved delta to %s", os.fspath(path))
+    # ------------------------------------------------------------------ files (save, load, save_pretrained,
+    # from_pretrained and push_to_hub come from HubMixin)
+    def _fitted_state(self) -> FittedState:
+        return self._fitted()
 
     @classmethod
-    def load(
+    def _from_state(
         cls,
-        path: str | os.PathLike,
+        state: FittedState,
+        source: str,
         model: str | nn.Module | None = None,
         pretrained: str | None = None,
         *,
@@ -327,10 +406,9 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         trust_file_model: bool = False,
         **overrides: Any,
     ) -> ProLIPAdapter:
-        """Rebuild a fitted adapter from a delta file written by :meth:`save`.
+        """Loading options, for :meth:`load` and :meth:`from_pretrained`:
 
         Args:
-            path: the ``.safetensors`` delta file.
             model: base model name or object; None uses the model name stored in the file.
             pretrained: pretrained tag or checkpoint path; None uses the one stored in the file.
             strict: refuse (FingerprintMismatchError) when the base model is not the one the
@@ -340,11 +418,12 @@ class ProLIPAdapter(Estimator, FittedAttributes):
                 a checkpoint path): see docs/security.md. Not needed when ``model`` is given.
             **overrides: constructor parameters to change (e.g. ``device="cpu"``, ``verbose=False``).
         """
-        source = repr(os.fspath(path))
-        return cls.from_state(
-            read_delta(path), model, pretrained, strict=strict, trust_file_model=trust_file_model, source=source,
-            **overrides,
-        )  # fmt: skip
+        params = cls._restored(state.hyperparameters, SAVED_PARAMS, overrides, source)
+        if model is None:
+            model, pretrained = state.base_model(pretrained, trust_file_model=trust_file_model, source=source)
+        adapter = cls(model=model, pretrained=pretrained, **params)
+        adapter._set_fitted(state, strict=strict, source=source)
+        return adapter
 
     @classmethod
     def from_state(
@@ -353,45 +432,12 @@ class ProLIPAdapter(Estimator, FittedAttributes):
         model: str | nn.Module | None = None,
         pretrained: str | None = None,
         *,
-        strict: bool = True,
-        trust_file_model: bool = False,
         source: str = "the fitted state",
-        **overrides: Any,
+        **kwargs: Any,
     ) -> ProLIPAdapter:
-        """An adapter fitted with ``state`` (read from a delta file, or made by :mod:`prolip.variants.search`).
+        """An adapter fitted with ``state`` (read with :func:`prolip.files.delta.read_state`, or made by a variant).
 
-        Arguments as in :meth:`load`; the state's stored hyperparameters are restored first.
+        Arguments as :meth:`load` (``strict``, ``trust_file_model``, overrides); the state's stored
+        hyperparameters are restored first.
         """
-        params = restore_params(state.hyperparameters, SAVED_PARAMS, cls._param_names(), overrides, source)
-        if model is None:
-            model, pretrained = state.base_model(pretrained, trust_file_model=trust_file_model, source=source)
-        adapter = cls(model=model, pretrained=pretrained, **params)
-        adapter._set_fitted(state, strict=strict, source=source)
-        return adapter
-
-    # ------------------------------------------------------------------ sharing
-    def push_to_hub(
-        self,
-        repo_id: str,
-        private: bool = False,
-        token: str | None = None,
-        metrics: dict[str, float] | None = None,
-    ) -> str:
-        """Upload the delta and a generated model card to a Hugging Face Hub repository; returns its URL.
-
-        Needs ``huggingface_hub`` (imported only here). ``metrics`` (e.g. ``{"accuracy": 0.91}``)
-        are added to the model card.
-        """
-        from prolip.files import hub
-
-        return hub.push_to_hub(self._fitted(), repo_id, private=private, token=token, metrics=metrics)
-
-    @classmethod
-    def from_pretrained(cls, source: str | os.PathLike, **kwargs: Any) -> ProLIPAdapter:
-        """Load from ``"hf-hub:user/repo"``, a folder holding ``prolip_delta.safetensors``, or a delta file.
-
-        Keyword arguments go to :meth:`load` (``model``, ``pretrained``, ``strict``, overrides).
-        """
-        from prolip.files import hub
-
-        return cls.load(hub.resolve(source), **kwargs)
+        return cls._from_state(state, source, model, pretrained, **kwargs)

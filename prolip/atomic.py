@@ -24,8 +24,10 @@ import os
 import secrets
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, BinaryIO
+
+import torch
 
 from prolip.errors import ProLIPError
 
@@ -135,6 +137,38 @@ def _publish(tmp: str, path: str, exclusive: bool) -> bool:
         return True
     os.unlink(tmp)
     return won
+
+
+def safetensors_header(tensors: Iterable[tuple[str, str, Sequence[int], int]], metadata: Mapping[str, str]) -> bytes:
+    """A safetensors header (its 8-byte length, then the JSON, padded to 8 bytes) for tensors laid out in order.
+
+    ``tensors`` gives each tensor's name, safetensors dtype ("F32", "F16", "I64", ...), shape and size in bytes;
+    their data follows the header in that order. The metadata comes first, its keys sorted: the same input gives
+    the same bytes (safetensors' own writer orders metadata by hash, so its files differ from run to run).
+    """
+    header: dict[str, Any] = {"__metadata__": {k: metadata[k] for k in sorted(metadata)}} if metadata else {}
+    offset = 0
+    for name, dtype, shape, nbytes in tensors:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int64": "I64"}
+
+
+def safetensors_bytes(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -> bytes:
+    """A whole safetensors file of ``tensors`` (torch tensors, by name) and string ``metadata``: the same bytes for
+    the same input (:func:`safetensors_header`), tensors in name order."""
+    blobs, entries = [], []
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        entries.append((name, _SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")], tensor.shape, len(data)))
+        blobs.append(data)
+    return safetensors_header(entries, metadata) + b"".join(blobs)
 
 
 def read_safetensors_header(

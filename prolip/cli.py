@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     predict = command("predict", "Predict the class of images with a saved delta.")
-    predict.add_argument("delta", help="delta file written by 'prolip fit' or ProLIPAdapter.save")
+    predict.add_argument("delta", help="delta file, a folder written by save_pretrained, or a Hub repository id (user/repo)")
     predict.add_argument(
         "images", nargs="+", help="image files, folders of images (recursively) and/or CSV files of paths"
     )
@@ -178,12 +178,12 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     evaluate = command("eval", "Accuracy, per-class accuracy and confusion matrix on labelled images.")
-    evaluate.add_argument("delta", help="delta file")
+    evaluate.add_argument("delta", help="delta file, a folder written by save_pretrained, or a Hub repository id (user/repo)")
     evaluate.add_argument("data", nargs="+", help="folders with one sub-folder per class and/or path,label CSV files")
     _base_options(evaluate)
 
     info = command("info", "Show a delta file's base model, classes, hyperparameters and fingerprint.")
-    info.add_argument("delta", help="delta file")
+    info.add_argument("delta", help="delta file, a folder written by save_pretrained, or a Hub repository id (user/repo)")
 
     models = command(
         "models", "List the open_clip models prolip supports, by tower family (builds each config without weights)."
@@ -221,7 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     merge = command("merge", "Write a full open_clip state dict whose projector is W0 + delta.")
-    merge.add_argument("delta", help="delta file")
+    merge.add_argument("delta", help="delta file, a folder written by save_pretrained, or a Hub repository id (user/repo)")
     merge.add_argument("--out", required=True, help="output .safetensors, loadable with open_clip pretrained=PATH")
     merge.add_argument(
         "--precision",
@@ -232,7 +232,7 @@ def _parser() -> argparse.ArgumentParser:
     _base_options(merge)
 
     export = command("export", "Write a standalone classifier file: preprocessed images to class probabilities.")
-    export.add_argument("delta", help="delta file")
+    export.add_argument("delta", help="delta file, a folder written by save_pretrained, or a Hub repository id (user/repo)")
     export.add_argument("--out", required=True, help="the file to write (its JSON description goes beside it)")
     export.add_argument(
         "--format", default="onnx", choices=["onnx", "pt2"], help="ONNX or torch.export (default: %(default)s)"
@@ -253,16 +253,17 @@ def _base_options(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    """The classifier a file holds: a ProLIPAdapter, a ProLIPTipAdapter, or for a linear adapter a ModelRLA."""
-    from prolip.adapter import ProLIPAdapter
-    from prolip.files.delta import LINEAR_ADAPTER_KIND, TIP_KIND, read_metadata
+    """The classifier ``args.delta`` holds (a file, a folder or a Hub repository id), by its kind's estimator
+    (:data:`prolip.files.hub.ESTIMATORS`); a linear adapter, which classifies embeddings, as a ModelRLA."""
+    from prolip.files.delta import read_metadata
+    from prolip.files.hub import estimator_for, resolve
     from prolip.variants.linear_adapter import ModelRLA
-    from prolip.variants.tip_cache import ProLIPTipAdapter
 
-    loaders = {LINEAR_ADAPTER_KIND: ModelRLA.load, TIP_KIND: ProLIPTipAdapter.load}
-    loader = loaders.get(read_metadata(args.delta)["kind"], ProLIPAdapter.load)
+    path = resolve(args.delta)
+    kind = read_metadata(path)["kind"]
+    loader = ModelRLA.load if kind == "linear_adapter" else estimator_for(kind).load
     return loader(
-        args.delta,
+        path,
         model=args.model,
         pretrained=args.pretrained,
         trust_file_model=args.trust_file_model,
@@ -477,24 +478,22 @@ def _eval(args: argparse.Namespace) -> None:
 @_escaping_output
 def _info(args: argparse.Namespace) -> None:
     from prolip.files.delta import read_metadata, read_state
-    from prolip.training.fitted import LinearAdapterState
+    from prolip.files.hub import estimator_name, resolve
 
-    state, meta = read_state(args.delta), read_metadata(args.delta)
-    print(f"file:              {args.delta}")
+    path = resolve(args.delta)
+    state, meta = read_state(path), read_metadata(path)
+    print(f"file:              {path}")
     print(f"format:            {meta['format']} v{meta['format_version']} (prolip {meta['prolip_version']})")
-    if isinstance(state, LinearAdapterState):
-        print("kind:              linear_adapter (regularised linear adapter on image embeddings)")
+    print(f"kind:              {state.kind} (read by {estimator_name(state.kind)})")
+    if state.kind == "linear_adapter":
         print(f"embeddings of:     {state.model_name or '(outside open_clip)'}  pretrained={state.pretrained or '-'}")
         print(f"adapter:           A = I + delta, {tuple(state.delta.shape)}")
     else:
-        legacy = f"SHA-256 {state.legacy_hash} (format 1)"
-        base = state.fingerprint.summary() if state.fingerprint is not None else legacy
         shape = "(not trained)" if state.delta is None else tuple(state.delta.shape)
-        kind = "projector" if state.cache is None else "tip_adapter (ProLIP + Tip-Adapter)"
-        print(f"kind:              {kind} (target {state.target})")
+        print(f"target:            {state.target}")
         print(f"base model:        {state.model_name or '(a model object)'}  pretrained={state.pretrained or '-'}")
         print(f"projector:         {state.projector_key} {shape} ({state.projector_family})")
-        print(f"base fingerprint:  {base}")
+        print(f"base fingerprint:  {state.fingerprint.summary()}")
         if state.text_delta is not None:
             text = f"{state.text_projector_key} {tuple(state.text_delta.shape)} ({state.text_projector_family})"
             print(f"text projection:   {text}")
@@ -515,7 +514,7 @@ def _info(args: argparse.Namespace) -> None:
     print(f"lambda used:       {state.reg_lambda:g}")
     print(f"logit scale:       {state.logit_scale:g}")
     print(f"hyperparameters:   {json.dumps(dict(state.hyperparameters))}")
-    for name, delta in (("delta", state.delta), ("text delta", getattr(state, "text_delta", None))):
+    for name, delta in (("delta", state.delta), ("text delta", state.text_delta)):
         if delta is not None:
             print(f"{name + ' norm:':<19}{float(delta.norm()):.6g}")
 
@@ -592,22 +591,23 @@ def _models(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from prolip.bench.runner import DEFAULT_METHODS, run_bench
+    from prolip.bench.config import DEFAULT_METHODS, BenchConfig
+    from prolip.bench.runner import run_bench
     from prolip.datasets import read_templates
 
-    common = {  # what a run and its --plan share
-        "data_root": args.data_root, "out_dir": args.out_dir, "model": args.model, "pretrained": args.pretrained,
-        "datasets": args.datasets, "shots": args.shots, "seeds": args.seeds,
-        "methods": args.methods or DEFAULT_METHODS, "source": args.source, "cache_dir": args.cache_dir,
-        "views": args.views, "device": args.device, "precision": args.precision, "batch_size": args.batch_size,
-    }  # fmt: skip
+    config = BenchConfig(  # one configuration for the run and its --plan
+        args.setting, args.data_root, args.out_dir, args.model, args.pretrained, datasets=args.datasets,
+        shots=args.shots, seeds=args.seeds, methods=args.methods or DEFAULT_METHODS, source=args.source,
+        cache_dir=args.cache_dir, views=args.views, epochs=args.epochs,
+        templates=read_templates(args.templates) if args.templates else None, device=args.device,
+        precision=args.precision, batch_size=args.batch_size, verbose=not args.quiet,
+    )  # fmt: skip
     if args.plan:
         from prolip.bench.estimate import estimate_bench
 
-        print(estimate_bench(args.setting, **common).report(int(os.environ.get("WORLD_SIZE", 1))))
+        print(estimate_bench(config).report(int(os.environ.get("WORLD_SIZE", 1))))
         return
-    templates = read_templates(args.templates) if args.templates else None
-    run_bench(args.setting, **common, epochs=args.epochs, templates=templates, verbose=not args.quiet)
+    run_bench(config)
     if not args.quiet and os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 prints
         print((Path(args.out_dir) / "table.md").read_text(encoding="utf-8"))
 

@@ -52,7 +52,12 @@ class ProLIPWarning(UserWarning):
 
 
 class SkippedImagesWarning(ProLIPWarning):
-    """Some images were unreadable and left out (``on_error="skip"``); see the adapter's ``skipped_``."""
+    """Some images were unreadable and left out (``on_error="skip"``): ``skipped`` lists them (index, item, reason),
+    as an adapter's ``skipped_`` does after ``fit`` or ``extract_features``."""
+
+    def __init__(self, message: str, skipped: tuple = ()) -> None:
+        super().__init__(message)
+        self.skipped = list(skipped)
 
 
 class FeatureCacheError(ProLIPError, ValueError):
@@ -75,12 +80,16 @@ class PrecisionWarning(ProLIPWarning):
     """A result was rounded to a low precision and lost part of what was trained."""
 
 
-def warn(message: str, category: type[Warning] = ProLIPWarning) -> None:
-    """Issue a warning attributed to the first caller outside prolip, where the user can see the line."""
+def warn(message: str | Warning, category: type[Warning] = ProLIPWarning) -> None:
+    """Issue a warning (a message of ``category``, or a warning object) attributed to the first caller outside prolip,
+    where the user can see the line."""
     import sys
     import warnings
 
     frame, level = sys._getframe(1), 2  # stacklevel 2 is warn's caller
     while frame is not None and frame.f_globals.get("__name__", "").startswith("prolip."):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level)
+    if isinstance(message, Warning):  # a warning object carries its own category (and data, e.g. skipped)
+        warnings.warn(message, stacklevel=level)
+    else:
+        warnings.warn(message, category, stacklevel=level)

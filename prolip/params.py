@@ -1,9 +1,11 @@
-"""Every hyperparameter's constraint, in one table, checked in one place.
+"""What a parameter must be: one vocabulary of constraints, and one function that checks a table of them.
 
-:func:`check_params` is what the estimator runs before it does any work (scikit-learn style: the
-constructor only stores), what :meth:`~prolip.ProLIPAdapter.load` runs on the hyperparameters a
-file stores, and what :mod:`prolip.variants.distributed` and the backbone builder run on theirs, so a
-value is accepted or refused by the same rule wherever it comes from.
+Every estimator, configuration dataclass and bench method declares ``_parameter_constraints`` (scikit-learn's
+idiom): a dict from parameter name to :class:`Constraint`, composed by inheritance (a subclass writes
+``{**Base._parameter_constraints, "lr": ...}``). :func:`validate_params` checks such a table — an estimator
+once per ``fit``, a configuration when it is built, a file's stored hyperparameters when it is read — so a
+value is accepted or refused by the same rule, with the same message, wherever it comes from. The
+constraints below are the shared vocabulary the tables are made of.
 """
 
 from __future__ import annotations
@@ -13,20 +15,19 @@ import os
 import string
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from prolip.errors import DeltaFileError, InputError
+from prolip.errors import InputError
 
 TARGETS = ("image", "text", "image+text")
 """Which projectors a ProLIP fit trains (``target``): the vision projector, the text projection, or both."""
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 """Backbone precisions by name (training's numerics are ``train_dtype``'s: fp32 unless asked)."""
-
 
 STORAGE_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 """Feature-cache storage precisions by name (``cache_dtype``)."""
@@ -41,10 +42,8 @@ gradient and Adam's moments as the official code trains on the GPU."""
 ON_ERROR = ("raise", "skip")
 """What to do with an image that cannot be read (``on_error``)."""
 
-
 TEMPLATE_RULE = "exactly one '{}' field (empty: the class name) and otherwise literal text ('{{' and '}}' for braces)"
 """What a prompt template must be, in words (errors quote it)."""
-
 
 MAX_LOGIT_SCALE = 1e3
 """The largest logit scale s accepted (CLIP's own is clamped at 100): larger ones only overflow softmax."""
@@ -54,6 +53,57 @@ MAX_TIP_WEIGHT = 1e3
 
 MAX_ABS_ENTRY = 1e4
 """The largest magnitude of an entry of a stored tensor (deltas, T, cache keys): training moves weights of order 1."""
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a parameter must be: a predicate and the phrase that describes it in errors."""
+
+    expected: str
+    check: Callable[[Any], bool]
+
+    def __or__(self, other: Constraint) -> Constraint:
+        """A value either constraint accepts."""
+        return Constraint(f"{self.expected} or {other.expected}", lambda v: self.check(v) or other.check(v))
+
+
+def validate_params(values: Mapping[str, Any], constraints: Mapping[str, Constraint]) -> None:
+    """Check every value of ``values`` whose name has a constraint in ``constraints``.
+
+    Raises:
+        InputError: naming the first parameter that breaks its constraint, its value, and what it must be.
+    """
+    for name, value in values.items():
+        constraint = constraints.get(name)
+        if constraint is not None and not constraint.check(value):
+            shown = f"<{type(value).__name__}>" if isinstance(value, nn.Module) else repr(value)
+            raise InputError(f"{name}={shown} is invalid: it must be {constraint.expected}.")
+
+
+def number(value: Any) -> bool:
+    """True for a finite real number (not a bool)."""
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def one_of(values: Sequence[str] | Mapping[str, Any], what: str = "") -> Constraint:
+    """One of ``values`` (a mapping's keys), a string; ``what`` says what the choice is."""
+    names = list(values)
+    return Constraint(f"one of {names}" + (f": {what}" if what else ""), lambda v: isinstance(v, str) and v in names)
+
+
+def at_least(low: float, *, integer: bool = False, example: str = "") -> Constraint:
+    """A number (an integer) ``>= low``."""
+    kind = "an integer" if integer else "a number"
+    check = _integer if integer else number
+    return Constraint(f"{kind} >= {low:g}" + (f", e.g. {example}" if example else ""), lambda v: check(v) and v >= low)
 
 
 def valid_template(template: object) -> bool:
@@ -82,34 +132,18 @@ def valid_templates(templates: object) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class Constraint:
-    """What a parameter must be: a predicate and the phrase that describes it in errors."""
+def numbers(low: float | None, strict: bool, example: str) -> Constraint:
+    """A non-empty list of finite numbers, each > ``low`` (``strict``) or >= it."""
 
-    expected: str
-    check: Callable[[Any], bool]
+    def check(values: Any) -> bool:
+        return (
+            isinstance(values, (list, tuple))
+            and len(values) > 0
+            and all(number(v) and (v > low if strict else v >= low) for v in values)
+        )
 
-
-def _integer(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def number(value: Any) -> bool:
-    """True for a finite real number (not a bool)."""
-    return (
-        isinstance(value, (int, float, np.integer, np.floating))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
-
-
-def positive_numbers(values: Any, low: float | None) -> bool:
-    """True for a non-empty list of finite numbers, each > ``low`` (or >= 0 when ``low`` is None)."""
-    return (
-        isinstance(values, (list, tuple))
-        and len(values) > 0
-        and all(number(v) and (v >= 0 if low is None else v > low) for v in values)
-    )
+    kind = f"{'positive numbers' if strict and low == 0 else f'numbers >= {low:g}'}"
+    return Constraint(f"a non-empty list of {kind}, e.g. {example}", check)
 
 
 def _device(value: Any) -> bool:
@@ -122,51 +156,66 @@ def _device(value: Any) -> bool:
     return True
 
 
-CONSTRAINTS: dict[str, Constraint] = {
-    "model": Constraint(
-        "an open_clip model name (see open_clip.list_models()), an open_clip model object, or a transformers "
-        "CLIPModel / SiglipModel (see docs/models.md)",
-        lambda v: (isinstance(v, str) and bool(v)) or isinstance(v, nn.Module),
-    ),
-    "pretrained": Constraint(
-        "None, an open_clip pretrained tag or a checkpoint path",
-        lambda v: v is None or isinstance(v, (str, os.PathLike)),
-    ),
-    "templates": Constraint(
-        f"None or a non-empty list of strings with {TEMPLATE_RULE} each, such as ['a photo of a {{}}.']",
-        lambda v: v is None or valid_templates(v),
-    ),
-    "lr": Constraint("a positive number, e.g. 1e-3", lambda v: number(v) and v > 0),
-    "reg_lambda": Constraint(
-        "'auto' (1/N), '1/N^2' or a number >= 0",
-        lambda v: (isinstance(v, str) and v in REG_LAMBDA_RULES) or (number(v) and v >= 0),
-    ),
-    "train_dtype": Constraint(
-        f"one of {list(TRAIN_DTYPES)}: W's training numerics", lambda v: isinstance(v, str) and v in TRAIN_DTYPES
-    ),
-    "epochs": Constraint("an integer >= 0", lambda v: _integer(v) and v >= 0),
-    "views": Constraint("an integer >= 0 (0: train on the plain view)", lambda v: _integer(v) and v >= 0),
-    "batch_size": Constraint("an integer >= 1", lambda v: _integer(v) and v >= 1),
-    "device": Constraint("None or a torch device such as 'cuda', 'cuda:1', 'mps' or 'cpu'", _device),
-    "precision": Constraint(f"one of {sorted(PRECISIONS)}", lambda v: isinstance(v, str) and v in PRECISIONS),
-    "logit_scale": Constraint(
-        f"None or a positive number <= {MAX_LOGIT_SCALE:g}",
-        lambda v: v is None or (number(v) and 0 < v <= MAX_LOGIT_SCALE),
-    ),
-    "random_state": Constraint("None or an integer", lambda v: v is None or _integer(v)),
-    "verbose": Constraint("True or False", lambda v: isinstance(v, (bool, np.bool_))),
-    "preprocess": Constraint("None or a callable (PIL image -> tensor)", lambda v: v is None or callable(v)),
-    "tokenizer": Constraint("None or a callable (list of str -> token tensor)", lambda v: v is None or callable(v)),
-    "on_error": Constraint(f"one of {list(ON_ERROR)}", lambda v: isinstance(v, str) and v in ON_ERROR),
-    "cache_dir": Constraint("None or a folder path", lambda v: v is None or isinstance(v, (str, os.PathLike))),
-    "cache_dtype": Constraint(f"one of {sorted(STORAGE_DTYPES)}", lambda v: isinstance(v, str) and v in STORAGE_DTYPES),
-    "target": Constraint(
-        f"one of {list(TARGETS)}: the projector(s) to train", lambda v: isinstance(v, str) and v in TARGETS
-    ),
-    "taskres_alpha": Constraint(
-        "None (no residual) or a positive number, TaskRes's α (e.g. 0.5)", lambda v: v is None or (number(v) and v > 0)
-    ),
-}
+NONE = Constraint("None", lambda v: v is None)
+POSITIVE = Constraint("a positive number", lambda v: number(v) and v > 0)
+NON_NEGATIVE = at_least(0)
+FRACTION = Constraint("a fraction in (0, 1]", lambda v: number(v) and 0 < v <= 1)
+BOOLEAN = Constraint("True or False", lambda v: isinstance(v, (bool, np.bool_)))
+COUNT = at_least(1, integer=True)
+STEPS = at_least(0, integer=True)
+SEED = Constraint("an integer", _integer)
+
+MODEL = Constraint(
+    "an open_clip model name (see open_clip.list_models()), an open_clip model object, or a transformers "
+    "CLIPModel / SiglipModel (see docs/models.md)",
+    lambda v: (isinstance(v, str) and bool(v)) or isinstance(v, nn.Module),
+)
+PRETRAINED = Constraint(
+    "None, an open_clip pretrained tag or a checkpoint path", lambda v: v is None or isinstance(v, (str, os.PathLike))
+)
+TEMPLATES = Constraint(
+    f"None or a non-empty list of strings with {TEMPLATE_RULE} each, such as ['a photo of a {{}}.']",
+    lambda v: v is None or valid_templates(v),
+)
+LR = Constraint("a positive number, e.g. 1e-3", POSITIVE.check)
+REG_LAMBDA = Constraint(
+    "'auto' (1/N), '1/N^2' or a number >= 0",
+    lambda v: (isinstance(v, str) and v in REG_LAMBDA_RULES) or NON_NEGATIVE.check(v),
+)
+TRAIN_DTYPE = one_of(TRAIN_DTYPES, "W's training numerics")
+EPOCHS = Constraint("an integer >= 0", STEPS.check)
+VIEWS = Constraint("an integer >= 0 (0: train on the plain view)", STEPS.check)
+BATCH_SIZE = Constraint("an integer >= 1", COUNT.check)
+DEVICE = Constraint("None or a torch device such as 'cuda', 'cuda:1', 'mps' or 'cpu'", _device)
+PRECISION = one_of(sorted(PRECISIONS))
+LOGIT_SCALE = Constraint(
+    f"None or a positive number <= {MAX_LOGIT_SCALE:g}", lambda v: v is None or (number(v) and 0 < v <= MAX_LOGIT_SCALE)
+)
+RANDOM_STATE = NONE | SEED
+PREPROCESS = Constraint("None or a callable (PIL image -> tensor)", lambda v: v is None or callable(v))
+TOKENIZER = Constraint("None or a callable (list of str -> token tensor)", lambda v: v is None or callable(v))
+ON_ERROR_RULE = one_of(ON_ERROR)
+FOLDER = Constraint("None or a folder path", lambda v: v is None or isinstance(v, (str, os.PathLike)))
+CACHE_DTYPE = one_of(sorted(STORAGE_DTYPES))
+TARGET = one_of(TARGETS, "the projector(s) to train")
+
+
+def _class_names(names: Any) -> bool:
+    return (
+        isinstance(names, Sequence)
+        and not isinstance(names, (str, bytes))
+        and len(names) > 0
+        and all(isinstance(n, str) and n.strip() for n in names)
+        and len(set(names)) == len(names)
+    )
+
+
+CLASS_NAMES = Constraint("a non-empty list of distinct non-empty strings, e.g. ['cat', 'dog']", _class_names)
+LRS = numbers(0, True, "[1e-3, 1e-2]")
+REG_LAMBDAS = numbers(0, False, "[0, 0.1]")
+TASKRES_ALPHA = Constraint(
+    "None (no residual) or a positive number, TaskRes's α (e.g. 0.5)", lambda v: v is None or POSITIVE.check(v)
+)
 
 
 def resolve_reg_lambda(reg_lambda: float | str | None, n_shots: float) -> float:
@@ -176,46 +225,16 @@ def resolve_reg_lambda(reg_lambda: float | str | None, n_shots: float) -> float:
         InputError: ``reg_lambda`` is neither a rule's name nor a number >= 0.
     """
     reg_lambda = "auto" if reg_lambda is None else reg_lambda
-    check_params({"reg_lambda": reg_lambda})
+    validate_params({"reg_lambda": reg_lambda}, {"reg_lambda": REG_LAMBDA})
     if isinstance(reg_lambda, str):
         return 1.0 / float(n_shots) ** REG_LAMBDA_RULES[reg_lambda]
     return float(reg_lambda)
 
 
-def check_params(params: Mapping[str, Any]) -> None:
-    """Check every parameter of ``params`` that has a constraint.
+class Constrained:
+    """A frozen configuration dataclass whose fields are checked against its ``_parameter_constraints`` when built."""
 
-    Raises:
-        InputError: naming the first parameter that breaks its constraint, its value, and what
-            it must be.
-    """
-    for name, value in params.items():
-        constraint = CONSTRAINTS.get(name)
-        if constraint is not None and not constraint.check(value):
-            shown = f"<{type(value).__name__}>" if isinstance(value, nn.Module) else repr(value)
-            raise InputError(f"{name}={shown} is invalid: it must be {constraint.expected}.")
+    _parameter_constraints: ClassVar[dict[str, Constraint]] = {}
 
-
-def restore_params(
-    stored: Mapping[str, Any], saved: Sequence[str], valid: Sequence[str], overrides: Mapping[str, Any], source: str
-) -> dict[str, Any]:
-    """An estimator's parameters from a file: the ``saved`` ones it stores, checked, then the caller's ``overrides``.
-
-    Only the names in ``saved`` are taken from the file, so a file never chooses the device,
-    callables or the model.
-
-    Raises:
-        InputError: an override is not one of the estimator's parameters (``valid``).
-        DeltaFileError: a stored value breaks its constraint (the file was damaged or edited).
-    """
-    unknown = set(overrides) - set(valid)
-    if unknown:
-        raise InputError(f"unknown parameter(s) {sorted(unknown)}; valid: {list(valid)}.")
-    params = {k: v for k, v in stored.items() if k in saved}
-    try:
-        check_params(params)
-    except InputError as exc:
-        raise DeltaFileError(
-            f"{source} holds invalid hyperparameters ({exc}); the file is damaged or was edited."
-        ) from None
-    return {**params, **overrides}
+    def __post_init__(self) -> None:
+        validate_params(vars(self), type(self)._parameter_constraints)

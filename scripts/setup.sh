@@ -9,7 +9,7 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import prolip, torch, torchvision, open_clip, pytest, hypothesis, matplotlib, huggingface_hub, mkdocstrings, sklearn, importlinter, datasets, transformers, onnx, onnxruntime, onnxscript" 2>/dev/null; then
+if ! .venv/bin/python -c "import prolip, torch, torchvision, open_clip, pytest, hypothesis, matplotlib, huggingface_hub, jinja2, mkdocstrings, sklearn, importlinter, datasets, transformers, onnx, onnxruntime, onnxscript" 2>/dev/null; then
     .venv/bin/python -m pip install -q --upgrade pip
     # These torch/torchvision builds import together (PyPI's torchvision does not import beside
     # other torch builds); on these machines pip takes them from local disk.

@@ -6,5 +6,5 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
 .venv/bin/ruff check .
 .venv/bin/lint-imports --no-cache
-.venv/bin/mkdocs build --strict --quiet -d build/site
+.venv/bin/mkdocs build --strict -d build/site  # no --quiet: it hides the warnings --strict counts
 .venv/bin/python -m pytest -q "$@"

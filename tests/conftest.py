@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import string
+import subprocess
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
@@ -40,6 +41,44 @@ def pytest_configure(config: pytest.Config) -> None:
     import open_clip
 
     open_clip.add_model_config(CONFIGS)
+
+
+def run_prolip(*args: str) -> subprocess.CompletedProcess:
+    """``prolip ARGS`` run in this process through :func:`prolip.cli.main`, as a finished process would report it.
+
+    What a fresh process would see: stdout and stderr captured, the root logger without pytest's handlers (so the
+    command's own ``basicConfig`` writes to the captured stderr), warnings shown once per run with the default
+    filters, and all of it put back afterwards. Saves the torch import a subprocess pays (several seconds each);
+    the entry point itself is tested as a process in tests/test_cli.py.
+    """
+    import contextlib
+    import io
+    import logging
+    import warnings
+
+    from prolip.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    root, ours = logging.getLogger(), logging.getLogger("prolip")
+    handlers, levels = root.handlers[:], (root.level, ours.level)
+    root.handlers.clear()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.resetwarnings()
+            warnings.simplefilter("default")
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse's --help and usage errors
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            finally:
+                logging.captureWarnings(False)
+                for handler in root.handlers:
+                    handler.flush()
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(levels[0])
+        ours.setLevel(levels[1])
+    return subprocess.CompletedProcess(["prolip", *args], code, out.getvalue(), err.getvalue())
 
 
 def colour_images(n_per_class: int, seed: int = 0, size: int = 40) -> tuple[list[torch.Tensor], list[str]]:
@@ -148,14 +187,19 @@ def engine_grid(features, labels, classifier, w0, bias, *, points, **settings):
     return train_grid(features, labels, LinearHead(w0, bias), classifier, config, points)
 
 
-def edit_delta(path, out, meta=None, tensors=None):
-    """A copy of the safetensors file ``path`` at ``out``, its metadata and tensors changed in place by
-    ``meta(dict)`` and ``tensors(dict)``: how tests make damaged delta files."""
+def edit_delta(path, out, meta=None, tensors=None, config=None):
+    """A copy of the safetensors file ``path`` at ``out``, changed in place by ``meta(dict)`` (the header's text
+    fields: format, format_version, kind, config as JSON text, ...), ``config(dict)`` (the decoded configuration of
+    a format 3 file, written back as JSON) and ``tensors(dict)``: how tests make damaged delta files."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(path), framework="pt") as f:
         m, t = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    if config:
+        decoded = json.loads(m["config"])
+        config(decoded)
+        m["config"] = json.dumps(decoded)
     if meta:
         meta(m)
     if tensors:

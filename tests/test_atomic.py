@@ -15,7 +15,7 @@ import torch
 
 from prolip import DeltaFileError
 from prolip.atomic import STALE_TEMP_SECONDS, TEMP_PREFIX
-from prolip.files.delta import read_delta, write_delta
+from prolip.files.delta import read_state, write_delta
 from prolip.model.fingerprint import Fingerprint
 from prolip.training.fitted import FittedState
 
@@ -47,7 +47,7 @@ def _state(delta: torch.Tensor, classifier: torch.Tensor, version: int) -> Fitte
 
 def _version(path: Path) -> int:
     """The version a delta file holds, after checking it is complete and self-consistent."""
-    contents = read_delta(path)
+    contents = read_state(path)
     version = int(contents.n_shots) - 1
     assert contents.delta.shape == SHAPE
     assert bool((contents.delta == version).all()) and bool((contents.classifier == version).all())  # stored values
@@ -105,6 +105,7 @@ def _run_and_kill(child, rng: random.Random, longest: float) -> list[int]:
     return done
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork to kill a writer mid-save")
 def test_sigkill_during_save_leaves_old_or_new_file(tmp_path):
     target = tmp_path / "delta.safetensors"
@@ -189,6 +190,7 @@ def _cache_writer(root: Path, first: int, report: int) -> None:
         os._exit(1)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork to kill a writer mid-write")
 def test_sigkill_during_cache_writes_leaves_only_complete_entries(tmp_path):
     from prolip.features.cache import CacheKey, FeatureCache

@@ -12,11 +12,12 @@ import torch.nn.functional as F
 from conftest import engine_train
 
 from prolip import ProLIPAdapter, ProLIPSearch, standin
+from prolip.bench.config import BenchConfig
 from prolip.bench.methods import METHODS, FittedMethod, Method
 from prolip.bench.runner import run_bench
 from prolip.cli import main
 from prolip.errors import InputError
-from prolip.files.delta import read_delta
+from prolip.files.delta import read_state
 from prolip.model.head import LinearHead
 from prolip.training.engine import TrainConfig
 from prolip.variants.search import PAPER_LAMBDAS, PAPER_LRS, search_projector
@@ -35,9 +36,10 @@ def suite(mini_suite, tmp_path_factory):
 def bench(setting, suite, out, **kw):
     args = {"data_root": suite, "out_dir": out, "model": standin.MODEL_NAME, "pretrained": standin.PRETRAINED_TAG}
     args["templates"] = standin.TEMPLATES
-    return run_bench(setting, **{**args, **FAST, **kw})
+    return run_bench(BenchConfig(setting=setting, **{**args, **FAST, **kw}))
 
 
+@pytest.mark.slow
 def test_few_shot_end_to_end(suite, tmp_path):
     methods = ["zero-shot", "prolip", "prolip-val", "linear-probe"]
     cells = bench("few-shot", suite, tmp_path, datasets=["caltech101", "dtd"], shots=[1, 2], methods=methods)
@@ -75,6 +77,7 @@ class _Interrupting(Method):
         return METHODS["zero-shot"]().fit(problem)
 
 
+@pytest.mark.slow
 def test_an_interrupted_bench_resumes_where_it_stopped(suite, tmp_path, monkeypatch):
     monkeypatch.setitem(METHODS, "interrupting", _Interrupting)
     kw = {"datasets": ["eurosat"], "shots": [1, 2], "methods": ["prolip", "interrupting"]}
@@ -93,6 +96,7 @@ def test_an_interrupted_bench_resumes_where_it_stopped(suite, tmp_path, monkeypa
         bench("few-shot", suite, tmp_path, **{**kw, "views": 3})
 
 
+@pytest.mark.slow
 def test_base_to_new(suite, tmp_path):
     cells = bench(
         "base-to-new",
@@ -108,6 +112,7 @@ def test_base_to_new(suite, tmp_path):
     assert "base / new / harmonic mean" in (tmp_path / "table.md").read_text()
 
 
+@pytest.mark.slow
 def test_cross_dataset_and_domain_generalisation(suite, tmp_path):
     methods = ["zero-shot", "prolip", "linear-probe"]
     cross = bench("cross-dataset", suite, tmp_path / "cross", datasets=["dtd", "eurosat"], shots=[1], methods=methods)
@@ -192,7 +197,7 @@ def test_search_estimator_records_the_grid_in_the_delta(checkpoints, tmp_path):
     assert_no_near_ties(best.logits_from_features(best.extract_features(val_images, views=0)), margin=1e-3)
     assert grid.shape == (2, 2) and float(grid.max()) == best.score(val_images, val_labels)
     search.save(tmp_path / "d.safetensors")
-    state = read_delta(tmp_path / "d.safetensors")
+    state = read_state(tmp_path / "d.safetensors")
     assert state.selection == search.cv_results_ and state.hyperparameters["lr"] == best.lr
     loaded = ProLIPAdapter.load(tmp_path / "d.safetensors", pretrained=checkpoints["vit"], verbose=False)
     assert loaded.fitted_.selection == search.cv_results_
@@ -214,6 +219,7 @@ def test_methods_take_arguments_in_their_names(suite, tmp_path):
 
 
 # ---------------------------------------------------------------------------- the official scripts' settings
+@pytest.mark.slow
 def test_each_setting_runs_the_official_defaults_and_says_so(suite, tmp_path):
     """Without --shots or method arguments: 4-shot ImageNet and lr 1e-5 for the transfer settings, lr 1e-3 for few-shot."""
     transfer = bench("cross-dataset", suite, tmp_path / "cross", datasets=["dtd"], methods=["prolip"])
@@ -233,6 +239,7 @@ def test_each_setting_runs_the_official_defaults_and_says_so(suite, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_every_cell_records_the_hyperparameters_it_trained_with(suite, tmp_path):
     methods = sorted(METHODS)
     cells = bench("few-shot", suite, tmp_path, datasets=["dtd"], shots=[2], methods=methods)

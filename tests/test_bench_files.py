@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from prolip import standin
+from prolip.bench.config import BenchConfig
 from prolip.bench.results import ResultsFile, add_cells, read_results
 from prolip.bench.runner import run_bench
 from prolip.errors import InputError
@@ -36,7 +37,7 @@ def suite(mini_suite, tmp_path_factory):
 def bench(suite, out, **kw):
     args = {"data_root": suite, "out_dir": out, "model": standin.MODEL_NAME, "pretrained": standin.PRETRAINED_TAG}
     args.update(templates=standin.TEMPLATES, datasets=["eurosat"], shots=[1], methods=["zero-shot"])
-    return run_bench("few-shot", **{**args, **FAST, **kw})
+    return run_bench(BenchConfig(setting="few-shot", **{**args, **FAST, **kw}))
 
 
 def test_two_runs_sharing_results_json_keep_each_others_cells(tmp_path):
@@ -59,6 +60,7 @@ def _add_many(path, method):
         add_cells(path, CONFIG, [cell(method, n)])
 
 
+@pytest.mark.slow
 def test_concurrent_processes_never_lose_a_cell(tmp_path):
     path = tmp_path / "results.json"
     ctx = multiprocessing.get_context("spawn")

@@ -43,6 +43,7 @@ def _bench(suite, out, seeds, processes=1):
     return {ResultsFile.key(c): c for c in json.loads((out / "results.json").read_text())["cells"]}, log
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_give_the_cells_of_one_and_resume(suite, tmp_path):
     one, _ = _bench(suite, tmp_path / "one", seeds=[1, 2])
     two, log = _bench(suite, tmp_path / "two", seeds=[1, 2], processes=2)
@@ -92,6 +93,7 @@ def test_cells_are_dealt_round_robin():
 
 
 def test_the_plan_counts_what_the_run_then_does(suite, tmp_path, capsys):
+    from prolip.bench.config import BenchConfig
     from prolip.bench.estimate import estimate_bench
     from prolip.bench.runner import run_bench
     from prolip.cli import main
@@ -99,11 +101,11 @@ def test_the_plan_counts_what_the_run_then_does(suite, tmp_path, capsys):
     kw = {"data_root": suite, "out_dir": tmp_path, "model": standin.MODEL_NAME, "pretrained": standin.PRETRAINED_TAG}
     kw |= {"datasets": ["dtd", "eurosat"], "shots": [1, 2], "seeds": [1], "methods": ["zero-shot", "prolip"]}
     kw |= {"views": 2}
-    before = estimate_bench("few-shot", **kw, probe=False)
+    before = estimate_bench(BenchConfig(setting="few-shot", **kw), probe=False)
     assert not (tmp_path / "cache").exists()  # a dry run writes nothing
     assert before.cells == {"zero-shot": 4, "prolip": 4} and before.done == 0
     assert all(s.cached == 0 for s in before.settings) and before.cached_bytes == 0
-    run_bench("few-shot", **kw, epochs=3, templates=standin.TEMPLATES, verbose=False)
+    run_bench(BenchConfig(setting="few-shot", **kw, epochs=3, templates=standin.TEMPLATES, verbose=False))
     # Each view setting's folder holds one entry per image the plan counted, and the cache's size is the plan's.
     folders = {}
     for settings in (tmp_path / "cache").rglob("settings.json"):
@@ -113,7 +115,7 @@ def test_the_plan_counts_what_the_run_then_does(suite, tmp_path, capsys):
     files = [p for p in (tmp_path / "cache").rglob("*.safetensors")]
     on_disk = sum(p.stat().st_size for p in files)
     assert before.cache_bytes <= on_disk <= before.cache_bytes + 1024 * len(files)  # headers aside
-    after = estimate_bench("few-shot", **kw, probe=False)
+    after = estimate_bench(BenchConfig(setting="few-shot", **kw), probe=False)
     assert after.passes == 0 and after.images == 0 and after.cells == {} and after.done == 8
     assert after.cached_bytes == sum(s.images * s.rows for s in before.settings) * after.width * after.value_bytes
     # The command line prints the figures, with an estimated time from the probe.

@@ -54,6 +54,7 @@ def test_every_benchmark_is_covered():
     assert {p.name for p in BENCHMARKS.glob("bench_*.py")} - SLOW == set(TINY)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(TINY))
 def test_the_benchmark_runs(script):
     args, expected = TINY[script]

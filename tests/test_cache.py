@@ -170,6 +170,7 @@ def _run(*scripts: Path, args: tuple[str, ...] = ()) -> list[subprocess.Complete
     return [subprocess.CompletedProcess(p.args, p.wait(timeout=120), *p.communicate()) for p in procs]
 
 
+@pytest.mark.slow
 def test_hard_crash_leaves_no_torn_entry_and_resumes(make, counted, checkpoints, data, reference, tmp_path):
     images, _ = data
     # The process dies after writing a temporary file, before the third entry is moved into place.
@@ -195,6 +196,7 @@ def test_hard_crash_leaves_no_torn_entry_and_resumes(make, counted, checkpoints,
     assert sum(calls) == (len(images) - 2) * VIEWS
 
 
+@pytest.mark.slow
 def test_two_processes_filling_one_cache_leave_it_consistent(make, counted, checkpoints, data, reference, tmp_path):
     images, _ = data
     body = """
@@ -313,6 +315,7 @@ def test_damaged_entry_is_recomputed(make, counted, data, reference, tmp_path):
     assert sum(calls) == VIEWS
 
 
+@pytest.mark.slow
 def test_an_entry_without_its_checksum_is_recomputed_or_upgraded_by_the_script(
     make, counted, data, reference, tmp_path
 ):

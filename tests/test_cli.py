@@ -1,4 +1,5 @@
-"""The prolip command line, driven through subprocesses on a tiny image folder."""
+"""The prolip command line on a tiny image folder, run in-process through prolip.cli.main (conftest.run_prolip); one
+test runs the entry point as a process."""
 
 from __future__ import annotations
 
@@ -10,21 +11,31 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import run_prolip
 from PIL import Image
 
 from prolip import ProLIPAdapter, standin
-from prolip.files.delta import read_delta
+from prolip.files.delta import read_state
 from prolip.model.local_models import add_to_open_clip
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 
 def prolip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``python -m prolip ARGS`` and return the finished process."""
-    done = subprocess.run([sys.executable, "-m", "prolip", *args], capture_output=True, text=True, env=ENV, timeout=300)
+    """Run ``prolip ARGS`` (in this process) and return what the finished process would."""
+    done = run_prolip(*args)
     if check and done.returncode != 0:
         raise AssertionError(f"prolip {args} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
     return done
+
+
+@pytest.mark.slow
+def test_the_entry_point_runs_as_a_process(delta):
+    """``python -m prolip`` (what the ``prolip`` script runs) as a separate process: output, status, one-line errors."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "prolip"]
+    done = subprocess.run([*command, "info", str(delta)], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout == prolip("info", str(delta)).stdout, done.stderr
+    done = subprocess.run([*command, "info", "missing.safetensors"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "does not exist" in done.stderr, done.stderr
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +92,7 @@ def test_fit_info_predict_eval(folder, delta):
         assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     adapter = ProLIPAdapter.load(delta, verbose=False)
     proba = adapter.predict_proba(images)
-    # Exact: the subprocess runs the same ops on the same shapes (the suite keeps torch's default thread count).
+    # Exact: the command runs the same ops on the same shapes.
     assert [r["label"] for r in rows] == adapter.predict(images).tolist()
     for row, p in zip(rows, proba, strict=True):
         assert [row["probabilities"][str(c)] for c in adapter.classes_] == pytest.approx(p.tolist(), abs=1e-6)
@@ -134,7 +145,7 @@ def test_fit_in_the_official_fp16_numerics_with_lambda_one_over_n_squared(folder
     prolip("fit", str(folder), *common, "--epochs", "5", "--lr", "1e-5", "--reg-lambda", "1/N^2", "--train-dtype", "fp16",
            "--out", str(out), "--quiet")  # fmt: skip
     assert "lambda used:       0.0625" in prolip("info", str(out)).stdout  # 1/N² with N = 4
-    state = read_delta(out)
+    state = read_state(out)
     assert state.hyperparameters["train_dtype"] == "fp16" and state.hyperparameters["reg_lambda"] == "1/N^2"
     adapter = ProLIPAdapter.load(out, verbose=False)
     assert adapter.train_dtype == "fp16"
@@ -152,7 +163,7 @@ def test_merge_gives_an_open_clip_checkpoint(delta, tmp_path):
     add_to_open_clip(standin.MODEL_NAME)
     merged = open_clip.create_model(standin.MODEL_NAME, pretrained=str(out))
     base = open_clip.create_model(standin.MODEL_NAME, pretrained=str(standin.checkpoint_path()))
-    delta_file = read_delta(delta)
+    delta_file = read_state(delta)
     # The projector is exactly W0 + delta from the file, in fp32; everything else is the base model. Bit-for-bit:
     # the same elementwise fp32 addition (correctly rounded, the same on every CPU), and copies of the rest.
     assert merged.visual.proj.dtype == torch.float32
@@ -178,7 +189,7 @@ def test_csv_input_and_user_errors(folder, tmp_path):
     prolip("fit", str(csv), *common, "--cache-dir", str(cache), "--out", str(again), "--quiet")
     assert [p.stat().st_mtime_ns for p in entries] == stamps  # reused, not rewritten
     # bit-for-bit: both fits train on the same fp16 features read back from the cache: the same ops and shapes
-    assert torch.equal(read_delta(out).delta, read_delta(again).delta)
+    assert torch.equal(read_state(out).delta, read_state(again).delta)
 
     for args, needle in (
         (("fit", str(tmp_path / "missing"), "--out", str(tmp_path / "x.safetensors")), "does not exist"),
@@ -248,14 +259,10 @@ def test_open_clip_chatter_only_with_verbose(delta, folder):
 
 
 @pytest.mark.parametrize("command", ["fit", "predict", "eval", "info", "models", "bench", "merge", "export"])
-def test_every_subcommand_has_help_with_an_example(command, capsys):
-    from prolip.cli import main
-
-    # In-process: argparse's help is the same text the subprocess would print.
-    with pytest.raises(SystemExit) as done:
-        main([command, "--help"])
-    assert done.value.code == 0
-    text = capsys.readouterr().out
+def test_every_subcommand_has_help_with_an_example(command):
+    done = run_prolip(command, "--help")
+    assert done.returncode == 0
+    text = done.stdout
     assert "example:" in text and f"prolip {command}" in text
 
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import colour_images
+from conftest import colour_images, run_prolip
 
 from prolip import ProLIPAdapter, standin
 from prolip.bench import results
@@ -20,7 +20,7 @@ MODEL = ["--model", standin.MODEL_NAME, "--pretrained", standin.PRETRAINED_TAG]
 
 
 def prolip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "prolip", *args], capture_output=True, text=True, env=ENV, timeout=300)
+    return run_prolip(*args)
 
 
 def one_line_error(done: subprocess.CompletedProcess, needle: str) -> None:
@@ -49,6 +49,7 @@ def test_info_escapes_control_characters_from_the_file(hostile_delta):
     assert "\x1b" not in done.stdout and "red\\x1b[31m" in done.stdout and "gr\\neen" in done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["info", "predict"])
 def test_a_closed_pipe_ends_quietly(hostile_delta, command, tmp_path):
     args = [str(hostile_delta)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import math
 import os
 import pickle
 import struct
@@ -19,9 +20,8 @@ from safetensors.torch import save_file
 
 import prolip
 from prolip import DeltaFileError, FingerprintMismatchError, ProLIPAdapter
-from prolip.files.delta import CLASSIFIER_KEY, MAX_HEADER_BYTES, read_delta, write_delta
-from prolip.model.fingerprint import legacy_projector_hash
-from prolip.training.fitted import FittedState
+from prolip.files.delta import MAX_HEADER_BYTES, read_state, write_delta
+from prolip.training.fitted import CLASSIFIER_KEY, CONFIG_SCHEMA, FittedState
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +45,14 @@ def _contents(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
 def _expect(path: Path, match: str, error: type[Exception] = DeltaFileError, **load_kw) -> None:
     """Both the reader and ProLIPAdapter.load refuse ``path`` with a message naming it."""
     with pytest.raises(error, match=match) as info:
-        read_delta(path)
+        read_state(path)
     assert repr(str(path)) in str(info.value)
     with pytest.raises(error, match=match):
         ProLIPAdapter.load(path, trust_file_model=True, **load_kw)
 
 
 def test_the_valid_file_loads(valid, fitted):
-    contents = read_delta(valid)
+    contents = read_state(valid)
     assert torch.equal(contents.delta, fitted.delta_)  # bit-for-bit: a stored tensor read back
     assert contents.classes == ("blue", "green", "red") and contents.reg_lambda == fitted.reg_lambda_
     loaded = ProLIPAdapter.load(valid, trust_file_model=True, verbose=False)
@@ -127,7 +127,7 @@ def test_wrong_tensor_shapes(valid, tmp_path, fitted):
         _expect(path, "inconsistent contents|holds tensors")
     # Well-formed on its own, but not the shape of this model's projector: only load can tell.
     path = edit_delta(valid, tmp_path / "t.safetensors", tensors=lambda t: t.update({key: t[key].t().contiguous()}))
-    read_delta(path)
+    read_state(path)
     with pytest.raises(DeltaFileError, match=r"delta for visual\.proj of shape \(24, 48\).*\(48, 24\)"):
         ProLIPAdapter.load(path, trust_file_model=True)
     path = edit_delta(valid, tmp_path / "w.safetensors", tensors=lambda t: t.update({CLASSIFIER_KEY: torch.ones(3, 7)}))
@@ -141,10 +141,14 @@ def test_nan_values(valid, tmp_path, fitted):
     _expect(path, "NaN or Inf")
 
 
-@pytest.mark.parametrize("missing", ["base_fingerprint", "classes", "format", "format_version", "projector_key"])
-def test_missing_metadata_keys(valid, tmp_path, missing):
-    path = edit_delta(valid, tmp_path / "m.safetensors", meta=lambda m: m.pop(missing))
-    _expect(path, rf"lacks prolip metadata \['{missing}'\].*Re-save")
+@pytest.mark.parametrize(
+    ("missing", "where"),
+    [("fingerprint", "config"), ("classes", "config"), ("projector_key", "config"), ("format", "meta"),
+     ("format_version", "meta"), ("kind", "meta"), ("config", "meta")],
+)  # fmt: skip
+def test_missing_metadata_keys(valid, tmp_path, missing, where):
+    path = edit_delta(valid, tmp_path / "m.safetensors", **{where: lambda m: m.pop(missing)})
+    _expect(path, rf"lacks prolip metadata \['{missing}'\].*(Re-save|original file)")
 
 
 def test_no_metadata_at_all(valid, tmp_path):
@@ -154,56 +158,100 @@ def test_no_metadata_at_all(valid, tmp_path):
 
 
 def test_unknown_future_format_version(valid, tmp_path):
-    path = edit_delta(valid, tmp_path / "v3.safetensors", meta=lambda m: m.update(format_version="3"))
-    _expect(path, r"format version 3, newer than this prolip understands \(2\); upgrade prolip")
+    path = edit_delta(valid, tmp_path / "v4.safetensors", meta=lambda m: m.update(format_version="4"))
+    _expect(path, r"format version 4, newer than this prolip understands \(3\); upgrade prolip")
     for bad in ("0", "-1", "one", "9" * 5000):
         path = edit_delta(valid, tmp_path / "vx.safetensors", meta=lambda m, bad=bad: m.update(format_version=bad))
         _expect(path, "format_version")
+
+
+def test_format_1_was_never_released_and_is_refused(valid, tmp_path):
+    path = edit_delta(valid, tmp_path / "v1.safetensors", meta=lambda m: m.update(format_version="1"))
+    _expect(path, r"format_version 1, which no released prolip wrote; this prolip reads versions \[2, 3\]")
 
 
 @pytest.mark.parametrize(
     ("key", "value", "match"),
     [
         ("format", "other-delta", "has format 'other-delta'"),
-        ("classes", "[not json", "malformed metadata 'classes'"),
-        ("classes", "[" * 100_000 + "]" * 100_000, "malformed metadata 'classes'"),  # parser recursion
-        ("classes", '{"a": 1}', "'classes': expected a non-empty JSON list"),
-        ("classes", '["red", "red", "blue"]', "distinct labels"),
-        ("classes", '[["a"], "b", "c"]', "'classes'"),
-        ("class_names", '["a", "b"]', "'class_names': expected a JSON list of 3 strings"),
-        ("class_names", "[1, 2, 3]", "'class_names'"),
-        ("templates", '"a photo of a {}."', "'templates'"),
-        ("hyperparameters", "[1, 2]", "'hyperparameters': expected a JSON object"),
-        ("n_shots", "nan", "'n_shots': expected a finite positive number"),
-        ("logit_scale", "-100", "'logit_scale'"),
-        ("logit_scale", "lots", "'logit_scale': expected a number"),
-        ("projector_key", CLASSIFIER_KEY, "'projector_key'"),
-        ("selection", '{"lr": 1}', "'selection': expected a JSON object with lr"),
-        (
-            "selection",
-            '{"lr": 1, "reg_lambda": 0, "lrs": [1], "reg_lambdas": [0], "val_accuracy": [[0.5, 0.5]]}',
-            "'selection'",
-        ),
+        ("kind", "pickle", "'kind': expected one of"),
+        ("config", "[not json", "malformed metadata 'config'"),
+        ("config", "[" * 100_000 + "]" * 100_000, "malformed metadata 'config'"),  # parser recursion
+        ("config", "[1, 2]", "'config': expected a JSON object"),
     ],
 )
-def test_malformed_metadata(valid, tmp_path, key, value, match):
+def test_malformed_header(valid, tmp_path, key, value, match):
     path = edit_delta(valid, tmp_path / "bad.safetensors", meta=lambda m: m.update({key: value}))
     _expect(path, match)
 
 
-def _other_base(meta: dict[str, str], part: str) -> None:
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("classes", {"a": 1}, "'classes': expected a non-empty list of distinct"),
+        ("classes", ["red", "red", "blue"], "'classes': expected a non-empty list of distinct"),
+        ("classes", [["a"], "b", "c"], "'classes'"),
+        ("classes", [], "'classes'"),
+        ("class_names", ["a", "b"], "'class_names': expected a JSON list of 3 strings"),
+        ("class_names", [1, 2, 3], "'class_names'"),
+        ("templates", "a photo of a {}.", "'templates'"),
+        ("templates", [], "'templates'"),
+        ("hyperparameters", [1, 2], "'hyperparameters': expected a JSON object"),
+        ("n_shots", math.nan, "'n_shots': expected a finite positive number"),
+        ("n_shots", True, "'n_shots'"),
+        ("logit_scale", -100, "'logit_scale'"),
+        ("logit_scale", "lots", "'logit_scale': expected a positive number"),
+        ("projector_key", CLASSIFIER_KEY, "'projector_key'"),
+        ("model_name", 3, "'model_name': expected a string"),
+        ("fingerprint", {"precision": "fp32"}, "'fingerprint'"),
+        ("selection", {"lr": 1}, "'selection': expected None or a JSON object with lr"),
+        (
+            "selection",
+            {"lr": 1, "reg_lambda": 0, "lrs": [1], "reg_lambdas": [0], "val_accuracy": [[0.5, 0.5]]},
+            "'selection'",
+        ),
+        ("cache", {"alpha": 1.0}, "is of kind 'projector' but holds another kind's contents|'cache'"),
+    ],
+)
+def test_malformed_configuration(valid, tmp_path, key, value, match):
+    path = edit_delta(valid, tmp_path / "bad.safetensors", config=lambda c: c.update({key: value}))
+    _expect(path, match)
+
+
+def test_configuration_keys_of_a_newer_prolip_are_warned_about_and_ignored(valid, tmp_path, fitted):
+    path = edit_delta(valid, tmp_path / "newer.safetensors", config=lambda c: c.update(new_field=[1], other=2))
+    with pytest.warns(UserWarning, match=r"configuration keys this prolip does not know, \['new_field', 'other'\]"):
+        loaded = ProLIPAdapter.load(path, trust_file_model=True, verbose=False)
+    assert torch.equal(loaded.delta_, fitted.delta_)  # bit-for-bit: the stored tensor read back
+
+
+def test_the_same_fit_writes_the_same_bytes(checkpoints, tmp_path):
+    images, labels = colour_images(2)
+    for name in ("a", "b"):  # two fits in one process, from the same parameters and data
+        tiny_adapter(checkpoints["vit"], epochs=2).fit(images, labels).save(tmp_path / f"{name}.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_the_file_holds_its_kind_and_one_json_configuration(valid, fitted):
+    meta, tensors = _contents(valid)
+    assert set(meta) == {"format", "format_version", "kind", "prolip_version", "config"}
+    assert (meta["format"], meta["format_version"], meta["kind"]) == ("prolip-delta", "3", "projector")
+    config = json.loads(meta["config"])
+    assert set(config) == set(CONFIG_SCHEMA) and config == fitted.fitted_.config()
+    assert set(tensors) == {CLASSIFIER_KEY, fitted.backbone.projector.key}
+
+
+def _other_base(config: dict, part: str) -> None:
     """Edit the recorded fingerprint as if another W0 (``part="projector"``) or trunk (``"tower"``) made it."""
-    fingerprint = json.loads(meta["base_fingerprint"])
-    fingerprint[part]["sums"][0] += 1.0
-    meta["base_fingerprint"] = json.dumps(fingerprint)
+    config["fingerprint"][part]["sums"][0] += 1.0
 
 
 @pytest.mark.parametrize(
     ("part", "what"), [("projector", "projector W0 differs"), ("tower", "vision tower before it differs")]
 )
 def test_delta_for_a_different_base_model(valid, tmp_path, fitted, part, what):
-    path = edit_delta(valid, tmp_path / "other.safetensors", meta=lambda m: _other_base(m, part))
-    read_delta(path)  # the file itself is fine; it does not fit this base model
+    path = edit_delta(valid, tmp_path / "other.safetensors", config=lambda c: _other_base(c, part))
+    read_state(path)  # the file itself is fine; it does not fit this base model
     with pytest.raises(
         FingerprintMismatchError, match=rf"trained on a different base model: its .*{what}.*strict=False"
     ) as info:
@@ -212,22 +260,6 @@ def test_delta_for_a_different_base_model(valid, tmp_path, fitted, part, what):
     with pytest.warns(UserWarning, match="different base model"):
         loaded = ProLIPAdapter.load(path, strict=False, trust_file_model=True, verbose=False)
     assert loaded.predict(colour_images(1)[0]).shape == (3,)
-
-
-def test_format_1_files_are_still_read_and_checked(valid, tmp_path, fitted):
-    w0 = fitted.backbone.projector.parameter
-
-    def as_format_1(meta: dict[str, str], w: torch.Tensor) -> None:
-        del meta["kind"], meta["reg_lambda"]
-        meta.update(format_version="1", base_fingerprint=legacy_projector_hash(w))
-
-    old = edit_delta(valid, tmp_path / "v1.safetensors", meta=lambda m: as_format_1(m, w0))
-    loaded = ProLIPAdapter.load(old, trust_file_model=True, verbose=False)
-    # bit-for-bit: a stored tensor read back; λ is 1.0 / N on both sides ("auto")
-    assert torch.equal(loaded.delta_, fitted.delta_) and loaded.reg_lambda_ == fitted.reg_lambda_
-    other = edit_delta(valid, tmp_path / "v1-other.safetensors", meta=lambda m: as_format_1(m, w0 + 1))
-    with pytest.raises(FingerprintMismatchError, match="projector W0 differs"):
-        ProLIPAdapter.load(other, trust_file_model=True)
 
 
 def test_missing_file_or_directory(tmp_path):
@@ -255,9 +287,9 @@ def test_saved_file_permissions_follow_the_umask(fitted, tmp_path):
 
 
 def test_write_delta_round_trips_every_field(tmp_path, valid):
-    contents = read_delta(valid)
+    contents = read_state(valid)
     write_delta(tmp_path / "copy.safetensors", contents)
-    copy = read_delta(tmp_path / "copy.safetensors")
+    copy = read_state(tmp_path / "copy.safetensors")
     for field in dataclasses.fields(FittedState):
         mine, theirs = getattr(copy, field.name), getattr(contents, field.name)
         same = (  # bit-for-bit: every field written and read back

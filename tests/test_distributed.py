@@ -13,7 +13,7 @@ import torch
 
 from prolip import InputError, ProLIPAdapter, standin
 from prolip.datasets import FASHION_MNIST_CLASSES
-from prolip.files.delta import read_delta
+from prolip.files.delta import read_state
 from prolip.variants.distributed import extract_distributed, rank_and_world_size
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "distributed_extract.py"
@@ -44,6 +44,7 @@ def _adapter(**params) -> ProLIPAdapter:
     )
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_processes_equal_one_process(tmp_path):
     cache, delta = tmp_path / "cache", tmp_path / "delta.safetensors"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(EXAMPLE)]
@@ -66,7 +67,7 @@ def test_torchrun_two_gloo_processes_equal_one_process(tmp_path):
     # Features of the distributed run equal the single-process ones up to fp16 storage (and thread-count rounding).
     torch.testing.assert_close(cached.to_tensor(), reference.half().float(), rtol=2e-3, atol=2e-3)
     single.fit_features(reference.half().float(), labels.tolist(), class_names=FASHION_MNIST_CLASSES)
-    saved = read_delta(delta)
+    saved = read_state(delta)
     torch.testing.assert_close(saved.delta, single.delta_, rtol=1e-3, atol=1e-5)
     assert list(saved.classes) == single.classes_.tolist()
 

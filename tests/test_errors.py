@@ -265,9 +265,11 @@ def test_predict_and_extract_skip_unreadable_images(skipping, data, tmp_path):
     adapter, (images, labels), bad = skipping, data, bad_files(tmp_path)
     mixed = [images[0], str(bad["text named .jpg"]), images[5], str(bad["directory"]), images[9]]
     kept = [images[0], images[5], images[9]]
-    with pytest.warns(SkippedImagesWarning, match="skipped 2 of 5"):
+    before = getattr(adapter, "skipped_", None)
+    with pytest.warns(SkippedImagesWarning, match="skipped 2 of 5") as caught:
         predicted = adapter.predict(mixed)
-    assert [s.index for s in adapter.skipped_] == [1, 3]
+    assert [s.index for s in caught[0].message.skipped] == [1, 3]  # the warning says which
+    assert getattr(adapter, "skipped_", None) is before  # predict does not change the estimator
     expected = adapter.predict_proba(kept)
     # bit-for-bit here and below: the 3 readable images make the same batch as `kept`: the same ops and shapes
     np.testing.assert_array_equal(predicted, adapter.classes_[expected.argmax(1)])
@@ -282,7 +284,7 @@ def test_predict_and_extract_skip_unreadable_images(skipping, data, tmp_path):
     assert accuracy == adapter.score(kept, [labels[0], labels[5], labels[9]])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        adapter.predict(kept)  # nothing skipped: no warning, skipped_ reset
+        adapter.extract_features(kept)  # nothing skipped: no warning, skipped_ reset
     assert adapter.skipped_ == []
 
 
@@ -324,23 +326,17 @@ def test_divergence_names_lr_and_lambda_and_leaves_nothing_fitted(checkpoints, d
 
 
 def test_loading_a_delta_with_bad_hyperparameters(fitted, tmp_path):
-    import json
+    from conftest import edit_delta
 
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
+    valid = tmp_path / "valid.safetensors"
+    fitted.save(valid)
     path = tmp_path / "d.safetensors"
-    fitted.save(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    hyper = json.loads(meta["hyperparameters"])
     for change, match in [({"lr": "fast"}, "lr='fast'"), ({"templates": ["no slot"]}, r"templates=\['no slot'\]")]:
-        meta["hyperparameters"] = json.dumps({**hyper, **change})
-        save_file(tensors, str(path), metadata=meta)
+        edit_delta(valid, path, config=lambda c, change=change: c["hyperparameters"].update(change))
         with pytest.raises(DeltaFileError, match=f"invalid hyperparameters.*{match}"):
             ProLIPAdapter.load(path, model=fitted.backbone.model)
     # A file cannot choose the device, callables or the base model through its hyperparameters.
-    meta["hyperparameters"] = json.dumps({**hyper, "device": "cuda:7", "preprocess": "x", "model": "RN50"})
-    save_file(tensors, str(path), metadata=meta)
+    chosen = {"device": "cuda:7", "preprocess": "x", "model": "RN50"}
+    edit_delta(valid, path, config=lambda c: c["hyperparameters"].update(chosen))
     loaded = ProLIPAdapter.load(path, model=fitted.backbone.model, verbose=False)
     assert loaded.device is None and loaded.preprocess is None

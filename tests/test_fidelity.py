@@ -6,7 +6,6 @@ One test (or more) per defect found in review: each failed before the fix.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import shutil
 import warnings
@@ -16,7 +15,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODELS, colour_images, tiny_adapter
+from conftest import TINY_MODELS, colour_images, edit_delta, tiny_adapter
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torchvision.transforms.functional import pil_to_tensor
@@ -25,6 +24,7 @@ from prolip import DeltaFileError, FingerprintMismatchError, PrecisionWarning, P
 from prolip.features.cache import CacheKey
 from prolip.features.images import load_image
 from prolip.features.views import VIEWS_VERSION, plain_views
+from prolip.files.delta import read_state
 from prolip.model.backbone import file_may_choose
 from prolip.model.preprocessing import ViewConfig
 
@@ -237,15 +237,10 @@ def test_a_file_cannot_choose_what_to_download_or_read(checkpoints, colours, tmp
     np.testing.assert_array_equal(trusted.predict(images), adapter.predict(images))
     assert ProLIPAdapter.load(path, pretrained=checkpoints["vit"], verbose=False).pretrained == checkpoints["vit"]
 
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    hub_named = tmp_path / "hub.safetensors"
-    save_file(tensors, str(hub_named), metadata={**meta, "model_name": "hf-hub:someone/model"})
+    hub_named = edit_delta(path, tmp_path / "hub.safetensors", config=lambda c: c.update(model_name="hf-hub:someone/model"))
     with pytest.raises(DeltaFileError, match="hf-hub:someone/model"):  # even with the weights chosen
         ProLIPAdapter.load(hub_named, pretrained=checkpoints["vit"])
-    assert json.loads(meta["hyperparameters"])["lr"] == adapter.lr
+    assert read_state(hub_named).hyperparameters["lr"] == adapter.lr
 
 
 def test_which_base_models_a_file_may_choose():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
@@ -28,7 +27,7 @@ def test_templates_str_format_cannot_fill_are_refused_everywhere(template, check
         tiny_adapter(checkpoints["vit"], templates=[template]).fit(*colour_images(1))
     backbone = build_backbone(TINY_MODELS["vit"], checkpoints["vit"], device="cpu")
     with pytest.raises(InputError, match=re.escape("exactly one '{}' field")):
-        TestTimeProLIP(backbone, ["red", "green"], templates=[template])
+        _ = TestTimeProLIP(backbone, ["red", "green"], templates=[template]).classes_  # checked when first used
 
 
 @pytest.mark.parametrize("template", GOOD)
@@ -41,13 +40,13 @@ def test_a_delta_storing_such_a_template_is_refused_at_load(checkpoints, tmp_pat
     path = tmp_path / "d.safetensors"
     tiny_adapter(checkpoints["vit"], epochs=2).fit(*colour_images(1)).save(path)
 
-    def meta(m):
+    def config(c):
         if where == "templates":
-            m["templates"] = json.dumps(["{} {x}"])
+            c["templates"] = ["{} {x}"]
         else:
-            m["hyperparameters"] = json.dumps({**json.loads(m["hyperparameters"]), "templates": ["{} {x}"]})
+            c["hyperparameters"]["templates"] = ["{} {x}"]
 
-    bad = edit_delta(path, tmp_path / "bad.safetensors", meta=meta)
+    bad = edit_delta(path, tmp_path / "bad.safetensors", config=config)
     with pytest.raises(DeltaFileError, match="templates"):
         ProLIPAdapter.load(bad, pretrained=checkpoints["vit"], verbose=False)
 
@@ -59,12 +58,14 @@ def test_a_delta_storing_such_a_template_is_refused_at_load(checkpoints, tmp_pat
         ({"random_state": "x"}, "random_state='x' is invalid"),
         ({"random_state": None}, "random_state=None is invalid"),
         ({"chunk_size": 0}, "chunk_size=0 is invalid"),
-        ({"class_names": []}, r"class_names=\[\] must be"),
-        ({"class_names": "bag"}, "class_names='bag' must be"),
-        ({"class_names": ["a", ""]}, "must be a non-empty list of distinct non-empty strings"),
+        ({"class_names": []}, r"class_names=\[\] is invalid"),
+        ({"class_names": "bag"}, "class_names='bag' is invalid"),
+        ({"class_names": ["a", ""]}, "a non-empty list of distinct non-empty strings"),
     ],
 )
-def test_test_time_arguments_are_checked_when_built(checkpoints, kwargs, match):
+def test_test_time_arguments_are_checked_before_any_work(checkpoints, kwargs, match):
+    # As a scikit-learn estimator, the constructor only stores; the first use checks every argument.
     backbone = build_backbone(TINY_MODELS["vit"], checkpoints["vit"], device="cpu")
+    estimator = TestTimeProLIP(backbone, **{"class_names": ["red", "green"], **kwargs})
     with pytest.raises(InputError, match=match):
-        TestTimeProLIP(backbone, **{"class_names": ["red", "green"], **kwargs})
+        estimator.predict(colour_images(1)[0])

@@ -113,6 +113,7 @@ _MEASURE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss is in KiB on Linux")
 def test_a_10000_px_jpeg_is_decoded_in_bounded_memory(tmp_path):
     big = tmp_path / "big.jpg"

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import colour_images, tiny_adapter
+from conftest import colour_images, run_prolip, tiny_adapter
 
 from prolip import (
     InputError,
@@ -20,6 +18,7 @@ from prolip import (
     ProLIPAdapter,
     standin,
 )
+from prolip.bench.config import BenchConfig
 from prolip.bench.data import base_new_split, draw_shots, read_dataset
 from prolip.bench.runner import run_bench
 from prolip.bench.store import FeatureStore
@@ -114,10 +113,11 @@ def test_library_gives_the_bench_new_class_accuracy(mini_suite, tmp_path):
     mini_suite.make_suite(root, seed=0, train=4, val=3, test=3)
     n, seed, views, epochs = 2, 1, 2, 5
     common = {"model": standin.MODEL_NAME, "pretrained": standin.PRETRAINED_TAG, "views": views, "epochs": epochs}
-    (cell,) = run_bench(
-        "base-to-new", data_root=root, out_dir=out, datasets=["oxford_pets"], shots=[n], seeds=[seed],
+    config = BenchConfig(
+        setting="base-to-new", data_root=root, out_dir=out, datasets=["oxford_pets"], shots=[n], seeds=[seed],
         methods=["prolip"], templates=standin.TEMPLATES, verbose=False, **common,
     )  # fmt: skip
+    (cell,) = run_bench(config)
     base, new = base_new_split(read_dataset("oxford_pets", root))
     adapter = ProLIPAdapter(**common, templates=standin.TEMPLATES, lr=1e-3, device="cpu", verbose=False)
     # The bench's own cached features of the draw and of the new classes' test split.
@@ -143,11 +143,11 @@ def test_cli_predict_with_classes(checkpoints, data, tmp_path):
 
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(paths[-1])
     (tmp_path / "names.txt").write_text("# colours\nT-shirt/top\n\nSneaker\nBag\n")
-    done = subprocess.run(
-        [sys.executable, "-m", "prolip", "predict", str(tmp_path / "colours.safetensors"), *paths, "--json",
-         "--classes-file", str(tmp_path / "names.txt"), "--template", "a photo of a {}.", "--quiet"],
-        capture_output=True, text=True, timeout=300, check=True,
+    done = run_prolip(
+        "predict", str(tmp_path / "colours.safetensors"), *paths, "--json", "--classes-file",
+        str(tmp_path / "names.txt"), "--template", "a photo of a {}.", "--quiet",
     )  # fmt: skip
+    assert done.returncode == 0, done.stderr
     rows = json.loads(done.stdout)
     view = OpenVocabularyClassifier(adapter, ["T-shirt/top", "Sneaker", "Bag"], ["a photo of a {}."])
     proba = view.predict_proba(paths)
@@ -155,9 +155,8 @@ def test_cli_predict_with_classes(checkpoints, data, tmp_path):
     assert [r["label"] for r in rows] == view.predict(paths).tolist()
     for row, p in zip(rows, proba, strict=True):
         assert [row["probabilities"][c] for c in view.class_names_] == pytest.approx(p.tolist(), abs=1e-6)
-    done = subprocess.run(
-        [sys.executable, "-m", "prolip", "predict", str(tmp_path / "colours.safetensors"), paths[0], "--classes",
-         "Bag", "Sneaker", "--quiet"],
-        capture_output=True, text=True, timeout=300, check=True,
-    )  # fmt: skip
+    done = run_prolip(
+        "predict", str(tmp_path / "colours.safetensors"), paths[0], "--classes", "Bag", "Sneaker", "--quiet"
+    )
+    assert done.returncode == 0, done.stderr
     assert done.stdout.split("\t")[1] == OpenVocabularyClassifier(adapter, ["Bag", "Sneaker"]).predict(paths[:1])[0]

@@ -180,8 +180,10 @@ def test_joint_training_matches_the_public_code_recipe(shifted):
 
 
 def test_tip_options_are_checked():
-    with pytest.raises(InputError, match="keys"):
-        ProLIPTipAdapter(keys="random")
+    from prolip.bench.methods import get_method
+
+    with pytest.raises(InputError, match=r"bench method 'prolip\+tip-adapter:keys=random': keys='random' is invalid"):
+        get_method("prolip+tip-adapter:keys=random")  # the bench's one check of a method's arguments
     with pytest.raises(InputError, match="alpha and beta"):
         ProLIPTipAdapter(keys="joint", alpha=1.0, beta=1.0)
     problem, test = make_problem(k=3, shots=2, seed=3)
@@ -242,5 +244,7 @@ def test_taskres_with_a_frozen_residual_is_prolip(shifted):
     got = ProLIPTaskRes(form="prolip-code", alpha=0.0, lr=1e-3).fit(problem).logits(test, problem.classes)
     expected = LinearHead(weight, problem.image_head.bias).logits(test.features[0], problem.classes.classifier, 100.0)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)  # autograd vs ProLIP's own loop
-    with pytest.raises(InputError, match="form"):
-        ProLIPTaskRes(form="other")
+    from prolip.bench.methods import get_method
+
+    with pytest.raises(InputError, match="form='other' is invalid"):
+        get_method("prolip+taskres:form=other")

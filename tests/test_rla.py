@@ -13,7 +13,8 @@ from conftest import assert_same_argmax, edit_delta
 from safetensors import safe_open
 
 from prolip import DeltaFileError, InputError, NotFittedError, ProLIPAdapter, RegularizedLinearAdapter
-from prolip.files.delta import CLASSIFIER_KEY, LINEAR_ADAPTER_KEY, read_delta, read_linear_adapter, read_state
+from prolip.files.delta import read_state
+from prolip.training.fitted import CLASSIFIER_KEY, LINEAR_ADAPTER_KEY
 
 SCALE = 100.0
 
@@ -173,52 +174,53 @@ def test_the_file_holds_a_minus_identity_and_t(saved):
         meta, keys = f.metadata(), set(f.keys())
         assert torch.equal(f.get_tensor(LINEAR_ADAPTER_KEY), fitted.delta_)  # bit-for-bit: stored tensor
     assert keys == {LINEAR_ADAPTER_KEY, CLASSIFIER_KEY}
-    assert meta["kind"] == "linear_adapter" and meta["format_version"] == "2" and json.loads(meta["templates"]) == []
+    config = json.loads(meta["config"])
+    assert meta["kind"] == "linear_adapter" and meta["format_version"] == "3" and config["templates"] == []
 
 
 def test_each_loader_refuses_the_other_kind(saved, tmp_path, checkpoints, colours):
     _, path = saved
-    with pytest.raises(DeltaFileError, match=r"regularised linear adapter.*RegularizedLinearAdapter\.load"):
-        read_delta(path)
-    with pytest.raises(DeltaFileError, match="regularised linear adapter"):
+    assert read_state(path).kind == "linear_adapter"
+    with pytest.raises(DeltaFileError, match=r"holds a linear_adapter fit, not a projector one.*RegularizedLinearAdapter\.load"):
         ProLIPAdapter.load(path)
     from conftest import tiny_adapter
 
     projector = tmp_path / "projector.safetensors"
     tiny_adapter(checkpoints["vit"], epochs=1).fit(*colours).save(projector)
-    with pytest.raises(DeltaFileError, match=r"ProLIPAdapter\.load"):
-        read_linear_adapter(projector)
+    with pytest.raises(DeltaFileError, match=r"holds a projector fit.*ProLIPAdapter\.load"):
+        RegularizedLinearAdapter.load(projector)
 
 
 @pytest.mark.parametrize(
-    ("meta", "tensors", "match"),
+    ("meta", "config", "tensors", "match"),
     [
-        (lambda m: m.pop("kind"), None, r"lacks prolip metadata \['kind'"),
-        (lambda m: m.update(kind="adapter"), None, "'kind': expected one of"),
-        (lambda m: m.pop("classes"), None, r"lacks prolip metadata \['classes'\]"),
-        (lambda m: m.update(reg_lambda="-1"), None, "'reg_lambda'"),
-        (None, lambda t: t.update({LINEAR_ADAPTER_KEY: t[LINEAR_ADAPTER_KEY][:, :8].contiguous()}), "inconsistent"),
-        (None, lambda t: t.update({CLASSIFIER_KEY: t[CLASSIFIER_KEY][:, :8].contiguous()}), "inconsistent"),
-        (None, lambda t: t.update({LINEAR_ADAPTER_KEY: t[LINEAR_ADAPTER_KEY].double()}), "inconsistent"),
-        (None, lambda t: t.update({"visual.proj": torch.zeros(4, 4)}), "holds tensors"),
-        (None, lambda t: t.pop(LINEAR_ADAPTER_KEY), "holds tensors"),
-        (None, lambda t: t[LINEAR_ADAPTER_KEY].view(-1).__setitem__(0, math.inf), "NaN or Inf"),
-        (lambda m: m.update(hyperparameters=json.dumps({"lr": -1})), None, "invalid hyperparameters"),
+        (lambda m: m.pop("kind"), None, None, r"lacks prolip metadata \['kind'"),
+        (lambda m: m.update(kind="adapter"), None, None, "'kind': expected one of"),
+        (lambda m: m.update(kind="projector"), None, None, "holds another kind's contents"),
+        (None, lambda c: c.pop("classes"), None, r"lacks prolip metadata \['classes'\]"),
+        (None, lambda c: c.update(reg_lambda=-1), None, "'reg_lambda'"),
+        (None, None, lambda t: t.update({LINEAR_ADAPTER_KEY: t[LINEAR_ADAPTER_KEY][:, :8].contiguous()}), "inconsistent"),
+        (None, None, lambda t: t.update({CLASSIFIER_KEY: t[CLASSIFIER_KEY][:, :8].contiguous()}), "inconsistent"),
+        (None, None, lambda t: t.update({LINEAR_ADAPTER_KEY: t[LINEAR_ADAPTER_KEY].double()}), "inconsistent"),
+        (None, None, lambda t: t.update({"visual.proj": torch.zeros(4, 4)}), "holds tensors"),
+        (None, None, lambda t: t.pop(LINEAR_ADAPTER_KEY), "holds tensors"),
+        (None, None, lambda t: t[LINEAR_ADAPTER_KEY].view(-1).__setitem__(0, math.inf), "NaN or Inf"),
+        (None, lambda c: c.update(hyperparameters={"lr": -1}), None, "invalid hyperparameters"),
     ],
 )
-def test_the_strict_reader_refuses_damaged_adapters(saved, tmp_path, meta, tensors, match):
+def test_the_strict_reader_refuses_damaged_adapters(saved, tmp_path, meta, config, tensors, match):
     _, path = saved
-    damaged = edit_delta(path, tmp_path / "damaged.safetensors", meta, tensors)
+    damaged = edit_delta(path, tmp_path / "damaged.safetensors", meta=meta, config=config, tensors=tensors)
     with pytest.raises(DeltaFileError, match=match) as info:
         RegularizedLinearAdapter.load(damaged)
     assert repr(str(damaged)) in str(info.value)
 
 
 def test_shared_through_a_folder(saved, tmp_path):
-    from prolip.files.hub import DELTA_FILENAME, save_folder
+    from prolip.files.hub import DELTA_FILENAME
 
     fitted, _ = saved
-    save_folder(fitted.fitted_, tmp_path / "shared", metrics={"accuracy": 0.5})
+    fitted.save_pretrained(tmp_path / "shared", metrics={"accuracy": 0.5})
     card = (tmp_path / "shared" / "README.md").read_text()
     assert "RegularizedLinearAdapter.from_pretrained" in card and "`c0`" in card and "ViT-B-32" in card
     pulled = RegularizedLinearAdapter.from_pretrained(tmp_path / "shared")

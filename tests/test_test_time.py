@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from conftest import TINY_MODELS, colour_images, tiny_adapter
 from test_baselines import accuracy, make_problem, zero_shot_logits
 
-from prolip import InputError, InputTypeError, NotFittedError
+from prolip import InputError, NotFittedError
 from prolip.bench.adapted import prolip_weight, train_config
 from prolip.bench.methods import get_method
 from prolip.bench.problem import FeatureSet
@@ -191,7 +191,7 @@ def test_bench_method_with_no_step_is_zero_shot_or_prolip_exactly(problem_and_vi
     adapted = method.fit(problem).logits(test, problem.classes)
     assert not torch.allclose(adapted, zero_shot_logits(problem, test))
     with pytest.raises(InputError, match="start"):
-        type(method)(start="nowhere")
+        get_method("test-time-prolip:start=nowhere")
 
 
 def test_beats_zero_shot_when_the_crops_see_what_the_plain_view_hides():
@@ -247,23 +247,23 @@ def test_with_no_step_it_is_the_adapter_or_zero_shot_exactly(fitted):
     assert torch.equal(from_w0, LinearHead(w0, bias).logits(features[0], fitted.classifier_, scale))
     bare = TestTimeProLIP(backbone, list(fitted.class_names_), views=4, lr=0.0)
     assert list(bare.classes_) == list(fitted.class_names_)
-    expected = LinearHead(w0, bias).logits(features[0], bare.classifier, backbone.logit_scale)
+    expected = LinearHead(w0, bias).logits(features[0], bare.classifier_, backbone.logit_scale)
     assert torch.equal(bare.logits_from_features(features), expected)
 
 
 def test_refuses_what_it_cannot_use(fitted, checkpoints):
-    with pytest.raises(InputError, match="class_names"):
-        TestTimeProLIP(fitted.backbone)
-    with pytest.raises(InputError, match="adapted"):
-        TestTimeProLIP(fitted.backbone, ["a", "b"], start="adapted")
-    with pytest.raises(InputError, match="class_names"):
-        TestTimeProLIP(fitted, ["a", "b"])
-    with pytest.raises(InputError, match="views"):
-        TestTimeProLIP(fitted, views=0)
-    with pytest.raises(InputTypeError, match="ProLIPAdapter"):
-        TestTimeProLIP("ViT-B-32")
-    with pytest.raises(NotFittedError):
-        TestTimeProLIP(tiny_adapter(checkpoints["vit"]))
+    # The constructor only stores (scikit-learn's contract); the first use refuses, before any image is read.
+    for kwargs, error, match in (
+        ({"model": fitted.backbone}, InputError, "class_names"),
+        ({"model": fitted.backbone, "class_names": ["a", "b"], "start": "adapted"}, InputError, "adapted"),
+        ({"model": fitted, "class_names": ["a", "b"]}, InputError, "class_names"),
+        ({"model": fitted, "views": 0}, InputError, "views"),
+        ({"model": "ViT-B-32"}, InputError, "ProLIPAdapter"),
+        ({"model": tiny_adapter(checkpoints["vit"])}, NotFittedError, "not fitted"),
+    ):
+        estimator = TestTimeProLIP(**kwargs)
+        with pytest.raises(error, match=match):
+            estimator.predict(["no image is read before the check"])
 
 
 def test_templates_build_t_as_the_official_clip_classifier(fitted):
@@ -276,8 +276,8 @@ def test_templates_build_t_as_the_official_clip_classifier(fitted):
     expected = expected.mean(dim=1)
     expected = expected / expected.norm(dim=-1, keepdim=True)
     for tt in (TestTimeProLIP(fitted, templates=templates), TestTimeProLIP(backbone, names, templates=templates)):
-        torch.testing.assert_close(tt.classifier, expected, rtol=0, atol=1e-6)  # unit rows: 1e-6 is float rounding
-    assert torch.equal(TestTimeProLIP(fitted).classifier, fitted.classifier_)  # no templates: the adapter's own T
+        torch.testing.assert_close(tt.classifier_, expected, rtol=0, atol=1e-6)  # unit rows: 1e-6 is float rounding
+    assert torch.equal(TestTimeProLIP(fitted).classifier_, fitted.classifier_)  # no templates: the adapter's own T
     images = colour_images(1, seed=7)[0]
     tt = TestTimeProLIP(fitted, templates=templates, views=4, lr=0.0)
     features = tt.extract_features(images)
@@ -285,7 +285,7 @@ def test_templates_build_t_as_the_official_clip_classifier(fitted):
     scale = fitted.logit_scale_
     assert torch.equal(
         tt.logits_from_features(features),
-        LinearHead(w, backbone.projector.bias).logits(features[0], tt.classifier, scale),
+        LinearHead(w, backbone.projector.bias).logits(features[0], tt.classifier_, scale),
     )
 
 
@@ -293,7 +293,7 @@ def test_templates_are_refused_where_t_was_trained(checkpoints):
     images, labels = colour_images(2)
     text = tiny_adapter(checkpoints["vit"], views=1, epochs=2, target="text").fit(images, labels)
     with pytest.raises(InputError, match="target='text'"):
-        TestTimeProLIP(text, templates=["a {}."])
+        _ = TestTimeProLIP(text, templates=["a {}."]).classes_
 
 
 def test_command_line_test_time_predict(fitted, checkpoints, tmp_path, capsys):
@@ -324,4 +324,4 @@ def test_command_line_test_time_predict(fitted, checkpoints, tmp_path, capsys):
 def test_a_backbone_alone_gives_zero_shot_plus_adaptation(checkpoints):
     backbone = build_backbone(TINY_MODELS["vit"], checkpoints["vit"], device="cpu")
     tt = TestTimeProLIP(backbone, ["red", "green", "blue"], templates=["a {} square."], views=4)
-    assert tt.start == "pretrained" and tt.predict(colour_images(1)[0]).shape == (3,)
+    assert tt.start is None and tt.predict(colour_images(1)[0]).shape == (3,)  # a backbone starts from W0

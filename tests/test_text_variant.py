@@ -12,9 +12,10 @@ from conftest import colour_images, edit_delta, engine_train, tiny_adapter
 from safetensors import safe_open
 
 from prolip import DeltaFileError, FingerprintMismatchError, InputError, ProLIPAdapter
-from prolip.files.delta import CLASSIFIER_KEY, read_delta
+from prolip.files.delta import read_state
 from prolip.model.head import LinearHead
 from prolip.model.zeroshot import zero_shot_classifier
+from prolip.training.fitted import CLASSIFIER_KEY
 from prolip.training.sides import TextSide
 
 CPU = torch.device("cpu")
@@ -178,7 +179,8 @@ def test_save_load_predicts_identically(fitted, target, tmp_path, checkpoints):
     with safe_open(str(path), framework="pt") as f:
         meta, keys = f.metadata(), set(f.keys())
     expected = {"text_projection", CLASSIFIER_KEY} | ({"visual.proj"} if target == "image+text" else set())
-    assert keys == expected and meta["target"] == target and meta["text_projector_key"] == "text_projection"
+    config = json.loads(meta["config"])
+    assert keys == expected and config["target"] == target and config["text_projector_key"] == "text_projection"
     loaded = ProLIPAdapter.load(path, pretrained=checkpoints["vit"], verbose=False)
     # bit-for-bit: stored tensors read back onto the same weights, then the same ops on the same shapes
     assert loaded.target == target and torch.equal(loaded.text_delta_, adapter.text_delta_)
@@ -189,10 +191,8 @@ def test_save_load_predicts_identically(fitted, target, tmp_path, checkpoints):
     )
 
 
-def _other_text(meta: dict[str, str], part: str) -> None:
-    fingerprint = json.loads(meta["text_fingerprint"])
-    fingerprint[part]["sums"][0] += 1.0
-    meta["text_fingerprint"] = json.dumps(fingerprint)
+def _other_text(config: dict, part: str) -> None:
+    config["text_fingerprint"][part]["sums"][0] += 1.0
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,7 @@ def saved_both(fitted, tmp_path_factory):
     ("part", "what"), [("projector", "text projection differs"), ("tower", "text tower before it differs")]
 )
 def test_the_text_side_of_the_base_model_is_checked(saved_both, tmp_path, checkpoints, part, what):
-    path = edit_delta(saved_both, tmp_path / "other.safetensors", meta=lambda m: _other_text(m, part))
+    path = edit_delta(saved_both, tmp_path / "other.safetensors", config=lambda c: _other_text(c, part))
     with pytest.raises(FingerprintMismatchError, match=rf"different base model: its .*{what}"):
         ProLIPAdapter.load(path, pretrained=checkpoints["vit"])
     with pytest.warns(UserWarning, match="different base model"):
@@ -214,12 +214,12 @@ def test_the_text_side_of_the_base_model_is_checked(saved_both, tmp_path, checkp
 
 
 @pytest.mark.parametrize(
-    ("meta", "tensors", "match"),
+    ("config", "tensors", "match"),
     [
         (lambda m: m.update(target="both"), None, "'target': expected one of"),
         (lambda m: m.pop("text_projector_key"), None, r"text delta but lacks prolip metadata \['text_projector_key'\]"),
         (lambda m: m.update(text_projector_key="visual.proj"), None, "'text_projector_key'"),
-        (lambda m: m.update(text_fingerprint="{}"), None, "'text_fingerprint'"),
+        (lambda m: m.update(text_fingerprint={}), None, "'text_fingerprint'"),
         (lambda m: m.update(target="image"), None, "holds tensors"),
         (None, lambda t: t.pop("visual.proj"), "holds tensors"),
         (None, lambda t: t.update(text_projection=t["text_projection"].half()), "inconsistent"),
@@ -227,16 +227,16 @@ def test_the_text_side_of_the_base_model_is_checked(saved_both, tmp_path, checkp
         (None, lambda t: t["text_projection"].view(-1).__setitem__(1, math.nan), "NaN or Inf"),
     ],
 )
-def test_the_strict_reader_refuses_damaged_text_deltas(saved_both, tmp_path, meta, tensors, match):
-    damaged = edit_delta(saved_both, tmp_path / "damaged.safetensors", meta, tensors)
+def test_the_strict_reader_refuses_damaged_text_deltas(saved_both, tmp_path, config, tensors, match):
+    damaged = edit_delta(saved_both, tmp_path / "damaged.safetensors", config=config, tensors=tensors)
     with pytest.raises(DeltaFileError, match=match) as info:
-        read_delta(damaged)
+        read_state(damaged)
     assert repr(str(damaged)) in str(info.value)
 
 
 def test_a_text_delta_of_the_wrong_shape_is_refused_on_load(saved_both, tmp_path, checkpoints):
     wrong = edit_delta(saved_both, tmp_path / "t.pt", tensors=lambda t: t.update(text_projection=torch.zeros(5, 24)))
-    read_delta(wrong)  # well formed on its own; only the base model can tell
+    read_state(wrong)  # well formed on its own; only the base model can tell
     with pytest.raises(DeltaFileError, match=r"text delta for text_projection of shape \(5, 24\).*\(32, 24\)"):
         ProLIPAdapter.load(wrong, pretrained=checkpoints["vit"])
 
@@ -318,7 +318,8 @@ def test_cli_fits_and_uses_each_variant(blobs, tmp_path, capsys, variant):
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["label"] in ("top", "bottom") and sum(rows[0]["probabilities"].values()) == pytest.approx(1.0)
     if variant == "text":
-        assert "kind:              projector (target text)" in info and "text projection:   text_projection" in info
+        assert "kind:              projector (read by ProLIPAdapter)" in info and "target:            text" in info
+        assert "text projection:   text_projection" in info
         assert ProLIPAdapter.load(out, verbose=False).target == "text"
     else:
         assert "kind:              linear_adapter" in info and f"embeddings of:     {standin.MODEL_NAME}" in info

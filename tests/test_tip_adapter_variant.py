@@ -13,7 +13,7 @@ from conftest import colour_images, edit_delta, tiny_adapter
 from safetensors import safe_open
 
 from prolip import DeltaFileError, InputError, NotFittedError, ProLIPAdapter, ProLIPTipAdapter
-from prolip.files.delta import CACHE_KEYS_KEY, CACHE_LABELS_KEY, TIP_KIND
+from prolip.training.fitted import CACHE_KEYS_KEY, CACHE_LABELS_KEY
 from prolip.variants.tip_cache import ALPHAS, BETAS, train_keys
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest.one_thread
@@ -111,8 +111,8 @@ def test_save_load_predicts_identically(fitted, data, tmp_path, checkpoints):
     with safe_open(str(path), framework="pt") as f:
         meta, keys = f.metadata(), set(f.keys())
         assert f.get_tensor(CACHE_LABELS_KEY).dtype == torch.int64
-    assert meta["kind"] == TIP_KIND and {CACHE_KEYS_KEY, CACHE_LABELS_KEY, "visual.proj"} <= keys
-    assert json.loads(meta["cache"])["alpha"] == fitted.alpha_
+    assert meta["kind"] == "tip_adapter" and {CACHE_KEYS_KEY, CACHE_LABELS_KEY, "visual.proj"} <= keys
+    assert json.loads(meta["config"])["cache"]["alpha"] == fitted.alpha_
     loaded = ProLIPTipAdapter.load(path, pretrained=checkpoints["vit"], verbose=False)
     # bit-for-bit here and below: stored tensors read back onto the same weights, the same ops on the same shapes
     assert torch.equal(loaded.logits_from_features(data["test"]), fitted.logits_from_features(data["test"]))
@@ -126,7 +126,7 @@ def test_save_load_predicts_identically(fitted, data, tmp_path, checkpoints):
         ProLIPAdapter.load(path, pretrained=checkpoints["vit"])
     plain = tmp_path / "plain.safetensors"
     fitted.adapter_.save(plain)
-    with pytest.raises(DeltaFileError, match="not a ProLIP \\+ Tip-Adapter file"):
+    with pytest.raises(DeltaFileError, match=r"holds a projector fit, not a tip_adapter one; load it with prolip\.ProLIPAdapter\.load"):
         ProLIPTipAdapter.load(plain, pretrained=checkpoints["vit"])
 
 
@@ -185,12 +185,13 @@ def test_trained_keys_are_tip_adapter_f_on_the_adapted_embeddings(checkpoints, d
 
 
 @pytest.mark.parametrize(
-    ("meta", "tensors", "match"),
+    ("config", "tensors", "match"),
     [
-        (lambda m: m.pop("cache"), None, "lacks prolip metadata \\['cache'\\]"),
-        (lambda m: m.update(cache='{"alpha": -1, "beta": 1, "key_views": 10}'), None, "malformed metadata 'cache'"),
-        (lambda m: m.update(cache='{"alpha": 1, "beta": 1, "key_views": 0}'), None, "malformed metadata 'cache'"),
-        (lambda m: m.update(cache=m["cache"].replace('"val_accuracy"', '"accuracy"')), None, "malformed metadata"),
+        (lambda c: c.pop("cache"), None, "of kind 'tip_adapter' but holds another kind's contents"),
+        (lambda c: c["cache"].update(alpha=-1), None, "malformed metadata 'cache'"),
+        (lambda c: c["cache"].update(key_views=0), None, "malformed metadata 'cache'"),
+        (lambda c: c["cache"]["selection"].update(accuracy=c["cache"]["selection"].pop("val_accuracy")), None,
+         "malformed metadata 'cache'"),
         (None, lambda t: t.update({CACHE_LABELS_KEY: t[CACHE_LABELS_KEY] + 5}), "cache labels outside its 3 classes"),
         (None, lambda t: t.update({CACHE_LABELS_KEY: t[CACHE_LABELS_KEY].float()}), "inconsistent contents"),
         (None, lambda t: t.update({CACHE_KEYS_KEY: t[CACHE_KEYS_KEY][:, :4].contiguous()}), "inconsistent contents"),
@@ -198,10 +199,10 @@ def test_trained_keys_are_tip_adapter_f_on_the_adapted_embeddings(checkpoints, d
         (None, lambda t: t.pop(CACHE_KEYS_KEY), "expected"),
     ],
 )
-def test_the_strict_reader_refuses_damaged_caches(fitted, tmp_path, checkpoints, meta, tensors, match):
+def test_the_strict_reader_refuses_damaged_caches(fitted, tmp_path, checkpoints, config, tensors, match):
     path = tmp_path / "tip.safetensors"
     fitted.save(path)
-    damaged = edit_delta(path, tmp_path / "damaged.safetensors", meta, tensors)
+    damaged = edit_delta(path, tmp_path / "damaged.safetensors", config=config, tensors=tensors)
     with pytest.raises(DeltaFileError, match=match):
         ProLIPTipAdapter.load(damaged, pretrained=checkpoints["vit"])
 

@@ -13,20 +13,19 @@ processes). Nothing is written but the probe's own throwaway features, in memory
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from prolip.bench.config import BenchConfig
 from prolip.bench.data import Item
 from prolip.bench.methods import get_method
 from prolip.bench.results import ResultsFile
-from prolip.bench.runner import DEFAULT_METHODS
-from prolip.bench.settings import DEFAULT_SEEDS, DEFAULT_SHOTS, plan
+from prolip.bench.settings import plan
 from prolip.bench.store import FeatureStore
 from prolip.bench.workload import feature_requests, job_cells
 from prolip.features.cache import check_storage
@@ -151,38 +150,19 @@ def probe_throughput(backbone: Backbone, *, batch_size: int = 64, images: int = 
     return images * PROBE_VIEWS / (time.perf_counter() - start)
 
 
-def estimate_bench(
-    setting: str,
-    *,
-    data_root: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    model: str,
-    pretrained: str | None,
-    datasets: Sequence[str] | None = None,
-    shots: Sequence[int] | None = None,
-    seeds: Sequence[int] | None = None,
-    methods: Sequence[str] = DEFAULT_METHODS,
-    source: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    views: int = 300,
-    device: str | torch.device | None = None,
-    precision: str = "fp32",
-    batch_size: int = 64,
-    probe: bool = True,
-) -> BenchPlan:
-    """The plan of :func:`~prolip.bench.runner.run_bench` with the same arguments (see :class:`BenchPlan`).
+def estimate_bench(config: BenchConfig, probe: bool = True) -> BenchPlan:
+    """The plan of :func:`~prolip.bench.runner.run_bench` of the same ``config`` (see :class:`BenchPlan`).
 
     ``probe=False`` skips the throughput probe. The datasets' file lists are read; images, the results file and
     the cache are only looked at.
     """
-    shots = tuple(DEFAULT_SHOTS.get(setting, (16,)) if shots is None else shots)
-    seeds = tuple(DEFAULT_SEEDS if seeds is None else seeds)
+    shots, seeds, methods, views = config.shots, config.seeds, config.methods, config.views
     test_views = [get_method(name).test_views for name in methods]
-    backbone = build_backbone(model, pretrained, precision=precision, device=device)
-    out = Path(out_dir)
-    root = Path(cache_dir) if cache_dir is not None else out / "cache"
-    store = FeatureStore(backbone, root, batch_size=batch_size, verbose=False) if root.is_dir() else None
-    jobs = list(plan(setting, data_root, datasets, source))
+    backbone = build_backbone(config.model, config.pretrained, precision=config.precision, device=config.device)
+    out = Path(config.out_dir)
+    root = Path(config.cache_dir) if config.cache_dir is not None else out / "cache"
+    store = FeatureStore(backbone, root, batch_size=config.batch_size, verbose=False) if root.is_dir() else None
+    jobs = list(plan(config.setting, config.data_root, config.datasets, config.source))
     done: set = set()
     if (out / "results.json").exists():
         # The configuration check is the run's business: the plan counts any finished cell of these keys.
@@ -207,6 +187,6 @@ def estimate_bench(
         done=len(done),
     )
     if probe:
-        result.passes_per_second = probe_throughput(backbone, batch_size=batch_size)
-        result.probe = f"{PROBE_IMAGES} images × {PROBE_VIEWS} views of {model} on {backbone.device}"
+        result.passes_per_second = probe_throughput(backbone, batch_size=config.batch_size)
+        result.probe = f"{PROBE_IMAGES} images × {PROBE_VIEWS} views of {config.model} on {backbone.device}"
     return result

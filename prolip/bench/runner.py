@@ -19,17 +19,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from tqdm.auto import tqdm
-
 from prolip.atomic import atomic_write
+from prolip.bench.config import BenchConfig
 from prolip.bench.data import Dataset, Draw, draw_json, draw_shots, draw_validation
 from prolip.bench.inputs import class_set
 from prolip.bench.method_tools import EmptyValidationError
 from prolip.bench.methods import FittedMethod, Method, get_method
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.bench.results import render_plot, render_table
-from prolip.bench.settings import DEFAULT_SEEDS, DEFAULT_SHOTS, METHOD_DEFAULTS, Job, Target, plan
+from prolip.bench.settings import METHOD_DEFAULTS, Job, Target, plan
 from prolip.bench.shards import (
     CellWriter,
     deal,
@@ -44,78 +42,44 @@ from prolip.bench.store import FeatureStore
 from prolip.bench.workload import TEST_VIEW_SEED, CellKey, feature_requests, job_cells
 from prolip.errors import InputError
 from prolip.model.backbone import build_backbone
-from prolip.model.zeroshot import check_templates
-from prolip.params import check_params
+from prolip.progress import progress
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METHODS = ("zero-shot", "prolip", "prolip-val", "linear-probe")
 
-
-def run_bench(
-    setting: str,
-    *,
-    data_root: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    model: str,
-    pretrained: str | None,
-    datasets: Sequence[str] | None = None,
-    shots: Sequence[int] | None = None,
-    seeds: Sequence[int] | None = None,
-    methods: Sequence[str] = DEFAULT_METHODS,
-    source: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    views: int = 300,
-    epochs: int = 300,
-    templates: Sequence[str] | None = None,
-    device: str | torch.device | None = None,
-    precision: str = "fp32",
-    batch_size: int = 64,
-    verbose: bool = True,
-) -> list[dict[str, Any]]:
-    """Run one bench setting; returns every cell (also in ``out_dir/results.json``).
-
-    Args:
-        setting: "few-shot", "base-to-new", "cross-dataset" or "domain-generalisation".
-        data_root: the folder holding the datasets in CoOp's layout (docs/datasets.md), or a
-            user's own dataset folders (:func:`prolip.bench.data.read_dataset`).
-        out_dir: where results.json, table.md, plot.png and the draws' JSON go.
-        model, pretrained: the open_clip model and its weights (tag or local checkpoint).
-        datasets: reader names; default: the paper's for the setting.
-        shots: N values; default 1, 2, 4, 8, 16 (few-shot) or 16.
-        seeds: draw seeds; default 1, 2, 3.
-        methods: bench method names (:data:`prolip.bench.methods.METHODS`).
-        source: the training dataset of cross-dataset and domain generalisation (ImageNet).
-        cache_dir: the feature cache; default ``out_dir/cache``.
-        views, epochs: augmented views per training image and training steps (the paper: 300, 300).
-        templates: prompt templates for every dataset; default each dataset's CoOp prompt.
-        device, precision, batch_size: where and how the backbone runs.
-        verbose: progress bars over datasets, draws and trainings.
+def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
+    """Run one bench setting (:class:`~prolip.bench.config.BenchConfig`); returns every cell (also in ``results.json``).
 
     Raises:
         InputError: invalid arguments, a missing dataset (naming what was expected where), or
             ``out_dir`` holding results of another configuration.
     """
-    shots = tuple(DEFAULT_SHOTS.get(setting, (16,)) if shots is None else shots)
-    seeds = tuple(DEFAULT_SEEDS if seeds is None else seeds)
-    _check(shots, seeds, methods, views, epochs)
-    check_params({"batch_size": batch_size, "precision": precision, "device": device})
-    templates = None if templates is None else tuple(check_templates(templates))
+    setting, shots, seeds, methods, views, epochs = (
+        config.setting,
+        config.shots,
+        config.seeds,
+        config.methods,
+        config.views,
+        config.epochs,
+    )
+    data_root, datasets, source, templates = config.data_root, config.datasets, config.source, config.templates
     defaults = METHOD_DEFAULTS.get(setting, {})  # the official scripts' values where the setting has its own
     chosen = {name: get_method(name, defaults) for name in methods}  # unknown names fail before any work
-    out = Path(out_dir)
+    out = Path(config.out_dir)
     _make_folder(out, "--out-dir")
     rank, world, rank_device, created = join_job()  # under torchrun: this process's share (prolip.bench.shards)
-    verbose = verbose and rank == 0
-    backbone = build_backbone(model, pretrained, precision=precision, device=device or rank_device)
-    store = FeatureStore(backbone, cache_dir or out / "cache", batch_size=batch_size, verbose=verbose)
+    verbose = config.verbose and rank == 0
+    backbone = build_backbone(
+        config.model, config.pretrained, precision=config.precision, device=config.device or rank_device
+    )
+    store = FeatureStore(backbone, config.cache_dir or out / "cache", batch_size=config.batch_size, verbose=verbose)
     # What changes a cell's value; datasets, shots, seeds and methods can grow between resumed runs.
-    config = {
-        "setting": setting, "model": model, "pretrained": pretrained, "source": source, "views": views,
-        "epochs": epochs, "templates": list(templates) if templates else None, "precision": precision,
-        "data_root": os.path.abspath(os.path.expanduser(os.fspath(data_root))),
+    identity = {
+        "setting": setting, "model": config.model, "pretrained": config.pretrained, "source": source,
+        "views": views, "epochs": epochs, "templates": list(templates) if templates else None,
+        "precision": config.precision, "data_root": os.path.abspath(os.path.expanduser(os.fspath(data_root))),
     }  # fmt: skip
-    results = open_results(out / "results.json", config, rank)
+    results = open_results(out / "results.json", identity, rank)
     record = CellWriter(results, rank)
     jobs = list(plan(setting, data_root, datasets, source))
     _check_splits(jobs)
@@ -132,12 +96,12 @@ def run_bench(
             world,
         )
     head, scale = backbone.projector.head.frozen(), backbone.logit_scale
-    for job in tqdm(jobs, desc="datasets", disable=not verbose):
+    for job in progress(jobs, desc="datasets", verbose=verbose):
         train_classes = class_set(backbone, job.train.classnames, templates or job.train.templates)
         tests = _Tests(
             store, job.targets, train_classes, lambda ds: class_set(backbone, ds.classnames, templates or ds.templates)
         )
-        for seed in tqdm(seeds, desc=f"{job.key} draws", leave=False, disable=not verbose):
+        for seed in progress(seeds, desc=f"{job.key} draws", leave=False, verbose=verbose):
             _write_draw(draw_shots(job.train, max(shots), seed), out, job.train)
             for n in shots:
                 train, val = draw_shots(job.train, n, seed), draw_validation(job.train, n, seed)
@@ -156,7 +120,7 @@ def run_bench(
                     classes=train_classes, image_head=head, logit_scale=scale, shots=n, seed=seed, epochs=epochs,
                     device=backbone.device,
                 )  # fmt: skip
-                for name in tqdm(todo, desc=f"{job.key} N={n} seed {seed}", leave=False, disable=not verbose):
+                for name in progress(todo, desc=f"{job.key} N={n} seed {seed}", leave=False, verbose=verbose):
                     method = chosen[name]
                     start = time.perf_counter()
                     try:
@@ -187,16 +151,6 @@ def run_bench(
             logger.info("matplotlib is not installed: no plot.png (pip install matplotlib)")
     leave_job(created)
     return cells
-
-
-def _check(shots: Sequence[int], seeds: Sequence[int], methods: Sequence[str], views: int, epochs: int) -> None:
-    check_params({"views": views, "epochs": epochs})
-    if not shots or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shots):
-        raise InputError(f"shots={list(shots)} must be integers >= 1, e.g. 1 2 4 8 16.")
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-        raise InputError(f"seeds={list(seeds)} must be integers >= 0, e.g. 1 2 3.")
-    if not methods or len(set(methods)) != len(methods):
-        raise InputError(f"methods={list(methods)} must be distinct method names.")
 
 
 def _check_splits(jobs: Sequence[Job]) -> None:

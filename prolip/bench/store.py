@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from prolip.atomic import atomic_write, read_json
 from prolip.bench.data import Item
@@ -33,6 +32,7 @@ from prolip.features.cache import CachedFeatures, FeatureCache
 from prolip.features.extract import feature_cache, fill_cache, image_hash
 from prolip.features.images import load_image
 from prolip.model.backbone import Backbone
+from prolip.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class FeatureStore:
     ) -> int:  # fmt: skip
         """Decode and hash the images ``todo``, and cache this rank's share of their features: a chunk at a time."""
         computed = 0
-        for start in tqdm(range(0, len(todo), CHUNK), desc=what, unit="chunk", disable=not self.verbose or not todo):
+        for start in progress(range(0, len(todo), CHUNK), desc=what, unit="chunk", verbose=self.verbose and bool(todo)):
             chunk = todo[start : start + CHUNK]
             images = [load_image(items[i].path, i, self.backbone.draft_size) for i in chunk]
             chunk_hashes = [image_hash(im) for im in images]

@@ -41,7 +41,6 @@ import logging
 import math
 import mmap
 import os
-import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prolip.atomic import atomic_write, read_safetensors_header, remove_stale_temps
+from prolip.atomic import atomic_write, read_safetensors_header, remove_stale_temps, safetensors_header
 from prolip.errors import DamagedCacheEntryError, FeatureCacheError, InputError, InputTypeError
 from prolip.features.views import VIEWS_VERSION
 from prolip.model.preprocessing import ViewConfig
@@ -112,15 +111,9 @@ def check_storage(storage: str) -> torch.dtype:
 
 # ---------------------------------------------------------------------------- safetensors header
 def _header_bytes(shape: Sequence[int], storage: str, metadata: dict[str, str]) -> bytes:
-    """A safetensors header for one tensor named "features", padded to 8 bytes as safetensors does."""
+    """A safetensors header for one tensor named "features" (:func:`prolip.atomic.safetensors_header`)."""
     nbytes = int(np.prod(shape)) * np.dtype(_NP_DTYPE[storage]).itemsize
-    header = {
-        _TENSOR: {"dtype": _ST_DTYPE[storage], "shape": list(shape), "data_offsets": [0, nbytes]},
-        "__metadata__": metadata,
-    }
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text
+    return safetensors_header([(_TENSOR, _ST_DTYPE[storage], shape, nbytes)], metadata)
 
 
 def _digest(data: Any) -> str:

@@ -19,10 +19,10 @@ from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from prolip.errors import ImageLoadError, InputError, InputTypeError, ProLIPError
 from prolip.params import ON_ERROR
+from prolip.progress import progress
 
 IMAGE_COLUMNS = ("image", "img")
 """Image column names tried, in order, when a Hugging Face dataset has no single ``Image`` feature column."""
@@ -109,7 +109,7 @@ class DatasetImages(Sequence):
         if self._read_labels is not None:
             return self._read_labels()
         labels: list[Hashable | None] = []
-        for i in tqdm(range(self._length), desc="reading labels", unit="item", disable=not verbose, leave=False):
+        for i in progress(range(self._length), desc="reading labels", unit="item", verbose=verbose, leave=False):
             try:
                 labels.append(self._guarded(lambda j: _pair(self._read_item(j), j, self.description)[1], i))
             except ProLIPError as exc:

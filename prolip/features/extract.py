@@ -15,7 +15,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from PIL import Image
@@ -24,10 +24,19 @@ from tqdm.auto import tqdm
 
 from prolip.errors import InputError
 from prolip.features.cache import CachedFeatures, CacheKey, FeatureCache
+from prolip.features.images import SkippedImage
 from prolip.features.views import CropParams, augmented_views, plain_views, sample_crops, shrink
 from prolip.model.backbone import Backbone
+from prolip.progress import progress
 
 logger = logging.getLogger(__name__)
+
+
+class Extracted(NamedTuple):
+    """Features of the readable images of a list, and the images left out (``on_error="skip"``)."""
+
+    features: torch.Tensor | CachedFeatures
+    skipped: list[SkippedImage]
 
 
 def image_hash(image: torch.Tensor) -> str:
@@ -152,7 +161,7 @@ def extract_features(
     seeds = [image_seed(seed, image_hash(im)) for im in images] if views else None
     out = torch.empty(max(views, 1), n, backbone.projector.feature_width, dtype=torch.float32)
     what = f"{views} views" if views else "test view"
-    with tqdm(total=n * max(views, 1), desc=f"features ({what})", unit="img", disable=not verbose, leave=False) as bar:
+    with progress(total=n * max(views, 1), desc=f"features ({what})", unit="img", verbose=verbose, leave=False) as bar:
         rows = (
             _iter_preprocessed(backbone, images, preprocess, batch_size, bar)
             if preprocess is not None
@@ -222,7 +231,7 @@ def fill_cache(
         subset = Subset(images, [first[h] for h in todo])  # by index: a lazy dataset's images are loaded one by one
         seeds = [image_seed(seed, h) for h in todo] if views else None
         desc = f"features ({views} views, cached)" if views else "features (test view, cached)"
-        with tqdm(total=len(todo) * max(views, 1), desc=desc, unit="img", disable=not verbose, leave=False) as bar:
+        with progress(total=len(todo) * max(views, 1), desc=desc, unit="img", verbose=verbose, leave=False) as bar:
             for k, row in _iter_features(backbone, subset, views, seeds=seeds, batch_size=batch_size, bar=bar):
                 cache.write(todo[k], row)
     return todo

@@ -11,11 +11,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from prolip.errors import ImageLoadError, InputError, InputTypeError, ProLIPError, SkippedImagesWarning, warn
 from prolip.features.dataset_objects import DatasetImages, as_dataset_images
 from prolip.params import ON_ERROR
+from prolip.progress import progress
 
 ImageLike = str | os.PathLike | Image.Image | torch.Tensor | np.ndarray
 """Anything prolip accepts as one image: a file path, a PIL image, an HWC/HW numpy array, or a
@@ -282,7 +282,7 @@ def _load_lazily(
     if on_error == "raise":  # a bad image raises when extraction reaches it, named by its index
         return LoadedImages(LazyImages(source, range(len(source)), load_one), list(range(len(source))), [])
     kept, skipped = [], []
-    for i in tqdm(range(len(source)), desc="checking images", unit="img", disable=not verbose, leave=False):
+    for i in progress(range(len(source)), desc="checking images", unit="img", verbose=verbose, leave=False):
         try:
             load_one(source[i], i)
         except ProLIPError as exc:
@@ -328,12 +328,15 @@ def report_skipped(result: LoadedImages) -> None:
         if not result.images:
             raise ImageLoadError(
                 f"all {len(result.skipped)} images were unreadable: {shown}{more}. "
-                f"First reason: {result.skipped[0].reason} See skipped_ for every reason."
+                f"First reason: {result.skipped[0].reason}"
             )
         warn(
-            f"skipped {len(result.skipped)} of {len(result.skipped) + len(result.images)} unreadable images "
-            f"(on_error='skip'): {shown}{more}; see skipped_ for the reasons.",
-            SkippedImagesWarning,
+            SkippedImagesWarning(
+                f"skipped {len(result.skipped)} of {len(result.skipped) + len(result.images)} unreadable images "
+                f"(on_error='skip'): {shown}{more}; the warning's skipped (and an adapter's skipped_ after fit) "
+                "give the reasons.",
+                result.skipped,
+            )
         )
     if not result.images:
         raise InputError("images is empty; pass at least one image.")

@@ -30,7 +30,7 @@ from prolip.model.transformers_clip import (
     load_transformers,
 )
 from prolip.model.zeroshot import encode_prompts, zero_shot_classifier
-from prolip.params import PRECISIONS, check_params
+from prolip.params import DEVICE, MODEL, PRECISION, PRECISIONS, PRETRAINED, validate_params
 
 if TYPE_CHECKING:
     from prolip.model.towers.text import TextProjector
@@ -210,7 +210,10 @@ def build_backbone(
     """
     import open_clip
 
-    check_params({"model": model, "pretrained": pretrained, "precision": precision, "device": device})
+    validate_params(
+        {"model": model, "pretrained": pretrained, "precision": precision, "device": device},
+        {"model": MODEL, "pretrained": PRETRAINED, "precision": PRECISION, "device": DEVICE},
+    )
     name = None
     if isinstance(model, str) and model.startswith(PREFIX):  # the name says it all: no pretrained tag
         name, model, pretrained = model, load_transformers(model, tokenizer), None

@@ -18,7 +18,6 @@ This detects mistakes, not forgeries: it is not a cryptographic hash.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import zlib
 from collections.abc import Iterable, Mapping
@@ -189,11 +188,3 @@ class Fingerprint:
             return cls(Sketch.from_dict(data["projector"]), Sketch.from_dict(data["tower"]), data["precision"])
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed fingerprint ({type(exc).__name__})") from None
-
-
-def legacy_projector_hash(weight: torch.Tensor) -> str:
-    """The fingerprint of delta format 1: SHA-256 of W0 cast to float16 (C order), hex.
-
-    Kept only to check files written by prolip 0.1's format 1, which record nothing else.
-    """
-    return hashlib.sha256(weight.detach().to("cpu", torch.float16).contiguous().numpy().tobytes()).hexdigest()

@@ -30,16 +30,28 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch.optim.adam import adam as adam_update
-from tqdm.auto import tqdm
 
 from prolip.errors import InputError, TrainingDivergedError, TrainingWarning, warn
 from prolip.model.head import LinearHead
-from prolip.params import check_params, resolve_reg_lambda
+from prolip.params import (
+    BOOLEAN,
+    DEVICE,
+    EPOCHS,
+    LOGIT_SCALE,
+    LR,
+    REG_LAMBDA,
+    TRAIN_DTYPE,
+    Constrained,
+    Constraint,
+    one_of,
+    resolve_reg_lambda,
+)
+from prolip.progress import progress
 from prolip.training.sides import ClassifierSide
 
 logger = logging.getLogger(__name__)
@@ -58,8 +70,8 @@ HALF = torch.float16
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """How one training runs: built once per fit and passed whole.
+class TrainConfig(Constrained):
+    """How one training runs: built once per fit and passed whole (its fields checked when it is built).
 
     Attributes:
         lr: Adam's learning rate (of the first step; the cosine schedule takes it to 0).
@@ -83,10 +95,13 @@ class TrainConfig:
     device: torch.device | str = "cpu"
     verbose: bool = False
 
+    _parameter_constraints: ClassVar[dict[str, Constraint]] = {
+        "lr": LR, "reg_lambda": REG_LAMBDA, "epochs": EPOCHS, "logit_scale": LOGIT_SCALE, "train_dtype": TRAIN_DTYPE,
+        "optimizer": one_of(OPTIMIZERS), "device": DEVICE, "verbose": BOOLEAN,
+    }  # fmt: skip
+
     def __post_init__(self) -> None:
-        check_params({k: getattr(self, k) for k in ("lr", "reg_lambda", "epochs", "logit_scale", "train_dtype")})
-        if self.optimizer not in OPTIMIZERS:
-            raise InputError(f"optimizer={self.optimizer!r} is invalid: it must be one of {list(OPTIMIZERS)}.")
+        super().__post_init__()
         object.__setattr__(self, "device", torch.device(self.device))
 
     def resolved(self, n_shots: float, logit_scale: float) -> TrainConfig:
@@ -254,7 +269,7 @@ def _train(
     history = torch.empty(config.epochs, len(points), device=config.device)  # preallocated: no per-step allocations
     n_views = features.shape[0]
     with torch.no_grad():  # the steps compute their gradients themselves (autograd where they need it)
-        for t in tqdm(range(config.epochs), desc="training", unit="step", disable=not config.verbose, leave=False):
+        for t in progress(range(config.epochs), desc="training", unit="step", verbose=config.verbose, leave=False):
             step(features[t % n_views], history[t])
             optimizer.step(t)
     return step.results(history)

@@ -43,6 +43,27 @@ SAVED_PARAMS = (
 
 
 @dataclass(frozen=True)
+class FitSettings:
+    """Everything a projector fit takes besides the data, typed and built once per fit
+    (:meth:`prolip.ProLIPAdapter.fit_settings`) and passed whole.
+
+    Attributes:
+        config: the training run (lr, the λ rule, epochs, s, dtype, device, verbosity); :func:`prepare` resolves
+            λ and s against the task's N and the model's own scale.
+        templates: the prompt templates (None: the default).
+        target: which projectors train: "image", "text" or "image+text".
+        taskres_alpha: None, or α of a TaskRes residual on T trained beside the image projector (ProLIP + TaskRes).
+        hyperparameters: what the fitted state records (:data:`SAVED_PARAMS`, JSON values).
+    """
+
+    config: TrainConfig
+    templates: tuple[str, ...] | None
+    target: str
+    taskres_alpha: float | None
+    hyperparameters: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class FitTask:
     """One few-shot task, ready to train: checked features, class indices, names, prompts and the resolved settings.
 
@@ -70,9 +91,9 @@ def prepare(
     features: torch.Tensor | CachedFeatures,
     labels: Sequence[Hashable],
     class_names: Mapping[Hashable, str] | Sequence[str] | None,
-    params: Mapping[str, Any],
+    settings: FitSettings,
 ) -> FitTask:
-    """The task of fitting ``backbone``'s projector on ``features [V, n, width]`` and ``labels`` with an adapter's ``params``.
+    """The task of fitting ``backbone``'s projector on ``features [V, n, width]`` and ``labels`` with ``settings``.
 
     Raises:
         InputError: features and labels do not fit, fewer than two classes, or malformed templates or names.
@@ -83,13 +104,9 @@ def prepare(
         raise InputError(f"features hold {features.shape[1]} images but {len(labels)} labels were given.")
     classes, y = encode_labels(labels)
     n_shots = len(y) / len(classes)
-    config = TrainConfig(
-        lr=float(params["lr"]), reg_lambda=params["reg_lambda"], epochs=params["epochs"],
-        logit_scale=params["logit_scale"], train_dtype=params["train_dtype"], device=backbone.device,
-        verbose=params["verbose"],
-    ).resolved(n_shots, backbone.logit_scale)  # fmt: skip
+    config = settings.config.resolved(n_shots, backbone.logit_scale)
     names = names_of_classes(classes, class_names)
-    return FitTask(features, classes, y, names, check_templates(params["templates"]), n_shots, config)
+    return FitTask(features, classes, y, names, check_templates(settings.templates), n_shots, config)
 
 
 def fit_projector(
@@ -97,18 +114,15 @@ def fit_projector(
     features: torch.Tensor | CachedFeatures,
     labels: Sequence[Hashable],
     class_names: Mapping[Hashable, str] | Sequence[str] | None,
-    params: Mapping[str, Any],
+    settings: FitSettings,
 ) -> FittedState:
     """Train the projector(s) of ``backbone`` on pre-projection ``features [V, n, d_in]`` and ``labels``.
 
-    ``params`` are a ProLIPAdapter's (already checked) parameters: templates, lr, reg_lambda ("auto" = 1/N,
-    "1/N^2" = 1/N²), epochs (0: zero-shot, W = W0), logit_scale (None: the model's), target (which projectors
-    train: "image", "text" or "image+text"), train_dtype ("fp32", or "fp16" as the official code),
-    taskres_alpha (None, or α of a TaskRes residual on T trained with the image projector: ProLIP + TaskRes),
-    verbose, and what :data:`SAVED_PARAMS` records.
+    ``settings.target`` says which projectors train ("image"; "text" or "image+text": T from the trained text
+    projection), ``settings.taskres_alpha`` adds TaskRes's residual; epochs 0 leaves W = W0 (zero-shot).
     """
-    task = prepare(backbone, features, labels, class_names, params)
-    alpha, target = params["taskres_alpha"], params["target"]
+    task = prepare(backbone, features, labels, class_names, settings)
+    alpha, target = settings.taskres_alpha, settings.target
     if alpha is not None and target != "image":
         raise InputError(f"taskres_alpha trains a residual beside the image projector only; got target={target!r}.")
     head = backbone.projector.head
@@ -133,7 +147,7 @@ def fit_projector(
     else:
         classifier = backbone.classifier(task.class_names, task.templates)
         result = train_projector(task.features, task.labels, head, classifier, task.config)
-    return fitted_state(backbone, task, result, classifier, params, **text)
+    return fitted_state(backbone, task, result, classifier, settings.hyperparameters, **text)
 
 
 def fitted_state(
@@ -141,20 +155,15 @@ def fitted_state(
     task: FitTask,
     result: TrainResult,
     classifier: torch.Tensor,
-    params: Mapping[str, Any],
+    hyperparameters: Mapping[str, Any],
     **fields: Any,
 ) -> FittedState:
     """The :class:`FittedState` of ``result`` on ``task``: the vision delta, T, and what the fit records.
 
-    ``params`` are the adapter's (the hyperparameters recorded are :data:`SAVED_PARAMS`, with λ and lr as the
-    task's config holds them); ``fields`` are further :class:`FittedState` fields (a text delta, a selection).
+    ``hyperparameters`` are recorded as given (:attr:`FitSettings.hyperparameters`, with the lr and λ a search
+    chose); ``fields`` are further :class:`FittedState` fields (a text delta, a selection).
     """
     config, projector = task.config, backbone.projector
-    hyperparameters = {k: params[k] for k in SAVED_PARAMS}
-    hyperparameters.update(
-        templates=list(params["templates"]) if params["templates"] else None,
-        random_state=None if params["random_state"] is None else int(params["random_state"]),
-    )
     logger.info(
         "fitted %d classes, N=%.3g, lambda=%.3g, %d steps", len(task.classes), task.n_shots, config.reg_lambda,
         config.epochs,
@@ -176,7 +185,7 @@ def fitted_state(
         projector_family=projector.family,
         model_name=backbone.recorded[0],
         pretrained=backbone.recorded[1],
-        hyperparameters=hyperparameters,
+        hyperparameters=dict(hyperparameters),
         fingerprint=backbone.fingerprint,
         loss_history=result.losses.numpy(),
         **fields,

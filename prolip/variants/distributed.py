@@ -34,7 +34,7 @@ from prolip.errors import InputError
 from prolip.features.cache import CachedFeatures
 from prolip.features.extract import feature_cache, fill_cache, image_hash
 from prolip.features.images import ImageLike, load_for_model, report_skipped
-from prolip.params import check_params
+from prolip.params import VIEWS, validate_params
 
 if TYPE_CHECKING:
     from prolip.adapter import ProLIPAdapter
@@ -110,9 +110,10 @@ def extract_distributed(
         raise InputError("extract_distributed needs a feature cache: pass cache_dir, a folder every process can reach.")
     if adapter.random_state is None:
         raise InputError("random_state=None would give each process different views; set random_state to an int.")
-    params = adapter.get_params()
+    params = adapter.get_params(deep=False)
     views = params["views"] if views is None else views
-    check_params({**params, "views": views})
+    adapter.check_params()
+    validate_params({"views": views}, {"views": VIEWS})
     backbone = adapter.backbone
     cache = feature_cache(
         backbone, params["cache_dir"], views=views, seed=params["random_state"], storage=params["cache_dtype"]

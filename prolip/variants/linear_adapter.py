@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -30,15 +30,15 @@ from prolip.errors import InputError, InputTypeError, NotFittedError
 from prolip.estimator import Estimator, Learned
 from prolip.features.cache import check_features
 from prolip.features.dataset_objects import labelled
-from prolip.features.images import ImageLike, kept
-from prolip.files.delta import read_linear_adapter, write_delta
+from prolip.features.images import ImageLike, SkippedImage, kept
+from prolip.files.hub import HubMixin
 from prolip.model.backbone import select_device
 from prolip.model.fingerprint import Fingerprint
 from prolip.model.head import LinearHead
 from prolip.model.zeroshot import average_prompts, check_templates, prompts
-from prolip.params import check_params, restore_params
+from prolip.params import BOOLEAN, DEVICE, EPOCHS, LOGIT_SCALE, LR, REG_LAMBDA, TEMPLATES, Constraint
 from prolip.training.engine import TrainConfig, train_projector
-from prolip.training.fitted import LinearAdapterState
+from prolip.training.fitted import LINEAR_ADAPTER_KEY, FittedState
 from prolip.training.labels import accuracy, class_array, encode_labels, label_list, names_of_classes, plain_label
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ TextEncoder = Callable[[list[str]], Any]
 """A text encoder: a list of prompts in, their embeddings ``[len, d]`` (tensor or array) out."""
 
 
-class RegularizedLinearAdapter(Estimator):
+class RegularizedLinearAdapter(HubMixin, Estimator):
     """A regularised linear adapter A on image embeddings, for models whose weights cannot be touched.
 
     Trained on embeddings f ``[V, n, d]`` (V augmented views of n images; ``[n, d]`` for one) with
@@ -72,7 +72,8 @@ class RegularizedLinearAdapter(Estimator):
         verbose: show a progress bar while training.
 
     Attributes (after fit_embeddings or load):
-        fitted_: the :class:`~prolip.training.fitted.LinearAdapterState` the attributes below are read from.
+        fitted_: the :class:`~prolip.training.fitted.FittedState` (kind ``linear_adapter``) the attributes
+            below are read from.
         classes_: labels, in the column order of ``predict_proba``.
         class_names_: the text put into the templates for each class.
         classifier_: the text classifier T, float32 ``[K, d]``, unit rows.
@@ -80,6 +81,12 @@ class RegularizedLinearAdapter(Estimator):
         n_shots_, reg_lambda_, logit_scale_, loss_history_: N, the λ and s training used, and the
             loss of every step (empty after load).
     """
+
+    _parameter_constraints: ClassVar[dict[str, Constraint]] = {
+        "lr": LR, "reg_lambda": REG_LAMBDA, "epochs": EPOCHS, "logit_scale": LOGIT_SCALE, "templates": TEMPLATES,
+        "device": DEVICE, "verbose": BOOLEAN,
+    }  # fmt: skip
+    kind: ClassVar[str] = "linear_adapter"
 
     def __init__(
         self,
@@ -100,7 +107,7 @@ class RegularizedLinearAdapter(Estimator):
         self.device = device
         self.verbose = verbose
 
-    fitted_ = Learned(lambda s: s, "The fitted state (:class:`~prolip.training.fitted.LinearAdapterState`).")
+    fitted_ = Learned(lambda s: s, "The fitted state (:class:`~prolip.training.fitted.FittedState`).")
     classes_ = Learned(lambda s: class_array(s.classes), "Labels, in the column order of predict_proba.")
     class_names_ = Learned(lambda s: list(s.class_names), "The text put into the templates for each class.")
     classifier_ = Learned(lambda s: s.classifier, "The text classifier T, float32 [K, d], unit rows.")
@@ -111,7 +118,7 @@ class RegularizedLinearAdapter(Estimator):
     loss_history_ = Learned(lambda s: s.loss_history, "Training loss per step (empty after load).")
     n_features_in_ = Learned(lambda s: s.delta.shape[0], "d, the width of the embeddings.")
 
-    def _fitted(self) -> LinearAdapterState:
+    def _fitted(self) -> FittedState:
         state = self.__dict__.get("_state")
         if state is None:
             raise NotFittedError(
@@ -154,7 +161,7 @@ class RegularizedLinearAdapter(Estimator):
         Raises:
             InputError: neither or both of ``classifier`` and ``text_encoder``; shapes that do not fit.
         """
-        check_params(self.get_params())
+        self.check_params()
         self.__dict__.pop("_state", None)  # a failed fit leaves the estimator unfitted
         embeddings = _as_tensor(embeddings, "embeddings")
         d = embeddings.shape[-1] if embeddings.ndim else 0  # a 0-d input is refused by the shape check
@@ -189,7 +196,7 @@ class RegularizedLinearAdapter(Estimator):
         delta, losses = result.weight - identity.weight, result.losses
         model_name, pretrained = source or ("", "")
         fingerprint = fingerprint if model_name else None
-        self._state = LinearAdapterState(
+        self._state = FittedState(
             delta=delta.contiguous(),
             classifier=t,
             classes=tuple(classes),
@@ -198,7 +205,10 @@ class RegularizedLinearAdapter(Estimator):
             n_shots=n_shots,
             reg_lambda=reg_lambda,
             logit_scale=scale,
-            hyperparameters={k: self.get_params()[k] for k in _SAVED_PARAMS} | {"templates": templates or None},
+            hyperparameters={k: self.get_params(deep=False)[k] for k in _SAVED_PARAMS}
+            | {"templates": templates or None},
+            projector_key=LINEAR_ADAPTER_KEY,
+            projector_family="linear_adapter",
             model_name=model_name,
             pretrained=pretrained,
             loss_history=losses.numpy(),
@@ -237,36 +247,17 @@ class RegularizedLinearAdapter(Estimator):
         """Accuracy of :meth:`predict` against ``labels``."""
         return accuracy(self.predict(embeddings), labels)
 
-    # ------------------------------------------------------------------ files and sharing
-    def save(self, path: str | os.PathLike) -> None:
-        """Save A − I, T and metadata as one ``.safetensors`` file of kind ``linear_adapter`` (atomically)."""
-        write_delta(path, self._fitted())
+    # ------------------------------------------------------------------ files (save, load, save_pretrained,
+    # from_pretrained and push_to_hub come from HubMixin)
+    def _fitted_state(self) -> FittedState:
+        return self._fitted()
 
     @classmethod
-    def load(cls, path: str | os.PathLike, **overrides: Any) -> RegularizedLinearAdapter:
-        """Rebuild a fitted adapter from a file written by :meth:`save`; ``overrides`` change parameters (``device``)."""
-        state = read_linear_adapter(path)
-        params = restore_params(
-            state.hyperparameters, _SAVED_PARAMS, cls._param_names(), overrides, repr(os.fspath(path))
-        )
-        loaded = cls(**params)
+    def _from_state(cls, state: FittedState, source: str, **overrides: Any) -> RegularizedLinearAdapter:
+        """Loading options, for :meth:`load` and :meth:`from_pretrained`: ``overrides`` change parameters (``device``)."""
+        loaded = cls(**cls._restored(state.hyperparameters, _SAVED_PARAMS, overrides, source))
         loaded._state = state
         return loaded
-
-    def push_to_hub(
-        self, repo_id: str, private: bool = False, token: str | None = None, metrics: dict[str, float] | None = None
-    ) -> str:
-        """Upload the adapter and a generated model card to a Hugging Face Hub repository; returns its URL."""
-        from prolip.files import hub
-
-        return hub.push_to_hub(self._fitted(), repo_id, private=private, token=token, metrics=metrics)
-
-    @classmethod
-    def from_pretrained(cls, source: str | os.PathLike, **overrides: Any) -> RegularizedLinearAdapter:
-        """Load from ``"hf-hub:user/repo"``, a folder holding ``prolip_delta.safetensors``, or a file."""
-        from prolip.files import hub
-
-        return cls.load(hub.resolve(source), **overrides)
 
 
 def _as_tensor(values: Any, what: str) -> torch.Tensor:
@@ -309,19 +300,22 @@ def _encode_classes(text_encoder: TextEncoder, names: Sequence[str], templates: 
     return average_prompts(torch.stack(per_class))
 
 
-def _model_embeddings(extractor: ProLIPAdapter, images: Sequence[ImageLike], views: int | None = None) -> torch.Tensor:
-    """What ``encode_image`` returns for views of ``images``: float32 CPU ``[V, n, d]`` (``views=0``: the plain view).
+def _model_embeddings(
+    extractor: ProLIPAdapter, images: Sequence[ImageLike], views: int | None = None
+) -> tuple[torch.Tensor, list[SkippedImage]]:
+    """What ``encode_image`` returns for views of ``images``: float32 CPU ``[V, n, d]`` (``views=0``: the plain view),
+    and the images left out.
 
     ``extractor`` (a ProLIPAdapter, fitted or not) loads the images and computes the views'
-    pre-projection features (:meth:`~prolip.ProLIPAdapter.extract_features`, with its views,
+    pre-projection features (:meth:`~prolip.ProLIPAdapter.extract`, with its views,
     seed and cache); the model's own last linear map then gives the embeddings, one view at a time.
     """
-    features = extractor.extract_features(images, views)
+    features, skipped = extractor.extract(images, views)
     backbone = extractor.backbone
     projector = backbone.projector
     views = (features[v].to(backbone.device, torch.float32) for v in range(features.shape[0]))
     with torch.inference_mode():
-        return torch.stack([projector.head.project(x).cpu() for x in views])
+        return torch.stack([projector.head.project(x).cpu() for x in views]), skipped
 
 
 class ModelRLA:
@@ -346,11 +340,11 @@ class ModelRLA:
 
     def predict_proba(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Class probabilities ``(n, K)`` of images."""
-        return self.rla.predict_proba(_model_embeddings(self.extractor, images, views=0))
+        return self.rla.predict_proba(_model_embeddings(self.extractor, images, views=0)[0])
 
     def predict(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Predicted label of each image."""
-        return self.rla.predict(_model_embeddings(self.extractor, images, views=0))
+        return self.rla.predict(_model_embeddings(self.extractor, images, views=0)[0])
 
     @classmethod
     def fit(
@@ -367,10 +361,10 @@ class ModelRLA:
         """
         images, labels, class_names = labelled(images, labels, class_names, extractor.on_error, extractor.verbose)
         labels = label_list(labels)
-        embeddings = _model_embeddings(extractor, images)
-        kept_labels = kept(labels, extractor.skipped_)
+        embeddings, skipped = _model_embeddings(extractor, images)
+        kept_labels = kept(labels, skipped)
         backbone = extractor.backbone
-        params = extractor.get_params()
+        params = extractor.get_params(deep=False)
         rla = RegularizedLinearAdapter(
             **{k: params[k] for k in ("lr", "reg_lambda", "epochs", "templates", "device", "verbose")},
             logit_scale=backbone.logit_scale,
@@ -402,7 +396,7 @@ class ModelRLA:
         ``trust_file_model`` is as in :meth:`prolip.ProLIPAdapter.load`; ``extractor_params`` go
         to the extracting ProLIPAdapter (e.g. ``device``, ``verbose``).
         """
-        rla = RegularizedLinearAdapter.load(path)
+        rla = RegularizedLinearAdapter.load(path)  # the kind is checked before a model is built
         if model is None:
             model, pretrained = rla.fitted_.base_model(
                 pretrained, trust_file_model=trust_file_model, source=repr(os.fspath(path))

@@ -127,7 +127,7 @@ class MultiTaskClassifier:
         return view
 
     def _logits(self, images: Sequence[ImageLike]) -> dict[str, torch.Tensor]:
-        features = self._base.extract_features(images, views=0)  # the trunk's only pass
+        features = self._base.extract(images, views=0).features  # the trunk's only pass
         return {name: head.logits_from_features(features) for name, head in self._heads.items()}
 
     def predict_proba(self, images: Sequence[ImageLike]) -> dict[str, np.ndarray]:

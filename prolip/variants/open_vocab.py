@@ -119,19 +119,19 @@ class OpenVocabularyClassifier:
 
     def predict_proba(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Class probabilities ``(n, K)``; columns follow ``classes_`` (readable images only, see ``on_error``)."""
-        features = self.adapter.extract_features(images, views=0)
+        features = self.adapter.extract(images, views=0).features
         return torch.softmax(self.logits_from_features(features), dim=-1).numpy()
 
     def predict(self, images: Sequence[ImageLike]) -> np.ndarray:
         """The predicted class name of each image (readable images only)."""
-        return self.predict_features(self.adapter.extract_features(images, views=0))
+        return self.predict_features(self.adapter.extract(images, views=0).features)
 
     def score(self, images: Sequence[ImageLike], labels: Sequence[Hashable]) -> float:
         """Accuracy of :meth:`predict` against ``labels`` (class names; readable images only)."""
         check_lengths(images, labels)
         labels = label_list(labels)
-        features = self.adapter.extract_features(images, views=0)
-        return self.score_features(features, kept(labels, self.adapter.skipped_))
+        extracted = self.adapter.extract(images, views=0)
+        return self.score_features(extracted.features, kept(labels, extracted.skipped))
 
     def __repr__(self) -> str:
         shown = ", ".join(self.class_names_[:5]) + (", ..." if len(self.class_names_) > 5 else "")

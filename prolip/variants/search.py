@@ -22,17 +22,20 @@ import logging
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from tqdm.auto import tqdm
 
 from prolip.adapter import ProLIPAdapter
-from prolip.errors import InputError, TrainingDivergedError
+from prolip.errors import DeltaFileError, InputError, NotFittedError, TrainingDivergedError
+from prolip.estimator import Estimator
 from prolip.features.cache import CachedFeatures, check_features
 from prolip.features.dataset_objects import labelled
 from prolip.features.images import kept
+from prolip.files.hub import HubMixin
 from prolip.model.head import LinearHead
+from prolip.params import LRS, REG_LAMBDAS, Constraint, validate_params
+from prolip.progress import progress
 from prolip.training.engine import TrainConfig, TrainResult, train_grid
 from prolip.training.fit import fitted_state, prepare
 from prolip.training.fitted import FittedState
@@ -82,21 +85,6 @@ class SearchResult:
         }
 
 
-def _check_grid(lrs: Sequence[float], reg_lambdas: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The grid as tuples of floats, after checking it is non-empty, positive (lr) and non-negative (λ)."""
-    try:
-        lrs, reg_lambdas = tuple(float(v) for v in lrs), tuple(float(v) for v in reg_lambdas)
-    except (TypeError, ValueError):
-        raise InputError(f"lrs={lrs!r} and reg_lambdas={reg_lambdas!r} must be sequences of numbers.") from None
-    if not lrs or not all(math.isfinite(v) and v > 0 for v in lrs):
-        raise InputError(f"lrs={list(lrs)} must be a non-empty list of positive numbers, e.g. {list(PAPER_LRS)}.")
-    if not reg_lambdas or not all(math.isfinite(v) and v >= 0 for v in reg_lambdas):
-        raise InputError(
-            f"reg_lambdas={list(reg_lambdas)} must be a non-empty list of numbers >= 0, e.g. {list(PAPER_LAMBDAS)}."
-        )
-    return lrs, reg_lambdas
-
-
 def search_projector(
     features: torch.Tensor | CachedFeatures,
     labels: torch.Tensor,
@@ -127,7 +115,8 @@ def search_projector(
         InputError: an empty or invalid grid, or an empty validation draw.
         TrainingDivergedError: training diverged at every grid point.
     """
-    lrs, reg_lambdas = _check_grid(lrs, reg_lambdas)
+    validate_params({"lrs": lrs, "reg_lambdas": reg_lambdas}, _GRID)
+    lrs, reg_lambdas = tuple(float(v) for v in lrs), tuple(float(v) for v in reg_lambdas)
     val = val_features[0] if val_features.ndim == 3 else val_features
     if val.shape[0] == 0 or val.shape[0] != len(val_labels):
         raise InputError(
@@ -146,7 +135,7 @@ def search_projector(
     chunk = max(1, min(len(grid), GRID_MEMORY_BYTES // per_point))
     quiet = dataclasses.replace(config, verbose=False)
     best: tuple[float, float, float, TrainResult] | None = None
-    with tqdm(total=len(grid), desc="validation grid", unit="fit", disable=not config.verbose, leave=False) as bar:
+    with progress(total=len(grid), desc="validation grid", unit="fit", verbose=config.verbose, leave=False) as bar:
         for start in range(0, len(grid), chunk):
             part = grid[start : start + chunk]
             points = [(lrs[i], reg_lambdas[j]) for i, j in part]
@@ -175,12 +164,15 @@ def adapter_from_state(template: ProLIPAdapter, state: FittedState, **changes: A
     It shares ``template``'s model object, so no second copy of the backbone is loaded; ``template``
     itself is left as it was (scikit-learn's meta-estimators never fit the estimator they are given).
     """
-    params = {**template.get_params(), **changes}
+    params = {**template.get_params(deep=False), **changes}
     params.pop("model"), params.pop("pretrained")
     return ProLIPAdapter.from_state(state, template.backbone.model, template.pretrained, **params)
 
 
-class ProLIPSearch:
+_GRID = {"lrs": LRS, "reg_lambdas": REG_LAMBDAS}
+
+
+class ProLIPSearch(HubMixin, Estimator):
     """Few-shot validation around a :class:`~prolip.ProLIPAdapter`: fit at every (lr, λ), keep the best.
 
     A meta-estimator in the spirit of scikit-learn's ``GridSearchCV``, with the validation set given
@@ -189,14 +181,24 @@ class ProLIPSearch:
     Args:
         adapter: the (unfitted) adapter whose other parameters (model, views, epochs, ...) every
             grid point uses; its ``lr`` and ``reg_lambda`` are what the search chooses.
-        lrs, reg_lambdas: the grid (default: the paper's).
+        lrs: the learning rates of the grid (default: the paper's).
+        reg_lambdas: the λ of the grid (default: the paper's).
 
-    Attributes (after fit):
+    Attributes (after fit, or load of a file it saved):
         best_estimator_: a fitted ProLIPAdapter at the chosen point (its delta file records the
             grid and every validation accuracy under ``selection``).
         best_params_: ``{"lr": ..., "reg_lambda": ...}``.
         cv_results_: the grid and validation accuracies (:meth:`SearchResult.as_dict`).
+
+    ``save`` / ``save_pretrained`` / ``push_to_hub`` share ``best_estimator_``'s delta (kind ``projector``), which
+    ``ProLIPAdapter.load`` reads as any other; ``ProLIPSearch.load`` also restores the search's results.
     """
+
+    _parameter_constraints: ClassVar[dict[str, Constraint]] = {
+        "adapter": Constraint("a ProLIPAdapter", lambda v: isinstance(v, ProLIPAdapter)),
+        **_GRID,
+    }
+    kind: ClassVar[str] = "projector"
 
     def __init__(
         self, adapter: ProLIPAdapter, *, lrs: Sequence[float] = PAPER_LRS, reg_lambdas: Sequence[float] = PAPER_LAMBDAS
@@ -204,10 +206,6 @@ class ProLIPSearch:
         self.adapter = adapter
         self.lrs = lrs
         self.reg_lambdas = reg_lambdas
-
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        """The constructor arguments, as scikit-learn's ``get_params``."""
-        return {"adapter": self.adapter, "lrs": self.lrs, "reg_lambdas": self.reg_lambdas}
 
     def fit(
         self,
@@ -222,15 +220,19 @@ class ProLIPSearch:
         ``images`` and ``val_images`` may be dataset objects, whose labels are used when ``labels`` /
         ``val_labels`` is None (see :func:`prolip.features.dataset_objects.labelled`).
         """
+        self._check()  # once, before any image is read
         on_error = self.adapter.on_error
         images, labels, class_names = labelled(images, labels, class_names, on_error, self.adapter.verbose)
         val_images, val_labels, _ = labelled(val_images, val_labels, on_error=on_error)
         check_lengths(val_images, val_labels)
-        features = self.adapter.extract_features(images)
-        labels = kept(label_list(labels), self.adapter.skipped_)
-        val_features = self.adapter.extract_features(val_images, views=0)
-        val_labels = kept(label_list(val_labels), self.adapter.skipped_)
-        return self.fit_features(features, labels, val_features, val_labels, class_names)
+        train, val = self.adapter.extract(images), self.adapter.extract(val_images, views=0)
+        labels, val_labels = kept(label_list(labels), train.skipped), kept(label_list(val_labels), val.skipped)
+        return self._search(train.features, labels, val.features, val_labels, class_names)
+
+    def _check(self) -> None:
+        """This search's parameters and its adapter's, each against its class's constraints."""
+        self.check_params()
+        self.adapter.check_params()
 
     def fit_features(
         self,
@@ -241,26 +243,35 @@ class ProLIPSearch:
         class_names: Mapping[Hashable, str] | Sequence[str] | None = None,
     ) -> ProLIPSearch:
         """Search on features from ``adapter.extract_features`` (training views; validation ``views=0``); returns self."""
-        lrs, reg_lambdas = _check_grid(self.lrs, self.reg_lambdas)
+        self._check()
+        return self._search(features, labels, val_features, val_labels, class_names)
+
+    def _search(
+        self,
+        features: torch.Tensor | CachedFeatures,
+        labels: Sequence[Hashable],
+        val_features: torch.Tensor,
+        val_labels: Sequence[Hashable],
+        class_names: Mapping[Hashable, str] | Sequence[str] | None,
+    ) -> ProLIPSearch:
         adapter = self.adapter
-        params, backbone = adapter.get_params(), adapter.backbone
-        alpha = params["taskres_alpha"]
-        if params["target"] != "image" or alpha is not None:
-            chosen = f"target={params['target']!r}" if alpha is None else f"taskres_alpha={alpha!r}"
+        settings, backbone = adapter.fit_settings(), adapter.backbone
+        alpha = settings.taskres_alpha
+        if settings.target != "image" or alpha is not None:
+            chosen = f"target={settings.target!r}" if alpha is None else f"taskres_alpha={alpha!r}"
             raise InputError(f"the validation search trains the image projector alone, not with {chosen}.")
-        task = prepare(backbone, features, labels, class_names, params)
+        task = prepare(backbone, features, labels, class_names, settings)
         classifier = backbone.classifier(task.class_names, task.templates)
         val_features = check_features(val_features, backbone.projector.feature_width, "val_features")
         val_y = label_indices(val_labels, task.classes, "val_labels")
         found = search_projector(
             task.features, task.labels, val_features, val_y, backbone.projector.head, classifier, task.config,
-            lrs, reg_lambdas,
+            self.lrs, self.reg_lambdas,
         )  # fmt: skip
         self.best_params_ = {"lr": found.lr, "reg_lambda": found.reg_lambda}
         task = dataclasses.replace(task, config=task.config.at(found.lr, found.reg_lambda))
-        state = fitted_state(
-            backbone, task, found.result, classifier, {**params, **self.best_params_}, selection=found.as_dict()
-        )
+        recorded = {**settings.hyperparameters, **self.best_params_}
+        state = fitted_state(backbone, task, found.result, classifier, recorded, selection=found.as_dict())
         self.best_estimator_ = adapter_from_state(adapter, state, **self.best_params_)
         self.cv_results_ = found.as_dict()
         return self
@@ -277,6 +288,25 @@ class ProLIPSearch:
         """``best_estimator_.score``."""
         return self.best_estimator_.score(images, labels)
 
-    def save(self, path: Any) -> None:
-        """``best_estimator_.save``: the chosen delta, with the grid in its metadata."""
-        self.best_estimator_.save(path)
+    # ------------------------------------------------------------------ files (HubMixin: best_estimator_'s delta)
+    def _fitted_state(self) -> FittedState:
+        if "best_estimator_" not in self.__dict__:
+            raise NotFittedError("This ProLIPSearch is not fitted yet; call fit(...) or fit_features(...) first.")
+        return self.best_estimator_.fitted_
+
+    @classmethod
+    def _from_state(cls, state: FittedState, source: str, *args: Any, **kwargs: Any) -> ProLIPSearch:
+        """Loading options as :meth:`prolip.ProLIPAdapter.load`; the file must record a search (``selection``)."""
+        found = state.selection
+        if found is None:
+            raise DeltaFileError(
+                f"{source} holds a fit without a validation search (no 'selection'); load it with "
+                "prolip.ProLIPAdapter.load."
+            )
+        best = ProLIPAdapter.from_state(state, *args, source=source, **kwargs)
+        template = ProLIPAdapter(**best.get_params(deep=False))  # unfitted, as fit leaves the adapter it is given
+        search = cls(template, lrs=found["lrs"], reg_lambdas=found["reg_lambdas"])
+        search.best_estimator_ = best
+        search.best_params_ = {"lr": found["lr"], "reg_lambda": found["reg_lambda"]}
+        search.cv_results_ = dict(found)
+        return search

@@ -26,20 +26,36 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from prolip.adapter import ProLIPAdapter
-from prolip.errors import InputError, InputTypeError
+from prolip.errors import InputError
+from prolip.estimator import Estimator
 from prolip.features.cache import CachedFeatures, check_features
 from prolip.features.extract import extract_features
 from prolip.features.images import ImageLike, load_for_model, report_skipped
 from prolip.model.backbone import Backbone
 from prolip.model.head import LinearHead
 from prolip.model.zeroshot import check_templates
-from prolip.params import CONSTRAINTS, check_params
+from prolip.params import (
+    BATCH_SIZE,
+    BOOLEAN,
+    CLASS_NAMES,
+    COUNT,
+    FRACTION,
+    NON_NEGATIVE,
+    NONE,
+    SEED,
+    STEPS,
+    TEMPLATES,
+    Constrained,
+    Constraint,
+    one_of,
+)
 from prolip.training.engine import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -52,7 +68,7 @@ CHUNK_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
-class TestTimeSettings:
+class TestTimeSettings(Constrained):
     """How each test image adapts its projector.
 
     Attributes:
@@ -75,27 +91,11 @@ class TestTimeSettings:
     weight_decay: float | None = None
     reg_lambda: float = 0.0
 
-    def __post_init__(self) -> None:
-        def number(value: object) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-        problems = [
-            (number(self.rho) and 0 < self.rho <= 1, f"rho={self.rho!r} must be a fraction in (0, 1]"),
-            (
-                isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps >= 0,
-                f"steps={self.steps!r} must be an integer >= 0",
-            ),
-            (number(self.lr) and self.lr >= 0, f"lr={self.lr!r} must be a number >= 0"),
-            (self.optimizer in OPTIMIZERS, f"optimizer={self.optimizer!r} must be one of {list(OPTIMIZERS)}"),
-            (
-                self.weight_decay is None or (number(self.weight_decay) and self.weight_decay >= 0),
-                f"weight_decay={self.weight_decay!r} must be None or a number >= 0",
-            ),
-            (number(self.reg_lambda) and self.reg_lambda >= 0, f"reg_lambda={self.reg_lambda!r} must be a number >= 0"),
-        ]
-        for ok, message in problems:
-            if not ok:
-                raise InputError(f"test-time setting {message}.")
+    # TPT's: a learning rate of 0 (the starting projector, unchanged) is allowed here, unlike a fit's.
+    _parameter_constraints: ClassVar[dict[str, Constraint]] = {
+        "rho": FRACTION, "steps": STEPS, "lr": NON_NEGATIVE, "optimizer": one_of(OPTIMIZERS),
+        "weight_decay": NONE | NON_NEGATIVE, "reg_lambda": NON_NEGATIVE,
+    }  # fmt: skip
 
     def kept(self, n_views: int) -> int:
         """How many of ``n_views`` views are kept: TPT's ``int(V·ρ)``, at least 1."""
@@ -240,7 +240,7 @@ STARTS = ("adapted", "pretrained")
 _IMAGES_AT_ONCE = 64  # images whose views are held in memory together by predict
 
 
-class TestTimeProLIP:
+class TestTimeProLIP(Estimator):
     """Test-time ProLIP (TPT's protocol on the vision projector): one entropy step per image, then reset.
 
     Args:
@@ -271,12 +271,31 @@ class TestTimeProLIP:
             :func:`prolip.features.extract.image_seed`), so results are deterministic.
         verbose: show progress bars.
 
+    As a scikit-learn estimator, the constructor only stores its arguments; they are checked, and T built, when
+    the adaptation is first used (and again after ``set_params``).
+
     Attributes:
         classes_: the labels, in the column order of :meth:`predict_proba`.
+        classifier_: T ``[K, d_out]``.
         settings: the adaptation (:class:`TestTimeSettings`).
     """
 
     __test__ = False  # not a pytest test class, despite its name
+
+    _parameter_constraints: ClassVar[dict[str, Constraint]] = {
+        "model": Constraint(
+            "a fitted ProLIPAdapter or a prolip Backbone", lambda v: isinstance(v, (ProLIPAdapter, Backbone))
+        ),
+        "class_names": NONE | CLASS_NAMES,
+        "templates": TEMPLATES,
+        "start": NONE | one_of(STARTS),
+        "views": Constraint("an integer >= 1 (the plain view and views - 1 crops)", COUNT.check),
+        "batch_size": BATCH_SIZE,
+        "chunk_size": NONE | COUNT,
+        "random_state": Constraint("an integer (the seed of the crops and flips)", SEED.check),
+        "verbose": BOOLEAN,
+        **TestTimeSettings._parameter_constraints,
+    }
 
     def __init__(
         self,
@@ -297,86 +316,79 @@ class TestTimeProLIP:
         random_state: int = 0,
         verbose: bool = False,
     ) -> None:
-        self.settings = TestTimeSettings(
-            rho=rho, steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay, reg_lambda=reg_lambda
-        )
-        if not (isinstance(views, int) and views >= 1):
-            raise InputError(f"views={views!r} must be an integer >= 1 (the plain view and views - 1 crops).")
-        check_params({"batch_size": batch_size, "random_state": random_state, "verbose": verbose})
-        if random_state is None:  # the crops are seeded per image from it: there is no unseeded mode
-            raise InputError("random_state=None is invalid: it must be an integer (the seed of the crops and flips).")
-        if chunk_size is not None and not (CONSTRAINTS["batch_size"].check(chunk_size)):
-            raise InputError(f"chunk_size={chunk_size!r} is invalid: it must be None or an integer >= 1.")
-        self.views, self.batch_size, self.chunk_size = views, batch_size, chunk_size
-        self.random_state, self.verbose = random_state, verbose
-        if isinstance(model, ProLIPAdapter):
-            if class_names is not None:
-                raise InputError("class_names come from the fitted adapter; pass them only with a backbone.")
-            self.backbone = model.backbone
-            state = model.fitted_  # NotFittedError if it is not fitted
-            start = "adapted" if start is None else start
-            self.classes_ = model.classes_
-            self.classifier, self.logit_scale = state.classifier, state.logit_scale
-            if templates is not None:
-                if model.target != "image" or model.taskres_alpha is not None:
-                    raise InputError(
-                        f"templates rebuild T from the text tower, but this adapter's T was trained "
-                        f"(target={model.target!r}, taskres_alpha={model.taskres_alpha!r}); leave templates=None."
-                    )
-                self.classifier = self.backbone.classifier(list(state.class_names), check_templates(templates))
-            adapted = state.adapted_weight(self.backbone.projector) if start == "adapted" else None
-        elif isinstance(model, Backbone):
-            if class_names is None:
-                raise InputError("class_names are needed with a backbone: the text of each class, e.g. ['cat', 'dog'].")
-            if start == "adapted":
-                raise InputError(
-                    "start='adapted' needs a fitted ProLIPAdapter; a backbone starts from W0 ('pretrained')."
-                )
-            if (
-                isinstance(class_names, (str, bytes))
-                or not isinstance(class_names, Sequence)
-                or not class_names
-                or not all(isinstance(n, str) and n for n in class_names)
-                or len(set(class_names)) != len(class_names)
-            ):  # a string is a sequence of characters, not of class names
-                raise InputError(
-                    f"class_names={class_names!r} must be a non-empty list of distinct non-empty strings, "
-                    "e.g. ['cat', 'dog']."
-                )
-            self.backbone, start, adapted = model, "pretrained", None
-            self.classes_ = np.asarray(list(class_names))
-            self.classifier = model.classifier(list(class_names), check_templates(templates))
-            self.logit_scale = model.logit_scale
-        else:
-            raise InputTypeError(
-                f"model must be a fitted ProLIPAdapter or a prolip Backbone, not {type(model).__name__}."
-            )
-        if start not in STARTS:
-            raise InputError(f"start={start!r} must be one of {list(STARTS)}.")
+        self.model = model
+        self.class_names = class_names
+        self.templates = templates
         self.start = start
-        projector = self.backbone.projector
-        self.weight = adapted if adapted is not None else projector.to_in_out(projector.parameter).detach().float()
+        self.views = views
+        self.rho = rho
+        self.steps = steps
+        self.lr = lr
+        self.optimizer = optimizer
+        self.weight_decay = weight_decay
+        self.reg_lambda = reg_lambda
+        self.batch_size = batch_size
+        self.chunk_size = chunk_size
+        self.random_state = random_state
+        self.verbose = verbose
+
+    @property
+    def settings(self) -> TestTimeSettings:
+        """The adaptation each image takes, from this estimator's parameters."""
+        return TestTimeSettings(
+            rho=self.rho, steps=self.steps, lr=self.lr, optimizer=self.optimizer, weight_decay=self.weight_decay,
+            reg_lambda=self.reg_lambda,
+        )  # fmt: skip
+
+    def _prepared(self) -> _Prepared:
+        """What the parameters make: the backbone, the classes, T, s and the starting projector (checked, then cached
+        until a parameter changes)."""
+        key = tuple((k, id(v)) for k, v in self.get_params(deep=False).items())
+        cached = self.__dict__.get("_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        self.check_params()
+        prepared = _prepare(self.model, self.class_names, self.templates, self.start)
+        self.__dict__["_cache"] = (key, prepared)
+        return prepared
+
+    @property
+    def backbone(self) -> Backbone:
+        """The model the views go through."""
+        return self._prepared().backbone
+
+    @property
+    def classes_(self) -> np.ndarray:
+        """The labels, in the column order of :meth:`predict_proba`."""
+        return self._prepared().classes
+
+    @property
+    def classifier_(self) -> torch.Tensor:
+        """T ``[K, d_out]``: the adapter's own, or built from the templates."""
+        return self._prepared().classifier
 
     def extract_features(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """Pre-projection features of every view ``[views, n, width]``: view 0 plain, then the crops."""
-        loaded = load_for_model(images, on_error="raise", draft_size=self.backbone.draft_size)
+        backbone = self.backbone
+        loaded = load_for_model(images, on_error="raise", draft_size=backbone.draft_size)
         report_skipped(loaded)
-        return self._features(loaded.images)
+        return self._features(backbone, loaded.images)
 
-    def _features(self, images: list[torch.Tensor]) -> torch.Tensor:
+    def _features(self, backbone: Backbone, images: list[torch.Tensor]) -> torch.Tensor:
         common = {"seed": self.random_state, "batch_size": self.batch_size, "verbose": self.verbose}
-        plain = extract_features(self.backbone, images, 0, **common)
+        plain = extract_features(backbone, images, 0, **common)
         if self.views == 1:
             return plain
-        return torch.cat([plain, extract_features(self.backbone, images, self.views - 1, **common)])
+        return torch.cat([plain, extract_features(backbone, images, self.views - 1, **common)])
 
     def logits_from_features(self, features: torch.Tensor | CachedFeatures) -> torch.Tensor:
         """Class logits ``[n, K]`` (CPU, fp32) of views ``[V, n, width]`` (view 0 plain), from :meth:`extract_features`."""
-        projector = self.backbone.projector
-        features = check_features(features, projector.feature_width)
-        head = LinearHead(self.weight, None if projector.bias is None else projector.bias.float())
-        classifier = self.classifier.to(self.backbone.device)
-        return tta_logits(features, head, classifier, self.logit_scale, self.settings, chunk_size=self.chunk_size)
+        prepared = self._prepared()
+        features = check_features(features, prepared.backbone.projector.feature_width)
+        classifier = prepared.classifier.to(prepared.backbone.device)
+        return tta_logits(
+            features, prepared.head, classifier, prepared.logit_scale, self.settings, chunk_size=self.chunk_size
+        )
 
     def predict_proba_features(self, features: torch.Tensor | CachedFeatures) -> np.ndarray:
         """Class probabilities ``(n, K)`` from view features; columns follow ``classes_``."""
@@ -388,10 +400,11 @@ class TestTimeProLIP:
 
     def logits(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """Class logits ``[n, K]`` of images, a group at a time (only one group's views are held in memory)."""
-        loaded = load_for_model(images, on_error="raise", draft_size=self.backbone.draft_size)
+        backbone = self.backbone
+        loaded = load_for_model(images, on_error="raise", draft_size=backbone.draft_size)
         report_skipped(loaded)
         groups = [loaded.images[i : i + _IMAGES_AT_ONCE] for i in range(0, len(loaded.images), _IMAGES_AT_ONCE)]
-        return torch.cat([self.logits_from_features(self._features(group)) for group in groups])
+        return torch.cat([self.logits_from_features(self._features(backbone, group)) for group in groups])
 
     def predict_proba(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Class probabilities ``(n, K)`` of images; columns follow ``classes_``."""
@@ -400,3 +413,52 @@ class TestTimeProLIP:
     def predict(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Predicted label of each image, as a numpy array of values from ``classes_``."""
         return self.classes_[self.logits(images).argmax(dim=1).numpy()]
+
+
+class _Prepared(NamedTuple):
+    backbone: Backbone
+    classes: np.ndarray
+    classifier: torch.Tensor
+    logit_scale: float
+    head: LinearHead  # the starting projector W_s and the frozen bias
+
+
+def _prepare(
+    model: ProLIPAdapter | Backbone,
+    class_names: Sequence[str] | None,
+    templates: Sequence[str] | None,
+    start: str | None,
+) -> _Prepared:
+    """The backbone, classes, T, s and starting projector of a TestTimeProLIP's (checked) parameters.
+
+    Raises:
+        InputError: class names with an adapter, none with a backbone, start="adapted" with a backbone, or
+            templates for an adapter whose T was trained.
+        NotFittedError: the adapter is not fitted.
+    """
+    if isinstance(model, ProLIPAdapter):
+        if class_names is not None:
+            raise InputError("class_names come from the fitted adapter; pass them only with a backbone.")
+        backbone, state = model.backbone, model.fitted_  # NotFittedError if it is not fitted
+        classes, classifier, logit_scale = model.classes_, state.classifier, state.logit_scale
+        if templates is not None:
+            if model.target != "image" or model.taskres_alpha is not None:
+                raise InputError(
+                    f"templates rebuild T from the text tower, but this adapter's T was trained "
+                    f"(target={model.target!r}, taskres_alpha={model.taskres_alpha!r}); leave templates=None."
+                )
+            classifier = backbone.classifier(list(state.class_names), check_templates(templates))
+        adapted = state.adapted_weight(backbone.projector) if start in (None, "adapted") else None
+    else:
+        if class_names is None:
+            raise InputError("class_names are needed with a backbone: the text of each class, e.g. ['cat', 'dog'].")
+        if start == "adapted":
+            raise InputError("start='adapted' needs a fitted ProLIPAdapter; a backbone starts from W0 ('pretrained').")
+        backbone, adapted = model, None
+        classes = np.asarray(list(class_names))
+        classifier = model.classifier(list(class_names), check_templates(templates))
+        logit_scale = model.logit_scale
+    projector = backbone.projector
+    weight = adapted if adapted is not None else projector.to_in_out(projector.parameter).detach().float()
+    head = LinearHead(weight, None if projector.bias is None else projector.bias.float())
+    return _Prepared(backbone, classes, classifier, logit_scale, head)

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import secrets
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -28,13 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from prolip.adapter import ProLIPAdapter
-from prolip.errors import DeltaFileError, InputError, NotFittedError
+from prolip.errors import InputError, NotFittedError
 from prolip.estimator import Estimator
 from prolip.features.cache import CachedFeatures, check_features
 from prolip.features.dataset_objects import labelled
 from prolip.features.images import ImageLike, kept
-from prolip.files.delta import TIP_KIND, read_state, write_delta
+from prolip.files.hub import HubMixin
 from prolip.model.head import LinearHead
+from prolip.params import COUNT, NON_NEGATIVE, NONE, Constraint, numbers, one_of
 from prolip.training.engine import ADAM_EPS, build_optimizer, cosine_lr
 from prolip.training.fit import fit_projector
 from prolip.training.fitted import FittedState, TipCache
@@ -199,16 +199,23 @@ def fit_cache(
 
     Args:
         head: the projector the embeddings come from (W0 for Tip-Adapter, ProLIP's W for ProLIP + Tip-Adapter).
-        features, labels: the training images' stored features ``[V, n, width]`` and class indices ``[n]``.
-        classifier, logit_scale: T and s.
+        features: the training images' stored features ``[V, n, width]``.
+        labels: their class indices ``[n]``.
+        classifier: T.
+        logit_scale: s.
         val: the validation images' normalised embeddings ``[m, d_out]`` and class indices, to search α and β on;
             None with ``alpha`` and ``beta`` given.
-        alpha, beta: fix both instead of searching them.
+        alpha: fix α (with ``beta``) instead of searching it.
+        beta: fix β (with ``alpha``) instead of searching it.
         trained: fine-tune the keys (Tip-Adapter-F): ``epochs`` epochs, epoch e on view ``key_views + e``,
             minibatch order from ``generator``; α and β are searched again after.
         key_views: augmented views averaged into each key.
-        alphas, betas: the search grid.
-        epochs, lr, batch_size: the key training's.
+        generator: the random generator of the key training's minibatch order.
+        alphas: the α grid of the search.
+        betas: the β grid of the search.
+        epochs: the key training's epochs.
+        lr: the key training's learning rate.
+        batch_size: the key training's minibatch size.
     """
     keys = cache_keys(head, features, key_views)
 
@@ -234,20 +241,22 @@ def fit_cache(
     return TipCache(keys, labels, chosen_alpha, chosen_beta, key_views, trained, selection)
 
 
-class ProLIPTipAdapter(Estimator):
+class ProLIPTipAdapter(HubMixin, Estimator):
     """ProLIP + Tip-Adapter: a fitted projector and a cache model of the few-shot images on top.
 
     Args:
         adapter: the (unfitted) :class:`~prolip.ProLIPAdapter` whose parameters the ProLIP fit
             uses (model, views, epochs, ...); it is not modified.
-        alpha, beta: fix the cache's weight α and sharpness β; None (both) searches them on the
-            validation set given to ``fit`` over ``alphas`` × ``betas``, first best in β-major order.
+        alpha: fix the cache's weight α (with ``beta``); None (both) searches α and β on the validation set
+            given to ``fit`` over ``alphas`` × ``betas``, first best in β-major order.
+        beta: fix the affinities' sharpness β (with ``alpha``); None (both): searched.
         keys: "cache" (Tip-Adapter: training-free) or "trained" (Tip-Adapter-F: the keys are
             fine-tuned for 20 epochs, epoch e on view ``key_views + e`` of the training features,
             minibatch order seeded by the adapter's ``random_state``).
         key_views: augmented views averaged into each cache key (Tip-Adapter's 10; the views of
             the training features are reused, cycling when there are fewer).
-        alphas, betas: the search grid (default: 25 and 40 log-spaced values in [0.1, 50]).
+        alphas: the α grid of the search (default: 25 log-spaced values in [0.1, 50]).
+        betas: the β grid of the search (default: 40 log-spaced values in [0.1, 50]).
 
     Attributes (after fit or load):
         adapter_: the fitted ProLIPAdapter (W0 + delta and T).
@@ -256,6 +265,13 @@ class ProLIPTipAdapter(Estimator):
         alpha_, beta_: the α and β in use.
         val_accuracy_: the validation accuracy of the chosen α, β (None when they were given).
     """
+
+    _parameter_constraints: ClassVar[dict[str, Constraint]] = {
+        "adapter": Constraint("a ProLIPAdapter", lambda v: isinstance(v, ProLIPAdapter)),
+        "alpha": NONE | NON_NEGATIVE, "beta": NONE | NON_NEGATIVE, "keys": one_of(KEYS), "key_views": COUNT,
+        "alphas": numbers(0, False, "[0.1, 1, 10]"), "betas": numbers(0, False, "[0.1, 1, 10]"),
+    }  # fmt: skip
+    kind: ClassVar[str] = "tip_adapter"
 
     def __init__(
         self,
@@ -319,18 +335,13 @@ class ProLIPTipAdapter(Estimator):
 
     # ------------------------------------------------------------------ fitting
     def _check(self, has_val: bool) -> None:
+        """The parameters, each against its constraint, and together: α and β both or neither, a validation set."""
+        self.check_params()
+        self.adapter.check_params()
         if (self.alpha is None) != (self.beta is None):
             raise InputError(
                 f"give both alpha and beta, or neither (to search them); got alpha={self.alpha!r}, beta={self.beta!r}."
             )
-        for name in ("alpha", "beta"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
-                raise InputError(f"{name}={value!r} is invalid: it must be a number >= 0.")
-        if self.keys not in KEYS:
-            raise InputError(f"keys={self.keys!r} is invalid: it must be one of {list(KEYS)}.")
-        if not (isinstance(self.key_views, int) and self.key_views >= 1):
-            raise InputError(f"key_views={self.key_views!r} is invalid: it must be an integer >= 1.")
         if self.alpha is None and not has_val:
             raise InputError(
                 "ProLIPTipAdapter chooses alpha and beta on a validation set: pass val_images and val_labels "
@@ -356,14 +367,14 @@ class ProLIPTipAdapter(Estimator):
         if val_images is not None:
             val_images, val_labels, _ = labelled(val_images, val_labels, on_error=on_error)
         check_lengths(images, labels)
-        features = self.adapter.extract_features(images)
-        labels = kept(label_list(labels), self.adapter.skipped_)
+        train = self.adapter.extract(images)
+        labels = kept(label_list(labels), train.skipped)
         val_features = None
         if val_images is not None:
             check_lengths(val_images, val_labels)
-            val_features = self.adapter.extract_features(val_images, views=0)
-            val_labels = kept(label_list(val_labels), self.adapter.skipped_)
-        return self.fit_features(features, labels, val_features, val_labels, class_names)
+            val = self.adapter.extract(val_images, views=0)
+            val_features, val_labels = val.features, kept(label_list(val_labels), val.skipped)
+        return self.fit_features(train.features, labels, val_features, val_labels, class_names)
 
     def fit_features(
         self,
@@ -377,7 +388,7 @@ class ProLIPTipAdapter(Estimator):
         self._check(val_features is not None)
         self.__dict__.pop("_fit", None)  # a failed fit leaves the estimator unfitted
         adapter = self.adapter
-        state = fit_projector(adapter.backbone, features, labels, class_names, adapter.get_params())
+        state = fit_projector(adapter.backbone, features, labels, class_names, adapter.fit_settings())
         fitted = adapter_from_state(adapter, state)
         head = _adapted_head(fitted)
         val = None
@@ -412,53 +423,41 @@ class ProLIPTipAdapter(Estimator):
 
     def predict_proba(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Class probabilities ``(n, K)``; columns follow ``classes_``."""
-        features = self.adapter_.extract_features(images, views=0)
+        features = self.adapter_.extract(images, views=0).features
         return torch.softmax(self.logits_from_features(features), dim=-1).numpy()
 
     def predict(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Predicted label of each image, values from ``classes_``."""
-        return self.predict_features(self.adapter_.extract_features(images, views=0))
+        return self.predict_features(self.adapter_.extract(images, views=0).features)
 
     def score(self, images: Sequence[ImageLike], labels: Sequence[Hashable] | None = None) -> float:
         """Accuracy of :meth:`predict` on ``images`` against ``labels`` (readable images only; a dataset's own)."""
         images, labels, _ = labelled(images, labels, on_error=self.adapter_.on_error)
         check_lengths(images, labels)
-        predicted = self.predict(images)
-        return accuracy(predicted, kept(label_list(labels), self.adapter_.skipped_))
+        extracted = self.adapter_.extract(images, views=0)
+        return accuracy(self.predict_features(extracted.features), kept(label_list(labels), extracted.skipped))
 
-    # ------------------------------------------------------------------ files
-    def save(self, path: str | os.PathLike) -> None:
-        """Save the projector delta, T, the cache and metadata as one ``.safetensors`` file (kind ``tip_adapter``)."""
+    # ------------------------------------------------------------------ files (save, load, save_pretrained,
+    # from_pretrained and push_to_hub come from HubMixin)
+    def _fitted_state(self) -> FittedState:
         adapter, cache = self._fitted()
-        write_delta(path, dataclasses.replace(adapter.fitted_, cache=cache))
+        return dataclasses.replace(adapter.fitted_, cache=cache)
 
     @classmethod
-    def load(
+    def _from_state(
         cls,
-        path: str | os.PathLike,
+        state: FittedState,
+        source: str,
         model: str | nn.Module | None = None,
         pretrained: str | None = None,
-        *,
-        strict: bool = True,
-        trust_file_model: bool = False,
-        **overrides: Any,
+        **kwargs: Any,
     ) -> ProLIPTipAdapter:
-        """Rebuild a fitted ProLIP + Tip-Adapter from a file written by :meth:`save`.
-
-        Arguments as :meth:`prolip.ProLIPAdapter.load` (``overrides`` are ProLIPAdapter parameters).
-        """
-        source = repr(os.fspath(path))
-        state = read_state(path)
-        if not isinstance(state, FittedState) or state.cache is None:
-            raise DeltaFileError(
-                f"{source} is not a ProLIP + Tip-Adapter file (kind {TIP_KIND!r}); load it with "
-                "prolip.ProLIPAdapter.load or prolip.RegularizedLinearAdapter.load."
-            )
+        """Loading options, for :meth:`load` and :meth:`from_pretrained`: as :meth:`prolip.ProLIPAdapter.load`
+        (``model``, ``pretrained``, ``strict``, ``trust_file_model``; overrides are ProLIPAdapter parameters)."""
         cache = state.cache
         adapter = ProLIPAdapter.from_state(
-            dataclasses.replace(state, cache=None), model, pretrained, strict=strict,
-            trust_file_model=trust_file_model, source=source, **overrides,
-        )  # fmt: skip
+            dataclasses.replace(state, cache=None), model, pretrained, source=source, **kwargs
+        )
         searched = cache.selection is not None
         grid = {"alphas": cache.selection["alphas"], "betas": cache.selection["betas"]} if searched else {}
         fixed = {} if searched else {"alpha": cache.alpha, "beta": cache.beta}
@@ -466,30 +465,6 @@ class ProLIPTipAdapter(Estimator):
         loaded = cls(adapter, keys=keys, key_views=cache.key_views, **fixed, **grid)
         loaded._fit = (adapter, cache)  # its own class: the one place besides fit_features that sets it
         return loaded
-
-    # ------------------------------------------------------------------ sharing
-    def push_to_hub(
-        self, repo_id: str, private: bool = False, token: str | None = None, metrics: dict[str, float] | None = None
-    ) -> str:
-        """Upload the file :meth:`save` writes and a generated model card to a Hugging Face Hub repository; returns its URL.
-
-        Needs ``huggingface_hub`` (imported only here).
-        """
-        from prolip.files import hub
-
-        adapter, cache = self._fitted()
-        state = dataclasses.replace(adapter.fitted_, cache=cache)
-        return hub.push_to_hub(state, repo_id, private=private, token=token, metrics=metrics)
-
-    @classmethod
-    def from_pretrained(cls, source: str | os.PathLike, **kwargs: Any) -> ProLIPTipAdapter:
-        """Load from ``"hf-hub:user/repo"``, a folder holding ``prolip_delta.safetensors``, or the file itself.
-
-        Keyword arguments go to :meth:`load`.
-        """
-        from prolip.files import hub
-
-        return cls.load(hub.resolve(source), **kwargs)
 
 
 def _validation(

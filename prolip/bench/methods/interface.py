@@ -10,6 +10,7 @@ The bench times ``fit`` and reports it beside the accuracy.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -18,7 +19,23 @@ import torch
 
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.errors import InputError
-from prolip.params import CONSTRAINTS, Constraint, number, positive_numbers
+from prolip.params import (
+    BATCH_SIZE,
+    COUNT,
+    EPOCHS,
+    FRACTION,
+    LR,
+    LRS,
+    NON_NEGATIVE,
+    POSITIVE,
+    REG_LAMBDA,
+    REG_LAMBDAS,
+    STEPS,
+    TRAIN_DTYPE,
+    Constraint,
+    number,
+    validate_params,
+)
 
 
 class FittedMethod(ABC):
@@ -52,6 +69,15 @@ class Method(ABC):
 
     test_views: ClassVar[int] = 0
     """Augmented views of each test image the method needs besides the plain one (test-time methods)."""
+
+    _parameter_constraints: ClassVar[dict[str, Constraint]] = {}
+    """The method's own constraints on its arguments, besides (or instead of) the shared :data:`ARGUMENTS`."""
+
+    @classmethod
+    def parameter_constraints(cls) -> dict[str, Constraint]:
+        """What each constructor argument must be: the shared vocabulary's entry for its name, or the method's own."""
+        names = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        return {n: ARGUMENTS[n] for n in names if n in ARGUMENTS} | cls._parameter_constraints
 
     @abstractmethod
     def fit(self, problem: Problem) -> FittedMethod:
@@ -88,31 +114,26 @@ def _optional(constraint: Constraint, default: str) -> Constraint:
     return Constraint(f"None ({default}) or {constraint.expected}", lambda v: v is None or constraint.check(v))
 
 
-_AT_LEAST_ZERO = Constraint("a number >= 0", lambda v: number(v) and v >= 0)
-ARGUMENT_CONSTRAINTS: dict[str, Constraint] = {
-    "lr": CONSTRAINTS["lr"],
-    "prolip_lr": CONSTRAINTS["lr"],
-    "reg_lambda": Constraint(
-        "None or 'auto' (the method's default, 1/N for ProLIP), '1/N^2' or a number >= 0",
-        lambda v: v is None or CONSTRAINTS["reg_lambda"].check(v),
-    ),
-    "train_dtype": CONSTRAINTS["train_dtype"],
-    "epochs": _optional(CONSTRAINTS["epochs"], "the method's default"),
-    "batch_size": CONSTRAINTS["batch_size"],
-    "max_iter": Constraint("an integer >= 1", CONSTRAINTS["batch_size"].check),
-    "c": _optional(Constraint("a positive number", lambda v: number(v) and v > 0), "chosen on val"),
+ARGUMENTS: dict[str, Constraint] = {
+    "lr": LR,
+    "prolip_lr": LR,
+    "reg_lambda": _optional(REG_LAMBDA, "the method's default, 1/N for ProLIP"),
+    "train_dtype": TRAIN_DTYPE,
+    "epochs": _optional(EPOCHS, "the method's default"),
+    "batch_size": BATCH_SIZE,
+    "max_iter": COUNT,
+    "c": _optional(POSITIVE, "chosen on val"),
     "ratio": _optional(Constraint("a fraction in [0, 1]", lambda v: number(v) and 0 <= v <= 1), "chosen on val"),
-    "alpha": _optional(_AT_LEAST_ZERO, "the method's default or chosen on val"),
-    "beta": _optional(Constraint("a positive number", lambda v: number(v) and v > 0), "chosen on val"),
-    "rho": Constraint("a fraction in (0, 1]", lambda v: number(v) and 0 < v <= 1),
-    "steps": CONSTRAINTS["epochs"],
-    "weight_decay": _optional(_AT_LEAST_ZERO, "the optimiser's default"),
-    "lrs": Constraint("a non-empty list of positive numbers, e.g. [1e-3,1e-2]", lambda v: positive_numbers(v, 0)),
-    "reg_lambdas": Constraint("a non-empty list of numbers >= 0, e.g. [0,0.1]", lambda v: positive_numbers(v, None)),
-    **{name: Constraint("a name", lambda v: isinstance(v, str)) for name in ("start", "optimizer", "keys", "form")},
+    "alpha": _optional(NON_NEGATIVE, "the method's default or chosen on val"),
+    "beta": _optional(POSITIVE, "chosen on val"),
+    "rho": FRACTION,
+    "steps": STEPS,
+    "weight_decay": _optional(NON_NEGATIVE, "the optimiser's default"),
+    "lrs": LRS,
+    "reg_lambdas": REG_LAMBDAS,
 }
-"""What every bench method argument must be, by name (an argument means the same in every method that takes it):
-checked by :func:`get_method` when a method is built, before the bench does any work."""
+"""The shared vocabulary of bench method arguments: an argument means the same in every method that takes it, unless
+the method's own ``_parameter_constraints`` say otherwise (:meth:`Method.parameter_constraints`)."""
 
 
 def get_method(spec: str, defaults: dict[str, dict[str, Any]] | None = None) -> Method:
@@ -122,7 +143,7 @@ def get_method(spec: str, defaults: dict[str, dict[str, Any]] | None = None) -> 
     e.g. ``prolip:lr=1e-2,reg_lambda=0`` — how the paper's learning-rate × λ table is run.
     ``defaults`` (method name → arguments) are used for the arguments the spec does not set (a
     setting's official values, :data:`prolip.bench.settings.METHOD_DEFAULTS`).
-    Each argument is checked against :data:`ARGUMENT_CONSTRAINTS` here, before any extraction.
+    Each argument is checked against the method's :meth:`Method.parameter_constraints` here, before any extraction.
     """
     name, _, arguments = spec.partition(":")
     if name not in METHODS:
@@ -136,10 +157,10 @@ def get_method(spec: str, defaults: dict[str, dict[str, Any]] | None = None) -> 
             kwargs[key] = json.loads(text)
         except ValueError:
             kwargs[key] = text
-    for key, value in kwargs.items():
-        constraint = ARGUMENT_CONSTRAINTS.get(key)
-        if constraint is not None and not constraint.check(value):
-            raise InputError(f"bench method {spec!r}: {key}={value!r} is invalid: it must be {constraint.expected}.")
+    try:
+        validate_params(kwargs, METHODS[name].parameter_constraints())
+    except InputError as exc:
+        raise InputError(f"bench method {spec!r}: {exc}") from None
     try:
         return METHODS[name](**kwargs)
     except TypeError as exc:

@@ -29,8 +29,8 @@ from prolip.bench.method_tools import check_classes, plain_embeddings, text_prot
 from prolip.bench.methods.clap import PrototypeModel
 from prolip.bench.methods.interface import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, Problem
-from prolip.errors import InputError
 from prolip.model.head import LinearHead
+from prolip.params import Constraint, one_of
 from prolip.training.engine import train_projector
 from prolip.training.sides import ClassifierResidual
 
@@ -87,6 +87,7 @@ class ProLIPTaskRes(Method):
 
     name = "prolip+taskres"
     transfers: ClassVar[bool] = False  # one residual per training class
+    _parameter_constraints: ClassVar[dict[str, Constraint]] = {"form": one_of(sorted(FORMS))}
 
     def __init__(
         self,
@@ -96,8 +97,6 @@ class ProLIPTaskRes(Method):
         reg_lambda: float | str | None = None,
         train_dtype: str = "fp32",
     ) -> None:
-        if form not in FORMS:
-            raise InputError(f"form={form!r} must be one of {sorted(FORMS)}.")
         self.form, self.reg_lambda, self.train_dtype = form, reg_lambda, train_dtype
         self.alpha = FORMS[form]["alpha"] if alpha is None else alpha
         self.lr = FORMS[form]["lr"] if lr is None else lr

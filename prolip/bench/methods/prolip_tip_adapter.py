@@ -35,6 +35,7 @@ from prolip.bench.methods.tip_adapter import fit_cache_model
 from prolip.bench.problem import Classes, FeatureSet, Problem
 from prolip.errors import InputError
 from prolip.model.head import LinearHead
+from prolip.params import Constraint, one_of
 from prolip.training.engine import train_projector
 from prolip.variants.tip_cache import cache_keys, cache_scores
 
@@ -92,6 +93,7 @@ class ProLIPTipAdapter(Method):
 
     name = "prolip+tip-adapter"
     transfers: ClassVar[bool] = False  # the cache's values are one-hot over the training classes
+    _parameter_constraints: ClassVar[dict[str, Constraint]] = {"keys": one_of(KEYS)}
 
     def __init__(
         self,
@@ -101,8 +103,6 @@ class ProLIPTipAdapter(Method):
         lr: float | None = None,
         train_dtype: str = "fp32",
     ) -> None:
-        if keys not in KEYS:
-            raise InputError(f"keys={keys!r} must be one of {list(KEYS)}.")
         if (alpha is not None or beta is not None) and keys != "cache":
             raise InputError(f"alpha and beta can be fixed with keys='cache' only (got keys={keys!r}).")
         self.keys, self.alpha, self.beta = keys, alpha, beta

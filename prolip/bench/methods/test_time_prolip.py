@@ -16,8 +16,8 @@ import torch
 from prolip.bench.adapted import PROLIP_LR, prolip_weight, train_config
 from prolip.bench.methods.interface import FittedMethod, Method, register
 from prolip.bench.problem import Classes, FeatureSet, Problem
-from prolip.errors import InputError
 from prolip.model.head import LinearHead
+from prolip.params import Constraint, one_of
 from prolip.variants.test_time import TestTimeSettings, tta_logits
 
 STARTS = ("zero-shot", "prolip")
@@ -47,6 +47,11 @@ class ProLIPTestTime(Method):
 
     name = "test-time-prolip"
     test_views: ClassVar[int] = 63
+    # The adaptation's own constraints (TPT's lr may be 0), and where each copy starts.
+    _parameter_constraints: ClassVar[dict[str, Constraint]] = {
+        **TestTimeSettings._parameter_constraints,
+        "start": one_of(STARTS),
+    }
     transfers: ClassVar[bool] = True  # only the image side adapts; any classes' T can score
 
     def __init__(
@@ -60,8 +65,6 @@ class ProLIPTestTime(Method):
         reg_lambda: float = 0.0,
         prolip_lr: float = PROLIP_LR,
     ) -> None:
-        if start not in STARTS:
-            raise InputError(f"start={start!r} must be one of {list(STARTS)}.")
         self.start, self.prolip_lr = start, prolip_lr
         self.settings = TestTimeSettings(
             rho=rho, steps=steps, lr=lr, optimizer=optimizer, weight_decay=weight_decay, reg_lambda=reg_lambda

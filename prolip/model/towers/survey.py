@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from prolip.errors import UnsupportedModelError
 from prolip.model.towers.registry import find_projector
 from prolip.model.towers.text import find_text_projector
+from prolip.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def survey_models(names: Iterable[str] | None = None, *, verbose: bool = False) 
     import open_clip
 
     names = list(open_clip.list_models() if names is None else names)
-    return [survey_model(name) for name in tqdm(names, desc="open_clip configs", disable=not verbose)]
+    return [survey_model(name) for name in progress(names, desc="open_clip configs", verbose=verbose)]
 
 
 @functools.lru_cache(maxsize=1)
