@@ -6,6 +6,7 @@ file, hub; see docs/architecture.md) to the estimator contract.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -24,6 +25,7 @@ from prolip.features.extract import Extracted, features_of
 from prolip.features.images import ImageLike, kept, load_for_model, report_skipped
 from prolip.files.hub import HubMixin
 from prolip.model.backbone import Backbone, build_backbone
+from prolip.model.transformers_clip import is_image_processor
 from prolip.params import (
     BATCH_SIZE,
     BOOLEAN,
@@ -85,6 +87,8 @@ class ProLIPAdapter(HubMixin, Estimator, FittedAttributes):
         random_state: seed of the view augmentation (the only randomness); None draws one.
         verbose: show progress bars.
         preprocess: optional test-time transform (full-resolution PIL image → tensor); None: open_clip's own.
+            For a transformers model, its image processor (e.g. ``CLIPImageProcessor``), whose resizing and
+            normalisation prolip's views then follow (with its tokenizer as ``tokenizer``).
         tokenizer: for a model object, optional tokenizer; None uses open_clip's default.
         on_error: for an image that cannot be read or used, "raise" (ImageLoadError naming it) or
             "skip": leave it out (and fit its label), warn (SkippedImagesWarning), list it in
@@ -195,16 +199,18 @@ class ProLIPAdapter(HubMixin, Estimator, FittedAttributes):
         """The open_clip model and what prolip derives from it, built once per model setting (read-only).
 
         Changing a parameter that defines it (``model``, ``pretrained``, ``precision``,
-        ``device``, ``tokenizer``) rebuilds it on next use, and a fitted delta is checked against
+        ``device``, ``tokenizer``, a transformers image processor as ``preprocess``) rebuilds it on next use, and a fitted delta is checked against
         the new base model (FingerprintMismatchError if it is not the one it was trained on).
         """
-        params = [(name, getattr(self, name)) for name in _BACKBONE_PARAMS]
+        processor = self.preprocess if is_image_processor(self.preprocess) else None
+        params = [(name, getattr(self, name)) for name in _BACKBONE_PARAMS] + [("image_processor", processor)]
         key = tuple((name, id(v) if not isinstance(v, (str, type(None))) else v) for name, v in params)
         cached = self.__dict__.get("_backbone")
         if cached is None or cached[0] != key:
             backbone = build_backbone(
-                self.model, self.pretrained, precision=self.precision, device=self.device, tokenizer=self.tokenizer
-            )
+                self.model, self.pretrained, precision=self.precision, device=self.device, tokenizer=self.tokenizer,
+                image_processor=processor,
+            )  # fmt: skip
             self._backbone = (key, backbone)
             state = self.__dict__.get("_state")
             if state is not None:
@@ -229,7 +235,8 @@ class ProLIPAdapter(HubMixin, Estimator, FittedAttributes):
     def _extract(self, images: Sequence[ImageLike], views: int, record: bool = False) -> Extracted:
         """``record``: keep the skipped images as ``skipped_`` (fit, extract_features), even if none is readable."""
         backbone = self.backbone
-        plain_preprocess = self.preprocess if views == 0 else None
+        # A transformers image processor is the model's preprocessing, which the test view follows; not a transform.
+        plain_preprocess = self.preprocess if views == 0 and not is_image_processor(self.preprocess) else None
         loaded = load_for_model(images, self.on_error, backbone.draft_size, plain_preprocess is not None, self.verbose)
         if record:
             self.skipped_ = loaded.skipped
@@ -274,12 +281,12 @@ class ProLIPAdapter(HubMixin, Estimator, FittedAttributes):
                 sequence indexed by integer labels. Default: the labels themselves (a dataset's ClassLabel names).
         """
         self.check_params()  # once, before any image is read
-        images, labels, class_names = labelled(images, labels, class_names, self.on_error, self.verbose)
+        images, labels, class_names, label_ids = labelled(images, labels, class_names, self.on_error, self.verbose)
         check_lengths(images, labels)
         labels = label_list(labels)
         encode_labels(labels)  # bad labels fail before the slow feature extraction
         extracted = self._extract(images, self.views, record=True)
-        return self._fit_features(extracted.features, kept(labels, extracted.skipped), class_names)
+        return self._fit_features(extracted.features, kept(labels, extracted.skipped), class_names, label_ids)
 
     def fit_features(
         self,
@@ -300,10 +307,11 @@ class ProLIPAdapter(HubMixin, Estimator, FittedAttributes):
         features: torch.Tensor | CachedFeatures,
         labels: Sequence[Hashable],
         class_names: Mapping[Hashable, str] | Sequence[str] | None,
+        label_ids: Mapping[str, int] | None = None,
     ) -> ProLIPAdapter:
         self.__dict__.pop("_state", None)  # a failed fit leaves the adapter unfitted
         state = fit_projector(self.backbone, features, labels, class_names, self.fit_settings())
-        self._set_fitted(state)
+        self._set_fitted(state if label_ids is None else dataclasses.replace(state, label_ids=dict(label_ids)))
         return self
 
     def fit_settings(self) -> FitSettings:
@@ -366,7 +374,7 @@ class ProLIPAdapter(HubMixin, Estimator, FittedAttributes):
     def score(self, images: Sequence[ImageLike], labels: Sequence[Hashable] | None = None) -> float:
         """Accuracy of :meth:`predict` on ``images`` against ``labels`` (readable images only, see ``on_error``)."""
         self._fitted()
-        images, labels, _ = labelled(images, labels, on_error=self.on_error)
+        images, labels, *_ = labelled(images, labels, on_error=self.on_error)
         check_lengths(images, labels)
         extracted = self.extract(images, views=0)
         return self.score_features(extracted.features, kept(label_list(labels), extracted.skipped))

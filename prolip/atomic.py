@@ -12,6 +12,9 @@ the complete new one, or nothing, never a torn file. Two policies:
   content (the feature cache). Where hard links are unsupported it falls back to ``os.replace``,
   which is atomic too.
 
+A target that exists but is not a regular file (a symlink, FIFO, device or directory) is refused: a write
+would replace it. :func:`check_output` checks a user's output path up front, before any work.
+
 Temporary files are created with mode 0o666 minus the umask, as ``open()`` would, so written
 files get the permissions the user expects (``tempfile.mkstemp`` would leave them 0600).
 """
@@ -22,6 +25,7 @@ import contextlib
 import json
 import os
 import secrets
+import stat
 import struct
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,7 +33,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from prolip.errors import ProLIPError
+from prolip.errors import InputError, ProLIPError
 
 TEMP_PREFIX = ".prolip-"
 TEMP_SUFFIX = ".tmp"
@@ -78,6 +82,49 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
+def check_output(
+    path: str | os.PathLike,
+    *,
+    inputs: Sequence[str | os.PathLike] = (),
+    what: str = "output",
+    folder: bool = False,
+) -> None:
+    """Refuse, before any work, an output path that cannot or must not be written.
+
+    Refused: a path whose folder does not exist; an existing symlink, FIFO, device or socket (a write would replace
+    it with a regular file: ``--out /dev/null`` as root would replace ``/dev/null``); a directory where a file is
+    written (or a file where a folder is, with ``folder``); and one of ``inputs`` itself, through any path or link
+    (``prolip export d.safetensors --out d.safetensors`` would destroy the delta it reads).
+
+    Raises:
+        InputError: naming ``what`` (e.g. ``--out``) and the path, and saying what to do.
+    """
+    text = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent):
+        raise InputError(f"{what} {text!r}: the folder {parent!r} does not exist; create it first.")
+    if os.path.lexists(text):
+        if os.path.islink(text):
+            kind = "a symbolic link"
+        elif folder:
+            kind = None if os.path.isdir(text) else "a file, not a folder"
+        elif os.path.isdir(text):
+            kind = "a directory"
+        else:
+            kind = None if os.path.isfile(text) else "not a regular file (a FIFO, device or socket)"
+        if kind is not None:
+            raise InputError(
+                f"{what} {text!r} is {kind}; name a {'folder' if folder else 'regular file'} or a new path."
+            )
+    for source in inputs:
+        with contextlib.suppress(OSError):
+            if os.path.exists(text) and os.path.samefile(text, source):
+                raise InputError(
+                    f"{what} {text!r} is the input {os.fspath(source)!r} itself: writing it would destroy what is "
+                    "read; write to another path."
+                )
+
+
 def atomic_write(
     path: str | os.PathLike,
     chunks: Iterable[Any] = (),
@@ -100,9 +147,13 @@ def atomic_write(
 
     Raises:
         OSError: the file cannot be written (callers turn it into an error naming the file).
+        InputError: ``path`` exists and is not a regular file.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    if os.path.lexists(path) and (os.path.islink(path) or not os.path.isfile(path)):
+        # Replacing a link, FIFO or device with a regular file is never what the caller meant.
+        raise InputError(f"{path!r} is not a regular file (a link, directory, FIFO or device); write to a new path.")
     tmp = os.path.join(folder, f"{temp_prefix(path)}{secrets.token_hex(8)}{TEMP_SUFFIX}")
     # O_EXCL: never write through someone else's file.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
@@ -199,6 +250,32 @@ def read_safetensors_header(
     if not isinstance(header, dict):
         raise error(f"{path!r} could not be read as a safetensors {what} (malformed header); the file is corrupt.")
     return header, 8 + n
+
+
+MAX_TEXT_BYTES = 64 * 1024 * 1024  # a class-name, template or CSV file of a user's: far below this
+
+
+def read_text(path: str | os.PathLike, what: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """A user's UTF-8 text file (a byte-order mark dropped), read whole, within bounds.
+
+    Raises:
+        InputError: naming ``what`` and the file: missing or unreadable, not a regular file (a FIFO or device such as
+            ``/dev/zero`` would block or never end), larger than ``max_bytes``, or not UTF-8.
+    """
+    where = os.fspath(path)
+    try:
+        with open(where, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise InputError(f"cannot read the {what} {where!r}: it is not a regular file (a FIFO or device).")
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise InputError(f"cannot read the {what} {where!r}: {exc.strerror or exc}.") from None
+    if len(data) > max_bytes:
+        raise InputError(f"the {what} {where!r} is larger than {max_bytes >> 20} MiB; it cannot be one.")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"the {what} {where!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8.") from None
 
 
 def read_json(path: str | os.PathLike, error: type[ProLIPError], what: str) -> Any:

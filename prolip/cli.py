@@ -29,8 +29,10 @@ _EXAMPLES = {
     "      --out-dir runs/rn50-few-shot",
     "merge": "example:\n  prolip merge pets.safetensors --out ViT-B-32-pets.safetensors\n"
     "  python -c \"import open_clip; open_clip.create_model('ViT-B-32', pretrained='ViT-B-32-pets.safetensors')\"",
-    "export": "example:\n  prolip export pets.safetensors --format onnx --out pets.onnx   # and pets.json beside it\n"
+    "export": "example:\n  prolip export pets.safetensors --format onnx --out pets.onnx   # and pets.onnx.json beside it\n"
     "  prolip export pets.safetensors --format pt2 --out pets.pt2",
+    "import-official": "example:\n  prolip import-official trained_models/few_shot_rn50/oxford_pets/16_shot/oxford_pets_seed1.pth \\\n"
+    "      --model RN50 --pretrained openai --classes-file pets-classes.txt --out pets.safetensors",
 }
 
 
@@ -83,8 +85,10 @@ def _parser() -> argparse.ArgumentParser:
         "--hf-dataset",
         metavar="DIR",
         default=None,
-        help="instead of DATA: a Hugging Face dataset (save_to_disk folder or imagefolder; its train split)",
+        help="instead of DATA: a Hugging Face dataset (save_to_disk folder or imagefolder; see --split)",
     )
+    fit.add_argument("--split", default="train", help="the split of --hf-dataset to fit on (default: %(default)s)")
+    _on_error_option(fit)
     fit.add_argument("--out", required=True, help="where to write the delta (.safetensors)")
     fit.add_argument(
         "--model",
@@ -127,9 +131,18 @@ def _parser() -> argparse.ArgumentParser:
         help="fp16 keeps W, its gradient and Adam's moments in fp16 as the official code does on the GPU "
         "(not for --variant rla; default: %(default)s)",
     )
+    val = fit.add_argument_group("validation: a held-out labelled folder or CSV")
+    val.add_argument(
+        "--val", default=None,
+        help="held-out images: their accuracy is reported after the fit; with --search they choose lr and λ, with "
+        "--variant image+tip-adapter the cache's α and β",
+    )  # fmt: skip
+    val.add_argument("--val-shots", type=int, default=None, help="validation images drawn per class (default: all)")
+    val.add_argument(
+        "--search", action="store_true",
+        help="choose lr and λ on --val over the paper's 7 x 7 grid (lr 1e-2..1e-8, λ 10..0), as its main results do",
+    )  # fmt: skip
     tip = fit.add_argument_group("ProLIP + Tip-Adapter (--variant image+tip-adapter)")
-    tip.add_argument("--val", default=None, help="validation images (folder or CSV) to choose the cache's α and β on")
-    tip.add_argument("--val-shots", type=int, default=None, help="validation images drawn per class (default: all)")
     tip.add_argument("--tip-alpha", type=float, default=None, help="fix α instead of searching it (with --tip-beta)")
     tip.add_argument("--tip-beta", type=float, default=None, help="fix β instead of searching it (with --tip-alpha)")
     tip.add_argument(
@@ -140,11 +153,14 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     predict = command("predict", "Predict the class of images with a saved delta.")
-    predict.add_argument("delta", help="delta file, a folder written by save_pretrained, or a Hub repository id (user/repo)")
+    predict.add_argument(
+        "delta", help="delta file, a folder written by save_pretrained, or a Hub repository id (user/repo)"
+    )
     predict.add_argument(
         "images", nargs="+", help="image files, folders of images (recursively) and/or CSV files of paths"
     )
     predict.add_argument("--json", action="store_true", help="print JSON with per-class probabilities")
+    _on_error_option(predict)
     _base_options(predict)
     vocab = predict.add_argument_group("open vocabulary: score any class names with the adapted projector")
     names = vocab.add_mutually_exclusive_group()
@@ -177,13 +193,22 @@ def _parser() -> argparse.ArgumentParser:
         help="prompt template with {} for T (repeatable; default: the delta's own templates)",
     )
 
-    evaluate = command("eval", "Accuracy, per-class accuracy and confusion matrix on labelled images.")
-    evaluate.add_argument("delta", help="delta file, a folder written by save_pretrained, or a Hub repository id (user/repo)")
+    evaluate = command(
+        "eval", "Accuracy, per-class precision / recall / F1, the confusion matrix and the zero-shot baseline."
+    )
+    evaluate.add_argument(
+        "delta", help="delta file, a folder written by save_pretrained, or a Hub repository id (user/repo)"
+    )
     evaluate.add_argument("data", nargs="+", help="folders with one sub-folder per class and/or path,label CSV files")
+    evaluate.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    evaluate.add_argument("--plot", metavar="FILE.png", help="also draw the confusion matrix (needs matplotlib)")
+    _on_error_option(evaluate)
     _base_options(evaluate)
 
     info = command("info", "Show a delta file's base model, classes, hyperparameters and fingerprint.")
-    info.add_argument("delta", help="delta file, a folder written by save_pretrained, or a Hub repository id (user/repo)")
+    info.add_argument(
+        "delta", help="delta file, a folder written by save_pretrained, or a Hub repository id (user/repo)"
+    )
 
     models = command(
         "models", "List the open_clip models prolip supports, by tower family (builds each config without weights)."
@@ -192,7 +217,11 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="print one JSON object per config")
 
     bench = command("bench", "Run the paper's evaluation protocol (few-shot, base-to-new, cross-dataset, DG).")
-    bench.add_argument("setting", choices=["few-shot", "base-to-new", "cross-dataset", "domain-generalisation"])
+    bench.add_argument(
+        "setting", choices=["few-shot", "base-to-new", "cross-dataset", "domain-generalisation"],
+        help="the paper's setting to run (docs/bench.md): few-shot on 11 datasets; base-to-new; training on one "
+        "source (ImageNet) and scoring others (cross-dataset) or its shifted variants (domain-generalisation)",
+    )  # fmt: skip
     bench.add_argument(
         "--data-root", required=True, help="folder with the datasets in CoOp's layout (docs/datasets.md)"
     )
@@ -215,13 +244,18 @@ def _parser() -> argparse.ArgumentParser:
         "--templates", default=None, help="file of prompt templates, one per line (default: CoOp's per dataset)"
     )
     bench.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
-    bench.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="(default: %(default)s)")
+    bench.add_argument(
+        "--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+        help="the backbone's precision for feature extraction; training keeps W in fp32 (default: %(default)s)",
+    )  # fmt: skip
     bench.add_argument(
         "--plan", action="store_true", help="dry run: print images, trunk passes, cells, cache size and time, and exit"
     )
 
     merge = command("merge", "Write a full open_clip state dict whose projector is W0 + delta.")
-    merge.add_argument("delta", help="delta file, a folder written by save_pretrained, or a Hub repository id (user/repo)")
+    merge.add_argument(
+        "delta", help="delta file, a folder written by save_pretrained, or a Hub repository id (user/repo)"
+    )
     merge.add_argument("--out", required=True, help="output .safetensors, loadable with open_clip pretrained=PATH")
     merge.add_argument(
         "--precision",
@@ -232,19 +266,48 @@ def _parser() -> argparse.ArgumentParser:
     _base_options(merge)
 
     export = command("export", "Write a standalone classifier file: preprocessed images to class probabilities.")
-    export.add_argument("delta", help="delta file, a folder written by save_pretrained, or a Hub repository id (user/repo)")
+    export.add_argument(
+        "delta", help="delta file, a folder written by save_pretrained, or a Hub repository id (user/repo)"
+    )
     export.add_argument("--out", required=True, help="the file to write (its JSON description goes beside it)")
     export.add_argument(
         "--format", default="onnx", choices=["onnx", "pt2"], help="ONNX or torch.export (default: %(default)s)"
     )
     _base_options(export)
+
+    official = command("import-official", "Turn a checkpoint saved by the authors' code (ProLIP) into a prolip delta.")
+    official.add_argument("file", help="the official .pth projector file (read weights-only: nothing is unpickled)")
+    official.add_argument("--model", required=True, help="the open_clip model it was trained on (e.g. RN50, ViT-B-16)")
+    official.add_argument(
+        "--pretrained", default="openai", help="its pretrained tag or checkpoint (default: %(default)s)"
+    )
+    names = official.add_mutually_exclusive_group(required=True)
+    names.add_argument("--classes", nargs="+", metavar="NAME", help="the class names, in the official label order")
+    names.add_argument("--classes-file", help="file of class names, one per line, in the official label order")
+    official.add_argument("--template", action="append", dest="templates", help="prompt template with {} (repeatable)")
+    official.add_argument("--templates", dest="templates_file", default=None, help="file of prompt templates")
+    official.add_argument("--n-shots", type=float, default=None, help="N, if the path does not say (<N>_shot)")
+    official.add_argument("--reg-lambda", type=_reg_lambda, default=None, help="the λ it was trained with (recorded)")
+    official.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="backbone precision")
+    official.add_argument("--out", required=True, help="where to write the delta (.safetensors)")
     return parser
+
+
+def _on_error_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--on-error", default="raise", choices=["raise", "skip"],
+        help="an unreadable image: stop with its name (raise, default) or leave it out, counted and named (skip)",
+    )  # fmt: skip
 
 
 def _base_options(p: argparse.ArgumentParser) -> None:
     """Options choosing the base model a delta is loaded onto."""
     p.add_argument("--model", default=None, help="base model name, if not the one recorded in the delta")
     p.add_argument("--pretrained", default=None, help="base tag or checkpoint, if not the one recorded in the delta")
+    p.add_argument(
+        "--no-strict", action="store_true",
+        help="load a delta onto a base model other than the one its fingerprint records (warns instead of refusing)",
+    )  # fmt: skip
     p.add_argument(
         "--trust-file-model",
         action="store_true",
@@ -262,24 +325,57 @@ def _load(args: argparse.Namespace):
     path = resolve(args.delta)
     kind = read_metadata(path)["kind"]
     loader = ModelRLA.load if kind == "linear_adapter" else estimator_for(kind).load
+    strict = {} if kind == "linear_adapter" else {"strict": not args.no_strict}  # an adapter's base is always checked
     return loader(
         path,
+        **strict,
         model=args.model,
         pretrained=args.pretrained,
         trust_file_model=args.trust_file_model,
         device=args.device,
         verbose=not args.quiet,
+        on_error=getattr(args, "on_error", "raise"),
     )
+
+
+def _readable(call: Callable[[list[str]], Any], images: list[str]) -> tuple[Any, list[int]]:
+    """``call(images)`` and the positions of the images it used: those its SkippedImagesWarning did not name.
+
+    The warning is shown once (one log line counting and naming the skipped images), as the library gives it.
+    """
+    import warnings
+
+    from prolip.errors import SkippedImagesWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SkippedImagesWarning)
+        out = call(images)
+    skipped = set()
+    for w in caught:
+        if issubclass(w.category, SkippedImagesWarning):
+            skipped.update(s.index for s in w.message.skipped)
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return out, [i for i in range(len(images)) if i not in skipped]
+
+
+def _local(name: str) -> list[str]:
+    """The delta argument as an input path to protect, when it is a local file or folder (not a Hub id)."""
+    from prolip.files.hub import DELTA_FILENAME
+
+    path = Path(name)
+    return [str(path / DELTA_FILENAME) if path.is_dir() else str(path)] if path.exists() else []
 
 
 def _fit(args: argparse.Namespace) -> None:
     from prolip.adapter import ProLIPAdapter
+    from prolip.atomic import check_output
     from prolip.datasets.generic import read_labelled, sample_shots
     from prolip.errors import InputError
     from prolip.params import TARGETS
 
     if (args.data is None) == (args.hf_dataset is None):
         raise InputError("give either DATA (an image folder or CSV) or --hf-dataset DIR, not both or neither.")
+    check_output(args.out, what="--out")  # before any image is read, not after the training
     if args.hf_dataset is not None:
         paths, labels = _hf_training_set(args), None  # the dataset brings its labels (and ClassLabel names)
     else:
@@ -302,27 +398,43 @@ def _fit(args: argparse.Namespace) -> None:
         target=args.variant if args.variant in TARGETS else "image",
         taskres_alpha=args.taskres_alpha if args.variant == "image+taskres" else None,
         train_dtype=args.train_dtype,
+        on_error=args.on_error,
     )
+    if args.search and (args.val is None or args.variant != "image"):
+        raise InputError(
+            "--search chooses lr and λ on --val for the image projector: give --val DIR (and no --variant)."
+        )
+    val_paths = val_labels = None
+    if args.val is not None:
+        val_paths, val_labels = read_labelled(args.val)
+        if args.val_shots is not None:
+            val_paths, val_labels = sample_shots(val_paths, val_labels, args.val_shots, seed=args.seed)
     if args.variant == "rla":  # the adapter only embeds the images; the linear adapter trains on the embeddings
         from prolip.variants.linear_adapter import ModelRLA
 
         fitted = summary = ModelRLA.fit(adapter, paths, labels).rla
+        scorer = None
     elif args.variant == "image+tip-adapter":
         from prolip.variants.tip_cache import ProLIPTipAdapter
 
-        val_paths = val_labels = None
-        if args.val is not None:
-            val_paths, val_labels = read_labelled(args.val)
-            if args.val_shots is not None:
-                val_paths, val_labels = sample_shots(val_paths, val_labels, args.val_shots, seed=args.seed)
         fitted = ProLIPTipAdapter(adapter, alpha=args.tip_alpha, beta=args.tip_beta, keys=args.tip_keys)
         fitted.fit(paths, labels, val_paths, val_labels)
-        summary = fitted.adapter_
+        summary = scorer = fitted.adapter_
+    elif args.search:
+        from prolip.variants.search import ProLIPSearch
+
+        fitted = ProLIPSearch(adapter).fit(paths, labels, val_paths, val_labels)
+        summary = scorer = fitted.best_estimator_
+        chosen = fitted.best_params_
+        if not args.quiet:
+            print(f"chose lr={chosen['lr']:g}, lambda={chosen['reg_lambda']:g} on {args.val} (the paper's grid)")
     else:
-        fitted = summary = adapter.fit(paths, labels)
+        fitted = summary = scorer = adapter.fit(paths, labels)
     fitted.save(args.out)
     if not args.quiet:
         print(f"saved {args.out}: {len(summary.classes_)} classes, {len(paths)} images (N={summary.n_shots_:g})")
+        if val_paths is not None and scorer is not None:
+            print(f"accuracy on {args.val}: {fitted.score(val_paths, val_labels):.4f} ({len(val_paths)} images)")
 
 
 def _hf_training_set(args: argparse.Namespace):
@@ -330,7 +442,7 @@ def _hf_training_set(args: argparse.Namespace):
     from prolip.datasets.generic import sample_shots
     from prolip.features.dataset_objects import load_hf_dataset
 
-    data = load_hf_dataset(args.hf_dataset)
+    data = load_hf_dataset(args.hf_dataset, split=args.split)
     if args.shots is None:
         return data
     labels = data.labels()
@@ -402,7 +514,8 @@ def _predict(args: argparse.Namespace) -> None:
             templates=args.tt_templates,
             verbose=not args.quiet,
         )
-    proba = predictor.predict_proba(images)
+    proba, kept = _readable(predictor.predict_proba, images)
+    images = [images[i] for i in kept]
     classes = predictor.classes_.tolist()
     if not np.isfinite(np.asarray(proba, dtype=np.float64)).all():  # never print NaN (invalid JSON) as a result
         raise ProLIPError(
@@ -437,14 +550,19 @@ def _open_vocabulary(args: argparse.Namespace, adapter):
     return OpenVocabularyClassifier(adapter, names, args.templates)
 
 
-@_escaping_output
 def _eval(args: argparse.Namespace) -> None:
     from prolip.datasets.generic import read_labelled
+    from prolip.training.metrics import classification_report
 
     paths, labels = [], []
     for source in args.data:
         more_paths, more_labels = read_labelled(source)
         paths, labels = paths + more_paths, labels + more_labels
+    if args.plot:
+        from prolip.atomic import check_output
+
+        check_output(args.plot, what="--plot")
+        _pyplot()  # a missing matplotlib fails before the model loads
     adapter = _load(args)
     classes = [str(c) for c in adapter.classes_.tolist()]
     unknown = sorted(set(labels) - set(classes))
@@ -452,27 +570,122 @@ def _eval(args: argparse.Namespace) -> None:
         raise ProLIPError(
             f"{' '.join(map(repr, args.data))} hold labels the delta does not know: {unknown}; its classes are {classes}."
         )
-    predicted = [str(p) for p in adapter.predict(paths)]
-    index = {c: k for k, c in enumerate(classes)}
-    confusion = [[0] * len(classes) for _ in classes]
-    for truth, guess in zip(labels, predicted, strict=True):
-        confusion[index[truth]][index[guess]] += 1
-    correct = sum(confusion[k][k] for k in range(len(classes)))
-    print(f"accuracy: {correct / len(labels):.4f} ({correct}/{len(labels)})")
-    print("per-class accuracy:")
-    width = max(len(c) for c in classes)
-    for k, c in enumerate(classes):
-        total = sum(confusion[k])
-        print(
-            f"  {c:<{width}}  {confusion[k][k] / total:.4f} ({confusion[k][k]}/{total})"
-            if total
-            else f"  {c:<{width}}  -"
-        )
+    (predicted, zero_shot), kept = _readable(lambda images: _predictions(adapter, images), paths)
+    skipped = len(paths) - len(kept)
+    paths, labels = [paths[i] for i in kept], [labels[i] for i in kept]
+    report = classification_report(labels, [str(p) for p in predicted], classes)
+    base = None if zero_shot is None else classification_report(labels, [str(p) for p in zero_shot], classes)
+    wrong = [
+        {"image": path, "true": truth, "predicted": str(guess)}
+        for path, truth, guess in zip(paths, labels, predicted, strict=True)
+        if str(guess) != truth
+    ]
+    if args.plot:
+        _plot_confusion(report, args.plot, f"{Path(args.delta).name}: accuracy {report.accuracy:.4f}")
+    if args.json:
+        zero = None if base is None else base.accuracy
+        out = {**report.as_dict(), "images": len(paths), "skipped": skipped, "zero_shot_accuracy": zero}
+        print(json.dumps({**out, "misclassified": wrong}, indent=2, allow_nan=False))
+        return
+    _print_report(report, base, wrong, skipped)
+
+
+def _predictions(adapter: Any, images: list[str]) -> tuple[list[Any], list[Any] | None]:
+    """The adapted model's predictions of ``images`` and, for a ProLIP fit, the zero-shot model's (W0 and the
+    zero-shot T of the same classes and templates) on the same features: whether the fit helped."""
+    import torch
+
+    from prolip.adapter import ProLIPAdapter
+    from prolip.variants.tip_cache import ProLIPTipAdapter
+
+    base = adapter.adapter_ if isinstance(adapter, ProLIPTipAdapter) else adapter
+    if not isinstance(base, ProLIPAdapter):  # a linear adapter on embeddings: no zero-shot of its own here
+        return list(adapter.predict(images)), None
+    features = base.extract(images, views=0).features
+    logits = adapter.logits_from_features(features)
+    backbone, state = base.backbone, base.fitted_
+    classifier = backbone.classifier(list(state.class_names), list(state.templates))
+    with torch.inference_mode():
+        rows = features[0].to(backbone.device, torch.float32)
+        zero = backbone.projector.head.logits(rows, classifier.to(backbone.device), state.logit_scale).cpu()
+    classes = base.classes_
+    return list(classes[logits.argmax(dim=1).numpy()]), list(classes[zero.argmax(dim=1).numpy()])
+
+
+def _print_report(report: Any, base: Any, wrong: list[dict[str, str]], skipped: int) -> None:
+    """``prolip eval``'s text report (labels and file names escaped: they come from files)."""
+    n = sum(map(sum, report.confusion))
+    correct = sum(report.confusion[k][k] for k in range(len(report.classes)))
+    print(
+        f"accuracy: {report.accuracy:.4f} ({correct}/{n})"
+        + (f"; {skipped} unreadable images left out" if skipped else "")
+    )
+    if base is not None:
+        change = report.accuracy - base.accuracy
+        print(f"zero-shot accuracy (the same model without the fit): {base.accuracy:.4f} ({change:+.4f} from the fit)")
+    print(f"balanced accuracy: {report.balanced_accuracy:.4f}; macro precision {report.macro_precision:.4f}, "
+          f"recall {report.macro_recall:.4f}, F1 {report.macro_f1:.4f}")  # fmt: skip
+    names = [_escaped(str(c)) for c in report.classes]
+    width = max(5, *map(len, names))
+    print(f"  {'class':<{width}}  precision  recall      F1  support")
+    for name, row in zip(names, report.per_class, strict=True):
+        cells = [f"{v:9.4f}" if v is not None else f"{'-':>9}" for v in (row.precision, row.recall, row.f1)]
+        print(f"  {name:<{width}}  {cells[0]} {cells[1][1:]} {cells[2][1:]}  {row.support:7d}")
     print("confusion matrix (rows: true, columns: predicted):")
-    cell = max(5, *(len(str(v)) for row in confusion for v in row)) + 1
-    print(" " * (width + 2) + "".join(f"{k:>{cell}}" for k in range(len(classes))))
-    for k, c in enumerate(classes):
-        print(f"  {c:<{width}}" + "".join(f"{v:>{cell}}" for v in confusion[k]) + f"   [{k}]")
+    cell = max(5, *(len(str(v)) for row in report.confusion for v in row)) + 1
+    print(" " * (width + 2) + "".join(f"{k:>{cell}}" for k in range(len(report.classes))))
+    for k, c in enumerate(names):
+        print(f"  {c:<{width}}" + "".join(f"{v:>{cell}}" for v in report.confusion[k]) + f"   [{k}]")
+    if wrong:
+        print(f"misclassified ({len(wrong)}):")
+        for row in wrong[:50]:
+            print(
+                "  "
+                + "\t".join(_escaped(v) for v in (row["image"], f"true {row['true']}", f"predicted {row['predicted']}"))
+            )
+        if len(wrong) > 50:
+            print(f"  ... and {len(wrong) - 50} more (--json lists them all)")
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ProLIPError('--plot needs matplotlib: pip install "prolip[plot]"') from None
+    return plt
+
+
+def _plot_confusion(report: Any, path: str, title: str) -> None:
+    """The confusion matrix as a picture: rows true, columns predicted, each row as fractions of its images."""
+    import io
+
+    from prolip.atomic import atomic_write
+
+    plt = _pyplot()
+    k = len(report.classes)
+    rows = [[v / max(1, sum(row)) for v in row] for row in report.confusion]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * k, 1.0 + 0.5 * k), dpi=110)
+    image = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    labels = [str(c) for c in report.classes]
+    ax.set_xticks(range(k), labels, rotation=45, ha="right")
+    ax.set_yticks(range(k), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for t in range(k):
+        for p_ in range(k):
+            if report.confusion[t][p_]:
+                ax.text(p_, t, str(report.confusion[t][p_]), ha="center", va="center",
+                        color="white" if rows[t][p_] > 0.5 else "black", fontsize=8)  # fmt: skip
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write(path, [buffer.getvalue()])
 
 
 @_escaping_output
@@ -523,13 +736,15 @@ def _merge(args: argparse.Namespace) -> None:
     from safetensors.torch import save
 
     from prolip.adapter import ProLIPAdapter
-    from prolip.atomic import atomic_write
-    from prolip.model.transformers_clip import is_transformers_model
+    from prolip.atomic import atomic_write, check_output
+    from prolip.model.transformers_clip import is_transformers_model, unwrap
     from prolip.variants.linear_adapter import ModelRLA
 
     adapter = _load(args)
     if isinstance(adapter, ModelRLA):
         raise ProLIPError(f"{args.delta!r} holds a linear adapter on image embeddings; there is no weight to merge.")
+    transformers = isinstance(adapter, ProLIPAdapter) and is_transformers_model(unwrap(adapter.backbone.model))
+    check_output(args.out, inputs=_local(args.delta), what="--out", folder=transformers)
     if not isinstance(adapter, ProLIPAdapter):
         raise ProLIPError(
             f"{args.delta!r} holds ProLIP + Tip-Adapter: its cache model is not a weight of the model, and a merged "
@@ -543,7 +758,10 @@ def _merge(args: argparse.Namespace) -> None:
         )
     merged = adapter.merged_model(precision=args.precision)
     if is_transformers_model(merged):  # a Hugging Face model: a from_pretrained folder, not a checkpoint file
-        merged.save_pretrained(args.out)
+        try:
+            merged.save_pretrained(args.out)
+        except Exception as exc:  # a full disk or a read-only folder, as transformers and safetensors raise them
+            raise ProLIPError(f"cannot write the merged model to {args.out!r}: {type(exc).__name__}: {exc}.") from None
         if not args.quiet:
             print(f"wrote {args.out}: the transformers model with its projector adapted; load it with from_pretrained")
         return
@@ -555,7 +773,10 @@ def _merge(args: argparse.Namespace) -> None:
 
 def _export(args: argparse.Namespace) -> None:
     from prolip.adapter import ProLIPAdapter
+    from prolip.atomic import check_output
 
+    for target in (args.out, f"{args.out}.json"):
+        check_output(target, inputs=_local(args.delta), what="--out")
     adapter = _load(args)
     if not isinstance(adapter, ProLIPAdapter):
         raise ProLIPError(
@@ -565,6 +786,23 @@ def _export(args: argparse.Namespace) -> None:
     model, sidecar = adapter.export(args.out, args.format)
     if not args.quiet:
         print(f"wrote {model} ({args.format}: images [B, 3, H, W] to class probabilities) and {sidecar}")
+
+
+def _import_official(args: argparse.Namespace) -> None:
+    from prolip.atomic import check_output
+    from prolip.datasets.templates import read_class_names, read_templates
+    from prolip.files.delta import write_delta
+    from prolip.files.official import import_official
+    from prolip.model.backbone import build_backbone
+
+    check_output(args.out, inputs=[args.file], what="--out")
+    names = read_class_names(args.classes_file) if args.classes_file else args.classes
+    templates = read_templates(args.templates_file) if args.templates_file else args.templates
+    backbone = build_backbone(args.model, args.pretrained, precision=args.precision, device=args.device)
+    state = import_official(args.file, backbone, names, templates, n_shots=args.n_shots, reg_lambda=args.reg_lambda)
+    write_delta(args.out, state)
+    if not args.quiet:
+        print(f"wrote {args.out}: {len(state.classes)} classes (N={state.n_shots:g}) from {args.file}")
 
 
 def _models(args: argparse.Namespace) -> None:
@@ -580,14 +818,23 @@ def _models(args: argparse.Namespace) -> None:
         return
     by_family: dict[str, list[str]] = {}
     for report in shown:
-        by_family.setdefault(report.family or report.status, []).append(report.name)
+        if report.status == "supported":
+            by_family.setdefault(report.family, []).append(report.name)
+    print("supported, by tower family:")
     for family, names in by_family.items():
-        print(f"{family} ({len(names)}): {', '.join(names)}")
-    for report in shown:
-        if report.status != "supported":
-            print(f"  {report.name}: {report.status}: {report.note}")
-    supported = sum(r.status == "supported" for r in reports)
-    print(f"{supported} of {len(reports)} open_clip configs supported (see docs/models.md)")
+        print(f"  {family} ({len(names)}): {', '.join(names)}")
+    titles = {"refused": "built, but no projector prolip can train", "unbuildable": "not buildable offline here"}
+    for status, title in titles.items():
+        rows = [r for r in shown if r.status == status]
+        if rows:
+            print(f"{title} ({len(rows)}):")
+            for report in rows:
+                print(f"  {report.name}: {report.note.splitlines()[0][:200] if report.note else '-'}")
+    counts = {s: sum(r.status == s for r in reports) for s in ("supported", "refused", "unbuildable")}
+    print(
+        f"{counts['supported']} of {len(reports)} open_clip configs supported, {counts['refused']} refused, "
+        f"{counts['unbuildable']} not buildable offline (see docs/models.md; --all lists the others)"
+    )
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -621,14 +868,46 @@ _COMMANDS = {
     "bench": _bench,
     "merge": _merge,
     "export": _export,
+    "import-official": _import_official,
 }
 
 
+_FLAGS = (
+    ("pass strict=False", "pass --no-strict"),
+    ("Pass model= and pretrained= yourself, or trust_file_model=True", "Pass --model and --pretrained yourself, or "
+     "--trust-file-model"),
+    ("Pass pretrained=", "Pass --pretrained"),
+    ("pass on_error='skip'", "pass --on-error skip"),
+    ("on_error='skip'", "--on-error skip"),
+)  # fmt: skip
+"""The library's messages name Python arguments; on the command line they name the flags that do the same."""
+
+
+def _in_flags(message: str) -> str:
+    for python, flag in _FLAGS:
+        message = message.replace(python, flag)
+    return message
+
+
+class _EscapingFormatter(logging.Formatter):
+    """Log lines with their control characters escaped: a file name cannot forge lines or send terminal escapes."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _escaped(_in_flags(super().format(record)))
+
+
 def _configure_logging(*, quiet: bool, verbose: bool) -> None:
-    """prolip's own messages at INFO (WARNING with --quiet); other libraries' (open_clip's) only with --verbose."""
+    """prolip's own messages at INFO (WARNING with --quiet); other libraries' (open_clip's) only with --verbose.
+
+    Hugging Face's progress bars (transformers, huggingface_hub, datasets) are off with --quiet and when stderr is
+    not a terminal, as prolip's own are.
+    """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_EscapingFormatter("%(message)s"))
     logging.getLogger("prolip").setLevel(logging.WARNING if quiet else logging.INFO)
-    logging.captureWarnings(True)  # warnings as one log line each, not Python's two-line format
+    if quiet or not sys.stderr.isatty():
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when those libraries are imported, later
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -644,20 +923,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     _configure_logging(quiet=args.quiet, verbose=args.verbose)
+    # Warnings as one log line each, not Python's two-line format; put back at the end, so that main() called from
+    # Python (a notebook, a test) leaves the process's warnings as it found them.
+    logging.captureWarnings(True)
     try:
         _COMMANDS[args.command](args)
     except ProLIPError as exc:
-        print(f"prolip {args.command}: error: {exc}", file=sys.stderr)
+        print(f"prolip {args.command}: error: {_escaped(_in_flags(str(exc)))}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # the reader left (`prolip info FILE | head -1`): stop quietly, as `cat` would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush must not fail again
         return 128 + 13  # killed by SIGPIPE, as the shell reports it
     except OSError as exc:  # a missing file, a full disk, a read-only folder: one line, not a traceback
-        print(f"prolip {args.command}: error: {exc}", file=sys.stderr)
+        print(f"prolip {args.command}: error: {_escaped(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"prolip {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        logging.captureWarnings(False)
     return 0
 
 

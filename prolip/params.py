@@ -81,12 +81,13 @@ def validate_params(values: Mapping[str, Any], constraints: Mapping[str, Constra
 
 
 def number(value: Any) -> bool:
-    """True for a finite real number (not a bool)."""
-    return (
-        isinstance(value, (int, float, np.integer, np.floating))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+    """True for a finite real number (not a bool); an integer too large for a float is not one."""
+    if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int of hundreds of digits, as JSON can write
+        return False
 
 
 def _integer(value: Any) -> bool:

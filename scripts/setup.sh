@@ -14,7 +14,7 @@ if ! .venv/bin/python -c "import prolip, torch, torchvision, open_clip, pytest, 
     # These torch/torchvision builds import together (PyPI's torchvision does not import beside
     # other torch builds); on these machines pip takes them from local disk.
     .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-    .venv/bin/python -m pip install -q -e ".[test,examples,bench,hub,docs,export,datasets,transformers]"
+    .venv/bin/python -m pip install -q -e ".[test,examples,bench,plot,hub,docs,export,datasets,transformers]"
 fi
 
 # Fashion-MNIST: Debian's package on Debian/Ubuntu machines; elsewhere torchvision downloads it

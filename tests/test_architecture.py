@@ -6,8 +6,11 @@ pyproject.toml, checked by ``lint-imports`` in the test command.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "prolip"
@@ -112,3 +115,27 @@ def test_the_command_line_imports_the_harness_only_for_the_bench_command():
     }
     top_level = [n for n in tree.body if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("prolip.bench")]
     assert importers == {"_bench"} and top_level == []
+
+
+@pytest.mark.slow
+def test_the_docs_gate_fails_on_a_broken_link(tmp_path):
+    """scripts/test.sh builds the docs strictly, and without --quiet (which hid the warnings strict mode counts):
+    a deliberately broken link in a copy of the docs fails that build."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    command = next(line for line in (root / "scripts" / "test.sh").read_text().splitlines() if "mkdocs build" in line)
+    assert "--strict" in command and "--quiet" not in command.split("#")[0]
+    shutil.copytree(root / "docs", tmp_path / "docs")
+    shutil.copy(root / "mkdocs.yml", tmp_path / "mkdocs.yml")
+    index = (tmp_path / "docs" / "index.md").read_text()
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    build = [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(tmp_path / "mkdocs.yml"), "-d",
+             str(tmp_path / "site")]  # fmt: skip
+    # A missing page, and a missing heading of a page that exists (mkdocs only notes those unless told to warn).
+    for broken in ("no-such-page.md", "datasets.md#no-such-heading"):
+        (tmp_path / "docs" / "index.md").write_text(f"{index}\n[a link to nothing]({broken})\n")
+        done = subprocess.run(build, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        assert done.returncode != 0 and broken.split("#")[-1] in done.stdout + done.stderr, done.stderr[-2000:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import shutil
+import time
 
 import pytest
 from PIL import Image
@@ -14,6 +15,7 @@ from prolip import standin
 from prolip.bench.config import BenchConfig
 from prolip.bench.results import ResultsFile, add_cells, read_results
 from prolip.bench.runner import run_bench
+from prolip.bench.shards import CellWriter, merge_parts
 from prolip.errors import InputError
 
 FAST = {"views": 2, "epochs": 3, "seeds": [1], "verbose": False}
@@ -71,6 +73,38 @@ def test_concurrent_processes_never_lose_a_cell(tmp_path):
         w.join(120)
         assert w.exitcode == 0
     assert len(read_results(path)["cells"]) == 60
+
+
+def _append_as_rank_1(path, count, ready):
+    """A torchrun job's rank 1: each finished cell appended to its part file (once the merges have begun)."""
+    writer = CellWriter(ResultsFile(path, CONFIG), rank=1)
+    while not ready.exists():
+        time.sleep(0.01)
+    for seed in range(count):
+        writer(cell("prolip", seed=seed), {"dtd/train-seed1-1shot": "ab" * 32})
+
+
+def _merge_until(path, ready, stop):
+    """A plain ``prolip bench`` on the same --out-dir, merging the job's parts as it starts (again and again)."""
+    while not stop.exists():
+        merge_parts(ResultsFile(path, CONFIG))
+        ready.touch()
+
+
+@pytest.mark.slow
+def test_a_plain_run_merging_the_parts_of_a_running_job_loses_no_cell(tmp_path):
+    path, ready, stop = tmp_path / "results.json", tmp_path / "ready", tmp_path / "stop"
+    ctx = multiprocessing.get_context("spawn")
+    merger = ctx.Process(target=_merge_until, args=(path, ready, stop))
+    merger.start()
+    rank1 = ctx.Process(target=_append_as_rank_1, args=(path, 40, ready))
+    rank1.start()
+    rank1.join(120)
+    stop.touch()
+    merger.join(120)
+    assert rank1.exitcode == 0 and merger.exitcode == 0
+    merge_parts(ResultsFile(path, CONFIG))  # the job's own merge, at its end
+    assert sorted(c["seed"] for c in read_results(path)["cells"]) == list(range(40))
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
 import os
+import shutil
+import struct
 import subprocess
 import sys
 import textwrap
@@ -16,7 +20,7 @@ from conftest import CONFIGS, colour_images, tiny_adapter
 from safetensors import safe_open
 
 from prolip import InputError, ProLIPAdapter
-from prolip.atomic import TEMP_PREFIX
+from prolip.atomic import TEMP_PREFIX, safetensors_header
 from prolip.errors import FeatureCacheError
 from prolip.features import cache as cache_module
 from prolip.features.cache import CachedFeatures, CacheKey, FeatureCache
@@ -315,14 +319,25 @@ def test_damaged_entry_is_recomputed(make, counted, data, reference, tmp_path):
     assert sum(calls) == VIEWS
 
 
+UPGRADE_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "upgrade_feature_cache.py"
+
+
+def drop_checksum(path: Path) -> None:
+    """Rewrite a cache entry as prolip wrote them before checksums: its header without ``sha256``."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    del header["__metadata__"]["sha256"]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
+
+
 @pytest.mark.slow
 def test_an_entry_without_its_checksum_is_recomputed_or_upgraded_by_the_script(
     make, counted, data, reference, tmp_path
 ):
     """An entry as prolip wrote them before checksums: refused (recomputed); scripts/upgrade_feature_cache.py keeps it."""
-    import json
-    import struct
-
     images, _ = data
     adapter = make(cache_dir=tmp_path)
     adapter.extract_features(images)
@@ -330,15 +345,9 @@ def test_an_entry_without_its_checksum_is_recomputed_or_upgraded_by_the_script(
     hashes = [image_hash(im) for im in images]
     stored = cache.read(hashes[0])
     for path in entries(tmp_path):  # drop the checksum from every header: the earlier format
-        raw = path.read_bytes()
-        (length,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8 : 8 + length])
-        del header["__metadata__"]["sha256"]
-        text = json.dumps(header).encode()
-        text += b" " * (-len(text) % 8)
-        path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
+        drop_checksum(path)
     assert not any(cache.has(h) for h in hashes)
-    script = Path(__file__).resolve().parents[1] / "scripts" / "upgrade_feature_cache.py"
+    script = UPGRADE_SCRIPT
     done = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True)
     assert f"{len(set(hashes))} entries given their checksum" in done.stdout
     assert all(cache.has(h) for h in hashes) and not list(tmp_path.glob("v1/*/packs/*"))
@@ -346,6 +355,100 @@ def test_an_entry_without_its_checksum_is_recomputed_or_upgraded_by_the_script(
     calls = counted(adapter)
     assert_fp16_close(adapter.extract_features(images).to_tensor(), reference)
     assert calls == []  # nothing extracted again
+
+
+def legacy_cache(root: Path, seed: int = 0, count: int = 4) -> tuple[FeatureCache, list[str]]:
+    """A cache of ``count`` entries (2 views of width 8, fp16) as prolip wrote them before checksums; no model."""
+    config = ViewConfig(size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    cache = FeatureCache(root, CacheKey(model="m", precision="fp32", config=config, seed=seed, views=2), 8)
+    hashes = [f"{k:02x}" * 32 for k in range(count)]
+    for k, h in enumerate(hashes):
+        cache.write(h, torch.full((2, 8), float(k)))
+    CachedFeatures(cache, hashes).prepare()  # a pack, for the script to delete
+    for h in hashes:
+        drop_checksum(cache.entry_path(h))
+    return cache, hashes
+
+
+def run_upgrade(root: Path, monkeypatch, capsys) -> tuple[object, str, list[str]]:
+    """scripts/upgrade_feature_cache.py ROOT, in this process: its exit status, stdout and stderr lines."""
+    spec = importlib.util.spec_from_file_location("upgrade_feature_cache", UPGRADE_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [str(UPGRADE_SCRIPT), str(root)])
+    status = module.main()
+    out = capsys.readouterr()
+    return status, out.out, out.err.splitlines()
+
+
+def legacy_entry(cache: FeatureCache, name: str, data: bytes, dtype: str = "F16", shape=(2, 8), **meta) -> Path:
+    """A hand-made entry ``name`` without its checksum: the header says ``dtype``, ``shape`` and the metadata ``meta``."""
+    meta = {"format": cache_module.CACHE_FORMAT, "format_version": "1", "settings": cache.digest, "image": name} | meta
+    path = cache.entry_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(safetensors_header([("features", dtype, list(shape), len(data))], meta) + data)
+    return path
+
+
+def test_the_upgrade_script_never_follows_a_link_out_of_the_cache(tmp_path, monkeypatch, capsys):
+    cache, hashes = legacy_cache(tmp_path / "cache")
+    outside = tmp_path / "outside"  # packs/ linked to a folder of the user's: the script deleted all of it
+    outside.mkdir()
+    (outside / "thesis.tex").write_text("mine")
+    shutil.rmtree(cache.folder / "packs")
+    (cache.folder / "packs").symlink_to(outside)
+    group = cache.entry_path(hashes[0]).parent  # an entries folder linked elsewhere: its file was rewritten
+    shutil.move(group, tmp_path / "elsewhere")
+    group.symlink_to(tmp_path / "elsewhere")
+    linked = tmp_path / "linked.safetensors"  # one entry a link to a file elsewhere
+    shutil.move(cache.entry_path(hashes[1]), linked)
+    cache.entry_path(hashes[1]).symlink_to(linked)
+    before = {p: p.read_bytes() for p in [*(tmp_path / "elsewhere").iterdir(), linked]}
+    status, out, err = run_upgrade(tmp_path / "cache", monkeypatch, capsys)
+    assert (outside / "thesis.tex").read_text() == "mine"
+    assert {p: p.read_bytes() for p in before} == before
+    assert status == 0 and "2 entries given their checksum" in out
+    for path in (cache.folder / "packs", group, cache.entry_path(hashes[1])):
+        assert sum(str(path) in line and "symbolic link" in line for line in err) == 1, err
+    assert [cache.has(h) for h in hashes] == [False, False, True, True]
+
+
+def test_the_upgrade_script_vouches_only_for_entries_the_cache_format_allows(tmp_path, monkeypatch, capsys):
+    cache, hashes = legacy_cache(tmp_path / "cache")
+    values = torch.ones(2, 8, dtype=torch.float16)
+    values[1, 3] = float("nan")
+    damaged = {  # what each damaged entry is, and what its line says
+        legacy_entry(cache, "a0" * 32, values.numpy().tobytes()): "NaN or Inf",
+        legacy_entry(cache, "a1" * 32, torch.full((2, 8), float("inf")).half().numpy().tobytes()): "NaN or Inf",
+        legacy_entry(cache, "a2" * 32, bytes(32), shape=(4, 4)): "of shape [2, 8]",
+        legacy_entry(cache, "a3" * 32, bytes(64), dtype="F32"): "F16 features",
+        legacy_entry(cache, "a4" * 32, bytes(32), image="a5" * 32): "for this key",  # another image's features
+        legacy_entry(cache, "a6" * 32, bytes(32), settings="0" * 64): "for this key",  # another key's
+    }
+    garbage = cache.entry_path("a7" * 32)
+    garbage.parent.mkdir()
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00[1, 2, 3]      " + bytes(40))
+    damaged[garbage] = "malformed header"
+    listed = cache.entry_path("a8" * 32)  # a header whose tensor entry is a list, not an object
+    listed.parent.mkdir()
+    text = json.dumps({"features": [1], "__metadata__": {"image": "a8" * 32}}).encode()
+    listed.write_bytes(struct.pack("<Q", len(text)) + text + bytes(32))
+    damaged[listed] = "does not hold F16 features"
+    other, other_hashes = legacy_cache(tmp_path / "cache", seed=1)  # a settings folder whose settings were edited
+    settings = json.loads((other.folder / "settings.json").read_text())
+    (other.folder / "settings.json").write_text(json.dumps({**settings, "views": 3}))
+    status, out, err = run_upgrade(tmp_path / "cache", monkeypatch, capsys)
+    assert status == 0 and "4 entries given their checksum" in out and f"{len(damaged)} damaged" in out
+    assert all("Traceback" not in line for line in err)
+    for path, fault in damaged.items():
+        (line,) = [line for line in err if str(path) in line]
+        assert "left to be recomputed" in line and fault in line, line
+        assert not cache.has(path.stem)  # still without a checksum: the cache recomputes it
+    (line,) = [line for line in err if str(other.folder) in line]
+    assert "settings.json" in line and "nothing in it changed" in line
+    assert not any(other.has(h) for h in other_hashes) and list(other.folder.glob("packs/*"))
+    assert all(cache.has(h) for h in hashes) and not list(cache.folder.glob("packs/*"))
+    assert [float(cache.read(h).float().mean()) for h in hashes] == [0.0, 1.0, 2.0, 3.0]  # the same bytes
 
 
 def test_bad_values_and_settings_are_reported(make, checkpoints, data, tmp_path):

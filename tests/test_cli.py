@@ -3,6 +3,7 @@ test runs the entry point as a process."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -34,7 +35,9 @@ def test_the_entry_point_runs_as_a_process(delta):
     command = [sys.executable, "-m", "prolip"]
     done = subprocess.run([*command, "info", str(delta)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0 and done.stdout == prolip("info", str(delta)).stdout, done.stderr
-    done = subprocess.run([*command, "info", "missing.safetensors"], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [*command, "info", "missing.safetensors"], capture_output=True, text=True, env=env, timeout=300
+    )
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "does not exist" in done.stderr, done.stderr
 
 
@@ -104,7 +107,44 @@ def test_fit_info_predict_eval(folder, delta):
         [str(p) for p in sorted(folder.rglob("*.png"))], [p.parent.name for p in sorted(folder.rglob("*.png"))]
     )
     assert f"accuracy: {expected:.4f} (" in report
-    assert "per-class accuracy:" in report and "confusion matrix" in report
+    assert "precision  recall      F1  support" in report and "confusion matrix" in report
+    assert "zero-shot accuracy (the same model without the fit)" in report
+
+
+def test_eval_reports_what_a_decision_needs_as_json_and_a_picture(folder, delta, tmp_path):
+    from prolip.training.metrics import classification_report
+
+    images = [str(p) for p in sorted(folder.rglob("*.png"))]
+    truth = [os.path.basename(os.path.dirname(p)) for p in images]
+    plot = tmp_path / "confusion.png"
+    done = prolip("eval", str(delta), str(folder), "--json", "--plot", str(plot), "--quiet")
+    report = json.loads(done.stdout)
+    adapter = ProLIPAdapter.load(delta, verbose=False)
+    predicted = [str(p) for p in adapter.predict(images)]
+    expected = classification_report(truth, predicted, [str(c) for c in adapter.classes_]).as_dict()
+    assert {k: report[k] for k in expected} == expected  # per class precision, recall, F1, support; macro; confusion
+    assert report["images"] == len(images) and report["skipped"] == 0
+    assert report["misclassified"] == [
+        {"image": p, "true": t, "predicted": g} for p, t, g in zip(images, truth, predicted, strict=True) if t != g
+    ]
+    zero_shot = ProLIPAdapter.load(delta, verbose=False, epochs=0)
+    zero_shot._set_fitted(dataclasses.replace(zero_shot.fitted_, delta=zero_shot.delta_ * 0))
+    assert report["zero_shot_accuracy"] == pytest.approx(zero_shot.score(images, truth))  # W0 and the zero-shot T
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predict_and_eval_skip_unreadable_images_on_request(folder, delta, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(folder, data, ignore=shutil.ignore_patterns("*.txt"))
+    (data / "top" / "broken.png").write_bytes(b"not a png")
+    stopped = prolip("eval", str(delta), str(data), "--quiet", check=False)
+    assert stopped.returncode == 1 and "broken.png" in stopped.stderr
+    kept = prolip("eval", str(delta), str(data), "--on-error", "skip", "--json", "--quiet")
+    assert json.loads(kept.stdout)["skipped"] == 1 and kept.stderr.count("broken.png") == 1  # once, named
+    lines = prolip("predict", str(delta), str(data), "--on-error", "skip", "--quiet").stdout.splitlines()
+    assert len(lines) == 12 and not any("broken.png" in line for line in lines)  # each line its own image
 
 
 def test_predict_and_eval_take_folders_csv_files_and_mixed_lists(folder, delta, tmp_path):
@@ -205,16 +245,17 @@ def test_csv_input_and_user_errors(folder, tmp_path):
 def test_export_writes_a_standalone_classifier(folder, delta, tmp_path):
     from prolip.features.images import load_images
     from prolip.features.views import plain_views
+    from prolip.files.export import load_exported_program
 
     out = tmp_path / "blobs.pt2"
     done = prolip("export", str(delta), "--format", "pt2", "--out", str(out))
-    assert "blobs.json" in done.stdout
+    assert "blobs.pt2.json" in done.stdout
     adapter = ProLIPAdapter.load(delta, verbose=False)
     images = [str(p) for p in sorted(folder.rglob("*.png"))][:4]
     pixels = plain_views(load_images(images), adapter.backbone.view_config)
-    probabilities = torch.export.load(out).module()(pixels).detach().numpy()
+    probabilities = load_exported_program(out).module()(pixels).detach().numpy()
     assert np.abs(probabilities - adapter.predict_proba(images)).max() <= 1e-4
-    described = json.loads((tmp_path / "blobs.json").read_text())
+    described = json.loads((tmp_path / "blobs.pt2.json").read_text())
     assert described["classes"] == ["bottom", "top"]
     assert described["preprocessing"]["size"] == adapter.backbone.view_config.size
     done = prolip("export", str(delta), "--format", "tflite", "--out", str(out), check=False)
@@ -258,7 +299,9 @@ def test_open_clip_chatter_only_with_verbose(delta, folder):
     assert "Loaded" in loud.stderr or "model config" in loud.stderr.lower()
 
 
-@pytest.mark.parametrize("command", ["fit", "predict", "eval", "info", "models", "bench", "merge", "export"])
+@pytest.mark.parametrize(
+    "command", ["fit", "predict", "eval", "info", "models", "bench", "merge", "export", "import-official"]
+)
 def test_every_subcommand_has_help_with_an_example(command):
     done = run_prolip(command, "--help")
     assert done.returncode == 0
@@ -272,11 +315,49 @@ def test_models_lists_supported_configs_by_family(monkeypatch, capsys):
     from prolip.cli import main
 
     # Three real configs stand for open_clip's whole list (the full sweep is scripts/list_models.py).
-    monkeypatch.setattr(open_clip, "list_models", lambda: ["RN50", "ViT-B-32", "ViT-B-16-SigLIP"])
+    monkeypatch.setattr(open_clip, "list_models", lambda: ["RN50", "ViT-B-32", "ViT-B-16-SigLIP", "no-such-config"])
     assert main(["models", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "modified_resnet (1): RN50" in out and "vit (1): ViT-B-32" in out and "timm_map (1): ViT-B-16-SigLIP" in out
-    assert "3 of 3 open_clip configs supported" in out
-    assert main(["models", "--json", "--quiet"]) == 0
+    assert "3 of 4 open_clip configs supported, 0 refused, 1 not buildable offline" in out
+    assert "no-such-config" not in out.split("supported, by tower family:")[1].split("3 of 4")[0]  # not listed
+    assert main(["models", "--all", "--quiet"]) == 0
+    listed = capsys.readouterr().out
+    assert "not buildable offline here (1):\n  no-such-config: " in listed  # apart from the supported ones
+    assert main(["models", "--json", "--all", "--quiet"]) == 0
     rows = {row["name"]: row for row in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows["no-such-config"]["status"] == "unbuildable"
     assert rows["ViT-B-16-SigLIP"]["residual"] is True and rows["RN50"]["key"] == "visual.attnpool.c_proj.weight"
+
+
+def test_fit_reports_held_out_accuracy_and_searches_lr_and_lambda_on_it(folder, tmp_path):
+    from prolip import ProLIPSearch
+
+    common = ["--model", standin.MODEL_NAME, "--pretrained", standin.PRETRAINED_TAG, "--shots", "3", "--views", "2",
+              "--epochs", "5", "--val", str(folder)]  # fmt: skip
+    plain = prolip("fit", str(folder), *common, "--out", str(tmp_path / "plain.safetensors"))
+    fitted = ProLIPAdapter.load(tmp_path / "plain.safetensors", verbose=False)
+    images = [str(p) for p in sorted(folder.rglob("*.png"))]
+    truth = [os.path.basename(os.path.dirname(p)) for p in images]
+    assert f"accuracy on {folder}: {fitted.score(images, truth):.4f} (12 images)" in plain.stdout
+    searched = prolip("fit", str(folder), *common, "--search", "--out", str(tmp_path / "search.safetensors"))
+    loaded = ProLIPSearch.load(tmp_path / "search.safetensors", verbose=False)
+    chosen = loaded.best_params_
+    assert f"chose lr={chosen['lr']:g}, lambda={chosen['reg_lambda']:g}" in searched.stdout
+    assert len(loaded.cv_results_["lrs"]) * len(loaded.cv_results_["reg_lambdas"]) == 49  # the paper's grid
+    refused = prolip(
+        "fit", str(folder), *common[:-2], "--search", "--out", str(tmp_path / "x.safetensors"), check=False
+    )
+    assert refused.returncode == 1 and "--search chooses lr and λ on --val" in refused.stderr
+
+
+def test_main_called_from_python_leaves_the_processs_warnings_as_it_found_them(tmp_path):
+    import warnings
+
+    from prolip.cli import main
+
+    # main() logs warnings while it runs (logging.captureWarnings); left on, the next main() in the process could not
+    # turn it on again and its warnings would go wherever the first caller's went (a notebook's, a test's recorder).
+    before = warnings.showwarning
+    assert main(["info", str(tmp_path / "missing.safetensors"), "--quiet"]) == 1
+    assert warnings.showwarning is before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import subprocess
 import sys
@@ -120,3 +121,93 @@ def test_merge_refuses_a_taskres_fit(tmp_path):
         prolip("merge", str(path), "--out", str(tmp_path / "m.safetensors")),
         "TaskRes: its residual lives in the stored classifier",
     )
+
+
+# ---------------------------------------------------------------------------- outputs that must not be written
+@pytest.mark.parametrize("command", ["export", "merge"])
+def test_no_command_writes_over_its_own_input(hostile_delta, tmp_path, command):
+    copy = tmp_path / "d.safetensors"
+    copy.write_bytes(hostile_delta.read_bytes())
+    before = copy.read_bytes()
+    (tmp_path / "sub").mkdir()
+    for out in (copy, tmp_path / "sub" / ".." / "d.safetensors"):  # the same file through another path
+        one_line_error(prolip(command, str(copy), "--out", str(out), "--quiet"), "itself: writing it would destroy")
+    os.link(copy, tmp_path / "hard.safetensors")  # and through a hard link
+    one_line_error(prolip(command, str(copy), "--out", str(tmp_path / "hard.safetensors")), "input")
+    assert copy.read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_outputs_never_replace_links_or_fifos(hostile_delta, tmp_path, kind):
+    target = tmp_path / "out.safetensors"
+    if kind == "symlink":
+        (tmp_path / "elsewhere").write_bytes(b"keep")
+        target.symlink_to(tmp_path / "elsewhere")
+        needle = "is a symbolic link"
+    else:
+        os.mkfifo(target)
+        needle = "not a regular file"
+    for args in (("merge", str(hostile_delta)), ("export", str(hostile_delta), "--format", "pt2")):
+        one_line_error(prolip(*args, "--out", str(target)), needle)
+    adapter = ProLIPAdapter.load(hostile_delta, verbose=False)
+    with pytest.raises(InputError, match="not a regular file"):
+        adapter.save(target)
+    assert os.path.islink(target) if kind == "symlink" else os.path.exists(target)
+
+
+def test_fit_checks_its_output_before_any_work(tmp_path, monkeypatch):
+    from prolip import adapter as adapter_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("features were extracted before the output path was checked")
+
+    monkeypatch.setattr(adapter_module, "features_of", never)
+    folder = tmp_path / "data"
+    for name in ("a", "b"):
+        (folder / name).mkdir(parents=True)
+        from PIL import Image
+
+        Image.new("RGB", (8, 8), (200, 10, 10) if name == "a" else (10, 10, 200)).save(folder / name / "0.png")
+    out = tmp_path / "missing" / "x.safetensors"
+    one_line_error(prolip("fit", str(folder), *MODEL, "--out", str(out)), "does not exist; create it first")
+
+
+# ---------------------------------------------------------------------------- a CLI that speaks CLI
+def test_errors_name_flags_and_unknown_models_get_suggestions(tmp_path):
+    from prolip.cli import _in_flags
+
+    assert "--no-strict" in _in_flags("trained on a different base model ... or pass strict=False to apply it anyway.")
+    assert _in_flags("Pass model= and pretrained= yourself, or trust_file_model=True if you trust the file.") == (
+        "Pass --model and --pretrained yourself, or --trust-file-model if you trust the file."
+    )
+    folder = tmp_path / "data"
+    from PIL import Image
+
+    for name in ("a", "b"):
+        (folder / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (200, 10, 10) if name == "a" else (10, 10, 200)).save(folder / name / "0.png")
+    done = prolip("fit", str(folder), "--model", "ViT-B32", "--pretrained", "openai", "--out", str(tmp_path / "d"))
+    one_line_error(done, "unknown open_clip model 'ViT-B32'; did you mean 'ViT-B-32'")
+    assert len(done.stderr) < 400  # a suggestion, not the list of every config
+
+
+def test_shots_beyond_a_class_keep_n_whole(tmp_path):
+    from prolip.datasets.generic import sample_shots
+
+    paths = [f"{c}{i}.png" for c in "ab" for i in range(5 if c == "a" else 3)]
+    labels = [p[0] for p in paths]
+    with pytest.warns(UserWarning, match=r"class 'b' has only 3 images, fewer than 4 shots: drawing 3 per class"):
+        _, chosen_labels = sample_shots(paths, labels, 4)
+    assert chosen_labels.count("a") == chosen_labels.count("b") == 3
+
+
+def test_quiet_or_a_log_turns_hugging_faces_progress_bars_off(monkeypatch):
+    from prolip.cli import _configure_logging
+
+    root, prolip_logger = logging.getLogger(), logging.getLogger("prolip")
+    monkeypatch.setattr(root, "handlers", [])  # as in a fresh process; pytest's own handlers are put back after
+    monkeypatch.setattr(root, "level", root.level)
+    monkeypatch.setattr(prolip_logger, "level", prolip_logger.level)
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    _configure_logging(quiet=True, verbose=False)  # read by transformers and huggingface_hub when imported
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"

@@ -74,14 +74,41 @@ class Pairs(torch.utils.data.Dataset):
 def test_hf_dataset_fits_like_the_list_and_names_classes_from_classlabel(checkpoints):
     images, labels = colour_images(3)
     ds = _hf(images, labels)
-    from_list = tiny_adapter(checkpoints["vit"]).fit(images, [NAMES.index(lab) for lab in labels], NAMES)
+    from_list = tiny_adapter(checkpoints["vit"]).fit(images, labels)  # the class names as labels
     from_ds = tiny_adapter(checkpoints["vit"]).fit(ds)
     # Same pixels (PNG is lossless), same operations on the same shapes: bit-identical.
     assert torch.equal(from_ds.delta_, from_list.delta_)
-    assert list(from_ds.classes_) == [0, 1, 2] and list(from_ds.class_names_) == NAMES
+    # The classes are the ClassLabel's names, not its ids: what predict returns and class folders are scored on.
+    assert list(from_ds.classes_) == sorted(NAMES) and list(from_ds.class_names_) == sorted(NAMES)
+    assert from_ds.fitted_.label_ids == {name: i for i, name in enumerate(NAMES)}  # the ids, kept in the file
+    assert set(from_ds.predict(ds)) <= set(NAMES)
     np.testing.assert_array_equal(from_ds.predict_proba(ds), from_list.predict_proba(images))
-    assert from_ds.score(ds) == from_list.score(images, [NAMES.index(lab) for lab in labels])
+    assert from_ds.score(ds) == from_list.score(images, labels)
     assert torch.equal(from_ds.extract_features(ds, views=0), from_list.extract_features(images, views=0))
+
+
+def test_rows_without_a_label_are_left_out_and_counted(checkpoints):
+    images, labels = colour_images(3)
+    ids = [NAMES.index(lab) for lab in labels]
+    ids[2] = ids[5] = -1  # datasets' "no label"
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=NAMES)})
+    ds = datasets.Dataset.from_dict({"image": _pil(images), "label": ids}, features=features)
+    with pytest.warns(
+        UserWarning, match=r"2 of 9 items .* have no label \(-1, None or NaN\): rows 2, 5; they are left out"
+    ):
+        adapter = tiny_adapter(checkpoints["vit"]).fit(ds)
+    keep = [i for i in range(len(images)) if i not in (2, 5)]
+    reference = tiny_adapter(checkpoints["vit"]).fit([images[i] for i in keep], [labels[i] for i in keep])
+    assert torch.equal(adapter.delta_, reference.delta_) and list(adapter.classes_) == sorted(NAMES)
+
+
+@pytest.mark.parametrize(("bad", "match"), [(None, "label 1 is None"), (float("nan"), "label 1 is nan"),
+                                            (1, "labels '1' and 1 are different values that print the same")])  # fmt: skip
+def test_labels_that_are_no_label_or_print_alike_are_refused(checkpoints, bad, match):
+    images, _ = colour_images(1)
+    labels = ["1", bad, "2"]
+    with pytest.raises(InputError, match=match):
+        tiny_adapter(checkpoints["vit"]).fit(images, labels)
 
 
 def test_columns_are_configurable(checkpoints):
@@ -92,7 +119,7 @@ def test_columns_are_configurable(checkpoints):
     chosen = dataset_images(ds, image_column="picture", label_column="kind")
     assert chosen.labels() == [NAMES.index(lab) for lab in labels] and chosen.class_names == NAMES
     adapter = tiny_adapter(checkpoints["vit"], epochs=2).fit(chosen)
-    assert list(adapter.class_names_) == NAMES
+    assert list(adapter.class_names_) == sorted(NAMES) == list(adapter.classes_)
     plain = datasets.Dataset.from_dict({"pixels": _pil(images), "y": labels})  # an Image column, no ClassLabel
     with pytest.raises(InputError, match="label_column="):
         tiny_adapter(checkpoints["vit"]).fit(plain)
@@ -132,9 +159,7 @@ def test_a_bad_item_is_named_by_its_index_and_skipped_on_request(kind, checkpoin
         skipping.fit(data)
     assert [s.index for s in skipping.skipped_] == [4]
     keep = [i for i in range(len(images)) if i != 4]
-    expected_labels = [labels[i] if kind == "torch" else NAMES.index(labels[i]) for i in keep]
-    names = None if kind == "torch" else NAMES
-    reference = tiny_adapter(checkpoints["vit"]).fit([images[i] for i in keep], expected_labels, names)
+    reference = tiny_adapter(checkpoints["vit"]).fit([images[i] for i in keep], [labels[i] for i in keep])
     assert torch.equal(skipping.delta_, reference.delta_)
     with pytest.warns(SkippedImagesWarning):
         assert skipping.predict(data).shape == (len(images) - 1,)
@@ -184,6 +209,33 @@ def test_cli_fit_reads_a_hf_dataset_folder(layout, checkpoints, tmp_path, capsys
     assert sorted(loaded.class_names_) == sorted(NAMES) and loaded.n_shots_ == 2
     assert main(["fit", str(folder), "--hf-dataset", str(folder), "--out", str(out)]) != 0
     assert "not both" in capsys.readouterr().err
+
+
+def test_cli_a_classlabel_fit_predicts_names_and_evaluates_class_folders(checkpoints, tmp_path):
+    from conftest import run_prolip
+
+    images, labels = colour_images(3)
+    splits = datasets.DatasetDict({"train": _hf(images[:6], labels[:6]), "holdout": _hf(images, labels)})
+    splits.save_to_disk(str(tmp_path / "data"))
+    out = tmp_path / "delta.safetensors"
+    fit = ["fit", "--hf-dataset", str(tmp_path / "data"), "--split", "holdout", "--model", "test-vit-tiny",
+           "--pretrained", checkpoints["vit"], "--views", "2", "--epochs", "3", "--out", str(out), "-q"]  # fmt: skip
+    done = run_prolip(*fit)
+    assert done.returncode == 0, done.stderr
+    folders = tmp_path / "folders"
+    for k, (im, lab) in enumerate(zip(_pil(images), labels, strict=True)):
+        (folders / lab).mkdir(parents=True, exist_ok=True)
+        im.save(folders / lab / f"{k}.png")
+    load = ["--pretrained", checkpoints["vit"], "-q"]
+    predicted = run_prolip("predict", str(out), str(folders / labels[0] / "0.png"), *load)
+    assert predicted.returncode == 0 and predicted.stdout.split("\t")[1] in NAMES, predicted.stdout
+    evaluated = run_prolip("eval", str(out), str(folders), *load)
+    assert evaluated.returncode == 0 and "accuracy" in evaluated.stdout, evaluated.stderr
+    missing_split = run_prolip(*fit[:4], "nope", *fit[5:])
+    assert missing_split.returncode == 1 and "has the splits ['train', 'holdout'], not 'nope'" in missing_split.stderr
+    (tmp_path / "data" / "train" / "state.json").write_text("{not json")
+    damaged = run_prolip(*fit[:4], "train", *fit[5:])
+    assert damaged.returncode == 1 and damaged.stderr.count("\n") == 1 and "could not be read" in damaged.stderr
 
 
 # A dataset from elsewhere (issue 29): prolip decodes its images, never fetches a URL, stays inside its folder.

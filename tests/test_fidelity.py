@@ -237,7 +237,9 @@ def test_a_file_cannot_choose_what_to_download_or_read(checkpoints, colours, tmp
     np.testing.assert_array_equal(trusted.predict(images), adapter.predict(images))
     assert ProLIPAdapter.load(path, pretrained=checkpoints["vit"], verbose=False).pretrained == checkpoints["vit"]
 
-    hub_named = edit_delta(path, tmp_path / "hub.safetensors", config=lambda c: c.update(model_name="hf-hub:someone/model"))
+    hub_named = edit_delta(
+        path, tmp_path / "hub.safetensors", config=lambda c: c.update(model_name="hf-hub:someone/model")
+    )
     with pytest.raises(DeltaFileError, match="hf-hub:someone/model"):  # even with the weights chosen
         ProLIPAdapter.load(hub_named, pretrained=checkpoints["vit"])
     assert read_state(hub_named).hyperparameters["lr"] == adapter.lr

@@ -161,7 +161,9 @@ def test_every_estimator_shares_through_the_one_mixin(checkpoints, fake_hub, tmp
     card = (fake_hub.root / "someone/tip/v2" / CARD_FILENAME).read_text()
     assert "# ProLIP + Tip-Adapter for test-vit-tiny" in card and "ProLIPTipAdapter.from_pretrained" in card
     assert f"cache of {len(labels)} adapted training embeddings" in card
-    pulled = ProLIPTipAdapter.from_pretrained("someone/tip", revision="v2", pretrained=checkpoints["vit"], verbose=False)
+    pulled = ProLIPTipAdapter.from_pretrained(
+        "someone/tip", revision="v2", pretrained=checkpoints["vit"], verbose=False
+    )
     np.testing.assert_array_equal(pulled.predict_proba(images), tip.predict_proba(images))  # bit-for-bit: as above
     assert (pulled.alpha_, pulled.beta_) == (1.0, 2.0)
     with pytest.raises(DeltaFileError, match=r"holds a tip_adapter fit, not a projector one.*ProLIPTipAdapter\.load"):
@@ -196,14 +198,18 @@ def test_offline_hub_failures_are_one_line_prolip_errors(fitted, tmp_path, monke
     with pytest.raises(ProLIPError, match=r"could not upload to Hub repository 'someone/colours': .*offline") as info:
         fitted.push_to_hub("someone/colours")
     assert "\n" not in str(info.value) and info.value.__cause__ is None
-    with pytest.raises(ProLIPError, match=r"could not get prolip_delta\.safetensors of Hub repository user/repo") as info:
+    with pytest.raises(
+        ProLIPError, match=r"could not get prolip_delta\.safetensors of Hub repository user/repo"
+    ) as info:
         ProLIPAdapter.from_pretrained("user/repo", revision="v1")
     assert "\n" not in str(info.value) and "at revision 'v1'" in str(info.value)
 
 
 @pytest.mark.parametrize("name", ["not a repo", "user/", "-x/y"])
 def test_a_name_that_is_neither_a_path_nor_a_repo_id(name):
-    with pytest.raises(ProLIPError, match=r"neither a delta file, a folder holding prolip_delta\.safetensors, nor a Hub"):
+    with pytest.raises(
+        ProLIPError, match=r"neither a delta file, a folder holding prolip_delta\.safetensors, nor a Hub"
+    ):
         ProLIPAdapter.from_pretrained(name)
 
 

@@ -181,7 +181,9 @@ def test_the_file_holds_a_minus_identity_and_t(saved):
 def test_each_loader_refuses_the_other_kind(saved, tmp_path, checkpoints, colours):
     _, path = saved
     assert read_state(path).kind == "linear_adapter"
-    with pytest.raises(DeltaFileError, match=r"holds a linear_adapter fit, not a projector one.*RegularizedLinearAdapter\.load"):
+    with pytest.raises(
+        DeltaFileError, match=r"holds a linear_adapter fit, not a projector one.*RegularizedLinearAdapter\.load"
+    ):
         ProLIPAdapter.load(path)
     from conftest import tiny_adapter
 
@@ -199,7 +201,12 @@ def test_each_loader_refuses_the_other_kind(saved, tmp_path, checkpoints, colour
         (lambda m: m.update(kind="projector"), None, None, "holds another kind's contents"),
         (None, lambda c: c.pop("classes"), None, r"lacks prolip metadata \['classes'\]"),
         (None, lambda c: c.update(reg_lambda=-1), None, "'reg_lambda'"),
-        (None, None, lambda t: t.update({LINEAR_ADAPTER_KEY: t[LINEAR_ADAPTER_KEY][:, :8].contiguous()}), "inconsistent"),
+        (
+            None,
+            None,
+            lambda t: t.update({LINEAR_ADAPTER_KEY: t[LINEAR_ADAPTER_KEY][:, :8].contiguous()}),
+            "inconsistent",
+        ),
         (None, None, lambda t: t.update({CLASSIFIER_KEY: t[CLASSIFIER_KEY][:, :8].contiguous()}), "inconsistent"),
         (None, None, lambda t: t.update({LINEAR_ADAPTER_KEY: t[LINEAR_ADAPTER_KEY].double()}), "inconsistent"),
         (None, None, lambda t: t.update({"visual.proj": torch.zeros(4, 4)}), "holds tensors"),

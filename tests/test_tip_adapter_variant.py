@@ -126,7 +126,9 @@ def test_save_load_predicts_identically(fitted, data, tmp_path, checkpoints):
         ProLIPAdapter.load(path, pretrained=checkpoints["vit"])
     plain = tmp_path / "plain.safetensors"
     fitted.adapter_.save(plain)
-    with pytest.raises(DeltaFileError, match=r"holds a projector fit, not a tip_adapter one; load it with prolip\.ProLIPAdapter\.load"):
+    with pytest.raises(
+        DeltaFileError, match=r"holds a projector fit, not a tip_adapter one; load it with prolip\.ProLIPAdapter\.load"
+    ):
         ProLIPTipAdapter.load(plain, pretrained=checkpoints["vit"])
 
 
@@ -190,8 +192,11 @@ def test_trained_keys_are_tip_adapter_f_on_the_adapted_embeddings(checkpoints, d
         (lambda c: c.pop("cache"), None, "of kind 'tip_adapter' but holds another kind's contents"),
         (lambda c: c["cache"].update(alpha=-1), None, "malformed metadata 'cache'"),
         (lambda c: c["cache"].update(key_views=0), None, "malformed metadata 'cache'"),
-        (lambda c: c["cache"]["selection"].update(accuracy=c["cache"]["selection"].pop("val_accuracy")), None,
-         "malformed metadata 'cache'"),
+        (
+            lambda c: c["cache"]["selection"].update(accuracy=c["cache"]["selection"].pop("val_accuracy")),
+            None,
+            "malformed metadata 'cache'",
+        ),
         (None, lambda t: t.update({CACHE_LABELS_KEY: t[CACHE_LABELS_KEY] + 5}), "cache labels outside its 3 classes"),
         (None, lambda t: t.update({CACHE_LABELS_KEY: t[CACHE_LABELS_KEY].float()}), "inconsistent contents"),
         (None, lambda t: t.update({CACHE_KEYS_KEY: t[CACHE_KEYS_KEY][:, :4].contiguous()}), "inconsistent contents"),

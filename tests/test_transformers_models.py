@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import colour_images, missing
+from conftest import colour_images, missing, run_prolip
 from PIL import Image
 from test_fidelity import _photo
 
@@ -217,7 +217,12 @@ def test_the_command_line_fits_and_merges_a_transformers_model(clip_tokenizer, t
         str(delta),
     ]
     assert main(fit + common) == 0
+    (tmp_path / "a-file").write_text("keep")
+    done = run_prolip("merge", str(delta), "--out", str(tmp_path / "a-file"), "--trust-file-model", *common)
+    assert done.returncode == 1 and "is a file, not a folder" in done.stderr  # was: "wrote", and nothing written
+    assert (tmp_path / "a-file").read_text() == "keep"
     assert main(["merge", str(delta), "--out", str(out), "--trust-file-model", *common]) == 0
+    assert transformers.CLIPProcessor.from_pretrained(out).tokenizer.get_vocab() == clip_tokenizer.get_vocab()
     merged = transformers.CLIPModel.from_pretrained(out)
     adapter = ProLIPAdapter.load(delta, trust_file_model=True, verbose=False)
     expected = model.visual_projection.weight + adapter.delta_
@@ -256,7 +261,7 @@ def test_the_test_view_is_the_image_processors(kind, clip_tokenizer, tmp_path):
 
 def test_a_raw_model_takes_its_processor_as_the_tokenizer(clip_tokenizer):
     model, image_processor = tiny_model("clip")
-    with pytest.raises(InputError, match="needs its processor"):
+    with pytest.raises(InputError, match="needs its tokenizer and its image processor"):
         adapter_on(model, tokenizer=simple_tokenizer).fit(*colour_images(2))
     processor = transformers.CLIPProcessor(image_processor=image_processor, tokenizer=clip_tokenizer)
     images, labels = colour_images(2)
@@ -354,3 +359,53 @@ def test_a_model_folder_with_pickled_weights_only_is_refused(clip_tokenizer, tmp
     assert (folder / "pytorch_model.bin").is_file() and not (folder / "model.safetensors").exists()
     with pytest.raises(ModelLoadError, match="safetensors"):
         build_backbone(f"hf-transformers:{folder}", None, device="cpu")
+
+
+# ---------------------------------------------------------------------------- the forms users guess, end to end
+def test_a_raw_model_takes_its_tokenizer_and_image_processor_as_open_clip_parameters(clip_tokenizer):
+    model, image_processor = tiny_model("clip")
+    images, labels = colour_images(2)
+    guessed = adapter_on(model, tokenizer=clip_tokenizer, preprocess=image_processor).fit(images, labels)
+    same = adapter_on(wrapped("clip", clip_tokenizer)).fit(images, labels)
+    assert torch.equal(guessed.delta_, same.delta_)  # the image processor is the preprocessing, not a transform
+    np.testing.assert_array_equal(guessed.predict_proba(images), same.predict_proba(images))
+    with pytest.raises(InputError, match=r"tokenizer=\.\.\. and preprocess=image_processor"):
+        adapter_on(model, tokenizer=clip_tokenizer).fit(images, labels)
+
+
+def test_a_merged_folder_carries_its_processor_and_loads_by_name(clip_tokenizer, tmp_path):
+    images, labels = colour_images(2)
+    adapter = adapter_on(wrapped("clip", clip_tokenizer)).fit(images, labels)
+    folder = tmp_path / "merged"
+    adapter.merged_model().save_pretrained(folder)
+    processor = transformers.CLIPProcessor.from_pretrained(folder)  # the tokenizer and image processor went along
+    assert processor.tokenizer.get_vocab() == clip_tokenizer.get_vocab()
+    by_name = adapter_on(f"hf-transformers:{folder}", epochs=0).fit(images, labels)  # W0 is the merged W
+    np.testing.assert_allclose(by_name.predict_proba(images), adapter.predict_proba(images), atol=1e-5)
+
+
+def test_a_relative_folder_is_recorded_absolute(clip_tokenizer, tmp_path, monkeypatch):
+    model, processor = tiny_model("clip")
+    for part in (model, processor, clip_tokenizer):
+        part.save_pretrained(tmp_path / "clip")
+    monkeypatch.chdir(tmp_path)
+    adapter = adapter_on("hf-transformers:clip", epochs=2).fit(*colour_images(2))
+    assert adapter.fitted_.model_name == f"hf-transformers:{tmp_path / 'clip'}"
+
+
+def test_tokenizer_and_processor_faults_are_one_line_errors(clip_tokenizer):
+    model, image_processor = tiny_model("clip")
+
+    def broken(texts, **kwargs):
+        raise RuntimeError("vocabulary file is damaged\nsecond line")
+
+    tokenizer = type("CLIPTokenizer", (), {"__call__": staticmethod(broken), "pad_token": "<pad>"})()
+    type(tokenizer).__module__ = "transformers.models.clip.tokenization_clip"
+    with pytest.raises(
+        InputError, match=r"the tokenizer CLIPTokenizer failed on the prompts \(RuntimeError: vocab"
+    ) as info:
+        adapter_on(model, tokenizer=tokenizer, preprocess=image_processor).fit(*colour_images(2))
+    assert "\n" not in str(info.value)
+    zero = transformers.CLIPImageProcessor(size={"shortest_edge": 0}, crop_size={"height": 0, "width": 0})
+    with pytest.raises(InputError, match="every size must be a positive number of pixels"):
+        adapter_on(model, tokenizer=clip_tokenizer, preprocess=zero).fit(*colour_images(2))

@@ -73,7 +73,7 @@ class BenchConfig(Constrained):
         views, epochs: augmented views per training image and training steps (the paper: 300, 300).
         templates: prompt templates for every dataset; None: each dataset's own.
         device, precision, batch_size: where and how the backbone runs.
-        verbose: progress bars over datasets, draws and trainings.
+        verbose: the run's one progress line (cells done of all, on a terminal) and its log messages.
     """
 
     setting: str

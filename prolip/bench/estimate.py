@@ -2,17 +2,19 @@
 
 The plan lists the run's feature sets (:func:`~prolip.bench.workload.feature_requests`) and counts,
 per view setting (a feature cache folder), the distinct images it reads and how many of them the
-cache already holds (images the cache's index does not know yet count as missing: the plan reads
-no image), the trunk passes left (one per view of each missing image), the cache's size on disk
-(its entries, plus the view-major *pack* written for every feature set read:
-:class:`~prolip.features.cache.CachedFeatures`), the cells to train per method, and an estimated
-extraction time from a short probe of the trunk on this machine (``passes / (P × rate)`` for P
-processes). Nothing is written but the probe's own throwaway features, in memory.
+cache already holds (images the cache's index does not know yet count as missing: the plan decodes
+no image), the images the run cannot read (a file that is missing or unreadable, or whose header
+Pillow does not recognise as an image: the run stops at the first of them), the trunk passes left
+(one per view of each missing image), the cache's size on disk (its entries, plus the view-major
+*pack* written for every feature set read: :class:`~prolip.features.cache.CachedFeatures`), the
+cells to train per method (``results.json`` read and checked as the run reads it:
+:func:`~prolip.bench.results.read_results`), and an estimated extraction time from a short probe of
+the trunk on this machine (``passes / (P × rate)`` for P processes). Nothing is written but the
+probe's own throwaway features, in memory.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -20,14 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from prolip.bench.config import BenchConfig
 from prolip.bench.data import Item
 from prolip.bench.methods import get_method
-from prolip.bench.results import ResultsFile
+from prolip.bench.results import ResultsFile, read_results
 from prolip.bench.settings import plan
 from prolip.bench.store import FeatureStore
 from prolip.bench.workload import feature_requests, job_cells
+from prolip.errors import ProLIPError
 from prolip.features.cache import check_storage
 from prolip.features.extract import extract_features
 from prolip.model.backbone import Backbone, build_backbone
@@ -43,11 +47,17 @@ class ViewSetting:
     seed: int
     images: int
     cached: int
+    unreadable: int = 0
 
     @property
     def rows(self) -> int:
         """Rows (trunk passes) per image."""
         return max(self.views, 1)
+
+    @property
+    def missing(self) -> int:
+        """Images to extract: neither cached nor unreadable."""
+        return self.images - self.cached - self.unreadable
 
 
 @dataclass
@@ -63,6 +73,7 @@ class BenchPlan:
         done: cells already in ``results.json``.
         passes_per_second: the trunk's measured throughput here (augmented views), None if not probed.
         probe: what the probe ran, in words.
+        unreadable: each image file the run cannot read, and why (the run stops at the first).
     """
 
     settings: list[ViewSetting]
@@ -73,16 +84,17 @@ class BenchPlan:
     done: int = 0
     passes_per_second: float | None = None
     probe: str = ""
+    unreadable: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def images(self) -> int:
         """Distinct images to extract (summed over view settings)."""
-        return sum(s.images - s.cached for s in self.settings)
+        return sum(s.missing for s in self.settings)
 
     @property
     def passes(self) -> int:
         """Trunk passes left: one per view of each missing image."""
-        return sum((s.images - s.cached) * s.rows for s in self.settings)
+        return sum(s.missing * s.rows for s in self.settings)
 
     @property
     def cache_bytes(self) -> int:
@@ -104,8 +116,15 @@ class BenchPlan:
         lines = ["prolip bench plan (a dry run: nothing extracted or trained)"]
         for s in self.settings:
             what = f"{s.views} views, seed {s.seed}" if s.views else "plain view"
-            lines.append(f"  {what}: {s.images} images, {s.cached} cached, {(s.images - s.cached) * s.rows} passes")
+            unreadable = f", {s.unreadable} unreadable" if s.unreadable else ""
+            lines.append(f"  {what}: {s.images} images, {s.cached} cached, {s.missing * s.rows} passes{unreadable}")
         lines.append(f"images to extract: {self.images} ({self.passes} trunk passes)")
+        if self.unreadable:
+            path, reason = next(iter(self.unreadable.items()))
+            lines.append(
+                f"unreadable images: {len(self.unreadable)}: the run stops at the first it reaches; replace or "
+                f"remove them (e.g. {path!r}: {reason})"
+            )
         lines.append(f"cells to train: {sum(self.cells.values())} ({self.done} already done)")
         lines += [f"  {name}: {count}" for name, count in self.cells.items()]
         lines.append(f"feature cache on disk: {_size(self.cache_bytes)} when done, {_size(self.cached_bytes)} exists")
@@ -150,11 +169,25 @@ def probe_throughput(backbone: Backbone, *, batch_size: int = 64, images: int = 
     return images * PROBE_VIEWS / (time.perf_counter() - start)
 
 
+def unreadable_image(path: str) -> str | None:
+    """Why the run could not read the image file ``path`` (missing, unreadable, or a header Pillow does not
+    recognise as an image), or None. Only the header is read: nothing is decoded."""
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018 - the header is parsed on open; its size is all the plan asks of it
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+        return f"{type(exc).__name__}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+    return None
+
+
 def estimate_bench(config: BenchConfig, probe: bool = True) -> BenchPlan:
     """The plan of :func:`~prolip.bench.runner.run_bench` of the same ``config`` (see :class:`BenchPlan`).
 
-    ``probe=False`` skips the throughput probe. The datasets' file lists are read; images, the results file and
-    the cache are only looked at.
+    ``probe=False`` skips the throughput probe. The datasets' file lists are read; images (their headers), the
+    results file and the cache are only looked at.
+
+    Raises:
+        InputError: as the run: a missing or malformed dataset, or a damaged ``results.json`` (one line naming it).
     """
     shots, seeds, methods, views = config.shots, config.seeds, config.methods, config.views
     test_views = [get_method(name).test_views for name in methods]
@@ -165,8 +198,8 @@ def estimate_bench(config: BenchConfig, probe: bool = True) -> BenchPlan:
     jobs = list(plan(config.setting, config.data_root, config.datasets, config.source))
     done: set = set()
     if (out / "results.json").exists():
-        # The configuration check is the run's business: the plan counts any finished cell of these keys.
-        done = {ResultsFile.key(c) for c in json.loads((out / "results.json").read_text()).get("cells", [])}
+        # Checked as the run reads it; the configuration check is the run's: the plan counts any finished cell.
+        done = {ResultsFile.key(c) for c in read_results(out / "results.json")["cells"]}
     cells = [c for job in jobs for c in job_cells(job, shots, seeds, methods) if c not in done]
     images: dict[tuple[int, int], dict[str, Item]] = {}  # per view setting, the distinct images by path
     pack_rows = 0
@@ -174,10 +207,19 @@ def estimate_bench(config: BenchConfig, probe: bool = True) -> BenchPlan:
         for request in feature_requests(job, shots, seeds, views, test_views):
             images.setdefault((request.views, request.seed), {}).update((i.path, i) for i in request.items)
             pack_rows += len(request.items) * max(request.views, 1)
+    checked: dict[str, str | None] = {}  # per image file, why the run cannot read it (None: it can)
     settings = []
     for (v, seed), distinct in images.items():
-        missing = len(store.missing(list(distinct.values()), v, seed)) if store is not None else len(distinct)
-        settings.append(ViewSetting(v, seed, len(distinct), len(distinct) - missing))
+        for path in distinct.keys() - checked.keys():
+            checked[path] = unreadable_image(path)
+            if checked[path] is None and store is not None:
+                try:
+                    store.file_hash(path)  # what the cache's index is keyed by: the file's bytes
+                except ProLIPError as exc:
+                    checked[path] = str(exc)
+        readable = [item for path, item in distinct.items() if checked[path] is None]
+        missing = len(store.missing(readable, v, seed)) if store is not None else len(readable)
+        settings.append(ViewSetting(v, seed, len(distinct), len(readable) - missing, len(distinct) - len(readable)))
     result = BenchPlan(
         settings=settings,
         pack_rows=pack_rows,
@@ -185,6 +227,7 @@ def estimate_bench(config: BenchConfig, probe: bool = True) -> BenchPlan:
         value_bytes=check_storage("fp16").itemsize,
         cells=dict(Counter(name for *_, name in cells)),
         done=len(done),
+        unreadable={path: reason for path, reason in sorted(checked.items()) if reason is not None},
     )
     if probe:
         result.passes_per_second = probe_throughput(backbone, batch_size=config.batch_size)

@@ -5,9 +5,11 @@ draw is written as JSON; for each N, the draw's augmented views, its plain views
 validation draw come from the feature cache (:mod:`prolip.bench.store`), and every method is
 trained on that one :class:`~prolip.bench.problem.Problem`, timed, and scored on each test set.
 Cells are written as they finish (:mod:`prolip.bench.results`): an interrupted run resumes where
-it stopped. ``table.md`` and ``plot.png`` are rendered at the end. Under ``torchrun`` the processes
-share the extraction and the cells out (:mod:`prolip.bench.shards`). Memory holds one problem's
-features and one test set's at a time, so it does not grow with the number of datasets.
+it stopped, and one progress line counts the run's cells. ``table.md``, ``plot.png`` and a
+sensitivity run's ``heatmap.png`` are rendered at the end from results.json
+(:class:`~prolip.bench.results.RunResults`). Under ``torchrun`` the processes share the extraction
+and the cells out (:mod:`prolip.bench.shards`). Memory holds one problem's features and one test
+set's at a time, so it does not grow with the number of datasets.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from prolip.bench.inputs import class_set
 from prolip.bench.method_tools import EmptyValidationError
 from prolip.bench.methods import FittedMethod, Method, get_method
 from prolip.bench.problem import Classes, FeatureSet, Problem
-from prolip.bench.results import render_plot, render_table
+from prolip.bench.results import RunResults, render_heatmap, render_plot, render_table
 from prolip.bench.settings import METHOD_DEFAULTS, Job, Target, plan
 from prolip.bench.shards import (
     CellWriter,
@@ -85,8 +87,12 @@ def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
     _check_splits(jobs)
     skipped: list[str] = []
     # Every pending cell, in the order one process runs them; under torchrun each rank runs its share.
-    pending = pending_cells(results, [c for job in jobs for c in job_cells(job, shots, seeds, methods)])
+    cells_of_run = [c for job in jobs for c in job_cells(job, shots, seeds, methods)]
+    pending = pending_cells(results, cells_of_run)
     mine = deal(pending, rank, world)
+    done = len(cells_of_run) - len(pending)
+    if done and rank == 0:
+        logger.info("resuming: %d of %d cells already in %s", done, len(cells_of_run), results.path)
     if world > 1:  # the whole run's missing features first, shared out; the cells then only read the cache
         test_views = [m.test_views for m in chosen.values()]
         extract_share(
@@ -96,12 +102,19 @@ def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
             world,
         )
     head, scale = backbone.projector.head.frozen(), backbone.logit_scale
-    for job in progress(jobs, desc="datasets", verbose=verbose):
+    # One line for the run: cells done (those of earlier runs included) of all, with tqdm's ETA; under
+    # torchrun rank 0 counts its own share.
+    counted = (done, len(cells_of_run)) if world == 1 else (0, len(mine))
+    bar = progress(
+        total=counted[1], initial=counted[0], desc="cells" if world == 1 else "rank 0's cells", unit="cell",
+        verbose=verbose,
+    )  # fmt: skip
+    for job in jobs:
         train_classes = class_set(backbone, job.train.classnames, templates or job.train.templates)
         tests = _Tests(
             store, job.targets, train_classes, lambda ds: class_set(backbone, ds.classnames, templates or ds.templates)
         )
-        for seed in progress(seeds, desc=f"{job.key} draws", leave=False, verbose=verbose):
+        for seed in seeds:
             _write_draw(draw_shots(job.train, max(shots), seed), out, job.train)
             for n in shots:
                 train, val = draw_shots(job.train, n, seed), draw_validation(job.train, n, seed)
@@ -120,7 +133,8 @@ def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
                     classes=train_classes, image_head=head, logit_scale=scale, shots=n, seed=seed, epochs=epochs,
                     device=backbone.device,
                 )  # fmt: skip
-                for name in progress(todo, desc=f"{job.key} N={n} seed {seed}", leave=False, verbose=verbose):
+                for name in todo:
+                    bar.set_postfix_str(f"{job.key} N={n} seed {seed} {name}", refresh=False)
                     method = chosen[name]
                     start = time.perf_counter()
                     try:
@@ -128,6 +142,7 @@ def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
                     except EmptyValidationError as exc:  # e.g. ImageNet at 8 shots has no images left for val
                         skipped.append(f"{name} on {job.key}, N={n}, seed {seed}: {exc}")
                         logger.warning("skipped %s", skipped[-1])
+                        bar.update()
                         continue
                     seconds = time.perf_counter() - start
                     accuracy = {t.name: tests.score(fitted, method, t) for t in job.targets}
@@ -136,12 +151,16 @@ def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
                          "fit_seconds": seconds, "info": {**method.hyperparameters(), **fitted.info}},
                         draws,
                     )  # fmt: skip
+                    bar.update()
                     logger.debug("%s N=%d seed %d %s: %s (%.2f s)", job.key, n, seed, name, accuracy, seconds)
+    bar.close()
     cells = finish_results(results, rank)
     if rank == 0:
+        run = RunResults(results.config, cells, methods, _ordered_names(jobs))
         try:
-            atomic_write(out / "table.md", [render_table(setting, cells, skipped).encode("utf-8")])
-            plotted = render_plot(setting, cells, out / "plot.png")
+            atomic_write(out / "table.md", [render_table(run, skipped).encode("utf-8")])
+            plotted = render_plot(run, out / "plot.png")
+            render_heatmap(run, out / "heatmap.png")
         except OSError as exc:
             raise InputError(
                 f"cannot write table.md / plot.png in {str(out)!r} ({exc.strerror or exc}); every cell is kept in "
@@ -151,6 +170,11 @@ def run_bench(config: BenchConfig) -> list[dict[str, Any]]:
             logger.info("matplotlib is not installed: no plot.png (pip install matplotlib)")
     leave_job(created)
     return cells
+
+
+def _ordered_names(jobs: Sequence[Job]) -> list[str]:
+    """The run's datasets and test sets in its plan's order: the order of table.md's columns and the plots' panels."""
+    return list(dict.fromkeys(name for job in jobs for name in (job.key, *(t.name for t in job.targets))))
 
 
 def _check_splits(jobs: Sequence[Job]) -> None:

@@ -18,7 +18,11 @@ every other rank appends each finished cell as one JSON line to its own part fil
 the cell it was writing). After a final barrier rank 0 merges every part into ``results.json``
 (cells already there are skipped, so none is written twice) and deletes it; it merges leftover
 parts the same way when a run starts, so the cells of a killed run are kept and a rerun resumes
-as a single-process run does. Only barriers are communicated: no tensors or Python objects travel
+as a single-process run does. A rank appends its line, and a merge reads, adds and deletes the
+parts, under ``results.json``'s lock (:func:`~prolip.bench.results.results_lock`): a process that
+merges the parts of a job still running beside it (a plain ``prolip bench`` started on the same
+``--out-dir``) never deletes a line written after its reading. A damaged part is set aside, never
+merged (:func:`merge_parts`). Only barriers are communicated: no tensors or Python objects travel
 between processes, so the backend does not matter (NCCL on GPUs, Gloo on CPUs). Two distributed
 runs writing into one ``--out-dir`` at the same time are not supported.
 """
@@ -29,6 +33,7 @@ import json
 import logging
 import os
 import socket
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,15 +42,25 @@ import torch
 import torch.distributed as dist
 
 from prolip.bench.data import Item
-from prolip.bench.results import ResultsFile, json_default
+from prolip.bench.results import (
+    ResultsFile,
+    cell_fault,
+    draw_conflict,
+    draws_fault,
+    json_default,
+    results_lock,
+)
 from prolip.bench.store import FeatureStore
 from prolip.bench.workload import CellKey, FeatureRequest
-from prolip.errors import InputError
+from prolip.errors import InputError, warn
 from prolip.variants.distributed import barrier, init_distributed, rank_and_world_size
 
 logger = logging.getLogger(__name__)
 
 PART_GLOB = "results.part-*.jsonl"
+BAD_SUFFIX = ".bad"
+"""A damaged part is renamed ``<part>.bad``: out of :data:`PART_GLOB`, kept for whoever wants to look at it."""
+MAX_PART_BYTES = 256 << 20  # a part holds one line of a few KB per cell: far more is not a part
 
 
 def join_job() -> tuple[int, int, torch.device | None, bool]:
@@ -108,69 +123,156 @@ class CellWriter:
         self.part = results.path.with_name(f"results.part-rank{rank}-{socket.gethostname()}-{os.getpid()}.jsonl")
 
     def __call__(self, cell: dict[str, Any], draws: Mapping[str, str] | None = None) -> None:
-        """Record one finished cell durably, with the digests of the ``draws`` it was computed on."""
+        """Record one finished cell durably, with the digests of the ``draws`` it was computed on.
+
+        Raises:
+            InputError: the part file cannot be written (full disk, read-only folder), naming it.
+        """
         if self.rank == 0:
             self.results.add(cell, draws)
             return
-        new = not self.part.exists()
-        with open(self.part, "a", encoding="utf-8") as f:
-            if new:  # the configuration first, so that a part is never merged into another run's results
-                f.write(json.dumps({"config": self.results.config}) + "\n")
-            f.write(json.dumps({"cell": cell, "draws": dict(draws or {})}, default=json_default) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        lines = [json.dumps({"cell": cell, "draws": dict(draws or {})}, default=json_default) + "\n"]
+        try:
+            # Under results.json's lock: a merge never deletes this part between this line and its reading.
+            with results_lock(self.results.path):
+                # O_NOFOLLOW: a link planted under the part's name is never written through.
+                flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                with open(os.open(self.part, flags, 0o666), "a", encoding="utf-8") as f:
+                    if os.fstat(f.fileno()).st_size == 0:  # the configuration first: never merged into another run
+                        lines.insert(0, json.dumps({"config": self.results.config}) + "\n")
+                    f.write("".join(lines))
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as exc:
+            raise InputError(
+                f"cannot write the part file {str(self.part)!r} ({exc.strerror or exc}); check that the folder is "
+                "writable and the disk has free space. The cells merged before are kept in results.json."
+            ) from None
 
 
-def _read_part(path: Path, config: Mapping[str, Any]) -> list[tuple[dict[str, Any], dict[str, str]]]:
-    """The cells of one part file, each with its draws' digests; a last line cut short by a killed writer is ignored.
+def _read_part(path: Path, config: Mapping[str, Any]) -> tuple[list[tuple[dict[str, Any], dict[str, str]]], str | None]:
+    """The cells of one part file, each with its draws' digests, or what is wrong with the part.
+
+    Returns ``(cells, None)``, or ``([], fault)`` for a damaged part: not a regular file, unreadable,
+    too large, a line that is not UTF-8 or not JSON (or nested too deeply), a first line that is not
+    the part's configuration, or a line that is not a cell (:func:`~prolip.bench.results.cell_fault`)
+    with the digests of its draws (:func:`~prolip.bench.results.draws_fault`). A last line without
+    its newline was cut short by a killed writer: it is ignored (that cell is not done; it is rerun).
 
     Raises:
         InputError: the part was written by a run of another configuration.
     """
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        info = path.lstat()
+        if not stat.S_ISREG(info.st_mode):
+            return [], "it is not a regular file"
+        if info.st_size > MAX_PART_BYTES:
+            return [], f"it holds {info.st_size} bytes, more than a part's {MAX_PART_BYTES}"
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb") as f:
+            *lines, cut = f.read(MAX_PART_BYTES + 1).split(b"\n")
+    except OSError as exc:
+        return [], f"it cannot be read ({exc.strerror or exc})"
+    if cut:
+        logger.debug("%s: ignoring the last line, cut short by a killed writer", path)
     cells = []
-    for number, line in enumerate(lines):
+    for number, raw in enumerate(lines, start=1):
         try:
-            record = json.loads(line)
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            return [], f"line {number} is not UTF-8 text"
+        except RecursionError:
+            return [], f"line {number} is JSON nested too deeply"
         except ValueError:
-            if number == len(lines) - 1:
-                break  # the cell being written when its rank was killed: not done, it will be rerun
-            raise InputError(f"{str(path)!r} line {number + 1} is not JSON; move the file away.") from None
-        if number == 0:
-            if record.get("config") != dict(config):
+            return [], f"line {number} is not JSON"
+        if number == 1:
+            if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+                return [], "line 1 is not the configuration of the run that wrote it"
+            if record["config"] != dict(config):
                 raise InputError(
-                    f"{str(path)!r} holds results of another bench configuration ({record.get('config')}); "
+                    f"{str(path)!r} holds results of another bench configuration ({record['config']}); "
                     "use another --out-dir, or move it away."
                 )
             continue
-        if not isinstance(record, dict) or not isinstance(record.get("cell"), dict):
-            raise InputError(f"{str(path)!r} line {number + 1} is not a bench cell; move the file away.")
-        cells.append((record["cell"], record.get("draws") or {}))
-    return cells
+        if not isinstance(record, dict) or set(record) != {"cell", "draws"}:
+            return [], f"line {number} is not an object of a cell and its draws"
+        bad_cell, bad_draws = cell_fault(record["cell"]), draws_fault(record["draws"])
+        if bad_cell or bad_draws:
+            return [], f"line {number}: its cell {bad_cell}" if bad_cell else f"line {number}: its draws {bad_draws}"
+        cells.append((record["cell"], record["draws"]))
+    return cells, None
+
+
+def _set_aside(path: Path, fault: str) -> None:
+    """Rename a damaged part ``<part>.bad`` (out of the merge), with a warning naming it and its fault."""
+    bad = path.with_name(path.name + BAD_SUFFIX)
+    try:
+        os.replace(path, bad)
+        where = f"renamed {str(bad)!r}"
+    except OSError as exc:
+        where = f"left in place: it cannot be renamed ({exc.strerror or exc})"
+    warn(
+        f"{str(path)!r} is a damaged bench part file: {fault}. None of its cells are merged (a run trains them "
+        f"again); it is {where}."
+    )
 
 
 def merge_parts(results: ResultsFile) -> int:
     """Add the cells of every part file beside ``results`` that it lacks, then delete the parts (rank 0 only).
 
-    Returns the number of cells added. A cell already in ``results`` (or in an earlier part) is
-    skipped, so merging twice, or a part that outlived its merge, writes nothing twice.
+    Returns the number of cells added. A cell already in ``results.json`` (or in an earlier part) is
+    skipped, so merging twice, or a part that outlived its merge, writes nothing twice. It all runs
+    under ``results.json``'s lock, which writers of parts hold while they append
+    (:class:`CellWriter`), and re-reads ``results.json`` under it: a line is merged, or written
+    after the part's deletion into a new part, never lost between the two.
+
+    A damaged part (see :func:`_read_part`), or one whose cells were computed on a draw whose digest
+    differs from the one ``results.json`` (or an earlier part) records, is set aside, not merged: it
+    is renamed ``<part>.bad`` with a warning naming the file and its fault, and the run goes on. Its
+    cells are then missing, and trained again; ``results.json`` holds nothing a run would refuse.
+
+    Raises:
+        InputError: ``results.json`` is damaged or of another configuration, a part is of another
+            configuration, or the folder cannot be written (the parts are then kept).
     """
-    added = 0
-    for path in sorted(results.path.parent.glob(PART_GLOB)):
-        cells: dict[tuple, dict[str, Any]] = {}
-        draws: dict[str, str] = {}
-        for cell, cell_draws in _read_part(path, results.config):
-            key = ResultsFile.key(cell)
-            if not results.done(*key) and key not in cells:
-                cells[key] = cell
-                draws.update(cell_draws)
-        if cells:  # one locked rewrite of results.json per part, not one per cell
-            results.add_all(list(cells.values()), draws)
-            added += len(cells)
-        path.unlink()
-    if added:
-        logger.info("merged %d cells from other ranks into %s", added, results.path)
-    return added
+    folder = results.path.parent
+    if not any(folder.glob(PART_GLOB)):  # nothing to merge: no lock (a part written now waits for the next merge)
+        return 0
+    cells: dict[tuple, dict[str, Any]] = {}
+    try:
+        with results_lock(results.path):
+            current = ResultsFile(results.path, results.config)  # as other writers left it: re-read under the lock
+            draws: dict[str, str] = {}
+            merged = []
+            for path in sorted(folder.glob(PART_GLOB)):
+                part, fault = _read_part(path, results.config)
+                part_draws: dict[str, str] = {}
+                for _, cell_draws in part:
+                    name = draw_conflict({**current.draws, **draws, **part_draws}, cell_draws)
+                    if name is not None:
+                        fault = f"its cells were computed on draw {name!r} with other images than results.json's"
+                        break
+                    part_draws.update(cell_draws)
+                if fault is not None:
+                    _set_aside(path, fault)
+                    continue
+                for cell, _ in part:
+                    key = ResultsFile.key(cell)
+                    if not current.done(*key) and key not in cells:
+                        cells[key] = cell
+                draws.update(part_draws)
+                merged.append(path)
+            if cells:  # one rewrite of results.json for all the parts
+                results.add_all(list(cells.values()), draws, locked=True)
+            for path in merged:  # only once their cells are in results.json
+                path.unlink()
+    except OSError as exc:
+        raise InputError(
+            f"cannot merge the part files of other ranks beside {str(results.path)!r} ({exc.strerror or exc}); check "
+            "that the folder is writable. The parts not merged are kept."
+        ) from None
+    if cells:
+        logger.info("merged %d cells from other ranks into %s", len(cells), results.path)
+    return len(cells)
 
 
 def open_results(path: Path, config: Mapping[str, Any], rank: int) -> ResultsFile:
@@ -190,7 +292,7 @@ def finish_results(results: ResultsFile, rank: int) -> list[dict[str, Any]]:
     if rank == 0:
         merge_parts(results)
     barrier()
-    return results.cells if rank == 0 else ResultsFile(results.path, results.config).cells
+    return ResultsFile(results.path, results.config).cells  # with the cells of any other run sharing the file
 
 
 def pending_cells(results: ResultsFile, cells: Sequence[CellKey]) -> list[CellKey]:

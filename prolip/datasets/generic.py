@@ -8,13 +8,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from prolip.errors import InputError
+from prolip.atomic import read_text
+from prolip.errors import InputError, warn
 
 logger = logging.getLogger(__name__)
 
@@ -106,30 +108,43 @@ def _read_csv(path: Path, columns: tuple[str, ...]) -> tuple[list[str], ...]:
     """The first ``len(columns)`` cells of every row (an optional header row naming them), paths made absolute."""
     width, expected = len(columns), ",".join(columns)
     table: tuple[list[str], ...] = tuple([] for _ in columns)
-    with path.open(newline="", encoding="utf-8") as f:
-        for line_no, row in enumerate(csv.reader(f), start=1):
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if line_no == 1 and [c.strip().lower() for c in row[:width]] == list(columns):
-                continue
-            if len(row) < width or not all(cell.strip() for cell in row[:width]):
-                raise InputError(f"{str(path)!r} line {line_no}: expected '{expected}', got {row!r}.")
-            image = Path(row[0].strip())
-            table[0].append(str(image if image.is_absolute() else path.parent / image))
-            for column, cell in zip(table[1:], row[1:width], strict=False):
-                column.append(cell.strip())
+    reader = csv.reader(io.StringIO(read_text(path, "CSV file"), newline=""))
+    try:
+        rows = list(reader)
+    except csv.Error as exc:  # a field beyond csv's size limit, a NUL byte
+        raise InputError(f"{str(path)!r} line {reader.line_num}: not a readable CSV row ({exc}).") from None
+    for line_no, row in enumerate(rows, start=1):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        if line_no == 1 and [c.strip().lower() for c in row[:width]] == list(columns):
+            continue
+        if len(row) < width or not all(cell.strip() for cell in row[:width]):
+            raise InputError(f"{str(path)!r} line {line_no}: expected '{expected}', got {row[:4]!r}.")
+        image = Path(row[0].strip())
+        table[0].append(str(image if image.is_absolute() else path.parent / image))
+        for column, cell in zip(table[1:], row[1:width], strict=False):
+            column.append(cell.strip())
     if not table[0]:
         raise InputError(f"{str(path)!r} has no {expected} rows.")
     return table
 
 
 def sample_shots(paths: Sequence[str], labels: Sequence[str], shots: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Draw ``shots`` images per class (all of a class's images when it has fewer), reproducibly."""
+    """Draw ``shots`` images per class, reproducibly; the same number from every class, so N stays whole.
+
+    When a class has fewer than ``shots`` images, every class gets as many as the smallest has, with a warning
+    naming it (an N-shot task has N images of each class).
+    """
     if shots < 1:
         raise InputError(f"shots={shots} must be at least 1.")
     rng = random.Random(seed)
     by_class: dict[str, list[int]] = {}
     for i, label in enumerate(labels):
         by_class.setdefault(label, []).append(i)
-    chosen = sorted(i for members in by_class.values() for i in rng.sample(members, min(shots, len(members))))
+    smallest = min(by_class, key=lambda c: len(by_class[c]))
+    n = min(shots, len(by_class[smallest]))
+    if n < shots:
+        warn(f"class {smallest!r} has only {n} images, fewer than {shots} shots: drawing {n} per class, so that "
+             "every class has as many.")  # fmt: skip
+    chosen = sorted(i for members in by_class.values() for i in rng.sample(members, n))
     return [paths[i] for i in chosen], [labels[i] for i in chosen]

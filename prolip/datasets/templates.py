@@ -5,16 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from prolip.atomic import read_text
 from prolip.errors import InputError
 from prolip.model.zeroshot import check_templates
 
 
 def _read_lines(path: Path, what: str) -> list[str]:
-    """The stripped lines of a UTF-8 text file, without blank lines and ``#`` comments."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {what} file {str(path)!r}: {exc}") from None
+    """The stripped lines of a UTF-8 text file (a byte-order mark dropped), without blank lines and ``#`` comments."""
+    lines = read_text(path, f"{what} file").splitlines()
     return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prolip.atomic import atomic_write, read_safetensors_header, remove_stale_temps, safetensors_header
+from prolip.atomic import atomic_write, read_json, read_safetensors_header, remove_stale_temps, safetensors_header
 from prolip.errors import DamagedCacheEntryError, FeatureCacheError, InputError, InputTypeError
 from prolip.features.views import VIEWS_VERSION
 from prolip.model.preprocessing import ViewConfig
@@ -121,20 +121,30 @@ def _digest(data: Any) -> str:
 
 
 def _check_file(
-    path: Path, shape: Sequence[int], storage: str, metadata: dict[str, str], checksum: str = _CHECKSUM
-) -> tuple[int, str]:
-    """Verify a cache file's header against what it should hold; return where its data starts and its checksum."""
+    path: Path,
+    shape: Sequence[int],
+    storage: str,
+    metadata: dict[str, str],
+    checksum: str = _CHECKSUM,
+    required: bool = True,
+) -> tuple[int, str | None]:
+    """Verify a cache file's header against what it should hold; return where its data starts and its checksum.
+
+    ``required=False`` accepts a file without its checksum (None is returned): an entry written before checksums.
+    """
     header, start = read_safetensors_header(path, FeatureCacheError, _MAX_HEADER_BYTES, "feature cache file")
-    info = header.get(_TENSOR, {})
+    info = header.get(_TENSOR)
+    info = info if isinstance(info, dict) else {}  # a damaged header may hold anything where objects belong
+    meta = header.get("__metadata__")
+    meta = meta if isinstance(meta, dict) else {}
     nbytes = int(np.prod(shape)) * np.dtype(_NP_DTYPE[storage]).itemsize
-    meta = header.get("__metadata__") or {}
     ok = (
         info.get("dtype") == _ST_DTYPE[storage]
         and info.get("shape") == list(shape)
         and info.get("data_offsets") == [0, nbytes]
         and path.stat().st_size == start + nbytes
         and all(meta.get(k) == v for k, v in metadata.items())
-        and isinstance(meta.get(checksum), str)
+        and (isinstance(meta.get(checksum), str) or (not required and checksum not in meta))
     )
     if not ok:
         raise FeatureCacheError(
@@ -142,7 +152,7 @@ def _check_file(
             f"for this key (found {info.get('dtype')} {info.get('shape')} in {path.stat().st_size} bytes); "
             "delete it to recompute."
         )
-    return start, meta[checksum]
+    return start, meta.get(checksum)
 
 
 def _mapped_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -178,6 +188,36 @@ class FeatureCache:
         self.folder = self.root / f"v{CACHE_VERSION}" / self.digest[:32]
         self._meta = {"format": CACHE_FORMAT, "format_version": str(CACHE_VERSION), "settings": self.digest}
         self._opened = False
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> FeatureCache:
+        """The cache of one settings folder ``<root>/v1/<settings digest>``, from its ``settings.json``.
+
+        Raises:
+            FeatureCacheError: ``settings.json`` is unreadable, or not the settings of a cache of this
+                version whose digest names the folder (naming the file).
+        """
+        folder = Path(folder)
+        path = folder / "settings.json"
+        settings = read_json(path, FeatureCacheError, "feature cache settings file")
+        try:
+            fields = {f.name: settings[f.name] for f in dataclasses.fields(CacheKey)}
+            config = {k: tuple(v) if isinstance(v, list) else v for k, v in fields["config"].items()}
+            key, width = CacheKey(**{**fields, "config": ViewConfig(**config)}), settings["width"]
+            ok = (
+                {**key.as_dict(), "width": width} == settings
+                and type(width) is int and width >= 1 and type(key.views) is int and key.views >= 0
+                and key.storage in _ST_DTYPE
+                and folder.name == key.digest()[:32] and folder.parent.name == f"v{CACHE_VERSION}"
+            )  # fmt: skip
+        except (KeyError, TypeError, AttributeError):  # not an object, a field missing or of the wrong type
+            ok = False
+        if not ok:
+            raise FeatureCacheError(
+                f"{str(path)!r} is not the settings of the feature cache folder {str(folder)!r} (format version "
+                f"{CACHE_VERSION}); leave the folder alone or delete it."
+            )
+        return cls(folder.parent.parent, key, width)
 
     @property
     def rows(self) -> int:
@@ -228,8 +268,36 @@ class FeatureCache:
             return False
         return True
 
-    def write(self, image_hash: str, features: torch.Tensor) -> None:
-        """Store one image's features ``[V, d_in]`` (atomically; an existing entry is kept).
+    def check_entry(self, image_hash: str) -> tuple[np.ndarray, str | None]:
+        """An entry's stored features (flat, in the storage dtype) and the checksum it records, after checking them.
+
+        The entry must be what this key's entry is: the dtype, the shape ``[rows, width]``, the data's
+        size and the metadata (format, settings, image) of its header, and finite values; a checksum it
+        records must match its bytes. An entry written before checksums passes with None for its
+        checksum: what ``scripts/upgrade_feature_cache.py`` checks before it vouches for one (:meth:`write`
+        with ``replace``).
+
+        Raises:
+            FeatureCacheError: the entry is missing, unreadable or fails a check (naming the file and the fault).
+        """
+        path = self.entry_path(image_hash)
+        try:
+            shape, meta = (self.rows, self.width), self._entry_meta(image_hash)
+            start, checksum = _check_file(path, shape, self.key.storage, meta, required=False)
+            data = np.fromfile(path, dtype=_NP_DTYPE[self.key.storage], offset=start)
+        except OSError as exc:
+            raise FeatureCacheError(f"cannot read cache entry {str(path)!r} ({exc.strerror or exc}).") from None
+        if checksum is not None and _digest(data.data) != checksum:
+            raise FeatureCacheError(f"cache entry {str(path)!r} fails its checksum.")
+        if not np.isfinite(data).all():
+            raise FeatureCacheError(f"cache entry {str(path)!r} holds NaN or Inf values.")
+        return data, checksum
+
+    def write(self, image_hash: str, features: torch.Tensor, *, replace: bool = False) -> None:
+        """Store one image's features ``[V, d_in]`` (atomically; an existing entry is kept, unless ``replace``).
+
+        ``replace`` replaces an existing entry: ``scripts/upgrade_feature_cache.py`` rewrites an entry
+        of an earlier prolip, checked by :meth:`check_entry`, with its checksum.
 
         Raises:
             FeatureCacheError: the file cannot be written, or the values overflow fp16.
@@ -249,7 +317,7 @@ class FeatureCache:
         header = _header_bytes(expected, self.key.storage, meta)
         try:
             path.parent.mkdir(exist_ok=True)
-            damaged = path.exists() and not self.has(image_hash)
+            damaged = replace or (path.exists() and not self.has(image_hash))
             atomic_write(path, [header, data], exclusive=not damaged)
         except OSError as exc:
             raise FeatureCacheError(f"cannot write cache entry {str(path)!r} ({exc.strerror or exc}).") from exc

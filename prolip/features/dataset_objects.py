@@ -10,6 +10,7 @@ path must name a file inside that folder.
 from __future__ import annotations
 
 import io
+import math
 import operator
 import os
 import re
@@ -20,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from PIL import Image
 
-from prolip.errors import ImageLoadError, InputError, InputTypeError, ProLIPError
+from prolip.errors import ImageLoadError, InputError, InputTypeError, ProLIPError, warn
 from prolip.params import ON_ERROR
 from prolip.progress import progress
 
@@ -74,7 +75,7 @@ class DatasetImages(Sequence):
         """The items at ``indices`` (in that order), as a dataset of their own: e.g. a few-shot draw."""
         chosen = [operator.index(i) % self._length for i in indices]
         labels = self._read_labels
-        return DatasetImages(
+        subset = DatasetImages(
             lambda k: self._read_image(chosen[k]),
             len(chosen),
             None if labels is None else (lambda: [labels()[i] for i in chosen]),
@@ -82,6 +83,8 @@ class DatasetImages(Sequence):
             self.description,
             None if self._read_item is None else (lambda k: self._read_item(chosen[k])),
         )
+        subset._unreadable = {k: self._unreadable[i] for k, i in enumerate(chosen) if i in self._unreadable}
+        return subset
 
     def _guarded(self, read: Callable[[int], Any], i: int) -> Any:
         """``read(i)``, a failure inside the dataset (a corrupt file, a transform's error) named by its index."""
@@ -291,11 +294,20 @@ def load_hf_dataset(folder: str | os.PathLike, split: str = "train") -> DatasetI
     if not root.is_dir():
         raise InputError(f"{str(root)!r} is not a folder; give a folder written by save_to_disk or an image folder.")
     saved = (root / "state.json").is_file() or (root / "dataset_dict.json").is_file()
-    data = datasets.load_from_disk(str(root)) if saved else datasets.load_dataset("imagefolder", data_dir=str(root))
+    try:
+        data = datasets.load_from_disk(str(root)) if saved else datasets.load_dataset("imagefolder", data_dir=str(root))
+    except Exception as exc:  # a damaged state.json, an unknown feature type, no data files: datasets' own types
+        reason = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise InputError(
+            f"{str(root)!r} could not be read as a Hugging Face dataset ({type(exc).__name__}: {reason}); give a "
+            "folder written by save_to_disk, or an image folder of class folders."
+        ) from None
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
-            raise InputError(f"{str(root)!r} has the splits {list(data)}, not {split!r}.")
+            raise InputError(f"{str(root)!r} has the splits {list(data)}, not {split!r}; choose one with --split.")
         data = data[split]
+    if len(data) == 0:
+        raise InputError(f"the dataset in {str(root)!r} (split {split!r}) has no rows.")
     return dataset_images(data, root=str(root.resolve()))
 
 
@@ -307,11 +319,16 @@ def as_dataset_images(images: Any) -> DatasetImages | None:
 
 
 class Labelled(NamedTuple):
-    """Images with their labels and class names, as :func:`labelled` returns them."""
+    """Images with their labels and class names, as :func:`labelled` returns them.
+
+    ``label_ids``: for a dataset whose labels are integer ids of named classes (a ``ClassLabel``), each name's id:
+    the labels are then the names.
+    """
 
     images: Any
     labels: Sequence[Hashable]
     class_names: Mapping[Hashable, str] | Sequence[str] | None
+    label_ids: Mapping[str, int] | None = None
 
 
 def labelled(
@@ -323,9 +340,11 @@ def labelled(
 ) -> Labelled:
     """Images, labels and class names from what a user passed to ``fit`` or ``score``.
 
-    A dataset object brings its own labels (when ``labels`` is None) and, with a Hugging Face
-    ``ClassLabel``, its class names (when ``class_names`` is None). Items that cannot be read
-    for their label are skipped by the image loader later under ``on_error="skip"``.
+    A dataset object brings its own labels (when ``labels`` is None). Where they are integer ids of named classes
+    (a Hugging Face ``ClassLabel``, a torchvision dataset's ``classes``), the labels are the names — what
+    ``predict`` returns and a folder of class folders is scored against — and ``label_ids`` maps each name to its
+    id. Rows without a label (a ``ClassLabel``'s −1, None, NaN) are left out, with one warning counting them.
+    Items that cannot be read for their label are skipped by the image loader later under ``on_error="skip"``.
     """
     source = as_dataset_images(images)
     if source is None:
@@ -337,5 +356,29 @@ def labelled(
         return Labelled(images, labels, class_names)
     if labels is not None:
         return Labelled(source, labels, class_names)
-    names = source.class_names if class_names is None else class_names
-    return Labelled(source, source.labels(on_error, verbose), names)
+    raw = source.labels(on_error, verbose)
+    missing = [i for i, label in enumerate(raw) if is_unlabelled(label, named_ids=source.class_names is not None)]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+        warn(f"{len(missing)} of {len(raw)} items of {source.description} have no label (-1, None or NaN): "
+             f"rows {shown}; they are left out.")  # fmt: skip
+        kept = [i for i in range(len(raw)) if i not in set(missing)]
+        source, raw = source.select(kept), [raw[i] for i in kept]
+    names = source.class_names
+    if names is None or class_names is not None:
+        return Labelled(source, raw, class_names if class_names is not None else names)
+    bad = next((label for label in raw if not (isinstance(label, int) and 0 <= label < len(names))), None)
+    if bad is not None:
+        raise InputError(
+            f"{source.description} has label {bad!r}, which is not one of its {len(names)} class ids 0..{len(names) - 1}."
+        )
+    return Labelled(source, [names[i] for i in raw], None, {name: i for i, name in enumerate(names)})
+
+
+def is_unlabelled(label: Any, named_ids: bool = False) -> bool:
+    """A dataset's "no label": None or NaN; with ``named_ids`` (labels are ids of named classes) also −1, a
+    ``ClassLabel``'s "no label"."""
+    label = label.item() if hasattr(label, "item") and not isinstance(label, (str, bytes)) else label
+    if label is None or (isinstance(label, float) and math.isnan(label)):
+        return True
+    return named_ids and isinstance(label, int) and not isinstance(label, bool) and label == -1

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from prolip.errors import ImageLoadError, InputError, InputTypeError, ProLIPError, SkippedImagesWarning, warn
 from prolip.features.dataset_objects import DatasetImages, as_dataset_images
+from prolip.features.decode import exif_transpose, open_image_file, to_rgb
 from prolip.params import ON_ERROR
 from prolip.progress import progress
 
@@ -61,76 +61,6 @@ def _describe(item: object, index: int) -> str:
     return f"image {index} ({type(item).__name__})"
 
 
-def _to_rgb(img: Image.Image, what: str) -> Image.Image:
-    """Convert any PIL mode to RGB: transparency over white, 16-bit and float scaled to 8 bits.
-
-    Float images follow the rule of float arrays in memory: values in [0, 1] are scaled by 255, and
-    NaN or Inf pixels are refused (ImageLoadError naming ``what``), never silently made 0.
-    """
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        arr = np.asarray(img, dtype=np.float32)  # float32 holds 16-bit values exactly, at half float64's memory
-        if img.mode == "F" and not np.isfinite(arr).all():
-            raise ImageLoadError(f"{what} is a floating-point image with NaN or Inf pixels; fix or remove it.")
-        top = arr.max(initial=0.0)
-        if img.mode == "F" and arr.min(initial=0.0) >= 0 and top <= 1:
-            arr = arr * 255.0  # a float image in [0, 1], as float arrays in memory are read
-        # 16-bit data is rescaled; data that already fits in 8 bits is kept as is.
-        arr = arr * (255.0 / 65535.0) if top > 255 else arr
-        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
-
-
-def _exif_transpose(img: Image.Image, what: str) -> Image.Image:
-    """Apply the EXIF orientation; a corrupt EXIF block is ignored rather than losing the image."""
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception as exc:  # PIL's EXIF parser raises many types on malformed tags
-        warn(f"{what} has unreadable EXIF data ({exc}); its orientation is not applied.")
-        return img
-
-
-def _open_path(path: str, index: int, draft_size: int | None) -> Image.Image:
-    what = f"image {index} ({path!r})"
-    if not os.path.exists(path):
-        raise ImageLoadError(f"{what} does not exist; check the path.")
-    if os.path.isdir(path):
-        raise ImageLoadError(f"{what} is a directory, not an image file; list the files inside it.")
-    if os.path.getsize(path) == 0:
-        raise ImageLoadError(f"{what} is an empty (zero-byte) file; re-copy or remove it.")
-    try:
-        with warnings.catch_warnings():
-            # Large photos are fine: JPEGs decode at reduced scale, and memory is the only limit.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if draft_size is not None:
-                    # JPEG decodes at 1/2 or 1/4 scale where the shorter side stays >= draft_size: huge
-                    # photos never fully expand, and the later antialiased resize hides the difference.
-                    # Never 1/8: that scale keeps only each block's mean, a box filter the resize cannot hide.
-                    floor = -(-min(img.size) // 4)
-                    img.draft("RGB", (max(draft_size, floor), max(draft_size, floor)))
-                img.load()  # decode first, so that decoding errors are not mistaken for EXIF ones
-                return _exif_transpose(img, what)
-    except PermissionError as exc:
-        raise ImageLoadError(f"{what} cannot be read ({exc.strerror}); check the file's permissions.") from exc
-    except UnidentifiedImageError as exc:
-        raise ImageLoadError(f"{what} is not an image PIL can read; remove it or convert it.") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageLoadError(f"{what} is too large to decode safely ({exc}); downscale it first.") from exc
-    except MemoryError as exc:
-        raise ImageLoadError(f"{what} needs more memory to decode than is available; downscale it first.") from exc
-    except Exception as exc:  # a decoder fed a damaged file can raise almost any type (struct.error, zlib.error, ...)
-        raise ImageLoadError(
-            f"{what} could not be decoded ({type(exc).__name__}: {exc}); the file may be truncated or corrupt. "
-            "Re-copy or remove it, or pass on_error='skip'."
-        ) from exc
-
-
 def _from_array(arr: np.ndarray | torch.Tensor, index: int, channels_first: bool) -> torch.Tensor:
     what = _describe(arr, index)
     t = torch.as_tensor(arr).detach().cpu()
@@ -163,12 +93,12 @@ def _from_array(arr: np.ndarray | torch.Tensor, index: int, channels_first: bool
 def _pil_image(item: ImageLike, index: int, draft_size: int | None) -> Image.Image | None:
     """A path or PIL image decoded (EXIF orientation applied), in RGB; None for arrays and tensors."""
     if isinstance(item, (str, os.PathLike)):
-        img = _open_path(os.fspath(item), index, draft_size)
+        img = open_image_file(os.fspath(item), _describe(item, index), draft_size)
     elif isinstance(item, Image.Image):
         try:
             item.load()
-            img = _exif_transpose(item, _describe(item, index))
-        except Exception as exc:  # a lazily-opened PIL image decodes here; see _open_path
+            img = exif_transpose(item, _describe(item, index))
+        except Exception as exc:  # a lazily-opened PIL image decodes here; see open_image_file
             raise ImageLoadError(
                 f"{_describe(item, index)} could not be decoded ({type(exc).__name__}: {exc}); "
                 "the file it was opened from may be truncated or corrupt."
@@ -180,7 +110,7 @@ def _pil_image(item: ImageLike, index: int, draft_size: int | None) -> Image.Ima
             f"{_describe(item, index)} is not a supported image; pass a file path, a PIL image, "
             "a numpy HWC array or a CHW tensor."
         )
-    return _to_rgb(img, _describe(item, index))
+    return to_rgb(img, _describe(item, index))
 
 
 def load_image(item: ImageLike, index: int = 0, draft_size: int | None = None) -> torch.Tensor:

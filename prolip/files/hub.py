@@ -350,7 +350,9 @@ def _summary(state: FittedState) -> str:
         "the trained difference W − W0 and the classifier T (safetensors: nothing in it runs)."
     )
     if state.cache is not None:
-        summary += f" A Tip-Adapter cache of {state.cache.keys.shape[0]} adapted training embeddings adds to its scores."
+        summary += (
+            f" A Tip-Adapter cache of {state.cache.keys.shape[0]} adapted training embeddings adds to its scores."
+        )
     return summary
 
 

@@ -7,12 +7,14 @@ build one per (model, pretrained, precision, device, tokenizer) and share it rea
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
 from functools import cached_property
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -193,6 +195,7 @@ def build_backbone(
     precision: str = "fp32",
     device: str | torch.device | None = None,
     tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+    image_processor: Any = None,
 ) -> Backbone:
     """Create (or adopt) an open_clip model in eval mode on ``device`` in ``precision``.
 
@@ -202,7 +205,8 @@ def build_backbone(
 
     Hugging Face transformers models (:mod:`prolip.model.transformers_clip`): a name
     ``"hf-transformers:<repo id or folder>"`` (``pretrained`` is ignored), a ``TransformersCLIP`` from
-    ``from_transformers``, or a ``CLIPModel`` / ``SiglipModel`` with its processor as ``tokenizer``.
+    ``from_transformers``, or a ``CLIPModel`` / ``SiglipModel`` with its processor as ``tokenizer`` (or its
+    tokenizer as ``tokenizer`` and its ``image_processor``).
 
     Raises:
         ModelLoadError: the name, tag or checkpoint cannot be turned into a model.
@@ -216,9 +220,12 @@ def build_backbone(
     )
     name = None
     if isinstance(model, str) and model.startswith(PREFIX):  # the name says it all: no pretrained tag
-        name, model, pretrained = model, load_transformers(model, tokenizer), None
+        source = model[len(PREFIX) :]
+        # A folder is recorded as an absolute path: a delta loaded elsewhere must not resolve it anew.
+        name = PREFIX + str(Path(source).resolve()) if Path(source).is_dir() else model
+        model, pretrained = load_transformers(model, tokenizer), None
     elif is_transformers_model(model):
-        model = from_transformers(model, tokenizer)  # the processor passed as the tokenizer
+        model = from_transformers(model, tokenizer, image_processor=image_processor)
     if isinstance(model, nn.Module):
         if not hasattr(model, "encode_text") or not hasattr(model, "visual"):
             raise InputError(
@@ -236,6 +243,13 @@ def build_backbone(
             net = open_clip.create_model(model, pretrained=checkpoint, weights_only=True)
             tok = tokenizer or open_clip.get_tokenizer(model)
         except Exception as exc:  # open_clip raises bare RuntimeErrors for unknown names and tags
+            known = local_models.known_models()
+            if model not in known and not model.startswith(("hf-hub:", "local-dir:")):
+                close = difflib.get_close_matches(model, known, n=5, cutoff=0.5)
+                hint = f"; did you mean {', '.join(map(repr, close))}?" if close else "."
+                raise ModelLoadError(
+                    f"unknown open_clip model {model!r}{hint} `prolip models` lists the ones prolip supports."
+                ) from None
             raise ModelLoadError(
                 f"could not build open_clip model {model!r} with pretrained={pretrained!r}: {exc}. "
                 "Use a name from open_clip.list_models(), and a tag from open_clip.list_pretrained() "

@@ -53,6 +53,8 @@ def preprocess_cfg_of(image_processor: Any) -> dict[str, Any]:
     size, crop = dict(image_processor.size or {}), dict(getattr(image_processor, "crop_size", None) or {})
     size = {k: v for k, v in size.items() if v is not None}
     crop = {k: v for k, v in crop.items() if v is not None}
+    if any(not isinstance(v, int) or v < 1 for v in (*size.values(), *crop.values())):
+        raise InputError(f"{what} has sizes {size} / crop {crop}; every size must be a positive number of pixels.")
     if "shortest_edge" in size and getattr(image_processor, "do_center_crop", False):
         side, mode = size["shortest_edge"], "shortest"
         if (crop.get("height"), crop.get("width")) != (side, side):
@@ -93,9 +95,16 @@ def _token_function(tokenizer: Any, context_length: int) -> Callable[[list[str]]
     if type(tokenizer).__module__.startswith("transformers.") and hasattr(tokenizer, "pad_token"):
 
         def tokenize(texts: list[str]) -> torch.Tensor:
-            out = tokenizer(
-                list(texts), padding="max_length", max_length=context_length, truncation=True, return_tensors="pt"
-            )
+            try:
+                out = tokenizer(
+                    list(texts), padding="max_length", max_length=context_length, truncation=True, return_tensors="pt"
+                )
+            except Exception as exc:  # a tokenizer's own failure (no pad token, a broken vocabulary, ...)
+                reason = (str(exc).strip().splitlines() or [""])[0][:200]
+                raise InputError(
+                    f"the tokenizer {type(tokenizer).__name__} failed on the prompts ({type(exc).__name__}: {reason}); "
+                    "check that it is the model's own, with a pad token."
+                ) from None
             return out["input_ids"]
 
         return tokenize
@@ -143,10 +152,19 @@ class TransformersCLIP(nn.Module):
         visual, text: its towers (:class:`TransformersVision`, :class:`TransformersText`).
         tokenizer: prompts to token ids ``[n, context_length]``.
         model_type: "CLIPModel" or "SiglipModel".
+        processing: the transformers tokenizer (or processor) and image processor it came with, which a merged
+            model saves beside its weights (those that have ``save_pretrained``).
     """
 
-    def __init__(self, hf: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], preprocess_cfg: dict) -> None:
+    def __init__(
+        self,
+        hf: nn.Module,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        preprocess_cfg: dict,
+        processing: tuple[Any, ...] = (),
+    ) -> None:
         super().__init__()
+        self.processing = tuple(p for p in processing if hasattr(p, "save_pretrained"))
         object.__setattr__(self, "hf", hf)  # not a child: the state dict stays visual.* / text.* / logit_*
         self.model_type = type(hf).__name__
         clip = self.model_type == "CLIPModel"
@@ -191,15 +209,28 @@ def from_transformers(
         return model
     if not is_transformers_model(model):
         raise InputError(f"model of type {type(model).__name__} is not a transformers CLIPModel or SiglipModel.")
-    tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
+    if tokenizer is None:  # a processor holds both; a tokenizer passed as the processor is the tokenizer
+        tokenizer = getattr(processor, "tokenizer", None) or (
+            None if hasattr(processor, "image_processor") else processor
+        )
     image_processor = image_processor if image_processor is not None else getattr(processor, "image_processor", None)
     if tokenizer is None or image_processor is None:
         raise InputError(
-            f"a transformers {type(model).__name__} needs its processor (or tokenizer= and image_processor=): "
-            "prolip tokenizes prompts and renders test views exactly as they do."
+            f"a transformers {type(model).__name__} needs its tokenizer and its image processor: "
+            "ProLIPAdapter(model, tokenizer=processor), or tokenizer=... and preprocess=image_processor "
+            "(from_transformers(model, processor) alike): prolip tokenizes prompts and renders test views as they do."
         )
     context_length = int(model.text_model.config.max_position_embeddings)
-    return TransformersCLIP(model, _token_function(tokenizer, context_length), preprocess_cfg_of(image_processor))
+    saved = (processor,) if hasattr(processor, "image_processor") and hasattr(processor, "tokenizer") else (
+        tokenizer, image_processor)  # fmt: skip
+    return TransformersCLIP(
+        model, _token_function(tokenizer, context_length), preprocess_cfg_of(image_processor), saved
+    )
+
+
+def is_image_processor(obj: object) -> bool:
+    """Whether ``obj`` is a transformers image processor (e.g. ``CLIPImageProcessor``), not a transform to call."""
+    return type(obj).__module__.startswith("transformers.") and hasattr(obj, "image_mean")
 
 
 def load_transformers(name: str, tokenizer: Any = None) -> TransformersCLIP:
@@ -235,6 +266,25 @@ def load_transformers(name: str, tokenizer: Any = None) -> TransformersCLIP:
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model of a :class:`TransformersCLIP`; any other model as it is."""
     return model.hf if isinstance(model, TransformersCLIP) else model
+
+
+def saveable(model: nn.Module) -> nn.Module:
+    """:func:`unwrap`, and for a transformers model (a merged copy) a ``save_pretrained`` that writes its tokenizer
+    and image processor beside the weights, so the folder loads with ``CLIPProcessor.from_pretrained`` and as
+    ``hf-transformers:FOLDER``."""
+    if not isinstance(model, TransformersCLIP):
+        return model
+    hf, processing, save = model.hf, model.processing, type(model.hf).save_pretrained
+
+    def save_pretrained(folder: Any, *args: Any, **kwargs: Any) -> Any:
+        out = save(hf, folder, *args, **kwargs)
+        for part in processing:
+            part.save_pretrained(folder)
+        return out
+
+    save_pretrained.__doc__ = save.__doc__
+    hf.save_pretrained = save_pretrained  # this copy's own method: the model's class is untouched
+    return hf
 
 
 def image_tower(model: nn.Module) -> nn.Module:

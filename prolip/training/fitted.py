@@ -23,7 +23,7 @@ from prolip.estimator import Learned
 from prolip.model.backbone import Backbone, file_may_choose
 from prolip.model.fingerprint import Fingerprint
 from prolip.model.towers import LinearMap, Projector, find_projector
-from prolip.model.transformers_clip import unwrap
+from prolip.model.transformers_clip import saveable
 from prolip.params import (
     COUNT,
     MAX_ABS_ENTRY,
@@ -113,6 +113,8 @@ class FittedState:
             validation accuracy, :meth:`prolip.variants.search.SearchResult.as_dict`), or None.
         cache: Tip-Adapter's cache on the adapted embeddings (ProLIP + Tip-Adapter,
             :class:`prolip.variants.tip_cache.ProLIPTipAdapter`), or None.
+        label_ids: when the training labels were integer ids of named classes (a Hugging Face ``ClassLabel``),
+            each class name's id (the classes are the names); else None.
     """
 
     delta: torch.Tensor | None
@@ -136,6 +138,7 @@ class FittedState:
     text_fingerprint: Fingerprint | None = None
     selection: Mapping[str, Any] | None = None
     cache: TipCache | None = None
+    label_ids: Mapping[str, int] | None = None
 
     @property
     def kind(self) -> str:
@@ -166,6 +169,7 @@ class FittedState:
             "text_projector_family": self.text_projector_family,
             "text_fingerprint": None if self.text_fingerprint is None else self.text_fingerprint.as_dict(),
             "selection": None if self.selection is None else dict(self.selection),
+            "label_ids": None if self.label_ids is None else dict(self.label_ids),
             "cache": None
             if cache is None
             else {
@@ -321,7 +325,7 @@ class FittedState:
         """A copy of ``model`` in ``precision`` whose projectors are W0 + delta (``model`` is untouched).
 
         For a transformers model (:mod:`prolip.model.transformers_clip`) the copy is the transformers
-        model itself, ready for ``save_pretrained``. Warns (PrecisionWarning) with the measured relative error of the merged update when the
+        model itself, ready for ``save_pretrained`` (which then also writes its tokenizer and image processor). Warns (PrecisionWarning) with the measured relative error of the merged update when the
         precision rounds it (fp16, bf16); fp32 keeps it exact.
         """
         validate_params({"precision": precision}, {"precision": PRECISION})
@@ -333,7 +337,7 @@ class FittedState:
                 "Use merged_model(precision='fp32') to keep it exact.",
                 PrecisionWarning,
             )
-        return unwrap(merged)
+        return saveable(merged)
 
     def merge_into(self, model: nn.Module) -> float:
         """Write W0 + delta into ``model``'s own projector parameter, and W_t0 + text delta into its text projection.
@@ -464,6 +468,14 @@ def _cache(value: Any) -> bool:
     )
 
 
+def _label_ids(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value.values())
+        and len(set(value.values())) == len(value)
+    )
+
+
 def _fingerprint(value: Any) -> bool:
     if value is None:
         return True
@@ -495,6 +507,7 @@ CONFIG_SCHEMA: dict[str, tuple[Constraint, Any]] = {
     "text_fingerprint": (Constraint("None or a JSON fingerprint", _fingerprint), None),
     "selection": (Constraint("None or a JSON object with lr, reg_lambda, lrs, reg_lambdas and val_accuracy", lambda v: v is None or _selection(v)), None),
     "cache": (Constraint(f"None or a JSON object with alpha and beta in [0, {MAX_TIP_WEIGHT:g}], key_views >= 1, trained_keys and selection", lambda v: v is None or _cache(v)), None),
+    "label_ids": (Constraint("None or a JSON object from each class name to its integer id", lambda v: v is None or _label_ids(v)), None),
 }  # fmt: skip
 """Every configuration field a file may hold: what it must be, and its default when absent (``None`` in the second
 place with a required field: the fields up to ``fingerprint`` are required)."""
@@ -566,6 +579,7 @@ def _state(kind: str, v: dict[str, Any], tensors: Mapping[str, torch.Tensor], so
         text_projector_family=v["text_projector_family"] if text else "",
         text_fingerprint=Fingerprint.from_dict(v["text_fingerprint"]) if text else None,
         selection=v["selection"],
+        label_ids=v["label_ids"],
         cache=None
         if cache is None
         else TipCache(

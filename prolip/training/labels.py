@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -49,7 +50,7 @@ def encode_labels(labels: Sequence[Hashable]) -> tuple[list[Hashable], torch.Ten
 
     Raises:
         InputTypeError: a label is unhashable.
-        InputError: fewer than two classes.
+        InputError: a label is None or NaN, two labels print the same (1 and "1"), or fewer than two classes.
     """
     labels = [plain_label(lab) for lab in label_list(labels)]
     for i, lab in enumerate(labels):
@@ -59,7 +60,19 @@ def encode_labels(labels: Sequence[Hashable]) -> tuple[list[Hashable], torch.Ten
             hash(lab)
         except TypeError:
             raise InputTypeError(f"label {i} ({lab!r}) is not hashable; use strings or integers as labels.") from None
+        if lab is None or (isinstance(lab, float) and math.isnan(lab)):
+            raise InputError(
+                f"label {i} is {lab!r}: that image has no label. Give it one, or leave it out "
+                "(a Hugging Face dataset's rows without a label are left out for you)."
+            )
     unique = list(dict.fromkeys(labels))
+    printed: dict[str, Hashable] = {}
+    for c in unique:  # 1 and "1" are two classes that every output (JSON, tables) would print as one
+        other = printed.setdefault(str(c), c)
+        if other is not c and other != c:
+            raise InputError(
+                f"labels {other!r} and {c!r} are different values that print the same; use one type for all labels."
+            )
     try:
         classes = sorted(unique)
     except TypeError:  # mixed label types: keep first-appearance order

@@ -359,7 +359,7 @@ class ModelRLA:
         The extractor's ``lr``, ``reg_lambda``, ``epochs``, ``templates``, ``device`` and
         ``verbose`` are the adapter's; s is the model's own logit scale.
         """
-        images, labels, class_names = labelled(images, labels, class_names, extractor.on_error, extractor.verbose)
+        images, labels, class_names, _ = labelled(images, labels, class_names, extractor.on_error, extractor.verbose)
         labels = label_list(labels)
         embeddings, skipped = _model_embeddings(extractor, images)
         kept_labels = kept(labels, skipped)

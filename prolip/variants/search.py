@@ -222,8 +222,8 @@ class ProLIPSearch(HubMixin, Estimator):
         """
         self._check()  # once, before any image is read
         on_error = self.adapter.on_error
-        images, labels, class_names = labelled(images, labels, class_names, on_error, self.adapter.verbose)
-        val_images, val_labels, _ = labelled(val_images, val_labels, on_error=on_error)
+        images, labels, class_names, _ = labelled(images, labels, class_names, on_error, self.adapter.verbose)
+        val_images, val_labels, *_ = labelled(val_images, val_labels, on_error=on_error)
         check_lengths(val_images, val_labels)
         train, val = self.adapter.extract(images), self.adapter.extract(val_images, views=0)
         labels, val_labels = kept(label_list(labels), train.skipped), kept(label_list(val_labels), val.skipped)

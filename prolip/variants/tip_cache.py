@@ -363,9 +363,9 @@ class ProLIPTipAdapter(HubMixin, Estimator):
         """
         self._check(val_images is not None)
         on_error = self.adapter.on_error
-        images, labels, class_names = labelled(images, labels, class_names, on_error, self.adapter.verbose)
+        images, labels, class_names, _ = labelled(images, labels, class_names, on_error, self.adapter.verbose)
         if val_images is not None:
-            val_images, val_labels, _ = labelled(val_images, val_labels, on_error=on_error)
+            val_images, val_labels, *_ = labelled(val_images, val_labels, on_error=on_error)
         check_lengths(images, labels)
         train = self.adapter.extract(images)
         labels = kept(label_list(labels), train.skipped)
@@ -432,7 +432,7 @@ class ProLIPTipAdapter(HubMixin, Estimator):
 
     def score(self, images: Sequence[ImageLike], labels: Sequence[Hashable] | None = None) -> float:
         """Accuracy of :meth:`predict` on ``images`` against ``labels`` (readable images only; a dataset's own)."""
-        images, labels, _ = labelled(images, labels, on_error=self.adapter_.on_error)
+        images, labels, *_ = labelled(images, labels, on_error=self.adapter_.on_error)
         check_lengths(images, labels)
         extracted = self.adapter_.extract(images, views=0)
         return accuracy(self.predict_features(extracted.features), kept(label_list(labels), extracted.skipped))

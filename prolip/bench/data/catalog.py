@@ -8,12 +8,13 @@ and optionally a ``templates.txt`` of prompts.
 
 from __future__ import annotations
 
+import csv
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from prolip.bench.data.coop import COOP_LAYOUTS, read_coop
-from prolip.bench.data.dataset import SPLIT_NAMES, Dataset, Item
+from prolip.bench.data.dataset import SPLIT_NAMES, Dataset, Item, path_inside
 from prolip.datasets.generic import read_labelled
 from prolip.datasets.templates import read_templates
 from prolip.errors import InputError
@@ -53,6 +54,30 @@ def _split_source(root: Path, split: str) -> Path | None:
     return folder if folder.is_dir() else table if table.is_file() else None
 
 
+def _check_inside(root: Path, table: Path, paths: Sequence[str]) -> None:
+    """Refuse a ``<split>.csv`` that names an image outside the dataset folder, as a split file naming one is.
+
+    Draws store image paths relative to the folder and their reader refuses any other
+    (:func:`~prolip.bench.data.dataset.path_inside`), so the bench reads no image elsewhere on the disk:
+    a path with a ``..`` component, or an absolute one outside the folder, is refused before any image is
+    read. (``paths`` are :func:`~prolip.datasets.generic.read_labelled`'s: the CSV's cells, joined to
+    its folder when relative.)
+
+    Raises:
+        InputError: naming the CSV file, the line and the path.
+    """
+    prefix = os.path.join(os.fspath(root), "")
+    outside = {p for p in paths if not p.startswith(prefix) or ".." in Path(p).parts}
+    if not outside:
+        return
+    with table.open(newline="", encoding="utf-8") as f:  # again, for the line: read_labelled gives the paths only
+        for line, row in enumerate(csv.reader(f), start=1):
+            cell = row[0].strip() if row else ""
+            if cell and str(Path(cell) if Path(cell).is_absolute() else table.parent / cell) in outside:
+                path_inside(root, cell, f"{str(table)!r} line {line}")  # raises: absolute, or a '..' component
+    raise InputError(f"{str(table)!r} names images outside the dataset folder {str(root)!r}, e.g. {min(outside)!r}.")
+
+
 def read_image_dataset(
     root: str | os.PathLike, name: str | None = None, templates: Sequence[str] | None = None
 ) -> Dataset:
@@ -69,8 +94,9 @@ def read_image_dataset(
             else ``("a photo of a {}.",)``.
 
     Raises:
-        InputError: no split is present, a split has both a folder and a CSV, or a split is empty
-            or malformed (see :func:`prolip.datasets.generic.read_labelled`).
+        InputError: no split is present, a split has both a folder and a CSV, a split is empty
+            or malformed (see :func:`prolip.datasets.generic.read_labelled`), or a CSV names an
+            image outside ``root`` (an absolute path elsewhere, or a ``..`` component; naming its line).
     """
     root = Path(root).expanduser().absolute()
     sources = {split: _split_source(root, split) for split in SPLIT_NAMES} if root.is_dir() else {}
@@ -81,6 +107,9 @@ def read_image_dataset(
             "path,label rows; see docs/datasets.md."
         )
     read = {split: read_labelled(source) if source else ([], []) for split, source in sources.items()}
+    for split, source in sources.items():
+        if source is not None and source.is_file():
+            _check_inside(root, source, read[split][0])
     classnames = tuple(sorted({label for _, labels in read.values() for label in labels}))
     label_of = {classname: label for label, classname in enumerate(classnames)}
     splits = {
