@@ -27,6 +27,7 @@ import argparse
 import importlib.util
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -43,25 +44,37 @@ from reference_training import reference_train  # the reference loop the tests u
 D_IN, D_OUT, SHOTS, VIEWS = 768, 512, 16, 4
 
 
-def matmul_floor(
-    features: torch.Tensor, classifier: torch.Tensor, w0: torch.Tensor, steps: int, adam: bool = False
-) -> None:
-    """The matrix products of ``steps`` training steps, into preallocated outputs (and, with
-    ``adam``, one ``torch.optim.Adam(fused=True)`` step after each: what any Adam fit must do)."""
-    n, k = features.shape[1], classifier.shape[0]
+def floor_step(
+    n: int, classifier: torch.Tensor, w0: torch.Tensor, adam: bool = False, capturable: bool = False
+) -> tuple[Callable[[torch.Tensor], None], tuple[torch.Tensor, ...]]:
+    """One training step's matrix products on ``n`` rows, into preallocated outputs (and, with ``adam``, one
+    ``torch.optim.Adam(fused=True)`` step after them: what any Adam fit must do), and the buffers it writes.
+    ``capturable`` keeps Adam's state on the device, as a CUDA graph needs."""
+    k = classifier.shape[0]
     z = torch.empty(n, D_OUT, device=w0.device)
     scores = torch.empty(n, k, device=w0.device)
     weight = torch.nn.Parameter(w0.clone())
     weight.grad = grad = torch.empty_like(w0)
-    optimizer = torch.optim.Adam([weight], lr=1e-9, fused=True) if adam else None
-    for step in range(steps):
-        x = features[step % features.shape[0]]
+    optimizer = torch.optim.Adam([weight], lr=1e-9, fused=True, capturable=capturable) if adam else None
+
+    def step(x: torch.Tensor) -> None:
         torch.mm(x, weight.detach(), out=z)
         torch.mm(z, classifier.t(), out=scores)
         torch.mm(scores, classifier, out=z)
         torch.mm(x.t(), z, out=grad)
         if optimizer is not None:
             optimizer.step()
+
+    return step, (z, scores, weight, grad)
+
+
+def matmul_floor(
+    features: torch.Tensor, classifier: torch.Tensor, w0: torch.Tensor, steps: int, adam: bool = False
+) -> None:
+    """``steps`` of :func:`floor_step`, step t on view t mod V."""
+    step, _ = floor_step(features.shape[1], classifier, w0, adam)
+    for t in range(steps):
+        step(features[t % features.shape[0]])
 
 
 def load_loop(path: str) -> ModuleType:

@@ -54,17 +54,18 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from bench_training import D_IN, D_OUT, matmul_floor
+from bench_search import contenders, grid_problem
+from bench_training import D_IN, D_OUT, floor_step, matmul_floor
 from timing import best_of
 
 import prolip
 from prolip import ProLIPAdapter, standin
-from prolip.errors import TrainingDivergedError, TrainingWarning
+from prolip.errors import TrainingWarning
 from prolip.features.views import plain_views
 from prolip.model.backbone import build_backbone
 from prolip.model.head import LinearHead
 from prolip.training.engine import TrainConfig, train_projector
-from prolip.variants.search import PAPER_LAMBDAS, PAPER_LRS, search_projector
+from prolip.variants.search import PAPER_LAMBDAS, PAPER_LRS
 from prolip.variants.test_time import TestTimeProLIP
 
 REPO = Path(__file__).resolve().parents[1]
@@ -336,21 +337,8 @@ def graphed_floor(
     before capture, so the step is built and warmed up here (untimed, on a side stream, as torch's documentation
     prescribes) and the result only replays. The learning rate is constant, as in ``matmul_floor``.
     """
-    n, k, dev = features.shape[1], classifier.shape[0], w0.device
-    z = torch.empty(n, D_OUT, device=dev)
-    scores = torch.empty(n, k, device=dev)
-    weight = torch.nn.Parameter(w0.clone())
-    weight.grad = grad = torch.empty_like(w0)
-    optimizer = torch.optim.Adam([weight], lr=1e-9, fused=True, capturable=True) if adam else None
-
-    def step(x: torch.Tensor) -> None:
-        torch.mm(x, weight.detach(), out=z)
-        torch.mm(z, classifier.t(), out=scores)
-        torch.mm(scores, classifier, out=z)
-        torch.mm(x.t(), z, out=grad)
-        if optimizer is not None:
-            optimizer.step()
-
+    dev = w0.device
+    step, buffers = floor_step(features.shape[1], classifier, w0, adam, capturable=True)
     side = torch.cuda.Stream(dev)
     side.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(side):
@@ -364,7 +352,7 @@ def graphed_floor(
         with torch.cuda.graph(graph, pool=pool):
             step(x)
         graphs.append(graph)
-    return GraphedSteps(graphs, steps, (features, classifier, z, scores, weight, grad, optimizer))
+    return GraphedSteps(graphs, steps, (features, classifier, step, *buffers))  # kept alive for the replays
 
 
 def step_flops(n: int, k: int) -> int:
@@ -477,26 +465,9 @@ def _training_at(k: int, device: torch.device, sizes: Sizes) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- grid
 def grid(device: torch.device, sizes: Sizes, table: Table) -> dict[str, Any]:
     """The 49-point search against the 49 fits one by one, on the same features (bench_search.py's comparison)."""
-    gen = torch.Generator().manual_seed(0)
-    k, n = sizes.grid_classes, sizes.grid_classes * sizes.grid_shots
-    features = torch.randn(sizes.train_views, n, D_IN, generator=gen).to(device)
-    labels = (torch.arange(n) % k).to(device)
-    val = torch.randn(n, D_IN, generator=gen).to(device)
-    classifier = F.normalize(torch.randn(k, D_OUT, generator=gen), dim=-1).to(device)
-    head = LinearHead((torch.randn(D_IN, D_OUT, generator=gen) / math.sqrt(D_IN)).to(device))
-    config = TrainConfig(logit_scale=LOGIT_SCALE, epochs=sizes.grid_steps, device=device)
-
-    def fits() -> None:
-        for lr in PAPER_LRS:
-            for reg_lambda in PAPER_LAMBDAS:
-                # A diverging point costs its steps all the same; hopeless points warn, as a lone fit should.
-                with contextlib.suppress(TrainingDivergedError), warnings.catch_warnings():
-                    warnings.simplefilter("ignore", TrainingWarning)
-                    train_projector(features, labels, head, classifier, config.at(lr, reg_lambda))
-
-    def search() -> None:
-        search_projector(features, labels, val, labels, head, classifier, config)
-
+    k = sizes.grid_classes
+    problem = grid_problem(k, sizes.grid_shots, sizes.train_views, device)
+    fits, search = contenders(*problem, TrainConfig(logit_scale=LOGIT_SCALE, epochs=sizes.grid_steps, device=device))
     search()  # warm-up
     s = best_of({"fits": fits, "search": search}, sizes.grid_repeats, device)
     points = len(PAPER_LRS) * len(PAPER_LAMBDAS)
