@@ -648,21 +648,18 @@ def _print_report(report: Any, base: Any, wrong: list[dict[str, str]], skipped: 
 
 
 def _pyplot() -> Any:
-    try:
-        import matplotlib
+    """matplotlib's pyplot for ``--plot``, or the install hint as an error."""
+    from prolip.figures import INSTALL_HINT, pyplot
 
-        matplotlib.use("Agg")  # files only: no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ProLIPError('--plot needs matplotlib: pip install "prolip[plot]"') from None
+    plt = pyplot()
+    if plt is None:
+        raise ProLIPError(f"--plot needs matplotlib: {INSTALL_HINT}")
     return plt
 
 
 def _plot_confusion(report: Any, path: str, title: str) -> None:
     """The confusion matrix as a picture: rows true, columns predicted, each row as fractions of its images."""
-    import io
-
-    from prolip.atomic import atomic_write
+    from prolip.figures import write_png
 
     plt = _pyplot()
     k = len(report.classes)
@@ -682,10 +679,7 @@ def _plot_confusion(report: Any, path: str, title: str) -> None:
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write(path, [buffer.getvalue()])
+    write_png(plt, fig, path)
 
 
 @_escaping_output

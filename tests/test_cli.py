@@ -133,6 +133,15 @@ def test_eval_reports_what_a_decision_needs_as_json_and_a_picture(folder, delta,
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_plot_without_matplotlib_says_what_to_install_before_any_work(folder, delta, tmp_path, monkeypatch):
+    import prolip.figures
+
+    monkeypatch.setattr(prolip.figures, "pyplot", lambda: None)  # as where matplotlib is not installed
+    done = run_prolip("eval", str(delta), str(folder), "--plot", str(tmp_path / "c.png"), "--quiet")
+    assert done.returncode == 1 and done.stdout == ""  # no report: it stopped before evaluating
+    assert done.stderr.strip() == 'prolip eval: error: --plot needs matplotlib: pip install "prolip[plot]"'
+
+
 def test_predict_and_eval_skip_unreadable_images_on_request(folder, delta, tmp_path):
     import shutil
 

@@ -9,7 +9,6 @@ sets: ``{"dataset", "shots", "seed", "method", "accuracy": {target: fraction or 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import numpy as np
 from prolip._version import __version__
 from prolip.atomic import atomic_write, file_lock, read_json
 from prolip.errors import InputError
+from prolip.figures import pyplot, write_png
 from prolip.params import number
 
 FORMAT = "prolip-bench"
@@ -574,18 +574,6 @@ def _style(k: int) -> dict[str, Any]:
     }
 
 
-def _pyplot() -> Any:
-    """matplotlib's pyplot on the file-only backend, or None where matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def _title(run: RunResults, what: str) -> str:
     """A figure's title: the setting and what it shows, then what was run (as ``table.md``'s header)."""
     config = run.config
@@ -610,18 +598,11 @@ def _figure(plt: Any, panels: int, legend_entries: int) -> tuple[Any, list[Any]]
 
 def _save(plt: Any, fig: Any, path: str | os.PathLike, title: str, legend: bool = True) -> None:
     """Title the figure, add the methods' legend below its panels, and write it to ``path`` atomically."""
-    from PIL import Image
-
     if legend:
         handles, labels = fig.axes[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 5), fontsize=9)
     fig.suptitle(title, fontsize=11)
-    rendered, image = io.BytesIO(), io.BytesIO()
-    fig.savefig(rendered, format="png", dpi=100)
-    plt.close(fig)
-    # A 256-colour palette: the same picture in a third of the bytes (a few colours and their antialiased edges).
-    Image.open(rendered).convert("RGB").quantize(256).save(image, format="PNG", optimize=True)
-    atomic_write(path, [image.getvalue()])
+    write_png(plt, fig, path, dpi=100)
 
 
 def _lines(ax: Any, shots: Sequence[int], values: Mapping[str, Sequence[float | None]]) -> None:
@@ -656,7 +637,7 @@ def render_plot(run: RunResults, path: str | os.PathLike) -> bool:
     harmonic mean for base-to-new. Values are means over seeds; the title names what was run. False without
     matplotlib.
     """
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     shots = run.shots
@@ -728,7 +709,7 @@ def render_heatmap(run: RunResults, path: str | os.PathLike) -> bool:
     above, red below); otherwise the accuracy. False when the run has no grid, or without matplotlib.
     """
     grids = lr_lambda_grids(run) if run.setting == "few-shot" else {}
-    plt = _pyplot() if grids else None
+    plt = pyplot() if grids else None
     if plt is None:
         return False
     from matplotlib.colors import Normalize
